@@ -1,0 +1,3 @@
+from make_your_3d.cli import main
+
+raise SystemExit(main())
