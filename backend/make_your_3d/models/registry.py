@@ -57,9 +57,10 @@ ROLES: dict[str, ModelRole] = {
             repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
             licence="CreativeML OpenRAIL-M",
             folder="personalized",
-            required=_SD_FOLDERS,
+            required=_SD_FOLDERS + ("feature_extractor/preprocessor_config.json",),
             allow_patterns=(
                 "model_index.json",
+                "feature_extractor/preprocessor_config.json",
                 "scheduler/*.json",
                 "text_encoder/config.json",
                 "text_encoder/model.safetensors",

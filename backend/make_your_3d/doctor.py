@@ -1,0 +1,58 @@
+"""`make-your-3d doctor`: what a user runs when something is wrong. Plain sentences, no tracebacks."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+from make_your_3d import __version__
+from make_your_3d.models.registry import ROLES, is_tiny
+from make_your_3d.paths import resolve_models_dir
+
+
+def gpu_report() -> list[str]:
+    import torch
+
+    lines = [f"torch {torch.__version__}"]
+    if not torch.cuda.is_available():
+        lines.append("CUDA: not available. Jobs run on the CPU (slow; the fast preset is recommended).")
+        return lines
+    free, total = torch.cuda.mem_get_info()
+    lines.append(f"CUDA {torch.version.cuda}: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    if total < 12 * 2**30:
+        lines.append("  Less than 12 GiB of VRAM: use the lowvram preset.")
+    return lines
+
+
+def models_report(models_dir: Path) -> tuple[list[str], bool]:
+    lines = [f"Models directory: {models_dir}" + ("" if models_dir.is_dir() else " (does not exist yet)")]
+    if is_tiny(models_dir):
+        lines.append("  This is a TINY model set: random toy weights that test the code but make noise, not subjects.")
+    all_complete = True
+    for role in ROLES.values():
+        missing = role.missing(models_dir)
+        if not missing:
+            lines.append(f"  [ok]      {role.name:<17} {role.title}")
+            continue
+        all_complete = False
+        if len(missing) == len(role.required):
+            lines.append(f"  [missing] {role.name:<17} {role.title}: not downloaded")
+        else:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            lines.append(f"  [broken]  {role.name:<17} {role.title}: missing {shown}")
+    if all_complete:
+        lines.append("All model roles are complete.")
+    else:
+        lines.append("Some model roles are incomplete: run `make-your-3d models fetch` (add --role NAME for one role).")
+    return lines, all_complete
+
+
+def run_cli(args) -> int:
+    print(f"make-your-3d {__version__} on Python {sys.version.split()[0]} ({platform.system()} {platform.machine()})")
+    for line in gpu_report():
+        print(line)
+    lines, complete = models_report(resolve_models_dir(args.models))
+    for line in lines:
+        print(line)
+    return 0 if complete else 1

@@ -1,0 +1,232 @@
+"""Single-view normal estimator: Marigold normals through diffusers' `MarigoldNormalsPipeline`.
+
+Used by the subject-prior stage to give each edited view a normal map. Loaded only from the models
+directory's `normal_estimator` folder (the published Marigold normals v1-1 layout: unet, vae,
+text_encoder, tokenizer, scheduler, model_index.json).
+
+Frames. Marigold predicts normals in its own camera frame, documented by diffusers
+(`MarigoldImageProcessor.visualize_normals`): +x points right, +y points up, +z points towards the
+observer, so a surface facing the camera has normal (0, 0, 1). The views contract uses OpenCV
+camera axes (+x right, +y down, +z forward, away from the camera), in which that surface's normal
+is (0, 0, -1). `camera_normals_to_opencv` flips y and z; `camera_normals_to_world` then rotates
+with a view's camera-to-world matrix, giving the world-space normals the views folder stores.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from make_your_3d.errors import WeightsMissing
+from make_your_3d.models.registry import ROLES
+from make_your_3d.models.tokenizer import write_tiny_clip_tokenizer
+from make_your_3d.progress import Reporter
+
+ROLE = "normal_estimator"
+
+# Marigold's camera frame expressed in OpenCV camera axes: y and z flip (a 180 degree turn about x).
+MARIGOLD_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
+
+
+def load_normal_estimator(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A `MarigoldNormalsPipeline` from a local folder; WeightsMissing names any missing or damaged file."""
+    from diffusers import MarigoldNormalsPipeline
+
+    from make_your_3d.models.fetch import check_weight_files
+
+    folder = Path(folder)
+    role = ROLES[ROLE]
+    missing = [rel for rel in role.required if not (folder / rel).is_file()]
+    if missing:
+        raise WeightsMissing(
+            f"The normal estimator ({role.title}) is incomplete in {folder}: missing {', '.join(missing)}. "
+            f"Run `make-your-3d models fetch --role {ROLE}`."
+        )
+    check_weight_files(folder, [rel for rel in role.required if rel.endswith(".safetensors")], ROLE)
+    try:
+        pipe = MarigoldNormalsPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsMissing(
+            f"The normal estimator in {folder} could not be loaded ({exc}). "
+            f"Run `make-your-3d models fetch --role {ROLE}` again."
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return pipe.to(device)
+
+
+@contextmanager
+def _step_reports(pipe, reporter: Reporter | None, total: int, label: str) -> Iterator[None]:
+    """Route the pipeline's per-step progress bar to `reporter` (progress + cancel at each step).
+
+    MarigoldNormalsPipeline has no step callback; it iterates its timesteps through
+    `self.progress_bar(...)`, so an instance-level replacement sees every denoising step.
+    """
+    if reporter is None:
+        yield
+        return
+    counter = {"done": 0}
+
+    def progress_bar(iterable=None, total=None, desc=None, leave=True):  # noqa: ARG001 - pipeline signature
+        if iterable is None:
+            raise ValueError("the normal estimator's progress hook expects an iterable")
+        is_steps = desc is not None and "step" in desc.lower()
+        for item in iterable:
+            yield item
+            if is_steps:
+                counter["done"] += 1
+                reporter.step(counter["done"], n_total, label)
+
+    n_total = total
+    pipe.progress_bar = progress_bar
+    try:
+        yield
+    finally:
+        del pipe.progress_bar
+
+
+def estimate_normals(
+    pipe,
+    images: Sequence[Image.Image],
+    steps: int | None = None,
+    ensemble: int = 1,
+    generator: torch.Generator | None = None,
+    processing_resolution: int | None = None,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """Unit normals (N, H, W, 3) float32 in Marigold's camera frame (+x right, +y up, +z to the viewer).
+
+    `steps`/`processing_resolution` default to the model's published defaults. Images of one size run
+    as one batch; differing sizes run one by one and must then share a size to stack (else ValueError).
+    """
+    if not images:
+        raise ValueError("estimate_normals needs at least one image")
+    rgb = [im.convert("RGB") for im in images]
+    sizes = {im.size for im in rgb}
+    if len(sizes) != 1:
+        raise ValueError(f"estimate_normals needs images of one size, got {sorted(sizes)}")
+    n_steps = steps if steps is not None else pipe.default_denoising_steps
+    total = len(rgb) * max(1, ensemble) * int(n_steps or 0)
+    with _step_reports(pipe, reporter, total, "estimating normals"):
+        out = pipe(
+            rgb,
+            num_inference_steps=steps,
+            ensemble_size=ensemble,
+            processing_resolution=processing_resolution,
+            batch_size=max(1, min(len(rgb) * ensemble, 4)),
+            generator=generator,
+            output_type="np",
+        )
+    normals = np.asarray(out.prediction, dtype=np.float32)
+    norm = np.linalg.norm(normals, axis=-1, keepdims=True)
+    return normals / np.clip(norm, 1e-6, None)
+
+
+def camera_normals_to_opencv(normals: np.ndarray) -> np.ndarray:
+    """Marigold camera frame -> OpenCV camera frame (+x right, +y down, +z forward): (x, y, z) -> (x, -y, -z)."""
+    normals = np.asarray(normals, dtype=np.float32)
+    return normals @ MARIGOLD_TO_OPENCV.T.astype(np.float32)
+
+
+def opencv_normals_to_world(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """Rotate OpenCV-camera-frame normals (..., 3) into world space with a camera-to-world matrix."""
+    rot = np.asarray(c2w, dtype=np.float64)[:3, :3]
+    out = np.asarray(normals, dtype=np.float64) @ rot.T
+    return (out / np.clip(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12, None)).astype(np.float32)
+
+
+def camera_normals_to_world(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """Marigold camera-frame normals (..., 3) -> world-space normals, for a view with this OpenCV c2w."""
+    return opencv_normals_to_world(camera_normals_to_opencv(normals), c2w)
+
+
+# --- tiny model set ----------------------------------------------------------------------------
+
+TINY_TEXT_DIM = 32
+
+
+def write_tiny_normal_estimator(folder: Path, seed: int) -> None:
+    """A tiny Marigold-normals folder in the published layout (toy sizes, random weights).
+
+    Byte-identical for a seed: every module is built under a forked, seeded torch RNG.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(
+            sample_size=8,
+            in_channels=8,  # image latent + noisy normals latent, as Marigold
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_TEXT_DIM,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            use_linear_projection=True,  # as SD 2, Marigold's base
+        ).save_pretrained(folder / "unet", safe_serialization=True)
+        torch.manual_seed(seed + 1)
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=16,
+        ).save_pretrained(folder / "vae", safe_serialization=True)
+        torch.manual_seed(seed + 2)
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=TINY_TEXT_DIM,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=TINY_TEXT_DIM,
+                bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1,
+                pad_token_id=vocab_size - 1,
+            )
+        ).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    # Marigold v1-1 ships DDIM with v-prediction and trailing timesteps (few-step inference).
+    DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    ).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "MarigoldNormalsPipeline",
+        "default_denoising_steps": 4,
+        "default_processing_resolution": 32,
+        "prediction_type": "normals",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "use_full_z_range": True,
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

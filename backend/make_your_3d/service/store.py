@@ -1,0 +1,365 @@
+"""Durable job store: one SQLite database (WAL) under the data directory.
+
+Every change is committed before the HTTP client is answered, so a crash or `kill -9` loses no
+job record. On open, jobs that were `running` become `interrupted` (they can be re-run) and queued
+jobs stay queued, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    grp TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    eta_s REAL,
+    error_code TEXT,
+    error_message TEXT,
+    files TEXT NOT NULL DEFAULT '[]',
+    cached_stages TEXT NOT NULL DEFAULT '[]',
+    request TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+"""
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class JobSpec:
+    """What one queued job asks for (one variant); the image itself lives in the input store."""
+
+    prompt: str
+    negative_prompt: str
+    subject: str | None
+    seed: int
+    preset: str
+    faces: int | None
+    texture_size: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "subject": self.subject,
+            "seed": self.seed,
+            "preset": self.preset,
+            "faces": self.faces,
+            "texture_size": self.texture_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        return cls(**{k: data.get(k) for k in ("prompt", "negative_prompt", "subject", "seed", "preset", "faces", "texture_size")})
+
+
+@dataclass
+class Job:
+    """A row of the jobs table; `record()` is the API's job record."""
+
+    seq: int
+    id: str
+    group: str
+    status: str
+    stage: str | None
+    step: int
+    total: int
+    message: str
+    eta_s: float | None
+    error: dict[str, str] | None
+    files: list[str]
+    cached_stages: list[str]
+    spec: JobSpec
+    image_sha256: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def elapsed_s(self, now: float | None = None) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.finished_at is not None else (now if now is not None else time.time())
+        return round(max(0.0, end - self.started_at), 3)
+
+    def record(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "group": self.group,
+            "status": self.status,
+            "stage": self.stage,
+            "step": self.step,
+            "total": self.total,
+            "message": self.message,
+            "elapsed_s": self.elapsed_s(now),
+            "eta_s": self.eta_s if self.status == "running" else None,
+            "error": self.error,
+            "files": list(self.files),
+            "request": self.spec.to_dict(),
+            "created_at": _iso(self.created_at),
+            "cached_stages": list(self.cached_stages),
+        }
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    error = {"code": row["error_code"], "message": row["error_message"] or ""} if row["error_code"] else None
+    return Job(
+        seq=row["seq"],
+        id=row["id"],
+        group=row["grp"],
+        status=row["status"],
+        stage=row["stage"],
+        step=row["step"],
+        total=row["total"],
+        message=row["message"],
+        eta_s=row["eta_s"],
+        error=error,
+        files=json.loads(row["files"]),
+        cached_stages=json.loads(row["cached_stages"]),
+        spec=JobSpec.from_dict(json.loads(row["request"])),
+        image_sha256=row["image_sha256"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class JobStore:
+    """Thread-safe access to the job database. Each public method is one committed transaction."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._version = 0
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed job survives power loss as well as a killed process.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.notify_all()
+
+    @property
+    def version(self) -> int:
+        """Increments on every change; lets event streams wait cheaply for news."""
+        return self._version
+
+    def wait_for_change(self, version: int, timeout: float) -> int:
+        with self._changed:
+            if self._version == version:
+                self._changed.wait(timeout)
+            return self._version
+
+    def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._db.execute("INSERT INTO events(job_id, at, kind, data) VALUES (?, ?, ?, ?)", (job_id, time.time(), kind, json.dumps(data)))
+
+    # -- startup ---------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Mark jobs left `running` by a crash as `interrupted`; returns their ids. Queued stay queued."""
+        with self._tx() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status='running' ORDER BY seq")]
+            now = time.time()
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET status='interrupted', finished_at=?, eta_s=NULL, error_code='interrupted', error_message=?, "
+                    "message=? WHERE id=?",
+                    (now, "The backend stopped while this job was running. Re-run it.", "interrupted", job_id),
+                )
+                self._event(job_id, "status", {"status": "interrupted"})
+            return ids
+
+    # -- writes ----------------------------------------------------------------------------------
+    def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None) -> list[Job]:
+        """Queue one job per spec (in order) in one transaction; returns them."""
+        group = group or new_id()
+        now = time.time()
+        ids = []
+        with self._tx() as db:
+            for spec in specs:
+                job_id = new_id()
+                db.execute(
+                    "INSERT INTO jobs(id, grp, status, message, request, image_sha256, created_at) VALUES (?, ?, 'queued', 'queued', ?, ?, ?)",
+                    (job_id, group, json.dumps(spec.to_dict()), image_sha256, now),
+                )
+                self._event(job_id, "status", {"status": "queued"})
+                ids.append(job_id)
+        return [self.get(i) for i in ids]  # type: ignore[misc]
+
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest queued job to `running` and return it."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE status='queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status='running', started_at=?, message='starting', step=0, total=0, stage=NULL WHERE id=?",
+                (time.time(), row["id"]),
+            )
+            self._event(row["id"], "status", {"status": "running"})
+        return self.get(row["id"])
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job that has not started; False if it is not queued."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='cancelled', finished_at=?, message='cancelled', error_code='cancelled', error_message=? "
+                "WHERE id=? AND status='queued'",
+                (time.time(), "The job was cancelled before it started.", job_id),
+            )
+            if cur.rowcount:
+                self._event(job_id, "status", {"status": "cancelled"})
+            return bool(cur.rowcount)
+
+    def progress(self, job_id: str, stage: str, step: int, total: int, message: str, eta_s: float | None, *, log_event: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET stage=?, step=?, total=?, message=?, eta_s=? WHERE id=? AND status='running'",
+                (stage, step, total, message, eta_s, job_id),
+            )
+            if log_event:
+                self._event(job_id, "progress", {"stage": stage, "step": step, "total": total, "message": message})
+
+    def record_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        with self._tx():
+            self._event(job_id, kind, data)
+
+    def note(self, job_id: str, message: str) -> None:
+        """Set a running job's message (e.g. "cancel requested") without touching its progress."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET message=? WHERE id=? AND status='running'", (message, job_id))
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        files: list[str] | None = None,
+        cached_stages: list[str] | None = None,
+        error: dict[str, str] | None = None,
+        message: str | None = None,
+    ) -> None:
+        assert status in TERMINAL, status
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, finished_at=?, eta_s=NULL, files=?, cached_stages=?, error_code=?, error_message=?, message=? "
+                "WHERE id=?",
+                (
+                    status,
+                    time.time(),
+                    json.dumps(files or []),
+                    json.dumps(cached_stages or []),
+                    error["code"] if error else None,
+                    error["message"] if error else None,
+                    message if message is not None else status,
+                    job_id,
+                ),
+            )
+            self._event(job_id, "status", {"status": status, "error": error})
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def list(self, status: str | None = None) -> list[Job]:
+        with self._lock:
+            if status is None:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY seq", (status,)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE status IN ('queued','running') LIMIT 1").fetchone() is not None
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT at, kind, data FROM events WHERE job_id=? ORDER BY seq", (job_id,)).fetchall()
+        return [{"at": r["at"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
+
+
+class _Tx:
+    """`with store._tx() as db:` one IMMEDIATE transaction under the store lock; notifies waiters."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        try:
+            self.store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return self.store._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.store._db.execute("COMMIT")
+                self.store._bump()
+            else:
+                self.store._db.execute("ROLLBACK")
+        finally:
+            self.store._lock.release()

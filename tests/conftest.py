@@ -1,0 +1,29 @@
+"""Shared fixtures: one tiny model set per test session (real formats, random weights), offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGE = REPO / "examples" / "toy_bear.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A complete tiny model set written once per session. Treat it as read-only."""
+    from make_your_3d.models.tiny import write_tiny_set
+
+    return write_tiny_set(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def example_image() -> Path:
+    return EXAMPLE_IMAGE
