@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     serve.add_argument("--idle-timeout", type=float, help="exit after this many idle seconds")
     serve.add_argument("--preset", choices=PRESETS, default="default")
+    serve.add_argument("--config", metavar="FILE", help='JSON settings: {"overrides": {preset values}, "progress_interval_s": S}')
     _device_arg(serve)
     serve.set_defaults(handler="make_your_3d.service.server:run_cli")
 

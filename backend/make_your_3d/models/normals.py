@@ -50,7 +50,7 @@ def load_normal_estimator(folder: Path, device: torch.device | str = "cpu", dtyp
         )
     check_weight_files(folder, [rel for rel in role.required if rel.endswith(".safetensors")], ROLE)
     try:
-        pipe = MarigoldNormalsPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        pipe = MarigoldNormalsPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsMissing(
             f"The normal estimator in {folder} could not be loaded ({exc}). "
@@ -113,15 +113,17 @@ def estimate_normals(
     sizes = {im.size for im in rgb}
     if len(sizes) != 1:
         raise ValueError(f"estimate_normals needs images of one size, got {sorted(sizes)}")
-    n_steps = steps if steps is not None else pipe.default_denoising_steps
-    total = len(rgb) * max(1, ensemble) * int(n_steps or 0)
+    n_steps = int(steps if steps is not None else pipe.default_denoising_steps or 0)
+    members = len(rgb) * max(1, ensemble)
+    batch = max(1, min(members, 4))
+    total = -(-members // batch) * n_steps  # the pipeline denoises ceil(members / batch) batches
     with _step_reports(pipe, reporter, total, "estimating normals"):
         out = pipe(
             rgb,
             num_inference_steps=steps,
             ensemble_size=ensemble,
             processing_resolution=processing_resolution,
-            batch_size=max(1, min(len(rgb) * ensemble, 4)),
+            batch_size=batch,
             generator=generator,
             output_type="np",
         )

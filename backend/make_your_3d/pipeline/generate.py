@@ -1,0 +1,451 @@
+"""The end-to-end generator: subject image + text edit -> subject.glb (the whole method).
+
+Stages, each cached under the hash of everything it depends on (pipeline/cache.py):
+
+    subject_views   frozen multi-view model on the subject image          (subject only)
+    identity        IP-Adapter to_k_ip/to_v_ip fine-tuned on those views   (subject only)
+    edited_views    original personalized model edits the six views, plus their normals (+ prompt)
+    subject_prior   LoRA on the multi-view cross-domain attention         (+ prompt)
+    front_view      fine-tuned personalized model: the edited front view  (+ seed)
+    multiview       fine-tuned multi-view model: six colour + normal views (+ seed)
+    reconstruct     3D Gaussians -> mesh -> UVs -> texture -> GLB          (+ seed)
+
+So a new prompt on the same subject reuses the first two, a new seed reuses the first four, and
+the same inputs again reuse everything. One `Generator` keeps its models loaded between runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from make_your_3d import __version__
+from make_your_3d.device import resolve_device, resolve_dtype
+from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory
+from make_your_3d.models.registry import ROLES, is_tiny
+from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
+from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
+from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset  # noqa: F401  (TEST_OVERRIDES is public)
+from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
+from make_your_3d.progress import CancelToken, ProgressFn, Reporter
+from make_your_3d.recon.views import ViewSet, load_views, save_views
+
+log = logging.getLogger(__name__)
+
+SUBJECT_SEED = 0  # the seed-independent stages use a fixed seed, so variants and re-runs share them
+REQUIRED_ROLES = ("personalized", "ip_adapter", "image_encoder", "multiview", "normal_estimator")
+STAGES = ("subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    cached: bool
+    seconds: float
+
+
+class Generator:
+    """Runs the method; keeps models loaded between runs (variants and re-runs are fast)."""
+
+    def __init__(self, models_dir: str | Path, cache_dir: str | Path, device: str = "auto", overrides: dict | None = None):
+        self.models_dir = Path(models_dir)
+        self.cache = StageCache(cache_dir)
+        self.device = resolve_device(device)
+        self.overrides = dict(overrides or {})
+        self._loaded: dict[str, object] = {}
+        self._original_ip: dict[str, torch.Tensor] | None = None
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _load(self, name: str, dtype: torch.dtype):
+        key = f"{name}:{dtype}"
+        if key not in self._loaded:
+            for other in [k for k in self._loaded if k.startswith(f"{name}:")]:
+                del self._loaded[other]  # precision changed between presets
+            self._loaded[key] = self._build(name, dtype)
+        return self._loaded[key]
+
+    def _build(self, name: str, dtype: torch.dtype):
+        if name == "personalized":
+            from make_your_3d.models.personalized import ip_adapter_parameters, load_personalized
+
+            pipe = load_personalized(self.models_dir, self.device, dtype)
+            self._original_ip = {k: v.detach().clone() for k, v in ip_adapter_parameters(pipe.unet).items()}
+            return pipe
+        if name == "multiview":
+            from make_your_3d.models.multiview import load_multiview
+
+            return load_multiview(ROLES["multiview"].path(self.models_dir), self.device, dtype)
+        if name == "normal_estimator":
+            from make_your_3d.models.normals import load_normal_estimator
+
+            return load_normal_estimator(ROLES["normal_estimator"].path(self.models_dir), self.device, dtype)
+        if name == "segmenter":
+            from make_your_3d.models.segmenter import load_segmenter
+
+            return load_segmenter(ROLES["segmenter"].path(self.models_dir), self.device)
+        raise KeyError(name)
+
+    def _segmenter(self):
+        """The background remover, or None when its role is not installed (it is optional)."""
+        if not ROLES["segmenter"].complete(self.models_dir):
+            return None
+        return self._load("segmenter", torch.float32)
+
+    def _personalized(self, dtype: torch.dtype, ip_state: dict[str, torch.Tensor] | None = None):
+        """The SD 1.5 + IP-Adapter pipeline with either the original or the given adapter weights."""
+        pipe = self._load("personalized", dtype)
+        load_ip_state(pipe.unet, ip_state if ip_state is not None else self._original_ip)
+        return pipe
+
+    def unload(self) -> None:
+        """Drop every loaded model and free GPU memory."""
+        self._loaded.clear()
+        self._original_ip = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        request: GenerateRequest,
+        out_dir: str | Path,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerateResult:
+        """Run every stage (reusing cached ones) and write out_dir atomically."""
+        try:
+            return self._run(request, Path(out_dir), progress, cancel)
+        except torch.cuda.OutOfMemoryError:
+            self.unload()
+            raise OutOfMemory("The GPU ran out of memory. Pick the lowvram preset, or close other programs using the GPU.") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull("The disk is full. Free some space (or choose another output folder) and run the job again.") from None
+            raise
+
+    def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
+        started = time.monotonic()
+        image = validate_request(request)
+        preset = get_preset(request.preset, self.overrides)
+        from make_your_3d.models.personalized import require_roles
+
+        require_roles(self.models_dir, *REQUIRED_ROLES)
+        dtype = resolve_dtype(self.device, preset.precision)
+        fingerprints = models_fingerprint(self.models_dir, *REQUIRED_ROLES, *(["segmenter"] if ROLES["segmenter"].complete(self.models_dir) else []))
+        records: list[StageRecord] = []
+
+        def reporter(stage: str) -> Reporter:
+            return Reporter(stage, progress, cancel)
+
+        # Stage 1: preprocess (cheap, not cached): mask, crop, recentre, pad, resize for the models.
+        subject_rgba = self._prepare_input(image, request, preset)
+        subject = request.subject
+        mv_params = {"size": preset.mv_size, "steps": preset.mv_steps, "guidance": preset.mv_guidance, "fill": preset.subject_fill}
+        sd_params = {"size": preset.sd_size, "steps": preset.sd_steps, "guidance": preset.sd_guidance, "strength": preset.edit_strength, "ip_scale": preset.ip_scale}
+
+        cached: list[str] = []
+
+        def timed_stage(name: str, inputs: dict, writer: Callable[[Path, Reporter], None]) -> Path:
+            key = digest(inputs)
+            rep = reporter(name)
+            t0 = time.monotonic()
+            hit = self.cache.get(name, key)
+            if hit is not None:
+                cached.append(name)
+                rep.step(1, 1, "reused from cache")
+            else:
+                rep.step(0, 1, "starting")
+                hit = self.cache.build(name, key, lambda tmp: writer(tmp, rep), inputs)
+            records.append(StageRecord(name, key, name in cached, round(time.monotonic() - t0, 3)))
+            return hit
+
+        k_views = {"stage": "subject_views", "image": digest(request.image), "mv": mv_params, "models": {k: fingerprints[k] for k in ("multiview",)}, "segmenter": fingerprints.get("segmenter")}
+        views_dir = timed_stage("subject_views", k_views, lambda tmp, rep: self._subject_views(subject_rgba, preset, dtype, tmp, rep))
+
+        k_identity = {"stage": "identity", "views": digest(k_views), "subject": subject, "sd_size": preset.sd_size,
+                      "steps": preset.identity_steps, "lr": preset.identity_lr, "batch": preset.identity_batch,
+                      "models": {k: fingerprints[k] for k in ("personalized", "ip_adapter", "image_encoder")}}
+        identity_dir = timed_stage("identity", k_identity, lambda tmp, rep: self._identity(views_dir, subject, preset, dtype, tmp, rep))
+
+        k_edits = {"stage": "edited_views", "views": digest(k_views), "subject": subject, "prompt": request.prompt,
+                   "negative": request.negative_prompt, "sd": sd_params, "normal_steps": preset.normal_steps,
+                   "models": {k: fingerprints[k] for k in ("personalized", "ip_adapter", "image_encoder", "normal_estimator")}}
+        edits_dir = timed_stage("edited_views", k_edits, lambda tmp, rep: self._edited_views(views_dir, request, preset, dtype, tmp, rep))
+
+        k_prior = {"stage": "subject_prior", "edits": digest(k_edits), "steps": preset.prior_steps, "lr": preset.prior_lr,
+                   "rank": preset.lora_rank, "mv_size": preset.mv_size, "models": {"multiview": fingerprints["multiview"]}}
+        prior_dir = timed_stage("subject_prior", k_prior, lambda tmp, rep: self._subject_prior(edits_dir, preset, dtype, tmp, rep))
+
+        k_front = {"stage": "front_view", "identity": digest(k_identity), "image": digest(request.image), "prompt": request.prompt,
+                   "negative": request.negative_prompt, "subject": subject, "seed": request.seed, "sd": sd_params, "mv": mv_params,
+                   "segmenter": fingerprints.get("segmenter")}
+        front_dir = timed_stage("front_view", k_front, lambda tmp, rep: self._front_view(subject_rgba, identity_dir, request, preset, dtype, tmp, rep))
+
+        k_mv = {"stage": "multiview", "front": digest(k_front), "prior": digest(k_prior), "seed": request.seed, "mv": mv_params, "rank": preset.lora_rank}
+        mv_dir = timed_stage("multiview", k_mv, lambda tmp, rep: self._multiview(front_dir, prior_dir, request.seed, preset, dtype, tmp, rep))
+
+        faces = request.faces or preset.faces
+        texture = request.texture_size or preset.texture_size
+        k_recon = {"stage": "reconstruct", "views": digest(k_mv), "preset": preset.recon_preset, "recon": preset.recon, "faces": faces,
+                   "texture": texture, "seed": request.seed}
+        recon_dir = timed_stage("reconstruct", k_recon, lambda tmp, rep: self._reconstruct(mv_dir, preset, faces, texture, request.seed, tmp, progress, cancel))
+
+        record = {
+            "version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "subject": subject,
+                "seed": request.seed,
+                "image_sha256": digest(request.image),
+                "image_size": list(image.size),
+                "image_has_alpha": image.mode == "RGBA",
+            },
+            "preset": preset.to_dict(),
+            "device": str(self.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "models": {name: {"repo_id": ROLES[name].repo_id, "fingerprint": fp} for name, fp in fingerprints.items()},
+            "tiny_models": is_tiny(self.models_dir),
+            "stages": [r.__dict__ for r in records],
+            "cached_stages": cached,
+            "timings": {r.name: r.seconds for r in records},
+            "mesh": json.loads((recon_dir / "recon.json").read_text()).get("mesh", {}),
+            "versions": _versions(),
+        }
+        files = self._write_outputs(out_dir, image, subject_rgba, front_dir, mv_dir, recon_dir, record, started)
+        return GenerateResult(out_dir=out_dir, files=files, cached_stages=cached, timings=record["timings"])
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _prepare_input(self, image: Image.Image, request: GenerateRequest, preset: Preset) -> Image.Image:
+        from make_your_3d.pipeline.preprocess import foreground_mask, has_transparency, prepare_subject
+
+        segmenter = None if has_transparency(image) else self._segmenter()
+        mask = foreground_mask(image, segmenter, request.subject)
+        return prepare_subject(image, preset.mv_size, preset.subject_fill, mask=None if has_transparency(image) else mask)
+
+    def _subject_views(self, subject_rgba: Image.Image, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        from make_your_3d.pipeline.subject_prior import use_adapter
+
+        mv = self._load("multiview", dtype)
+        use_adapter(mv.unet, None, preset.lora_rank)  # the frozen, original model
+        viewset = mv.generate_views(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, seed=SUBJECT_SEED, reporter=rep)
+        save_views(tmp / "views", viewset)
+
+    def _identity(self, views_dir: Path, subject: str | None, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        pipe = self._personalized(dtype)
+        views = [(v.name, Image.fromarray(v.color, "RGBA")) for v in load_views(views_dir / "views").views]
+        trainer = IdentityTrainer(pipe, views, subject, preset.sd_size, preset.identity_lr, preset.identity_batch, SUBJECT_SEED)
+        try:
+            losses = trainer.train(preset.identity_steps, rep)
+            save_file(trainer.state_dict(), str(tmp / "ip_adapter.safetensors"))
+        finally:
+            load_ip_state(pipe.unet, self._original_ip)  # the loaded model stays the original
+        (tmp / "losses.json").write_text(json.dumps(losses))
+
+    def _edited_views(self, views_dir: Path, request: GenerateRequest, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        """The original personalized model edits each subject view; the normal estimator gives their normals."""
+        from make_your_3d.models.normals import camera_normals_to_world, estimate_normals
+        from make_your_3d.pipeline.edits import edit_images
+        from make_your_3d.pipeline.preprocess import composite
+        from make_your_3d.recon.views import View, encode_normals
+
+        source = load_views(views_dir / "views")
+        pipe = self._personalized(dtype)
+        pipe.set_ip_adapter_scale(preset.ip_scale)
+        inputs = [composite(Image.fromarray(v.color, "RGBA")) for v in source.views]
+        prompts = [view_prompt(request.subject, v.name, request.prompt) for v in source.views]
+        edited = edit_images(pipe, inputs, prompts, request.negative_prompt, size=preset.sd_size, steps=preset.sd_steps,
+                             guidance=preset.sd_guidance, strength=preset.edit_strength, seed=SUBJECT_SEED, reporter=rep)
+        size = source.image_size
+        edited = [im.resize(size, Image.BICUBIC) for im in edited]
+        masks = [self._mask_of(im, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
+        normal_pipe = self._load("normal_estimator", dtype)
+        normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(SUBJECT_SEED),
+                                   processing_resolution=max(size), reporter=rep.child("edited_normals"))
+        views = []
+        for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
+            alpha = (mask * 255).astype(np.uint8)
+            color = np.concatenate([np.asarray(im.convert("RGB")), alpha[..., None]], axis=-1)
+            world = camera_normals_to_world(n_cam, v.c2w)
+            views.append(View(v.name, color, v.c2w, encode_normals(world, alpha), v.projection, v.ortho_size, v.K))
+        save_views(tmp / "views", ViewSet(views))
+
+    def _subject_prior(self, edits_dir: Path, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        from make_your_3d.pipeline.preprocess import composite
+        from make_your_3d.pipeline.subject_prior import SubjectPriorTrainer, adapter_state, use_adapter
+
+        edited = load_views(edits_dir / "views")
+        mv = self._load("multiview", dtype)
+        colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
+        normals = [mv.normals_to_model_image(v.normals_world(), v.mask) for v in edited.views]
+        front = next((v for v in edited.views if v.name == "front"), edited.views[0])
+        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED)
+        try:
+            losses = trainer.train(preset.prior_steps, rep)
+            save_file(adapter_state(mv.unet), str(tmp / "lora.safetensors"))
+        finally:
+            use_adapter(mv.unet, None, preset.lora_rank)
+        (tmp / "losses.json").write_text(json.dumps(losses))
+
+    def _front_view(self, subject_rgba: Image.Image, identity_dir: Path, request: GenerateRequest, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        from make_your_3d.pipeline.edits import edit_images
+        from make_your_3d.pipeline.preprocess import composite, prepare_subject
+
+        pipe = self._personalized(dtype, load_file(str(identity_dir / "ip_adapter.safetensors")))
+        try:
+            pipe.set_ip_adapter_scale(preset.ip_scale)
+            [front] = edit_images(pipe, [composite(subject_rgba)], [view_prompt(request.subject, "front", request.prompt)], request.negative_prompt,
+                                  size=preset.sd_size, steps=preset.sd_steps, guidance=preset.sd_guidance, strength=preset.edit_strength,
+                                  seed=request.seed, reporter=rep)
+        finally:
+            load_ip_state(pipe.unet, self._original_ip)
+        front = front.resize(subject_rgba.size, Image.BICUBIC)
+        mask = self._mask_of(front, request.subject, fallback=np.asarray(subject_rgba)[..., 3] >= 128)
+        prepare_subject(front, preset.mv_size, preset.subject_fill, mask=mask).save(tmp / "front.png")
+
+    def _multiview(self, front_dir: Path, prior_dir: Path, seed: int, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        from make_your_3d.pipeline.subject_prior import use_adapter
+
+        mv = self._load("multiview", dtype)
+        use_adapter(mv.unet, load_file(str(prior_dir / "lora.safetensors")), preset.lora_rank)
+        try:
+            with Image.open(front_dir / "front.png") as im:
+                front = im.convert("RGBA")
+            viewset = mv.generate_views(front, steps=preset.mv_steps, guidance=preset.mv_guidance, seed=seed, reporter=rep)
+        finally:
+            use_adapter(mv.unet, None, preset.lora_rank)
+        save_views(tmp / "views", viewset)
+
+    def _reconstruct(self, mv_dir: Path, preset: Preset, faces: int | None, texture: int | None, seed: int, tmp: Path,
+                     progress: ProgressFn | None, cancel: CancelToken | None) -> None:
+        from make_your_3d.recon.reconstruct import ReconOptions, reconstruct
+
+        options = ReconOptions(preset=preset.recon_preset, device=str(self.device), faces=faces, texture_size=texture, seed=seed, **preset.recon)
+        result = reconstruct(mv_dir / "views", tmp / "subject.glb", options, progress=progress, cancel=cancel)
+        (tmp / "recon.json").write_text(json.dumps({"mesh": {"vertices": result.vertices, "faces": result.faces}, "record": result.record}, default=str))
+
+    def _mask_of(self, image: Image.Image, subject: str | None, fallback: np.ndarray) -> np.ndarray:
+        """Foreground of a generated image: the segmenter when installed and confident, else `fallback`
+        (img2img keeps the layout, so the source view's mask is a sound stand-in)."""
+        from make_your_3d.pipeline.preprocess import foreground_mask
+
+        segmenter = self._segmenter()
+        if segmenter is not None:
+            try:
+                mask = foreground_mask(image.convert("RGB"), segmenter, subject)
+                if 0.01 < mask.mean() < 0.95:
+                    return mask
+            except NoSubject:
+                pass
+        return np.asarray(fallback, dtype=bool)
+
+    # --- outputs ------------------------------------------------------------------------------
+
+    def _write_outputs(self, out_dir: Path, image: Image.Image, subject_rgba: Image.Image, front_dir: Path, mv_dir: Path,
+                       recon_dir: Path, record: dict, started: float) -> list[str]:
+        """Everything goes to a temporary sibling first; one rename publishes the finished folder."""
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            shutil.copy2(recon_dir / "subject.glb", tmp / "subject.glb")
+            shutil.copytree(mv_dir / "views", tmp / "views")
+            subject_rgba.save(tmp / "input.png")
+            shutil.copy2(front_dir / "front.png", tmp / "front_view.png")
+            make_preview(subject_rgba, Image.open(front_dir / "front.png"), load_views(tmp / "views")).save(tmp / "preview.png")
+            record["timings"]["total"] = round(time.monotonic() - started, 3)
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + ["job.json"]
+            record["files"] = sorted(files)
+            (tmp / "job.json").write_text(json.dumps(record, indent=2, default=str))
+            if out_dir.exists():
+                trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                os.replace(out_dir, trash)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return sorted(files)
+
+
+def make_preview(subject: Image.Image, front: Image.Image, views: ViewSet, height: int = 128) -> Image.Image:
+    """One strip: input | edited front view | the six colour views, over white."""
+    from make_your_3d.pipeline.preprocess import composite
+
+    tiles = [subject, front.convert("RGBA")] + [Image.fromarray(v.color, "RGBA") for v in views.views]
+    tiles = [composite(t).resize((height, height), Image.BICUBIC) for t in tiles]
+    strip = Image.new("RGB", (height * len(tiles), height), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (i * height, 0))
+    return strip
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"make_your_3d": __version__, "python": __import__("sys").version.split()[0]}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "gsplat", "xatlas", "trimesh"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def variant_dir(out: Path, prompt: str, seed: int) -> Path:
+    """A readable per-variant folder name: the prompt's first words and the seed."""
+    words = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")
+    slug = "-".join(w for w in words.split("-") if w)[:40] or "subject"
+    return out / f"{slug}-seed{seed}"
+
+
+def run_cli(args) -> int:
+    from make_your_3d.paths import resolve_models_dir
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise Make3DError(f"The image {image_path} does not exist.", code="bad_image")
+    if not 1 <= args.variants <= 16:
+        raise Make3DError("--variants must be between 1 and 16.", code="bad_request")
+    out = Path(args.out)
+    models_dir = resolve_models_dir(args.models)
+    generator = Generator(models_dir, Path(args.cache) if args.cache else out / ".cache", args.device,
+                          overrides=TEST_OVERRIDES if is_tiny(models_dir) else None)
+    if is_tiny(models_dir):
+        print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
+
+    def show(p) -> None:
+        if p.step in (0, p.total) or p.step % 10 == 0:
+            eta = f", eta {p.eta_s:.0f}s" if p.eta_s else ""
+            print(f"  [{p.stage}] {p.step}/{p.total} {p.message}{eta}", flush=True)
+
+    data = image_path.read_bytes()
+    for k in range(args.variants):
+        seed = args.seed + k
+        request = GenerateRequest(image=data, prompt=args.prompt, subject=args.subject, negative_prompt=args.negative_prompt,
+                                  seed=seed, preset=args.preset, faces=args.faces, texture_size=args.texture_size)
+        target = variant_dir(out, request.prompt, seed)
+        result = generator.run(request, target, progress=show)
+        reused = ", ".join(result.cached_stages) or "none"
+        print(f"Wrote {target / 'subject.glb'} in {result.timings['total']:.1f}s (reused stages: {reused}).")
+    return 0

@@ -1,0 +1,155 @@
+"""Identity-aware optimisation (paper 3.3): teach the IP-Adapter the subject from its six views.
+
+Only the adapter's image cross-attention projections (`to_k_ip`, `to_v_ip`) train, with the
+standard epsilon diffusion loss on augmented views paired with view-direction prompts built from
+the subject description (never the edit, so this stage depends on the subject alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from make_your_3d.models.personalized import ip_adapter_parameters
+from make_your_3d.pipeline.augment import augment, to_tensor
+from make_your_3d.progress import Reporter
+
+DIRECTION_WORDS = {
+    "front": "front view",
+    "front_right": "front side view",
+    "front_left": "front side view",
+    "right": "side view",
+    "left": "side view",
+    "back": "back view",
+}
+DEFAULT_SUBJECT = "an object"
+
+
+def view_prompt(subject: str | None, view_name: str, edit: str | None = None) -> str:
+    parts = [subject or DEFAULT_SUBJECT] + ([edit] if edit else []) + [DIRECTION_WORDS.get(view_name, "view")]
+    return ", ".join(parts)
+
+
+@torch.no_grad()
+def clip_image_embeds(pipe, images: list[Image.Image]) -> torch.Tensor:
+    """CLIP image embeddings (B, 1, D) in the layout diffusers' IP-Adapter expects."""
+    pixels = pipe.feature_extractor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+    encoder = pipe.image_encoder
+    return encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds.unsqueeze(1)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    text_embeds: torch.Tensor
+    image_embeds: torch.Tensor
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+    """The standard epsilon (or v) prediction loss of a diffusion model at given noise and timesteps."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, **unet_kwargs).sample
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float())
+
+
+class IdentityTrainer:
+    """Fine-tunes exactly `ip_adapter_parameters(pipe.unet)` on the subject's views."""
+
+    def __init__(self, pipe, views: list[tuple[str, Image.Image]], subject: str | None, size: int, lr: float, batch_size: int, seed: int):
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        self.views = views
+        self.size = size
+        self.batch_size = batch_size
+        self.device = pipe.unet.device
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.params = ip_adapter_parameters(pipe.unet)
+        for p in self.params.values():
+            p.data = p.data.float()  # fp32 master weights; autocast runs the forward in half on GPU
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
+        self.prompt_embeds = {name: encode_prompts(pipe, [view_prompt(subject, name)]) for name, _ in views}
+
+    def _autocast(self):
+        dtype = self.pipe.unet.dtype
+        if self.device.type == "cuda" and dtype != torch.float32:
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def make_batch(self) -> Batch:
+        picks = self.rng.choice(len(self.views), size=self.batch_size, replace=len(self.views) < self.batch_size)
+        targets, conditions, texts = [], [], []
+        for i in picks:
+            name, image = self.views[int(i)]
+            targets.append(augment(image, self.rng, self.size))
+            conditions.append(augment(image, self.rng, self.size))  # a second framing: learn identity, not pixels
+            texts.append(self.prompt_embeds[name])
+        vae = self.pipe.vae
+        pixels = to_tensor(targets).to(self.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(self.generator.manual_seed(int(self.rng.integers(2**31)))) * vae.config.scaling_factor
+        return Batch(latents=latents, text_embeds=torch.cat(texts), image_embeds=clip_image_embeds(self.pipe, conditions))
+
+    def noise_for(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(batch.latents.shape, generator=self.generator).to(self.device, batch.latents.dtype)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch.latents.shape[0],), generator=self.generator)
+        return noise, t.to(self.device)
+
+    def loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return diffusion_loss(
+                self.pipe.unet, self.scheduler, batch.latents, noise, timesteps,
+                encoder_hidden_states=batch.text_embeds, added_cond_kwargs={"image_embeds": [batch.image_embeds]},
+            )
+
+    def step(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch, noise, timesteps)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
+        self.pipe.unet.train()
+        losses = []
+        try:
+            for i in range(steps):
+                batch = self.make_batch()
+                losses.append(self.step(batch, *self.noise_for(batch)))
+                if reporter is not None:
+                    reporter.step(i + 1, steps, f"identity loss {losses[-1]:.4f}")
+        finally:
+            self.pipe.unet.eval()
+            for p in self.params.values():
+                p.requires_grad_(False)
+                p.data = p.data.to(self.pipe.unet.dtype)  # back to the inference precision
+        return losses
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.params.items()}
+
+
+def load_ip_state(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved to_k_ip/to_v_ip weights into a UNet (names must match exactly)."""
+    params = ip_adapter_parameters(unet)
+    if set(params) != set(state):
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"IP-Adapter weights do not match the UNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.data = state[name].to(p.device, unet.dtype).clone()

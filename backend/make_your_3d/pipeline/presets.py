@@ -1,0 +1,84 @@
+"""Quality presets: every number a run depends on, in one table, printed into job.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from make_your_3d.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # multi-view model (Wonder3D's published settings: 256 px, DDIM 20 steps, guidance 3)
+    mv_size: int = 256
+    mv_steps: int = 20
+    mv_guidance: float = 3.0
+    subject_fill: float = 0.75  # subject's longer side / frame (about 192 px in 256)
+    # personalized model (SD 1.5 + IP-Adapter)
+    sd_size: int = 512
+    sd_steps: int = 30
+    sd_guidance: float = 7.5
+    edit_strength: float = 0.8  # img2img strength: keeps the view's pose, lets the edit through
+    ip_scale: float = 0.7
+    # identity-aware optimisation (IP-Adapter to_k_ip / to_v_ip)
+    identity_steps: int = 200
+    identity_lr: float = 1e-4
+    identity_batch: int = 2
+    # subject-prior optimisation (LoRA on the cross-domain attention)
+    prior_steps: int = 200
+    prior_lr: float = 1e-4
+    lora_rank: int = 8
+    # normal estimator
+    normal_steps: int = 4
+    # reconstruction
+    recon_preset: str = "default"
+    recon: dict = field(default_factory=dict)  # explicit ReconOptions overrides
+    faces: int | None = None
+    texture_size: int | None = None
+    # device
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16
+    offload: bool = False  # keep only the model in use on the GPU
+
+    def with_overrides(self, overrides: dict | None) -> "Preset":
+        if not overrides:
+            return self
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise BadRequest(f"Unknown preset setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "fast": Preset("fast", mv_steps=15, sd_steps=20, identity_steps=80, prior_steps=80, recon_preset="fast"),
+    "default": Preset("default"),
+    "quality": Preset("quality", mv_steps=30, sd_steps=40, identity_steps=400, prior_steps=400, lora_rank=16, recon_preset="quality"),
+    "lowvram": Preset("lowvram", identity_batch=1, precision="fp16", offload=True, recon_preset="fast"),
+}
+
+# Tiny sizes for the tiny model set: the whole chain in seconds on a CPU (tests, CI, the service's
+# `--config` in tests). Real architectures, toy resolutions and step counts.
+TEST_OVERRIDES: dict = {
+    "mv_size": 64,
+    "mv_steps": 2,
+    "sd_size": 32,
+    "sd_steps": 2,
+    "identity_steps": 3,
+    "identity_batch": 2,
+    "prior_steps": 3,
+    "lora_rank": 2,
+    "normal_steps": 1,
+    "recon_preset": "fast",
+    "recon": {"tiny": True},
+    "texture_size": 256,
+}
+
+
+def get_preset(name: str, overrides: dict | None = None) -> Preset:
+    if name not in PRESETS:
+        raise BadRequest(f"Unknown preset {name!r}; use one of {', '.join(PRESETS)}.")
+    return PRESETS[name].with_overrides(overrides)

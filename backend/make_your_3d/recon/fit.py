@@ -1,0 +1,245 @@
+"""Fit flat 3D Gaussians (surfels) to the colour, mask and normal views.
+
+Why flat: a Gaussian squashed along its local z has a well-defined normal, so rendered normals can be
+supervised by the given normal maps, and depth rendered from surfels is sharp enough to fuse into a
+surface. Initialisation puts surfels on the visual hull of the masks, oriented by its normals and
+coloured from the best-facing view. Losses: colour (L1), opacity vs mask, rendered normals vs given
+normals, and normals derived from the rendered depth vs given normals (this last one moves the
+surfels, not just turns them, so concavities the masks cannot see get carved).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.measure import marching_cubes
+from torch import Tensor
+
+from make_your_3d.progress import Reporter
+from make_your_3d.recon.rasterize import Cameras, rasterize
+from make_your_3d.recon.scene import (
+    ViewTargets,
+    grid_points,
+    hull_field,
+    project,
+    sample_image,
+    view_dir_at,
+)
+from make_your_3d.recon.views import ViewSet
+
+THIN = 0.08  # normal-axis scale as a fraction of the smaller in-plane scale
+
+
+@dataclass
+class FitConfig:
+    iterations: int = 300
+    num_gaussians: int = 8000
+    views_per_step: int = 2
+    hull_res: int = 64
+    lr_means: float = 2e-3  # times the scene size
+    lr_scales: float = 1e-2
+    lr_quats: float = 5e-3
+    lr_opacity: float = 5e-2
+    lr_colors: float = 2e-2
+    w_rgb: float = 1.0
+    w_mask: float = 1.0
+    w_normal: float = 0.1
+    w_depth_normal: float = 0.2
+    prune_every: int = 100
+    tile_size: int = 8
+
+
+@dataclass
+class Gaussians:
+    means: Tensor  # (N,3)
+    quats: Tensor  # (N,4) wxyz, unnormalised
+    log_scales: Tensor  # (N,2) in-plane; the normal axis is THIN of the smaller one
+    opacity_logits: Tensor  # (N,)
+    colors: Tensor  # (N,3) in [0,1] after clamp
+
+    def params(self) -> list[Tensor]:
+        return [self.means, self.quats, self.log_scales, self.opacity_logits, self.colors]
+
+    @property
+    def n(self) -> int:
+        return int(self.means.shape[0])
+
+    def scales(self) -> Tensor:
+        s = self.log_scales.exp()
+        return torch.cat([s, THIN * s.min(-1, keepdim=True).values], -1)
+
+    def opacities(self) -> Tensor:
+        return torch.sigmoid(self.opacity_logits)
+
+    def normals(self) -> Tensor:
+        """World normal of each surfel: the rotation's z column."""
+        q = F.normalize(self.quats, dim=-1)
+        w, x, y, z = q.unbind(-1)
+        return torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], -1)
+
+    def detach_subset(self, keep: Tensor) -> "Gaussians":
+        return Gaussians(*[p.detach()[keep].clone().requires_grad_(True) for p in self.params()])
+
+
+def render(g: Gaussians, cams: Cameras, background: float | Tensor = 0.0, tile_size: int = 8):
+    """Render colour (C,H,W,3), world normals facing the camera (C,H,W,3), alpha and expected depth."""
+    n = g.normals()
+    dirs = cams.c2w[:, :3, 2]  # ortho viewing direction; good enough for orientation of pinhole too
+    if cams.model == "pinhole":
+        cam_pos = cams.c2w[:, :3, 3]
+        view = F.normalize(g.means[None] - cam_pos[:, None], dim=-1)
+    else:
+        view = dirs[:, None, :].expand(-1, g.n, -1)
+    sign = torch.where((n[None] * view).sum(-1, keepdim=True) > 0, -1.0, 1.0)
+    feats = torch.cat([g.colors.clamp(0, 1)[None].expand(len(cams), -1, -1), n[None] * sign], -1)
+    C = len(cams)
+    bg = None
+    if not (isinstance(background, float) and background == 0.0):
+        bgc = torch.as_tensor(background, dtype=feats.dtype, device=feats.device).reshape(-1)
+        bg = torch.cat([bgc.expand(3), torch.zeros(3, device=feats.device)])[None].expand(C, -1)
+    out = rasterize(g.means, g.quats, g.scales(), g.opacities(), feats, cams, backgrounds=bg, tile_size=tile_size)
+    return out.features[..., :3], out.features[..., 3:], out.alpha[..., 0], out.depth[..., 0]
+
+
+def quat_from_z(normals: Tensor) -> Tensor:
+    """Quaternions (wxyz) rotating +z onto each normal."""
+    z = torch.tensor([0.0, 0.0, 1.0], device=normals.device)
+    n = F.normalize(normals, dim=-1)
+    axis = torch.cross(z.expand_as(n), n, dim=-1)
+    w = 1.0 + n[:, 2]
+    q = torch.cat([w[:, None], axis], -1)
+    flip = w < 1e-6  # normal = -z: rotate pi about x
+    q[flip] = torch.tensor([0.0, 1.0, 0.0, 0.0], device=normals.device)
+    return F.normalize(q, dim=-1)
+
+
+def init_from_hull(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, cfg: FitConfig,
+                   generator: torch.Generator, device: torch.device) -> Gaussians:
+    """Surfels on the visual hull's surface (marching cubes of the mask field), coloured by the best view."""
+    pts, counts = grid_points(lo, hi, cfg.hull_res, device)
+    field = hull_field(pts, viewset, masks).reshape(*[int(c) for c in counts]).cpu().numpy()
+    step = float(np.max(hi - lo)) / (cfg.hull_res - 1)
+    field = np.pad(field, 1, constant_values=-0.5)
+    verts, faces, _, _ = marching_cubes(field, 0.0, spacing=(step, step, step))
+    verts = verts - step + lo
+    v = torch.tensor(verts.copy(), dtype=torch.float32, device=device)
+    f = torch.tensor(faces.copy(), dtype=torch.long, device=device)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    cr = torch.cross(b - a, c - a, dim=-1)
+    area = cr.norm(dim=-1) * 0.5
+    # skimage orders faces so that the cross product points toward increasing field (inside): flip
+    fn = -F.normalize(cr, dim=-1)
+    n = cfg.num_gaussians
+    pick = torch.multinomial(area + 1e-12, n, replacement=True, generator=generator)
+    r = torch.rand(n, 2, generator=generator, device=device)
+    s = r.sum(-1, keepdim=True) > 1
+    r = torch.where(s, 1 - r, r)
+    means = a[pick] + (b[pick] - a[pick]) * r[:, :1] + (c[pick] - a[pick]) * r[:, 1:]
+    normals = fn[pick]
+    colors = torch.full((n, 3), 0.5, device=device)
+    best = torch.full((n,), -1.0, device=device)
+    for vi, view in enumerate(viewset.views):
+        uv, _ = project(means, viewset, vi)
+        facing = -(normals * view_dir_at(means, viewset, vi)).sum(-1)
+        W, H = view.size
+        col = sample_image(torch.tensor(view.color[..., :3], dtype=torch.float32, device=device) / 255.0, uv, W, H)
+        better = facing > best
+        colors[better], best[better] = col[better], facing[better]
+    spacing = float(torch.sqrt(area.sum() / n))
+    log_s = torch.full((n, 2), float(np.log(0.7 * spacing)), device=device)
+    return Gaussians(
+        means.requires_grad_(True),
+        quat_from_z(normals).requires_grad_(True),
+        log_s.requires_grad_(True),
+        torch.full((n,), 2.0, device=device).requires_grad_(True),
+        colors.clamp(0, 1).requires_grad_(True),
+    )
+
+
+def _pixel_points(depth: Tensor, cams: Cameras) -> Tensor:
+    """World points (C,H,W,3) of every pixel at the given camera depth."""
+    C, H, W = depth.shape
+    dev = depth.device
+    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=depth.dtype) + 0.5,
+                          torch.arange(W, device=dev, dtype=depth.dtype) + 0.5, indexing="ij")
+    K = cams.Ks
+    x = (u[None] - K[:, 0, 2, None, None]) / K[:, 0, 0, None, None]
+    y = (v[None] - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]
+    if cams.model == "pinhole":
+        x, y = x * depth, y * depth
+    pc = torch.stack([x.expand_as(depth), y.expand_as(depth), depth], -1)
+    c2w = cams.c2w
+    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], pc) + c2w[:, None, None, :3, 3]
+
+
+def depth_normals(depth: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
+    """Normals from central differences of the rendered depth (C,H-2,W-2,3), facing the camera, and the
+    world points they belong to."""
+    p = _pixel_points(depth, cams)
+    dx = p[:, 1:-1, 2:] - p[:, 1:-1, :-2]
+    dy = p[:, 2:, 1:-1] - p[:, :-2, 1:-1]
+    n = F.normalize(torch.cross(dx, dy, dim=-1), dim=-1)
+    # OpenCV axes: x right, y down, z forward -> dx x dy points along +z (away from the camera)
+    return -n, p
+
+
+def fit_gaussians(g: Gaussians, tg: ViewTargets, cfg: FitConfig, scene_size: float, generator: torch.Generator,
+                  reporter: Reporter, step_offset: int = 0, total_steps: int | None = None) -> tuple[Gaussians, list[float]]:
+    """Adam on all surfel parameters against random batches of views; returns the Gaussians and the loss curve."""
+    total = total_steps or cfg.iterations
+    opt = _make_opt(g, cfg, scene_size)
+    losses: list[float] = []
+    V = tg.rgb.shape[0]
+    for it in range(cfg.iterations):
+        reporter.step(step_offset + it + 1, total, "fitting Gaussians")
+        gi = int(torch.randint(len(tg.cams), (1,), generator=generator)) if len(tg.cams) > 1 else 0
+        group = tg.groups[gi]
+        k = min(cfg.views_per_step, len(group))
+        pick = torch.randperm(len(group), generator=generator)[:k].tolist()
+        vidx = [group[p] for p in pick]
+        cams = tg.cams[gi].subset(pick)
+        loss = _loss(g, tg, cams, vidx, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if cfg.prune_every and (it + 1) % cfg.prune_every == 0 and it + 1 < cfg.iterations:
+            keep = g.opacities().detach() > 0.02
+            if bool((~keep).any()) and int(keep.sum()) > 16:
+                g = g.detach_subset(keep)
+                opt = _make_opt(g, cfg, scene_size)
+    return g, losses
+
+
+def _make_opt(g: Gaussians, cfg: FitConfig, scene_size: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam([
+        {"params": [g.means], "lr": cfg.lr_means * scene_size},
+        {"params": [g.quats], "lr": cfg.lr_quats},
+        {"params": [g.log_scales], "lr": cfg.lr_scales},
+        {"params": [g.opacity_logits], "lr": cfg.lr_opacity},
+        {"params": [g.colors], "lr": cfg.lr_colors},
+    ], eps=1e-15)
+
+
+def _loss(g: Gaussians, tg: ViewTargets, cams: Cameras, vidx: list[int], cfg: FitConfig) -> Tensor:
+    rgb, nrm, alpha, depth = render(g, cams, tile_size=cfg.tile_size)
+    m = tg.mask[vidx]
+    tgt = tg.rgb[vidx] * m[..., None]
+    loss = cfg.w_rgb * (rgb - tgt).abs().mean() + cfg.w_mask * (alpha - m).abs().mean()
+    if tg.normal is not None and (cfg.w_normal > 0 or cfg.w_depth_normal > 0):
+        hn = tg.has_normal[vidx].to(m.dtype)[:, None, None]
+        gt = tg.normal[vidx]
+        fg = (m > 0.99).to(m.dtype) * hn
+        if cfg.w_normal > 0:
+            cos = (F.normalize(nrm, dim=-1) * gt).sum(-1)
+            loss = loss + cfg.w_normal * ((1 - cos) * fg).sum() / fg.sum().clamp_min(1)
+        if cfg.w_depth_normal > 0:
+            dn, _ = depth_normals(depth, cams)
+            inner = fg[:, 1:-1, 1:-1] * fg[:, 2:, 1:-1] * fg[:, :-2, 1:-1] * fg[:, 1:-1, 2:] * fg[:, 1:-1, :-2]
+            inner = inner * (alpha[:, 1:-1, 1:-1].detach() > 0.9)
+            cos = (dn * gt[:, 1:-1, 1:-1]).sum(-1)
+            loss = loss + cfg.w_depth_normal * ((1 - cos) * inner).sum() / inner.sum().clamp_min(1)
+    return loss

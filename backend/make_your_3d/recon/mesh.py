@@ -1,0 +1,128 @@
+"""Surface extraction: TSDF fusion of depths rendered from the fitted Gaussians (plus free space
+carved by the input masks), marching cubes (scikit-image), the largest component(s), and
+simplification to the face budget (fast-simplification)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fast_simplification
+import numpy as np
+import torch
+import trimesh
+from skimage.measure import marching_cubes
+from torch import Tensor
+
+from make_your_3d.recon.rasterize import Cameras
+from make_your_3d.recon.scene import grid_points
+
+
+@dataclass
+class DepthView:
+    """A depth map to fuse: camera, expected depth (H,W), coverage alpha (H,W), and the mask that says
+    which pixels are background for sure (None: use alpha)."""
+
+    cams: Cameras  # one camera
+    depth: Tensor
+    alpha: Tensor
+    mask: Tensor | None = None
+
+
+def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tuple[float, ...], n_azimuth: int,
+                  device: torch.device) -> Cameras:
+    """Orthographic cameras on rings around the scene (for fusion views that the inputs lack)."""
+    from make_your_3d.recon.cameras import look_at
+
+    vms = []
+    for el in elevations:
+        for k in range(n_azimuth):
+            az = np.radians(360.0 * k / n_azimuth + (0.5 * 360.0 / n_azimuth if el else 0.0))
+            e = np.radians(el)
+            eye = centre + 3.0 * radius * np.array([np.cos(e) * np.sin(az), np.sin(e), np.cos(e) * np.cos(az)])
+            vms.append(np.linalg.inv(look_at(eye, centre)))
+    for el in (90.0, -90.0):
+        eye = centre + 3.0 * radius * np.array([0.0, np.sign(el), 0.0])
+        vms.append(np.linalg.inv(look_at(eye, centre)))
+    span = 2.0 * radius
+    K = np.array([[size / span, 0, size / 2], [0, size / span, size / 2], [0, 0, 1.0]])
+    return Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
+                   torch.tensor(K, dtype=torch.float32, device=device)[None].repeat(len(vms), 1, 1), size, size, "ortho")
+
+
+def _project_cam(points: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
+    vm, K = cams.viewmats[0], cams.Ks[0]
+    c = points @ vm[:3, :3].T + vm[:3, 3]
+    if cams.model == "ortho":
+        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + K[:2, 2]
+    else:
+        uv = (c[:, :2] / c[:, 2:3].clamp_min(1e-6)) @ K[:2, :2].T + K[:2, 2]
+    return uv, c[:, 2]
+
+
+def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int, trunc: float,
+               device: torch.device) -> tuple[np.ndarray, float]:
+    """Truncated signed distance (positive outside) on a grid over [lo, hi]; voxels no view sees stay inside."""
+    pts, counts = grid_points(lo, hi, res, device)
+    step = float(np.max(hi - lo)) / (res - 1)
+    num = torch.zeros(pts.shape[0], device=device)
+    den = torch.zeros(pts.shape[0], device=device)
+    outside = torch.zeros(pts.shape[0], dtype=torch.bool, device=device)
+    for dv in views:
+        W, H = dv.cams.width, dv.cams.height
+        uv, z = _project_cam(pts, dv.cams)
+        ix, iy = torch.floor(uv[:, 0]).long(), torch.floor(uv[:, 1]).long()
+        inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+        ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
+        d = dv.depth[iyc, ixc]
+        a = dv.alpha[iyc, ixc]
+        covered = inside & (a > 0.5)
+        empty = inside & ~covered
+        if dv.mask is not None:
+            empty = empty | (inside & (dv.mask[iyc, ixc] < 0.5))
+            covered = covered & ~empty
+        outside |= ~inside  # every view is assumed to see the whole subject
+        sdf = (d - z) / trunc
+        seen = covered & (sdf > -1.0)
+        num += torch.where(seen, sdf.clamp(max=1.0), torch.zeros_like(sdf))
+        den += seen.to(den.dtype)
+        # free space from silhouettes counts as strongly outside
+        num += torch.where(empty, torch.full_like(sdf, 1.0) * 4, torch.zeros_like(sdf))
+        den += empty.to(den.dtype) * 4
+    field = torch.where(den > 0, num / den.clamp_min(1e-6), torch.full_like(num, -1.0))
+    field = torch.where(outside, torch.ones_like(field), field)
+    return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
+
+
+def field_to_mesh(field: np.ndarray, lo: np.ndarray, step: float) -> trimesh.Trimesh:
+    """Marching cubes of the zero level set (negative inside), padded so the surface closes."""
+    f = np.pad(field, 1, constant_values=1.0)
+    if not ((f < 0).any() and (f > 0).any()):
+        raise ValueError("the fused field has no surface")
+    verts, faces, _, _ = marching_cubes(f, 0.0, spacing=(step, step, step))
+    verts = verts - step + lo
+    mesh = trimesh.Trimesh(verts, faces[:, ::-1], process=True)
+    if mesh.volume < 0:
+        mesh.invert()
+    return mesh
+
+
+def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh:
+    """Drop floaters: keep components with at least `min_fraction` of the largest one's area."""
+    parts = mesh.split(only_watertight=False)
+    if len(parts) <= 1:
+        return mesh
+    areas = np.array([p.area for p in parts])
+    keep = [p for p, a in zip(parts, areas) if a >= min_fraction * areas.max()]
+    return trimesh.util.concatenate(keep)
+
+
+def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    """Quadric decimation down to the face budget (no-op when already under it)."""
+    if len(mesh.faces) <= faces:
+        return mesh
+    v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
+                                        target_count=int(faces))
+    out = trimesh.Trimesh(v, f, process=True)
+    if out.volume < 0:
+        out.invert()
+    return out

@@ -1,0 +1,178 @@
+"""Views as tensors: camera groups for the rasterizer, per-view targets at a working resolution,
+projection of world points into views, and the scene's bounding box from the masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from make_your_3d.recon.rasterize import Cameras, view_K
+from make_your_3d.recon.views import ViewSet
+
+
+@dataclass
+class ViewTargets:
+    """All views at one working resolution (W, H) as float tensors."""
+
+    cams: list[Cameras]  # one batch per projection model
+    groups: list[list[int]]  # view indices of each batch
+    rgb: Tensor  # (V, H, W, 3) straight colour
+    mask: Tensor  # (V, H, W) soft foreground in [0, 1]
+    normal: Tensor | None  # (V, H, W, 3) world unit normals, None when no view has normals
+    has_normal: Tensor  # (V,) bool
+    width: int
+    height: int
+
+    def camera(self, v: int) -> Cameras:
+        for cams, idx in zip(self.cams, self.groups):
+            if v in idx:
+                return cams.subset([idx.index(v)])
+        raise IndexError(v)
+
+
+def _model(projection: str) -> str:
+    return "ortho" if projection == "orthographic" else "pinhole"
+
+
+def cameras_for(viewset: ViewSet, width: int, height: int, device: torch.device) -> tuple[list[Cameras], list[list[int]]]:
+    """Rasterizer cameras for every view, rescaled to (width, height), grouped by camera model."""
+    W0, H0 = viewset.image_size
+    sx, sy = width / W0, height / H0
+    groups: dict[str, list[int]] = {}
+    for i, v in enumerate(viewset.views):
+        groups.setdefault(_model(v.projection), []).append(i)
+    out, idxs = [], []
+    for model, idx in groups.items():
+        vms, Ks = [], []
+        for i in idx:
+            v = viewset.views[i]
+            K = view_K(v.projection, W0, H0, v.ortho_size, v.K).copy()
+            K[0] *= sx
+            K[1] *= sy
+            vms.append(np.linalg.inv(v.c2w))
+            Ks.append(K)
+        out.append(Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
+                           torch.tensor(np.stack(Ks), dtype=torch.float32, device=device), width, height, model))
+        idxs.append(idx)
+    return out, idxs
+
+
+def targets_for(viewset: ViewSet, size: int, device: torch.device) -> ViewTargets:
+    """Downsample colour (premultiplied, so edges do not bleed background), masks and normals."""
+    W0, H0 = viewset.image_size
+    scale = min(1.0, size / max(W0, H0))
+    W, H = max(8, round(W0 * scale)), max(8, round(H0 * scale))
+    cols = torch.tensor(np.stack([v.color for v in viewset.views]), dtype=torch.float32) / 255.0  # (V,H0,W0,4)
+    a = cols[..., 3:4]
+    prem = torch.cat([cols[..., :3] * a, a], -1).permute(0, 3, 1, 2)
+    has_n = torch.tensor([v.normal is not None for v in viewset.views])
+    nrm = torch.stack([torch.tensor(v.normals_world()) if v.normal is not None else torch.zeros(H0, W0, 3) for v in viewset.views])
+    nrm = (nrm * a).permute(0, 3, 1, 2)
+    if (W, H) != (W0, H0):
+        prem = F.interpolate(prem, size=(H, W), mode="area")
+        nrm = F.interpolate(nrm, size=(H, W), mode="area")
+    prem = prem.permute(0, 2, 3, 1)
+    alpha = prem[..., 3]
+    rgb = prem[..., :3] / alpha[..., None].clamp_min(1e-4)
+    n = F.normalize(nrm.permute(0, 2, 3, 1), dim=-1)
+    cams, groups = cameras_for(viewset, W, H, device)
+    return ViewTargets(cams, groups, rgb.clamp(0, 1).to(device), alpha.to(device), n.to(device) if bool(has_n.any()) else None,
+                       has_n.to(device), W, H)
+
+
+def project(points: Tensor, viewset: ViewSet, v: int) -> tuple[Tensor, Tensor]:
+    """World points (N,3) -> pixel coordinates (N,2) in the view's full image and camera depth (N,)."""
+    view = viewset.views[v]
+    w2c = torch.tensor(np.linalg.inv(view.c2w), dtype=points.dtype, device=points.device)
+    c = points @ w2c[:3, :3].T + w2c[:3, 3]
+    W, H = view.size
+    K = torch.tensor(view_K(view.projection, W, H, view.ortho_size, view.K), dtype=points.dtype, device=points.device)
+    if view.projection == "orthographic":
+        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + torch.stack([K[0, 2], K[1, 2]])
+    else:
+        z = c[:, 2:3].clamp_min(1e-6)
+        uv = (c[:, :2] / z) @ K[:2, :2].T + K[:2, 2]
+    return uv, c[:, 2]
+
+
+def view_dir_at(points: Tensor, viewset: ViewSet, v: int) -> Tensor:
+    """Unit direction from the camera towards each point (N,3), world frame."""
+    view = viewset.views[v]
+    c2w = torch.tensor(view.c2w, dtype=points.dtype, device=points.device)
+    if view.projection == "orthographic":
+        return c2w[:3, 2].expand_as(points)
+    return F.normalize(points - c2w[:3, 3], dim=-1)
+
+
+def sample_image(img: Tensor, uv: Tensor, W: int, H: int, outside: float = 0.0) -> Tensor:
+    """Bilinear sample of (H,W,D) at pixel coordinates uv (N,2) (pixel centres at i + 0.5)."""
+    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1)[None, None]
+    out = F.grid_sample(img.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out[0, :, 0].T
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] <= W) & (uv[:, 1] >= 0) & (uv[:, 1] <= H)
+    return torch.where(inside[:, None], out, torch.full_like(out, outside))
+
+
+def hull_field(points: Tensor, viewset: ViewSet, masks: list[Tensor]) -> Tensor:
+    """min over views of (mask - 1/2) at each point's projection: > 0 inside the visual hull."""
+    field = torch.full((points.shape[0],), 0.5, dtype=points.dtype, device=points.device)
+    for v, m in enumerate(masks):
+        uv, _ = project(points, viewset, v)
+        W, H = viewset.views[v].size
+        field = torch.minimum(field, sample_image(m[..., None], uv, W, H, outside=0.0)[:, 0] - 0.5)
+    return field
+
+
+def mask_tensors(viewset: ViewSet, device: torch.device) -> list[Tensor]:
+    return [torch.tensor(v.color[..., 3], dtype=torch.float32, device=device) / 255.0 for v in viewset.views]
+
+
+def _rough_centre_and_radius(viewset: ViewSet) -> tuple[np.ndarray, float]:
+    """Point nearest to all principal rays, and a radius that covers every view's image there."""
+    A, b, c0, radius = np.zeros((3, 3)), np.zeros(3), [], 0.0
+    for v in viewset.views:
+        o, d = v.c2w[:3, 3], v.c2w[:3, 2] / np.linalg.norm(v.c2w[:3, 2])
+        P = np.eye(3) - np.outer(d, d)
+        A += P
+        b += P @ o
+        c0.append(o + d * max(np.dot(-o, d), 1e-3))
+    c0 = np.mean(c0, axis=0)
+    lam = 1e-3 * len(viewset.views)
+    centre = np.linalg.solve(A + lam * np.eye(3), b + lam * c0)
+    for v in viewset.views:
+        W, H = v.size
+        if v.projection == "orthographic":
+            r = 0.5 * float(np.hypot(*v.ortho_size))
+        else:
+            depth = max(float(np.dot(centre - v.c2w[:3, 3], v.c2w[:3, 2])), 1e-3)
+            r = 0.5 * depth * float(np.hypot(W / v.K[0, 0], H / v.K[1, 1]))
+        radius = max(radius, r)
+    return centre, radius
+
+
+def grid_points(lo: np.ndarray, hi: np.ndarray, res: int, device: torch.device) -> tuple[Tensor, np.ndarray]:
+    """Cubic-voxel grid covering [lo, hi]: points (X*Y*Z, 3) and the per-axis counts."""
+    step = float(np.max(hi - lo)) / (res - 1)
+    counts = np.maximum(2, np.ceil((hi - lo) / step).astype(int) + 1)
+    axes = [torch.arange(int(n), dtype=torch.float32, device=device) * step + float(l) for n, l in zip(counts, lo)]
+    g = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    return g, counts
+
+
+def scene_bounds(viewset: ViewSet, masks: list[Tensor], device: torch.device, res: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned box around the visual hull, padded by a few voxels."""
+    centre, radius = _rough_centre_and_radius(viewset)
+    lo, hi = centre - radius, centre + radius
+    for _ in range(2):
+        pts, counts = grid_points(lo, hi, res, device)
+        inside = hull_field(pts, viewset, masks) > -0.25
+        if not bool(inside.any()):
+            break
+        p = pts[inside].cpu().numpy()
+        step = float(np.max(hi - lo)) / (res - 1)
+        lo, hi = p.min(0) - 2 * step, p.max(0) + 2 * step
+    return lo, hi

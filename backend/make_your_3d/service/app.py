@@ -1,0 +1,524 @@
+"""The versioned JSON API under /v1 (FastAPI). See briefs/DESIGN "Local service" for the contract.
+
+Every error body is `{"error": {"code", "message"}}` with a sentence that says what to do; tracebacks
+only go to the log. Input is checked (body size, JSON shape, image decode, subject, prompts) before
+a job is written to the store, and the store is written before the client is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from make_your_3d import __version__
+from make_your_3d.errors import BadImage, BadRequest, Make3DError, WeightsMissing
+from make_your_3d.models.registry import ROLES, is_tiny
+from make_your_3d.pipeline.request import MAX_IMAGE_BYTES, GenerateRequest, validate_request
+from make_your_3d.service.store import Job, JobSpec, JobStore
+from make_your_3d.service.worker import Worker
+
+log = logging.getLogger("make_your_3d.service")
+
+Preset = Literal["fast", "default", "quality", "lowvram"]
+TextureSize = Literal[256, 512, 1024, 2048, 4096]
+MAX_SEED = 2**32 - 1
+MAX_VARIANTS = 16
+# The biggest image, base64-encoded, plus room for the prompts and JSON punctuation.
+MAX_IMAGE_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
+MAX_BODY_BYTES = MAX_IMAGE_B64_CHARS + 256 * 1024
+
+STATUS_FOR_CODE = {
+    "bad_request": 400,
+    "bad_image": 400,
+    "no_subject": 400,
+    "bad_prompt": 400,
+    "bad_views": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "input_missing": 409,
+    "too_large": 413,
+    "weights_missing": 503,
+    "out_of_memory": 503,
+    "disk_full": 507,
+    "cancelled": 409,
+    "internal": 500,
+}
+
+_FILE_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".png": "image/png", ".json": "application/json",
+               ".jpg": "image/jpeg", ".txt": "text/plain; charset=utf-8", ".obj": "text/plain; charset=utf-8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request and response models
+# ---------------------------------------------------------------------------------------------
+class JobCreate(BaseModel):
+    """A generation request; one job per variant, seeds seed, seed+1, ..."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image_png_b64: str = Field(description="base64 of the subject image file (PNG, JPEG or WebP), at most 32 MiB")
+    prompt: str = Field(description='the change, e.g. "wearing a red scarf"')
+    negative_prompt: str = ""
+    subject: str | None = Field(None, description='short description of the subject, e.g. "a toy robot"')
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null picks a random seed")
+    variants: int = Field(1, ge=1, le=MAX_VARIANTS)
+    preset: Preset | None = Field(None, description="null: the server's --preset")
+    faces: int | None = Field(None, ge=500, le=500_000)
+    texture_size: TextureSize | None = None
+
+
+class JobRerun(BaseModel):
+    """Fields to change for a re-run; absent fields keep the original job's values."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    subject: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="absent: same seed; null: a random seed")
+    preset: Preset | None = None
+    faces: int | None = Field(None, ge=500, le=500_000)
+    texture_size: TextureSize | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class JobRequestOut(BaseModel):
+    prompt: str
+    negative_prompt: str
+    subject: str | None
+    seed: int
+    preset: str
+    faces: int | None
+    texture_size: int | None
+
+
+class JobRecord(BaseModel):
+    id: str
+    group: str
+    status: Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+    stage: str | None
+    step: int
+    total: int
+    message: str
+    elapsed_s: float | None
+    eta_s: float | None
+    error: ErrorDetail | None
+    files: list[str]
+    request: JobRequestOut
+    created_at: str
+    cached_stages: list[str]
+
+
+class JobList(BaseModel):
+    jobs: list[JobRecord]
+
+
+class Created(BaseModel):
+    ids: list[str]
+    group: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class RoleState(BaseModel):
+    name: str
+    title: str
+    licence: str
+    complete: bool
+    missing: list[str]
+
+
+class ModelsState(BaseModel):
+    models_dir: str
+    tiny: bool
+    complete: bool
+    roles: list[RoleState]
+
+
+class Unloaded(BaseModel):
+    unloaded: bool
+    deferred: bool = Field(description="true: a job is running; the models are freed when it ends")
+
+
+class Stopping(BaseModel):
+    stopping: bool
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 500)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def error_response(code: str, message: str, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status or STATUS_FOR_CODE.get(code, 400), headers=headers)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body past the limit. An HTTPException so FastAPI passes it through."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request is larger than {limit // 2**20} MiB. Use a smaller image (at most {MAX_IMAGE_BYTES // 2**20} MiB).")
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts)
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """One sentence naming the first bad field and what to do about it."""
+    if not errors:
+        return "The request is not valid."
+    err = errors[0]
+    kind = err.get("type", "")
+    name = _field_name(tuple(err.get("loc", ())))
+    if kind == "json_invalid":
+        text = "The request body is not valid JSON (UTF-8). Send a JSON object."
+    elif kind == "extra_forbidden":
+        text = f"Unknown field {name!r}: remove it."
+    elif kind == "missing" and name:
+        text = f"The field {name!r} is required."
+    elif kind == "missing":
+        text = "The request needs a JSON body."
+    elif not name:
+        text = "The request body must be a JSON object."
+    else:
+        text = f"The field {name!r} is invalid: {err.get('msg', 'bad value')}."
+    if len(errors) > 1:
+        text += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the request.)"
+    return text
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Make3DError)
+    async def _make3d(request: Request, exc: Make3DError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.code == "unauthorized" else None
+        if exc.code == "internal":
+            log.error("internal error on %s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(exc.code, exc.message, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        return error_response("bad_request", validation_message(errors), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404:
+            return error_response("not_found", f"There is no route {request.method} {request.url.path}; see /v1/openapi.json.", 404)
+        if status == 405:
+            return error_response("method_not_allowed", f"{request.url.path} does not accept {request.method}; see /v1/openapi.json.", 405)
+        if status == 413:
+            return error_response("too_large", str(exc.detail), 413)
+        if status == 401:
+            return error_response("unauthorized", "Send the token from the state file as 'Authorization: Bearer TOKEN'.", 401)
+        code = "bad_request" if 400 <= status < 500 else "internal"
+        detail = exc.detail if isinstance(exc.detail, str) else "The request could not be processed."
+        if status == 400 and detail == "There was an error parsing the body":
+            detail = "The request body could not be read. Send a JSON object."
+        return error_response(code, detail, status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(
+            "internal",
+            "The backend hit an unexpected error (details are in the backend log). Try again; if it repeats, report the log.",
+            500,
+        )
+
+
+class Guard:
+    """ASGI middleware: body size limit (header and streamed) and last-activity time for the idle timer."""
+
+    def __init__(self, app: Any, limit: int, activity: "Activity"):
+        self.app = app
+        self.limit = limit
+        self.activity = activity
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.activity.touch()
+        length = None
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await error_response("bad_request", "The Content-Length header is not a number.", 400)(scope, receive, send)
+                    return
+        if length is not None and length > self.limit:
+            await error_response("too_large", BodyTooLarge(self.limit).detail, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.activity.touch()
+
+
+class Activity:
+    """When the service last did something (a request or a job); read by the idle-timeout watcher."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+# ---------------------------------------------------------------------------------------------
+def _decode_image(b64: str) -> bytes:
+    if len(b64) > MAX_IMAGE_B64_CHARS:
+        raise BadImage(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MiB. Resize it and try again.")
+    text = b64.strip()
+    if text.startswith("data:") and "," in text[:100]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise BadImage("image_png_b64 is not valid base64. Send the image file's bytes base64-encoded.") from None
+
+
+def _check_weights(models_dir: Path) -> None:
+    missing = [r.name for r in ROLES.values() if not r.complete(models_dir)]
+    if missing:
+        raise WeightsMissing(
+            f"Model weights are missing in {models_dir} (roles: {', '.join(missing)}). Run 'make-your-3d models fetch' and try again."
+        )
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def _clean_spec(spec: JobSpec, image: bytes) -> JobSpec:
+    """Run the shared request checks (image decode, subject, prompts, ranges) and keep the cleaned text."""
+    req = GenerateRequest(
+        image=image,
+        prompt=spec.prompt,
+        subject=spec.subject,
+        negative_prompt=spec.negative_prompt,
+        seed=spec.seed,
+        preset=spec.preset,
+        faces=spec.faces,
+        texture_size=spec.texture_size,
+    )
+    validate_request(req)
+    return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size)
+
+
+def create_app(
+    store: JobStore,
+    worker: Worker,
+    token: str,
+    *,
+    models_dir: Path,
+    default_preset: str = "default",
+    on_shutdown: Callable[[], None] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    activity: Activity | None = None,
+) -> FastAPI:
+    """Build the API around a job store and its worker; `token` guards every route but health."""
+    models_dir = Path(models_dir)
+    activity = activity or Activity()
+    token_bytes = token.encode("utf-8")
+    bearer = HTTPBearer(auto_error=False, description="the token from the state file")
+
+    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if creds is None or not hmac.compare_digest(creds.credentials.encode("utf-8", "surrogateescape"), token_bytes):
+            raise Make3DError("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.",
+                              code="unauthorized")
+
+    app = FastAPI(
+        title="Make-Your-3D local service",
+        version=__version__,
+        description="Local backend for the Blender add-on: subject image + text edit -> textured GLB.",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(Guard, limit=max_body_bytes, activity=activity)
+    app.state.activity = activity
+
+    public = APIRouter(prefix="/v1")
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
+
+    def get_job(job_id: str) -> Job:
+        job = store.get(job_id)
+        if job is None:
+            raise Make3DError(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.", code="not_found")
+        return job
+
+    def queue(specs: list[JobSpec], image: bytes) -> Created:
+        digest = worker.inputs.put(image)
+        jobs = store.add_jobs(specs, digest)
+        worker.wake()
+        log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
+        return Created(ids=[j.id for j in jobs], group=jobs[0].group)
+
+    @public.get("/health", response_model=Health)
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @api.get("/models", response_model=ModelsState)
+    def models() -> dict[str, Any]:
+        roles = [
+            {"name": r.name, "title": r.title, "licence": r.licence, "complete": r.complete(models_dir), "missing": r.missing(models_dir)}
+            for r in ROLES.values()
+        ]
+        return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": all(r["complete"] for r in roles), "roles": roles}
+
+    @api.post("/jobs", status_code=201, response_model=Created)
+    def create_jobs(body: JobCreate) -> Created:
+        image = _decode_image(body.image_png_b64)
+        seed = body.seed if body.seed is not None else _random_seed()
+        if seed + body.variants - 1 > MAX_SEED:
+            raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
+        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size)
+        spec = _clean_spec(spec, image)
+        _check_weights(models_dir)
+        specs = [JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)]
+        return queue(specs, image)
+
+    @api.get("/jobs", response_model=JobList)
+    def list_jobs() -> dict[str, Any]:
+        now = time.time()
+        return {"jobs": [j.record(now) for j in store.list()]}
+
+    @api.get("/jobs/{job_id}", response_model=JobRecord)
+    def job_record(job_id: str) -> dict[str, Any]:
+        return get_job(job_id).record()
+
+    @api.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "one `data: <job record>` event per change"}},
+    )
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        get_job(job_id)
+
+        async def stream():
+            sent_key = None
+            sent_at = 0.0
+            seen_version = -1
+            while True:
+                version = store.version
+                now = time.monotonic()
+                if version != seen_version or now - sent_at >= 5.0:
+                    seen_version = version
+                    job = store.get(job_id)
+                    if job is None:
+                        return
+                    record = job.record()
+                    key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
+                    if key != sent_key or now - sent_at >= 5.0:
+                        sent_key, sent_at = key, now
+                        yield f"data: {json.dumps(record)}\n\n".encode("utf-8")
+                    if job.terminal:
+                        return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/jobs/{job_id}/cancel", response_model=JobRecord)
+    def cancel(job_id: str) -> dict[str, Any]:
+        get_job(job_id)
+        worker.cancel(job_id)
+        return get_job(job_id).record()
+
+    @api.post("/jobs/{job_id}/rerun", status_code=201, response_model=Created)
+    def rerun(job_id: str, body: JobRerun | None = None) -> Created:
+        job = get_job(job_id)
+        changes = body.model_dump(exclude_unset=True) if body is not None else {}
+        spec = job.spec.to_dict()
+        for key, value in changes.items():
+            if key == "seed" and value is None:
+                value = _random_seed()
+            if key in ("prompt", "negative_prompt", "preset") and value is None:
+                continue  # null means "keep"
+            spec[key] = value
+        image = worker.inputs.get(job.image_sha256)
+        cleaned = _clean_spec(JobSpec.from_dict(spec), image)
+        _check_weights(models_dir)
+        return queue([cleaned], image)
+
+    @api.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse,
+             responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
+    def job_file(job_id: str, name: str) -> FileResponse:
+        job = get_job(job_id)
+        not_found = Make3DError(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.", code="not_found")
+        if name not in job.files:
+            raise not_found
+        root = (worker.jobs_dir / job.id).resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise not_found
+        media = _FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return FileResponse(path, media_type=media, filename=path.name)
+
+    @api.post("/unload", response_model=Unloaded)
+    def unload() -> dict[str, bool]:
+        immediate = worker.unload()
+        return {"unloaded": True, "deferred": not immediate}
+
+    @api.post("/shutdown", response_model=Stopping)
+    def shutdown(background: BackgroundTasks) -> dict[str, bool]:
+        log.info("shutdown requested over the API")
+        if on_shutdown is not None:
+            background.add_task(on_shutdown)
+        return {"stopping": True}
+
+    app.include_router(public)
+    app.include_router(api)
+    return app

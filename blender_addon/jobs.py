@@ -1,0 +1,138 @@
+"""Main-thread side of the job flow: worker events become history items, progress and imports.
+
+`drain()` applies everything queued (synchronous; used in background mode and tests); `tick` is
+the `bpy.app.timers` function that does the same every 0.2 s while Blender's UI runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+
+from . import history, runtime
+from .importer import ImportProblem, import_glb
+
+TICK_SECONDS = 0.2
+
+
+def _scene(name: str) -> bpy.types.Scene | None:
+    if name and name in bpy.data.scenes:
+        return bpy.data.scenes[name]
+    return bpy.context.scene
+
+
+def _set_error(scene: bpy.types.Scene | None, message: str) -> None:
+    for sc in ([scene] if scene is not None else list(bpy.data.scenes)):
+        if hasattr(sc, "make_your_3d"):
+            sc.make_your_3d.last_error = message
+
+
+def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
+    kind = event.kind
+    if kind == "submitted":
+        scene = _scene(event.scene)
+        if scene is None:
+            return
+        props = scene.make_your_3d
+        request = dict(event.data["request"])
+        base_seed = request.get("seed")
+        for i, job_id in enumerate(event.data["ids"]):
+            req = dict(request)
+            if base_seed is not None:
+                req["seed"] = int(base_seed) + i
+            if history.find_item(scene, job_id) is None:
+                item = history.add_item(scene, job_id, event.data.get("group", ""), i, req)
+                item.import_requested = props.auto_import
+        if base_seed is not None:
+            props.last_seed = int(base_seed)
+        props.last_error = ""
+    elif kind in ("record", "sync"):
+        record = event.data["record"]
+        for scene, item in history.find_items(event.job_id):
+            history.apply_record(item, record)
+            if item.status == "failed" and item.error_message:
+                scene.make_your_3d.last_error = f"Job {item.job_id[:8]} failed: {item.error_message}"
+            if kind == "sync":
+                if history.is_active(item):
+                    rt.watch(item.job_id)
+                elif item.status == "done" and not item.folder:
+                    _request_files(rt, item, then_import=item.import_requested and not item.imported)
+    elif kind == "want_files":
+        for _scene_, item in history.find_items(event.job_id):
+            _request_files(rt, item, then_import=item.import_requested and not item.imported, files=event.data.get("files"))
+            break
+    elif kind == "files":
+        folder = event.data["folder"]
+        for scene, item in history.find_items(event.job_id):
+            item.folder = folder
+            if event.data.get("import") and not item.imported:
+                import_item(bpy.context, rt, scene, item)
+    elif kind == "lost":
+        for scene, item in history.find_items(event.job_id):
+            if history.is_active(item):
+                item.message = event.data.get("message", "")
+            scene.make_your_3d.last_error = event.data.get("message", "")
+    elif kind == "error":
+        scene = _scene(event.scene) if event.scene else None
+        _set_error(scene, event.data.get("message", "Unknown error"))
+    elif kind == "info":
+        for sc in bpy.data.scenes:
+            if hasattr(sc, "make_your_3d"):
+                sc.make_your_3d.last_info = event.data.get("message", "")
+    # "models": nothing to store in bpy; the redraw shows the new state
+
+
+def _request_files(rt: "runtime.Runtime", item, then_import: bool, files: list[str] | None = None) -> None:
+    prefs = runtime.addon_prefs()
+    rt.download(item.job_id, rt.results_dir(prefs, item.job_id), list(files or []), then_import)
+
+
+def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.types.Scene, item) -> bpy.types.Object | None:
+    """Import a finished job's GLB into `scene` (must be the context's scene); errors go to the panel."""
+    if context.scene != scene:
+        return None  # imported when the artist presses Import in that scene
+    prefs = runtime.addon_prefs(context)
+    glb = Path(item.folder) / "subject.glb"
+    try:
+        obj = import_glb(context, glb, job_id=item.job_id, seed=item.seed, prompt=item.prompt,
+                         variant_index=item.index_in_group,
+                         texture_mode=prefs.texture_mode if prefs is not None else "PACK", folder=Path(item.folder))
+    except ImportProblem as exc:
+        scene.make_your_3d.last_error = str(exc)
+        return None
+    item.imported = True
+    item.object_name = obj.name
+    return obj
+
+
+def drain(max_items: int | None = None) -> int:
+    """Apply every queued worker event now (main thread). Returns how many were applied."""
+    rt = runtime.get()
+    return rt.drain(max_items) if rt is not None else 0
+
+
+def tag_redraw() -> None:
+    wm = bpy.context.window_manager
+    if wm is None:
+        return
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type in {"VIEW_3D", "PREFERENCES"}:
+                area.tag_redraw()
+
+
+def tick() -> float | None:
+    """bpy.app.timers callback: drain events and redraw when anything changed."""
+    rt = runtime.get()
+    if rt is None:
+        return None
+    try:
+        changed = rt.drain(max_items=200) > 0
+        changed |= rt.status_changed()
+        changed |= any(t is not None and t.state().running for t in (rt.install_task, rt.fetch_task))
+        if changed:
+            tag_redraw()
+    except Exception as exc:  # a timer that raises is unregistered by Blender: report, keep ticking
+        print(f"Make-Your-3D: {exc!r}")
+    return TICK_SECONDS

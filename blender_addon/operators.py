@@ -1,0 +1,523 @@
+"""Operators of the panel and preferences. Each poll() says why a button is disabled."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+from bpy_extras.io_utils import ImportHelper
+
+from . import history, jobs, runtime
+from .backend import BackendError, python_problem
+
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+MAX_SEED = 2**31 - 1 - 16  # room for seed+variants
+
+
+# -- why a button cannot run --------------------------------------------------------------------
+def backend_blocker(context: bpy.types.Context) -> str | None:
+    """Why no backend can be used right now (None: it runs, starts, or can be started on demand)."""
+    rt = runtime.get()
+    if rt is None:
+        return "Make-Your-3D is not enabled"
+    st = rt.backend_state()
+    if st.status in ("running", "starting"):
+        return None
+    if st.status == "crashed":
+        return st.message
+    return python_problem(rt.python_for(runtime.addon_prefs(context)))
+
+
+def weights_blocker() -> str | None:
+    rt = runtime.get()
+    models = rt.models if rt is not None else None
+    if not models or models.get("complete", True):
+        return None
+    missing = [str(r.get("title") or r.get("name")) for r in models.get("roles", []) if not r.get("complete")]
+    return f"Model weights missing ({', '.join(missing)}): press Fetch in Preferences > Add-ons > Make-Your-3D"
+
+
+def generate_blocker(context: bpy.types.Context) -> str | None:
+    """The first reason Generate Subject cannot run, in the order an artist fixes them."""
+    reason = backend_blocker(context)
+    if reason:
+        return reason
+    props = context.scene.make_your_3d
+    if props.image is None:
+        return "No reference image: pick an image or open an image file"
+    if tuple(props.image.size) == (0, 0):
+        return f"Reference image '{props.image.name}' has no pixels (is its file missing?)"
+    if not props.prompt.strip():
+        return 'No prompt: type the change you want, e.g. "wearing a red scarf"'
+    return weights_blocker()
+
+
+def active_item(context: bpy.types.Context):
+    props = context.scene.make_your_3d
+    if 0 <= props.history_index < len(props.history):
+        return props.history[props.history_index]
+    return None
+
+
+def _item(context: bpy.types.Context, job_id: str):
+    return history.find_item(context.scene, job_id) if job_id else active_item(context)
+
+
+def image_bytes(image: bpy.types.Image) -> bytes:
+    """Encoded bytes (PNG/JPEG/WebP) of an image datablock: its packed or on-disk file when unchanged,
+    else a PNG copy written by Blender (generated or painted images)."""
+    if image.packed_file is not None:
+        data = bytes(image.packed_file.data)
+        if data.startswith(IMAGE_MAGIC) or data[8:12] == b"WEBP":
+            return data
+    if image.source == "FILE" and not image.is_dirty and image.filepath:
+        path = bpy.path.abspath(image.filepath, library=image.library)
+        if os.path.isfile(path):
+            data = Path(path).read_bytes()
+            if data.startswith(IMAGE_MAGIC) or data[8:12] == b"WEBP":
+                return data
+    if tuple(image.size) == (0, 0):
+        raise ValueError(f"Reference image '{image.name}' has no pixels (is its file missing?)")
+    with tempfile.TemporaryDirectory(prefix="make_your_3d_") as tmp:
+        out = Path(tmp) / "reference.png"
+        fmt = image.file_format
+        try:
+            image.file_format = "PNG"
+            image.save(filepath=str(out), save_copy=True)
+        finally:
+            image.file_format = fmt
+        return out.read_bytes()
+
+
+# -- generate ----------------------------------------------------------------------------------
+class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
+    """Generate a textured 3D mesh of the reference subject with the prompt's change"""
+
+    bl_idname = "make_your_3d.generate"
+    bl_label = "Generate Subject"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context):
+        reason = generate_blocker(context)
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def execute(self, context):
+        props = context.scene.make_your_3d
+        prefs = runtime.addon_prefs(context)
+        try:
+            data = image_bytes(props.image)
+        except (ValueError, RuntimeError) as exc:
+            props.last_error = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        seed = props.seed if props.seed_mode == "FIXED" else random.randrange(0, MAX_SEED)
+        payload = {
+            "image_png_b64": base64.b64encode(data).decode("ascii"),
+            "prompt": props.prompt.strip(),
+            "negative_prompt": props.negative_prompt.strip(),
+            "subject": props.subject.strip() or None,
+            "seed": seed,
+            "variants": props.variants,
+            "preset": props.preset,
+            "faces": props.faces or None,
+            "texture_size": int(props.texture_size) or None,
+        }
+        try:
+            runtime.get().submit(context.scene.name, payload, prefs)
+        except BackendError as exc:
+            props.last_error = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        props.last_error = ""
+        props.last_seed = seed
+        props.last_info = f"Submitted {props.variants} job(s), seed {seed}"
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_cancel_job(bpy.types.Operator):
+    """Cancel this job (it stops within one step)"""
+
+    bl_idname = "make_your_3d.cancel_job"
+    bl_label = "Cancel"
+    bl_options = {"INTERNAL"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None or rt.backend_state().status != "running":
+            cls.poll_message_set("The backend is not running")
+            return False
+        return True
+
+    def execute(self, context):
+        item = _item(context, self.job_id)
+        if item is None or not history.is_active(item):
+            self.report({"WARNING"}, "That job is not running")
+            return {"CANCELLED"}
+        runtime.get().cancel(item.job_id)
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
+    """Run the selected job again (same image, settings and seed), or with the panel's current prompt"""
+
+    bl_idname = "make_your_3d.rerun_job"
+    bl_label = "Re-run"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+    use_current_prompt: BoolProperty(name="Use current prompt", default=False, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        reason = backend_blocker(context)
+        if reason is None and active_item(context) is None:
+            reason = "Select a job in the history"
+        if reason is None and runtime.get().backend_state().status != "running":
+            reason = "Start the backend first (it keeps the jobs' images)"
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def execute(self, context):
+        props = context.scene.make_your_3d
+        item = _item(context, self.job_id)
+        if item is None:
+            return {"CANCELLED"}
+        changes: dict = {}
+        if self.use_current_prompt:
+            if not props.prompt.strip():
+                self.report({"ERROR"}, "No prompt: type the change you want first")
+                return {"CANCELLED"}
+            changes = {"prompt": props.prompt.strip(), "negative_prompt": props.negative_prompt.strip()}
+        request = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "subject": item.subject or None,
+                   "seed": item.seed, "preset": item.preset}
+        runtime.get().rerun(context.scene.name, item.job_id, changes, request)
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_import_job(bpy.types.Operator):
+    """Import the selected job's mesh (again)"""
+
+    bl_idname = "make_your_3d.import_job"
+    bl_label = "Import"
+    bl_options = {"REGISTER", "UNDO"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        item = active_item(context)
+        reason = None
+        if item is None:
+            reason = "Select a job in the history"
+        elif item.status != "done":
+            reason = f"The job is {item.status}: only finished jobs have a mesh"
+        elif not (item.folder and (Path(item.folder) / "subject.glb").is_file()) and \
+                (runtime.get() is None or runtime.get().backend_state().status != "running"):
+            reason = "The result is not downloaded yet: start the backend"
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def execute(self, context):
+        rt = runtime.get()
+        item = _item(context, self.job_id)
+        if item is None:
+            return {"CANCELLED"}
+        if item.folder and (Path(item.folder) / "subject.glb").is_file():
+            obj = jobs.import_item(context, rt, context.scene, item)
+            if obj is None:
+                self.report({"ERROR"}, context.scene.make_your_3d.last_error or "Import failed")
+                return {"CANCELLED"}
+            return {"FINISHED"}
+        item.imported = False
+        item.import_requested = True
+        rt.download(item.job_id, rt.results_dir(runtime.addon_prefs(context), item.job_id), [], True)
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_open_job_folder(bpy.types.Operator):
+    """Open the selected job's result folder in the file browser"""
+
+    bl_idname = "make_your_3d.open_job_folder"
+    bl_label = "Open Folder"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        item = active_item(context)
+        if item is None or not item.folder or not os.path.isdir(item.folder):
+            cls.poll_message_set("This job has no downloaded results yet")
+            return False
+        return True
+
+    def execute(self, context):
+        item = _item(context, self.job_id)
+        bpy.ops.wm.path_open(filepath=item.folder)
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_remove_job(bpy.types.Operator):
+    """Remove the selected job from this scene's history (the imported object stays)"""
+
+    bl_idname = "make_your_3d.remove_job"
+    bl_label = "Remove"
+    bl_options = {"REGISTER", "UNDO"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        if active_item(context) is None:
+            cls.poll_message_set("Select a job in the history")
+            return False
+        return True
+
+    def execute(self, context):
+        props = context.scene.make_your_3d
+        item = _item(context, self.job_id)
+        if item is None:
+            return {"CANCELLED"}
+        index = next(i for i, it in enumerate(props.history) if it.job_id == item.job_id)
+        job_id = item.job_id
+        props.history.remove(index)
+        props.history_index = min(props.history_index, len(props.history) - 1)
+        rt = runtime.get()
+        if rt is not None and rt._previews is not None and job_id in rt._previews:
+            del rt._previews[job_id]
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_refresh_history(bpy.types.Operator):
+    """Refresh job states from the backend (after a restart, interrupted jobs show up as such)"""
+
+    bl_idname = "make_your_3d.refresh_history"
+    bl_label = "Refresh"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None or rt.backend_state().status != "running":
+            cls.poll_message_set("The backend is not running")
+            return False
+        return True
+
+    def execute(self, context):
+        runtime.get().sync()
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_reuse_last_seed(bpy.types.Operator):
+    """Use the last job's seed again (fixed seed)"""
+
+    bl_idname = "make_your_3d.reuse_last_seed"
+    bl_label = "Reuse Last Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        if context.scene.make_your_3d.last_seed < 0:
+            cls.poll_message_set("No job has run yet")
+            return False
+        return True
+
+    def execute(self, context):
+        props = context.scene.make_your_3d
+        props.seed_mode = "FIXED"
+        props.seed = props.last_seed
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_open_image(bpy.types.Operator, ImportHelper):
+    """Open an image file as the reference image"""
+
+    bl_idname = "make_your_3d.open_image"
+    bl_label = "Open Reference Image"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filter_glob: StringProperty(default="*.png;*.jpg;*.jpeg;*.webp", options={"HIDDEN"})
+
+    def execute(self, context):
+        try:
+            image = bpy.data.images.load(self.filepath, check_existing=True)
+        except RuntimeError as exc:
+            self.report({"ERROR"}, f"Cannot open {self.filepath}: {exc}")
+            return {"CANCELLED"}
+        context.scene.make_your_3d.image = image
+        return {"FINISHED"}
+
+
+# -- backend and models (preferences) -------------------------------------------------------------
+class MAKE_YOUR_3D_OT_backend_start(bpy.types.Operator):
+    """Start the backend service"""
+
+    bl_idname = "make_your_3d.backend_start"
+    bl_label = "Start"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None:
+            return False
+        st = rt.backend_state()
+        if st.status in ("running", "starting"):
+            cls.poll_message_set(f"The backend is already {st.status}")
+            return False
+        problem = python_problem(rt.python_for(runtime.addon_prefs(context)))
+        if problem:
+            cls.poll_message_set(problem)
+            return False
+        return True
+
+    def execute(self, context):
+        try:
+            runtime.get().start_backend(runtime.addon_prefs(context))
+        except BackendError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_backend_stop(bpy.types.Operator):
+    """Stop the backend service (running jobs come back as interrupted)"""
+
+    bl_idname = "make_your_3d.backend_stop"
+    bl_label = "Stop"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None or rt.backend_state().status not in ("running", "starting"):
+            cls.poll_message_set("The backend is not running")
+            return False
+        return True
+
+    def execute(self, context):
+        runtime.get().stop_backend()
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_backend_open_log(bpy.types.Operator):
+    """Open the backend's log file"""
+
+    bl_idname = "make_your_3d.backend_open_log"
+    bl_label = "Open Log"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None or not rt.log_file.is_file():
+            cls.poll_message_set("No log yet: the backend has not been started")
+            return False
+        return True
+
+    def execute(self, context):
+        bpy.ops.wm.path_open(filepath=str(runtime.get().log_file))
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_install_backend(bpy.types.Operator):
+    """Create a Python virtual environment and install the bundled backend with its dependencies (downloads several GB)"""
+
+    bl_idname = "make_your_3d.install_backend"
+    bl_label = "Install Backend"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if not bpy.app.online_access:
+            cls.poll_message_set("Online access is off: allow it in Preferences > System > Network")
+            return False
+        if rt is None or (rt.install_task is not None and rt.install_task.state().running):
+            cls.poll_message_set("An installation is already running")
+            return False
+        return True
+
+    def execute(self, context):
+        try:
+            runtime.get().install_backend(sys.executable)
+        except BackendError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_models_refresh(bpy.types.Operator):
+    """Ask the backend which model weights are present"""
+
+    bl_idname = "make_your_3d.models_refresh"
+    bl_label = "Refresh"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None or rt.backend_state().status != "running":
+            cls.poll_message_set("The backend is not running")
+            return False
+        return True
+
+    def execute(self, context):
+        runtime.get().refresh_models()
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_models_fetch(bpy.types.Operator):
+    """Download the published model weights into the models directory (models fetch)"""
+
+    bl_idname = "make_your_3d.models_fetch"
+    bl_label = "Fetch Weights"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        reason = None
+        if not bpy.app.online_access:
+            reason = "Online access is off: allow it in Preferences > System > Network"
+        elif rt is None:
+            reason = "Make-Your-3D is not enabled"
+        elif rt.fetch_task is not None and rt.fetch_task.state().running:
+            reason = "A download is already running"
+        else:
+            reason = python_problem(rt.python_for(runtime.addon_prefs(context)))
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def execute(self, context):
+        runtime.get().fetch_models(runtime.addon_prefs(context))
+        return {"FINISHED"}
+
+
+CLASSES = (
+    MAKE_YOUR_3D_OT_generate,
+    MAKE_YOUR_3D_OT_cancel_job,
+    MAKE_YOUR_3D_OT_rerun_job,
+    MAKE_YOUR_3D_OT_import_job,
+    MAKE_YOUR_3D_OT_open_job_folder,
+    MAKE_YOUR_3D_OT_remove_job,
+    MAKE_YOUR_3D_OT_refresh_history,
+    MAKE_YOUR_3D_OT_reuse_last_seed,
+    MAKE_YOUR_3D_OT_open_image,
+    MAKE_YOUR_3D_OT_backend_start,
+    MAKE_YOUR_3D_OT_backend_stop,
+    MAKE_YOUR_3D_OT_backend_open_log,
+    MAKE_YOUR_3D_OT_install_backend,
+    MAKE_YOUR_3D_OT_models_refresh,
+    MAKE_YOUR_3D_OT_models_fetch,
+)

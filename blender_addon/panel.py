@@ -1,0 +1,169 @@
+"""The "Make-Your-3D" tab in the 3D viewport's sidebar (N panel)."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import history, operators, runtime
+
+
+class MAKE_YOUR_3D_UL_history(bpy.types.UIList):
+    """History rows: preview thumbnail, name from prompt and seed, status."""
+
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        rt = runtime.get()
+        icon_id = rt.preview_icon(item) if rt is not None else 0
+        row = layout.row(align=True)
+        if icon_id:
+            row.label(text="", icon_value=icon_id)
+        else:
+            row.label(text="", icon=history.status_icon(item.status))
+        row.label(text=f"{item.prompt or '(no prompt)'}  s{item.seed}")
+        status = item.status
+        if history.is_active(item) and item.total:
+            status = f"{item.step}/{item.total}"
+        row.label(text=status, icon=history.status_icon(item.status) if icon_id else "NONE")
+
+
+class VIEW3D_PT_make_your_3d(bpy.types.Panel):
+    bl_label = "Make-Your-3D"
+    bl_idname = "VIEW3D_PT_make_your_3d"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Make-Your-3D"
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.make_your_3d
+        rt = runtime.get()
+
+        if rt is not None:
+            st = rt.backend_state()
+            row = layout.row(align=True)
+            icon = {"running": "CHECKMARK", "starting": "TIME", "crashed": "ERROR"}.get(st.status, "RADIOBUT_OFF")
+            row.label(text=f"Backend: {st.status}", icon=icon)
+            if st.status in ("running", "starting"):
+                row.operator("make_your_3d.backend_stop", text="", icon="SNAP_FACE")
+            else:
+                row.operator("make_your_3d.backend_start", text="", icon="PLAY")
+
+        col = layout.column(align=True)
+        col.label(text="Reference image")
+        col.template_ID(props, "image", open="make_your_3d.open_image")
+        if props.image is not None:
+            preview = props.image.preview_ensure() if hasattr(props.image, "preview_ensure") else props.image.preview
+            if preview is not None:
+                col.template_icon(icon_value=preview.icon_id, scale=6.0)
+
+        col = layout.column(align=True)
+        col.prop(props, "prompt", text="", placeholder="Prompt: the change you want")
+        col.prop(props, "negative_prompt", text="", placeholder="Negative prompt")
+        col.prop(props, "subject", text="", placeholder="Subject (optional), e.g. a toy robot")
+
+        col = layout.column(align=True)
+        row = col.row(align=True)
+        row.prop(props, "seed_mode", expand=True)
+        row = col.row(align=True)
+        sub = row.row(align=True)
+        sub.enabled = props.seed_mode == "FIXED"
+        sub.prop(props, "seed")
+        row.operator("make_your_3d.reuse_last_seed", text="", icon="RECOVER_LAST")
+        col.prop(props, "variants")
+        col.prop(props, "preset")
+        col.prop(props, "faces")
+        col.prop(props, "texture_size")
+        col.prop(props, "auto_import")
+
+        col = layout.column()
+        col.scale_y = 1.5
+        col.operator("make_your_3d.generate", icon="MESH_MONKEY")
+        reason = operators.generate_blocker(context)
+        if reason:
+            layout.label(text=reason, icon="INFO")
+        if rt is not None and rt.pending:
+            layout.label(text="Submitting (starting the backend if needed)...", icon="TIME")
+        if props.last_error:
+            box = layout.box()
+            for i, line in enumerate(_wrap(props.last_error, 48)):
+                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+
+
+class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
+    bl_label = "Running"
+    bl_idname = "VIEW3D_PT_make_your_3d_jobs"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Make-Your-3D"
+    bl_parent_id = "VIEW3D_PT_make_your_3d"
+
+    def draw(self, context):
+        layout = self.layout
+        active = [item for item in context.scene.make_your_3d.history if history.is_active(item)]
+        if not active:
+            layout.label(text="No running jobs")
+            return
+        for item in active:
+            box = layout.box()
+            row = box.row(align=True)
+            factor = item.step / item.total if item.total else 0.0
+            stage = item.stage or item.status
+            text = f"{stage} {item.step}/{item.total}" if item.total else stage
+            row.progress(factor=factor, type="BAR", text=text)
+            op = row.operator("make_your_3d.cancel_job", text="", icon="CANCEL")
+            op.job_id = item.job_id
+            box.label(text=f"s{item.seed}  elapsed {history.format_seconds(item.elapsed_s)}  ETA {history.format_seconds(item.eta_s)}")
+            if item.message:
+                box.label(text=item.message[:80])
+
+
+class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
+    bl_label = "History"
+    bl_idname = "VIEW3D_PT_make_your_3d_history"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Make-Your-3D"
+    bl_parent_id = "VIEW3D_PT_make_your_3d"
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.make_your_3d
+        row = layout.row()
+        row.template_list("MAKE_YOUR_3D_UL_history", "", props, "history", props, "history_index", rows=4)
+        col = row.column(align=True)
+        col.operator("make_your_3d.refresh_history", text="", icon="FILE_REFRESH")
+        col.operator("make_your_3d.remove_job", text="", icon="X")
+        item = operators.active_item(context)
+        if item is None:
+            return
+        rt = runtime.get()
+        icon_id = rt.preview_icon(item) if rt is not None else 0
+        if icon_id:
+            layout.template_icon(icon_value=icon_id, scale=5.0)
+        box = layout.box()
+        box.label(text=f"{item.status}: {item.prompt}", icon=history.status_icon(item.status))
+        box.label(text=f"seed {item.seed}, preset {item.preset}, job {item.job_id[:8]}")
+        if item.error_message:
+            for line in _wrap(item.error_message, 48):
+                box.label(text=line)
+        grid = layout.grid_flow(columns=2, align=True)
+        grid.operator("make_your_3d.rerun_job", text="Re-run", icon="FILE_REFRESH")
+        op = grid.operator("make_your_3d.rerun_job", text="Re-run, current prompt", icon="GREASEPENCIL")
+        op.use_current_prompt = True
+        grid.operator("make_your_3d.import_job", text="Import again", icon="IMPORT")
+        grid.operator("make_your_3d.open_job_folder", icon="FILE_FOLDER")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines or [""]
+
+
+CLASSES = (MAKE_YOUR_3D_UL_history, VIEW3D_PT_make_your_3d, VIEW3D_PT_make_your_3d_jobs, VIEW3D_PT_make_your_3d_history)

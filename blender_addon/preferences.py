@@ -1,0 +1,111 @@
+"""Add-on preferences: backend interpreter and process, models, device, output folder, port."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import EnumProperty, IntProperty, StringProperty
+
+from . import runtime
+
+DEVICES = [
+    ("auto", "Auto", "CUDA when available, else CPU"),
+    ("cuda", "CUDA", "NVIDIA GPU"),
+    ("cpu", "CPU", "Slow, but works everywhere"),
+]
+PRECISIONS = [
+    ("auto", "Auto", "fp16 on CUDA, fp32 on CPU"),
+    ("fp16", "fp16", "Half precision (CUDA)"),
+    ("bf16", "bf16", "bfloat16 (recent CUDA GPUs)"),
+    ("fp32", "fp32", "Full precision: most memory, most exact"),
+]
+TEXTURE_MODES = [
+    ("PACK", "Pack into .blend", "The texture travels with the .blend file"),
+    ("LINK", "Link to job folder", "The texture stays a file next to the job's results"),
+]
+
+
+class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
+    bl_idname = runtime.PACKAGE
+
+    python_path: StringProperty(
+        name="Backend Python", subtype="FILE_PATH",
+        description="Python interpreter with the backend's dependencies (empty: the one Install backend creates)")
+    models_dir: StringProperty(name="Models directory", subtype="DIR_PATH",
+                               description="Where model weights live (empty: the backend's default user folder)")
+    data_dir: StringProperty(name="Output directory", subtype="DIR_PATH",
+                             description="Job database and results (empty: the add-on's user folder)")
+    device: EnumProperty(name="Device", items=DEVICES, default="auto")
+    precision: EnumProperty(name="Precision", items=PRECISIONS, default="auto")
+    port: IntProperty(name="Port", description="Backend port on 127.0.0.1 (0: any free port)", default=0, min=0, max=65535)
+    texture_mode: EnumProperty(name="Textures", items=TEXTURE_MODES, default="PACK")
+    hf_token: StringProperty(name="Hugging Face token", subtype="PASSWORD",
+                             description="Only for gated model repositories; used by Fetch, never stored in .blend files")
+
+    def draw(self, context: bpy.types.Context) -> None:
+        rt = runtime.get()
+        layout = self.layout
+
+        box = layout.box()
+        box.label(text="Backend", icon="CONSOLE")
+        box.prop(self, "python_path")
+        row = box.row(align=True)
+        row.operator("make_your_3d.install_backend", icon="IMPORT")
+        if rt is not None:
+            _draw_task(box, rt.install_task, "Install")
+            st = rt.backend_state()
+            icon = {"running": "CHECKMARK", "starting": "TIME", "crashed": "ERROR"}.get(st.status, "RADIOBUT_OFF")
+            box.label(text=st.message, icon=icon)
+        row = box.row(align=True)
+        row.operator("make_your_3d.backend_start", icon="PLAY")
+        row.operator("make_your_3d.backend_stop", icon="SNAP_FACE")
+        row.operator("make_your_3d.backend_open_log", icon="TEXT")
+        col = box.column(align=True)
+        col.prop(self, "device")
+        col.prop(self, "precision")
+        col.prop(self, "port")
+
+        box = layout.box()
+        box.label(text="Models", icon="FILE_3D")
+        box.prop(self, "models_dir")
+        models = rt.models if rt is not None else None
+        if models:
+            tiny = " (tiny test set)" if models.get("tiny") else ""
+            box.label(text=f"{models.get('models_dir', '')}{tiny}", icon="FILE_FOLDER")
+            for role in models.get("roles", []):
+                r = box.row()
+                ok = bool(role.get("complete"))
+                r.label(text=str(role.get("title") or role.get("name")), icon="CHECKMARK" if ok else "ERROR")
+                r.label(text=str(role.get("licence", "")))
+                if not ok:
+                    r.label(text=f"missing {len(role.get('missing', []))} file(s)")
+        elif rt is not None and rt.models_error:
+            box.label(text=rt.models_error, icon="ERROR")
+        else:
+            box.label(text="Start the backend to see which weights are present", icon="INFO")
+        row = box.row(align=True)
+        row.operator("make_your_3d.models_refresh", icon="FILE_REFRESH")
+        row.operator("make_your_3d.models_fetch", icon="URL")
+        box.prop(self, "hf_token")
+        if rt is not None:
+            _draw_task(box, rt.fetch_task, "Fetch")
+
+        box = layout.box()
+        box.label(text="Results", icon="OUTPUT")
+        box.prop(self, "data_dir")
+        box.prop(self, "texture_mode")
+
+
+def _draw_task(layout: bpy.types.UILayout, task, label: str) -> None:
+    if task is None:
+        return
+    st = task.state()
+    if st.running:
+        layout.progress(factor=st.factor, type="BAR", text=f"{label}: step {st.step}/{st.total} {st.title}")
+        layout.label(text=st.line[:120] or "...")
+    elif st.error:
+        layout.label(text=st.error[:160], icon="ERROR")
+    else:
+        layout.label(text=f"{label}: done", icon="CHECKMARK")
+
+
+CLASSES = (MAKE_YOUR_3D_AP_preferences,)

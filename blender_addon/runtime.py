@@ -1,0 +1,418 @@
+"""The add-on's live state while it is enabled: the backend process, worker threads and the event
+queue they fill, drained on Blender's main thread.
+
+Threads only talk HTTP and write files; every bpy change happens in `Runtime.drain`, called by a
+`bpy.app.timers` function in the UI and directly (synchronously) in background mode and tests.
+There is exactly one Runtime, created by register() and shut down by unregister().
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import bpy
+
+from . import history
+from .backend import BackendConfig, BackendError, BackendProcess, BackendState, bundled_backend_root, venv_python
+from .client import TERMINAL, ApiError, Client, watch_job
+from .tasks import Step, SubprocessTask
+
+PACKAGE = __package__
+
+
+@dataclass(frozen=True)
+class Event:
+    """A message from a worker thread to the main thread."""
+
+    kind: str  # submitted | record | files | error | lost | models | info
+    job_id: str = ""
+    scene: str = ""
+    data: dict = field(default_factory=dict)
+
+
+def addon_prefs(context: bpy.types.Context | None = None):
+    context = context or bpy.context
+    addon = context.preferences.addons.get(PACKAGE)
+    return addon.preferences if addon is not None else None
+
+
+def user_dir() -> Path:
+    """Per-user folder for the venv, the state file and logs (Blender's extension user folder)."""
+    try:
+        path = bpy.utils.extension_path_user(PACKAGE, create=True)
+    except (ValueError, AttributeError):  # running as a legacy add-on from a checkout
+        path = bpy.utils.user_resource("DATAFILES", path="make_your_3d", create=True)
+    return Path(path)
+
+
+class Runtime:
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.backend = BackendProcess()
+        self.events: queue.Queue[Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watchers: dict[str, threading.Thread] = {}
+        self._models: dict | None = None
+        self._models_error: str | None = None
+        self._pending = 0
+        self.install_task: SubprocessTask | None = None
+        self.fetch_task: SubprocessTask | None = None
+        self._previews = None
+        self._last_backend_status = ""
+        self._adopted = False
+
+    # -- paths and configuration (main thread) ------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.base_dir / "backend_state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.base_dir / "backend.log"
+
+    @property
+    def venv_dir(self) -> Path:
+        return self.base_dir / "venv"
+
+    def python_for(self, prefs) -> str:
+        if prefs is not None and prefs.python_path:
+            return bpy.path.abspath(prefs.python_path)
+        managed = venv_python(self.venv_dir)
+        return str(managed) if managed.is_file() else ""
+
+    def data_dir_for(self, prefs) -> Path:
+        if prefs is not None and prefs.data_dir:
+            return Path(bpy.path.abspath(prefs.data_dir))
+        return self.base_dir / "data"
+
+    def results_dir(self, prefs, job_id: str) -> Path:
+        return self.data_dir_for(prefs) / "blender_results" / job_id
+
+    def backend_config(self, prefs) -> BackendConfig:
+        return BackendConfig(
+            python=self.python_for(prefs),
+            models_dir=bpy.path.abspath(prefs.models_dir) if prefs is not None and prefs.models_dir else "",
+            data_dir=self.data_dir_for(prefs),
+            state_file=self.state_file,
+            log_file=self.log_file,
+            port=int(prefs.port) if prefs is not None else 0,
+            device=prefs.device if prefs is not None else "auto",
+            precision=prefs.precision if prefs is not None else "auto",
+            parent_pid=os.getpid(),
+            source_root=bundled_backend_root(),
+        )
+
+    # -- state read by the UI -----------------------------------------------------------------
+    def backend_state(self) -> BackendState:
+        if not self._adopted:
+            self._adopted = True
+            self.backend.adopt(self.state_file)
+        return self.backend.state()
+
+    @property
+    def models(self) -> dict | None:
+        with self._lock:
+            return self._models
+
+    @property
+    def models_error(self) -> str | None:
+        with self._lock:
+            return self._models_error
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def client(self) -> Client:
+        st = self.backend.state()
+        if st.info is None:
+            raise ApiError("unreachable", "The backend is not running; start it in Preferences > Add-ons > Make-Your-3D.")
+        return Client(st.info.endpoint)
+
+    # -- backend lifecycle ----------------------------------------------------------------------
+    def start_backend(self, prefs) -> None:
+        """Start the service (returns at once) and, once it answers, load model state and job status."""
+        self.backend.start(self.backend_config(prefs))
+        self._spawn(self._after_ready, "ready")
+
+    def stop_backend(self) -> None:
+        self.backend.stop()
+        with self._lock:
+            self._models = None
+
+    def _ready_client(self, timeout: float = 180.0) -> Client:
+        info = self.backend.wait_ready(timeout=timeout, stop=self._stop)
+        return Client(info.endpoint)
+
+    def _after_ready(self) -> None:
+        try:
+            client = self._ready_client()
+        except BackendError as exc:
+            self.events.put(Event("info", data={"message": str(exc)}))
+            return
+        self._load_models(client)
+        self._sync_jobs(client)
+
+    def _load_models(self, client: Client) -> None:
+        try:
+            models = client.models()
+            err = None
+        except ApiError as exc:
+            models, err = None, exc.message
+        with self._lock:
+            self._models, self._models_error = models, err
+        self.events.put(Event("models"))
+
+    def refresh_models(self) -> None:
+        self._spawn(lambda: self._load_models(self._ready_client(10.0)), "models")
+
+    def _sync_jobs(self, client: Client) -> None:
+        """After a (re)start: refresh every job the history knows from the service's records."""
+        try:
+            records = client.jobs()
+        except ApiError as exc:
+            self.events.put(Event("info", data={"message": exc.message}))
+            return
+        for record in records:
+            self.events.put(Event("sync", job_id=str(record.get("id")), data={"record": record}))
+
+    def sync(self) -> None:
+        self._spawn(lambda: self._sync_jobs(self._ready_client(10.0)), "sync")
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def submit(self, scene_name: str, payload: dict, prefs) -> None:
+        """Start the backend if needed, POST the job(s), then follow each one (all in a thread)."""
+        if self.backend.state().status not in ("running", "starting"):
+            self.start_backend(prefs)
+        with self._lock:
+            self._pending += 1
+        self._spawn(lambda: self._submit(scene_name, payload), "submit")
+
+    def _submit(self, scene_name: str, payload: dict) -> None:
+        try:
+            client = self._ready_client()
+            reply = client.submit(payload)
+            request = {k: v for k, v in payload.items() if k != "image_png_b64"}
+            self.events.put(Event("submitted", scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": request}))
+            for job_id in reply["ids"]:
+                self.watch(job_id)
+        except (ApiError, BackendError) as exc:
+            self.events.put(Event("error", scene=scene_name, data={"message": getattr(exc, "message", str(exc)), "code": getattr(exc, "code", "backend")}))
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def rerun(self, scene_name: str, job_id: str, changes: dict, request: dict) -> None:
+        with self._lock:
+            self._pending += 1
+
+        def work() -> None:
+            try:
+                reply = self._ready_client(10.0).rerun(job_id, changes)
+                self.events.put(Event("submitted", scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": {**request, **changes}}))
+                for new_id in reply["ids"]:
+                    self.watch(new_id)
+            except (ApiError, BackendError) as exc:
+                self.events.put(Event("error", scene=scene_name, data={"message": getattr(exc, "message", str(exc))}))
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+        self._spawn(work, "rerun")
+
+    def cancel(self, job_id: str) -> None:
+        def work() -> None:
+            try:
+                self.events.put(Event("record", job_id=job_id, data={"record": self.client().cancel(job_id)}))
+            except ApiError as exc:
+                self.events.put(Event("error", data={"message": exc.message}))
+
+        self._spawn(work, "cancel")
+
+    def watch(self, job_id: str) -> None:
+        with self._lock:
+            thread = self._watchers.get(job_id)
+            if thread is not None and thread.is_alive():
+                return
+            thread = threading.Thread(target=self._watch, args=(job_id,), name=f"make_your_3d:watch:{job_id}", daemon=True)
+            self._watchers[job_id] = thread
+        thread.start()
+
+    def _watch(self, job_id: str) -> None:
+        try:
+            client = self.client()
+            final = watch_job(client, job_id, lambda r: self.events.put(Event("record", job_id=job_id, data={"record": r})), self._stop)
+        except ApiError as exc:
+            self.events.put(Event("lost", job_id=job_id, data={"message": exc.message}))
+            return
+        if final is None:
+            if not self._stop.is_set():
+                self.events.put(Event("lost", job_id=job_id, data={"message": "Lost contact with the backend; the job continues there, refresh once it is back"}))
+            return
+        if final.get("status") == "done":
+            self.events.put(Event("want_files", job_id=job_id, data={"files": list(final.get("files") or [])}))
+
+    def download(self, job_id: str, folder: Path, files: list[str], then_import: bool) -> None:
+        """Fetch subject.glb and preview.png into `folder` (thread), then tell the main thread."""
+
+        def work() -> None:
+            try:
+                client = self.client()
+                got = {}
+                for name in ("subject.glb", "preview.png"):
+                    if not files or name in files:
+                        got[name] = str(client.download(job_id, name, folder / name))
+                self.events.put(Event("files", job_id=job_id, data={"folder": str(folder), "files": got, "import": then_import}))
+            except (ApiError, OSError) as exc:
+                self.events.put(Event("error", job_id=job_id, data={"message": getattr(exc, "message", str(exc))}))
+
+        self._spawn(work, "download")
+
+    def _spawn(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                fn()
+            except (ApiError, BackendError) as exc:
+                self.events.put(Event("error", data={"message": getattr(exc, "message", str(exc))}))
+            except Exception as exc:  # a worker must never die silently
+                self.events.put(Event("error", data={"message": f"Internal error in {name}: {exc!r}"}))
+
+        thread = threading.Thread(target=guarded, name=f"make_your_3d:{name}", daemon=True)
+        thread.start()
+        return thread
+
+    # -- helper commands --------------------------------------------------------------------------
+    def install_backend(self, base_python: str) -> SubprocessTask:
+        """Create the managed venv and pip-install the bundled backend into it."""
+        import shutil
+        import tempfile
+
+        root = bundled_backend_root()
+        if root is None:
+            raise BackendError("The bundled backend source is missing from the add-on; reinstall the extension")
+        staging = Path(tempfile.mkdtemp(prefix="make_your_3d_src_"))
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / name).is_file():
+                shutil.copy2(root / name, staging / name)
+        if not (staging / "README.md").exists():
+            (staging / "README.md").write_text("Make-Your-3D backend\n", encoding="utf-8")
+        shutil.copytree(root / "backend" / "make_your_3d", staging / "backend" / "make_your_3d",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
+        py = str(venv_python(self.venv_dir))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE")}
+        steps = [
+            Step("Create virtual environment", [base_python, "-m", "venv", str(self.venv_dir)], env),
+            Step("Update pip", [py, "-m", "pip", "install", "--upgrade", "pip"], env),
+            Step("Install backend and dependencies", [py, "-m", "pip", "install", str(staging)], env),
+        ]
+        self.install_task = SubprocessTask("install", steps, self.base_dir / "install.log",
+                                           on_done=lambda st: self.events.put(Event("info", data={"message": st.error or "Backend installed"}))).start()
+        return self.install_task
+
+    def fetch_models(self, prefs) -> SubprocessTask:
+        cfg = self.backend_config(prefs)
+        cmd = [cfg.python, "-m", "make_your_3d", "models", "fetch"]
+        if cfg.models_dir:
+            cmd += ["--models", cfg.models_dir]
+        if prefs is not None and prefs.hf_token:
+            cmd += ["--token", prefs.hf_token]
+        from .backend import build_env
+
+        self.fetch_task = SubprocessTask("fetch", [Step("Download model weights", cmd, build_env(cfg))], self.base_dir / "fetch.log",
+                                         on_done=self._fetch_done).start()
+        return self.fetch_task
+
+    def _fetch_done(self, st) -> None:
+        self.events.put(Event("info", data={"message": st.error or "Model weights fetched"}))
+        if self.backend.state().status == "running":
+            self._load_models(self.client())
+
+    # -- main thread --------------------------------------------------------------------------------
+    def previews(self):
+        if self._previews is None:
+            import bpy.utils.previews
+
+            self._previews = bpy.utils.previews.new()
+        return self._previews
+
+    def preview_icon(self, item) -> int:
+        """Icon id of a job's preview.png (0 when there is none yet)."""
+        if not item.folder:
+            return 0
+        path = Path(item.folder) / "preview.png"
+        coll = self.previews()
+        if item.job_id in coll:
+            return coll[item.job_id].icon_id
+        if not path.is_file():
+            return 0
+        return coll.load(item.job_id, str(path), "IMAGE").icon_id
+
+    def drain(self, max_items: int | None = None) -> int:
+        """Apply queued worker events to bpy data; main thread only. Returns how many were applied."""
+        from .jobs import apply_event
+
+        n = 0
+        while max_items is None or n < max_items:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            apply_event(self, event)
+            n += 1
+        return n
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+        """Drain until `predicate()` holds (background mode and tests, where no timers run)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            if predicate():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(interval)
+
+    def status_changed(self) -> bool:
+        st = self.backend.state().status
+        changed = st != self._last_backend_status
+        self._last_backend_status = st
+        return changed
+
+    def shutdown(self) -> None:
+        """Stop threads and the backend this add-on started; free previews."""
+        self._stop.set()
+        for task in (self.install_task, self.fetch_task):
+            if task is not None:
+                task.cancel()
+        if self.backend.state().status in ("running", "starting"):
+            self.backend.stop()
+        for thread in list(self._watchers.values()):
+            thread.join(timeout=2.0)
+        if self._previews is not None:
+            import bpy.utils.previews
+
+            bpy.utils.previews.remove(self._previews)
+            self._previews = None
+
+
+# The one live Runtime while the add-on is enabled (set by register, cleared by unregister).
+_CURRENT: dict[str, Runtime] = {}
+
+
+def get() -> Runtime | None:
+    return _CURRENT.get("runtime")
+
+
+def set_current(runtime: Runtime | None) -> None:
+    if runtime is None:
+        _CURRENT.pop("runtime", None)
+    else:
+        _CURRENT["runtime"] = runtime

@@ -1,0 +1,139 @@
+"""Synthetic views for reconstruction tests, without Blender: analytic ray casting of simple shapes
+(a sphere, a box frame with a square hole) into the views contract, plus their exact surfaces for
+measuring Chamfer distance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from make_your_3d.recon.cameras import WONDER3D_VIEWS, orbit_c2w
+from make_your_3d.recon.views import View, ViewSet, encode_normals
+
+SPHERE_R = 0.8
+# box frame: outer half sizes (x, y, z), square hole of half size HOLE through z
+FRAME = (0.8, 0.8, 0.3)
+HOLE = 0.35
+TOP = np.array([0.85, 0.25, 0.2])
+BOTTOM = np.array([0.2, 0.35, 0.85])
+
+
+@dataclass
+class Hit:
+    t: np.ndarray  # (N,) ray parameter, inf where missed
+    normal: np.ndarray  # (N, 3)
+    point: np.ndarray  # (N, 3)
+
+
+def _sphere_hit(o: np.ndarray, d: np.ndarray) -> Hit:
+    b = np.einsum("ij,ij->i", o, d)
+    c = np.einsum("ij,ij->i", o, o) - SPHERE_R**2
+    disc = b * b - c
+    t = np.where(disc >= 0, -b - np.sqrt(np.clip(disc, 0, None)), np.inf)
+    p = o + d * np.where(np.isfinite(t), t, 0)[:, None]
+    return Hit(t, p / SPHERE_R, p)
+
+
+def _boxes() -> list[tuple[np.ndarray, np.ndarray]]:
+    X, Y, Z = FRAME
+    h = HOLE
+    return [
+        (np.array([-X, h, -Z]), np.array([X, Y, Z])),  # top bar
+        (np.array([-X, -Y, -Z]), np.array([X, -h, Z])),  # bottom bar
+        (np.array([-X, -h, -Z]), np.array([-h, h, Z])),  # left bar
+        (np.array([h, -h, -Z]), np.array([X, h, Z])),  # right bar
+    ]
+
+
+def _box_hit(o: np.ndarray, d: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Hit:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / d
+        t0, t1 = (lo - o) * inv, (hi - o) * inv
+    tmin, tmax = np.minimum(t0, t1), np.maximum(t0, t1)
+    tmin = np.nan_to_num(tmin, nan=-np.inf)
+    tmax = np.nan_to_num(tmax, nan=np.inf)
+    tn, tf = tmin.max(1), tmax.min(1)
+    hit = (tn <= tf) & (tf > 0)
+    axis = tmin.argmax(1)
+    n = np.zeros_like(o)
+    n[np.arange(len(o)), axis] = -np.sign(d[np.arange(len(o)), axis])
+    return Hit(np.where(hit, tn, np.inf), n, o + d * np.where(hit, tn, 0)[:, None])
+
+
+def _frame_hit(o: np.ndarray, d: np.ndarray) -> Hit:
+    best = Hit(np.full(len(o), np.inf), np.zeros_like(o), np.zeros_like(o))
+    for lo, hi in _boxes():
+        h = _box_hit(o, d, lo, hi)
+        closer = h.t < best.t
+        best.t[closer], best.normal[closer], best.point[closer] = h.t[closer], h.normal[closer], h.point[closer]
+    return best
+
+
+def albedo(points: np.ndarray) -> np.ndarray:
+    """Two colours split at y = 0: easy to check under any view."""
+    return np.where(points[:, 1:2] >= 0, TOP, BOTTOM)
+
+
+def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, float]] | None = None, ss: int = 2) -> ViewSet:
+    """Orthographic views (2x2 world units) of `shape` ('sphere' or 'frame'), `ss`x supersampled."""
+    if azimuths is None:
+        azimuths = [(n, a, 0.0) for n, a in WONDER3D_VIEWS]
+    hit_fn = _sphere_hit if shape == "sphere" else _frame_hit
+    views = []
+    n = size * ss
+    for name, az, el in azimuths:
+        c2w = orbit_c2w(az, el, radius=3.0)
+        px = (np.arange(n) + 0.5) / n - 0.5
+        x, y = np.meshgrid(px * 2.0, px * 2.0, indexing="xy")
+        o = (c2w[:3, :3] @ np.stack([x.ravel(), y.ravel(), np.zeros(n * n)])).T + c2w[:3, 3]
+        d = np.broadcast_to(c2w[:3, 2], o.shape).copy()
+        h = hit_fn(o, d)
+        m = np.isfinite(h.t)
+        col = np.where(m[:, None], albedo(h.point), 0.0)
+        nrm = np.where(m[:, None], h.normal, 0.0)
+
+        def down(a: np.ndarray) -> np.ndarray:
+            return a.reshape(size, ss, size, ss, -1).mean((1, 3))
+
+        a = down(m[:, None].astype(float).reshape(n, n, 1))[..., 0]
+        c = down((col * m[:, None]).reshape(n, n, 3)) / np.clip(a[..., None], 1e-6, None)
+        nn = down((nrm * m[:, None]).reshape(n, n, 3))
+        nn = nn / np.clip(np.linalg.norm(nn, axis=-1, keepdims=True), 1e-6, None)
+        alpha = np.round(a * 255).astype(np.uint8)
+        rgba = np.concatenate([np.clip(np.round(c * 255), 0, 255).astype(np.uint8), alpha[..., None]], -1)
+        views.append(View(name=name, color=rgba, normal=encode_normals(nn, alpha), c2w=c2w,
+                          projection="orthographic", ortho_size=(2.0, 2.0)))
+    return ViewSet(views=views)
+
+
+def surface_samples(shape: str, n: int = 20000, seed: int = 0) -> np.ndarray:
+    """Uniform points on the exact surface (for Chamfer distance)."""
+    rng = np.random.default_rng(seed)
+    if shape == "sphere":
+        p = rng.normal(size=(n, 3))
+        return p / np.linalg.norm(p, axis=1, keepdims=True) * SPHERE_R
+    X, Y, Z = FRAME
+    h = HOLE
+    out_area = 8 * (X * Y + Y * Z + X * Z) - 2 * 4 * h * h
+    wall_area = 4 * (2 * h) * (2 * Z)
+    k_out = int(n * out_area / (out_area + wall_area))
+    # outer box surface without the hole's openings
+    pts = []
+    while sum(len(p) for p in pts) < k_out:
+        face = rng.integers(0, 6, size=k_out)
+        u = rng.uniform(-1, 1, size=(k_out, 3)) * np.array([X, Y, Z])
+        ax = face // 2
+        u[np.arange(k_out), ax] = np.where(face % 2 == 0, -1.0, 1.0) * np.array([X, Y, Z])[ax]
+        w = np.array([Y * Z, Y * Z, X * Z, X * Z, X * Y, X * Y])[face]  # area weights by rejection
+        ok = rng.uniform(0, w.max(), size=k_out) < w
+        ok &= ~((np.abs(u[:, 0]) < h) & (np.abs(u[:, 1]) < h))
+        pts.append(u[ok])
+    outer = np.concatenate(pts)[:k_out]
+    k_w = n - k_out
+    side = rng.integers(0, 4, size=k_w)
+    t = rng.uniform(-h, h, size=k_w)
+    z = rng.uniform(-Z, Z, size=k_w)
+    fixed = np.where(side % 2 == 0, -h, h)
+    wall = np.where((side < 2)[:, None], np.stack([fixed, t, z], 1), np.stack([t, fixed, z], 1))
+    return np.concatenate([outer, wall])

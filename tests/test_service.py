@@ -1,0 +1,541 @@
+"""The local service, tested as a real `make-your-3d serve` process on loopback with the tiny model set.
+
+Every test talks HTTP to a subprocess and reads its state file, the way the Blender add-on does.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from make_your_3d.service.store import JobSpec, JobStore
+
+START_TIMEOUT_S = 90.0
+
+
+def test_overrides() -> dict:
+    """The lead's published tiny sizes (real configuration passed through `serve --config`)."""
+    try:
+        from make_your_3d.pipeline.generate import TEST_OVERRIDES  # type: ignore[attr-defined]
+    except ImportError:
+        from make_your_3d.pipeline.presets import TEST_OVERRIDES
+    return dict(TEST_OVERRIDES)
+
+
+test_overrides.__test__ = False  # type: ignore[attr-defined]
+
+
+def generator_ready() -> bool:
+    try:
+        from make_your_3d.pipeline import generate  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(generate, "Generator")
+
+
+needs_generator = pytest.mark.skipif(not generator_ready(), reason="pipeline.generate.Generator is not written yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# A server process
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    state_file: Path
+    data_dir: Path
+    url: str
+    token: str
+    log: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.auth, timeout=timeout)
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        try:
+            r = httpx.get(f"{self.url}/v1/health", timeout=10)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200 and r.json()["status"] == "ok"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            try:
+                httpx.post(f"{self.url}/v1/shutdown", headers=self.auth, timeout=10)
+            except httpx.HTTPError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def serve_command(models: Path, data: Path, state_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "make_your_3d", "serve", "--models", str(models), "--data", str(data),
+            "--port", "0", "--state-file", str(state_file), "--device", "cpu", *extra]
+
+
+def start_server(models: Path, data: Path, *extra: str, config: dict | None = None, name: str = "state.json") -> Server:
+    """Start `make-your-3d serve` and wait for its state file (written only once it is ready)."""
+    data.mkdir(parents=True, exist_ok=True)
+    state_file = data.parent / f"{data.name}-{name}"
+    state_file.unlink(missing_ok=True)
+    args = list(extra)
+    if config is not None:
+        cfg = data.parent / f"{data.name}-config.json"
+        cfg.write_text(json.dumps(config))
+        args += ["--config", str(cfg)]
+    log = data.parent / f"{data.name}-stderr.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(serve_command(models, data, state_file, *args), stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        if state_file.exists():
+            try:
+                state = json.loads(state_file.read_text())
+            except ValueError:
+                state = None  # cannot happen with an atomic write; retry rather than guess
+            if state:
+                return Server(proc, state_file, data, state["url"], state["token"], log)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no state file after {START_TIMEOUT_S} s:\n{log.read_text(errors='replace')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+def png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def subject_image(size: int = 64, colour: tuple[int, int, int] = (200, 60, 40)) -> bytes:
+    """An RGBA subject on a transparent background: a shaded disc with a darker stripe."""
+    im = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    d.ellipse((size * 0.2, size * 0.15, size * 0.8, size * 0.85), fill=(*colour, 255))
+    d.rectangle((size * 0.3, size * 0.45, size * 0.7, size * 0.55), fill=(40, 40, 120, 255))
+    return png_bytes(im)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def job_body(**changes: Any) -> dict[str, Any]:
+    body = {"image_png_b64": b64(subject_image()), "prompt": "wearing a red scarf", "seed": 1}
+    body.update(changes)
+    return body
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` (a decompression bomb is rejected from the header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tiny_models) -> Path:
+    return tiny_models
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    srv = start_server(models, tmp_path_factory.mktemp("svc") / "data", config={"overrides": test_overrides(), "progress_interval_s": 0.0})
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.output()
+    assert not srv.state_file.exists(), "the state file must be removed on exit"
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = client.get(f"/v1/jobs/{job_id}").json()
+        if rec["status"] in statuses:
+            return rec
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s: {rec}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process, state file, auth
+# ---------------------------------------------------------------------------------------------
+def test_state_file_health_and_models(server, models):
+    mode = server.state_file.stat().st_mode & 0o777
+    assert mode == 0o600, oct(mode)
+    state = json.loads(server.state_file.read_text())
+    assert set(state) == {"url", "token", "pid", "version"}
+    assert state["pid"] == server.proc.pid
+    assert state["url"].startswith("http://127.0.0.1:") and int(state["url"].rsplit(":", 1)[1]) > 0
+    assert len(state["token"]) >= 32
+    r = httpx.get(f"{server.url}/v1/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "version": state["version"]}
+    with server.client() as c:
+        m = c.get("/v1/models").json()
+    assert m["models_dir"] == str(models) and m["tiny"] is True
+    assert {r["name"] for r in m["roles"]} >= {"personalized", "ip_adapter", "image_encoder"}
+    assert all(set(r) == {"name", "title", "licence", "complete", "missing"} for r in m["roles"])
+    assert m["complete"] == all(r["complete"] for r in m["roles"])
+    assert (server.data_dir / "jobs.sqlite3").exists()
+
+
+AUTH_ROUTES = [
+    ("GET", "/v1/models"),
+    ("GET", "/v1/jobs"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs/abc"),
+    ("GET", "/v1/jobs/abc/events"),
+    ("POST", "/v1/jobs/abc/cancel"),
+    ("POST", "/v1/jobs/abc/rerun"),
+    ("GET", "/v1/jobs/abc/files/subject.glb"),
+    ("POST", "/v1/unload"),
+    ("POST", "/v1/shutdown"),
+    ("GET", "/v1/openapi.json"),
+]
+
+
+def test_unauthenticated_and_wrong_token_refused(server):
+    bad_headers = [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {server.token}x"},
+        {"Authorization": f"Basic {server.token}"},
+        {"Authorization": server.token},
+        {"Authorization": "Bearer x"},
+        {"X-Token": server.token},
+    ]
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        for method, path in AUTH_ROUTES:
+            for headers in bad_headers:
+                r = c.request(method, path, headers=headers, json=job_body() if method == "POST" else None)
+                assert r.status_code == 401, (method, path, headers, r.text)
+                err = r.json()["error"]
+                assert err["code"] == "unauthorized" and "Bearer" in err["message"]
+                assert r.headers.get("www-authenticate") == "Bearer"
+        # refused requests changed nothing; the right token works
+        r = c.get("/v1/jobs", headers=server.auth)
+        assert r.status_code == 200
+        # the refused POSTs queued nothing (the shutdown was refused too: the server is still up)
+        assert not any(j["request"]["prompt"] == "wearing a red scarf" and j["request"]["seed"] == 1 for j in r.json()["jobs"])
+    assert server.healthy()
+
+
+def test_openapi_schema_published(server):
+    with server.client() as c:
+        schema = c.get("/v1/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    for p in ("/v1/health", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel",
+              "/v1/jobs/{job_id}/rerun", "/v1/jobs/{job_id}/files/{name}", "/v1/unload", "/v1/shutdown"):
+        assert p in paths, p
+    create = schema["components"]["schemas"]["JobCreate"]
+    assert create["additionalProperties"] is False
+    assert set(create["required"]) == {"image_png_b64", "prompt"}
+    assert any("HTTPBearer" in s for s in schema["components"]["securitySchemes"])
+
+
+def test_refuses_non_loopback_without_allow_remote(models, tmp_path):
+    state_file = tmp_path / "state.json"
+    r = subprocess.run(serve_command(models, tmp_path / "data", state_file, "--host", "0.0.0.0"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--allow-remote" in r.stderr and "0.0.0.0" in r.stderr
+    assert not state_file.exists()
+
+
+def test_parent_pid_exit_and_data_dir_lock(models, tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        srv = start_server(models, tmp_path / "data", "--parent-pid", str(parent.pid))
+        # a second backend on the same data folder would share (and corrupt) the queue: refused
+        second = subprocess.run(serve_command(models, tmp_path / "data", tmp_path / "other.json"), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "already using the data folder" in second.stderr, second.stderr
+        assert not (tmp_path / "other.json").exists()
+        assert srv.healthy()
+        parent.kill()
+        parent.wait(10)
+        assert srv.proc.wait(20) == 0
+        assert not srv.state_file.exists()
+    finally:
+        parent.kill()
+
+
+def test_idle_timeout_and_sigterm(models, tmp_path):
+    srv = start_server(models, tmp_path / "idle", "--idle-timeout", "1.5")
+    t0 = time.monotonic()
+    assert srv.proc.wait(30) == 0
+    assert 1.0 < time.monotonic() - t0 < 20
+    assert not srv.state_file.exists()
+    if os.name != "nt":
+        srv = start_server(models, tmp_path / "term")
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        assert not srv.state_file.exists()
+
+
+def test_weights_missing_is_a_clear_error(tmp_path):
+    srv = start_server(tmp_path / "no-models", tmp_path / "data")
+    try:
+        with srv.client() as c:
+            r = c.post("/v1/jobs", json=job_body())
+            assert r.status_code == 503
+            err = r.json()["error"]
+            assert err["code"] == "weights_missing" and "models fetch" in err["message"]
+            assert c.get("/v1/jobs").json() == {"jobs": []}
+            assert c.get("/v1/models").json()["complete"] is False
+    finally:
+        assert srv.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: each a clear 4xx, nothing queued, server healthy
+# ---------------------------------------------------------------------------------------------
+def _truncated_png() -> bytes:
+    return subject_image()[:120]
+
+
+def _flat_rgb() -> bytes:
+    return png_bytes(Image.new("RGB", (64, 64), (120, 130, 140)))
+
+
+def _transparent() -> bytes:
+    return png_bytes(Image.new("RGBA", (64, 64), (255, 0, 0, 0)))
+
+
+def _gif() -> bytes:
+    im = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(im).ellipse((10, 10, 50, 50), fill=(255, 0, 0))
+    return png_bytes(im, "GIF")
+
+
+# (name, method, path, kwargs for httpx, expected status, expected code, a word the message must contain)
+BAD_INPUTS: list[tuple[str, str, str, dict, int, str, str]] = [
+    ("broken_png", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_truncated_png()))}, 400, "bad_image", "damaged"),
+    ("huge_dimensions", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(png_header_only(100_000, 100_000)))}, 400, "bad_image", "100000x100000"),
+    ("zero_size_image", "POST", "/v1/jobs", {"json": job_body(image_png_b64="")}, 400, "bad_image", "empty"),
+    ("non_image_bytes", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(b"hello, I am a text file\n" * 10))}, 400, "bad_image", "not a readable image"),
+    ("gif_format", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_gif()))}, 400, "bad_image", "GIF"),
+    ("too_small_image", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(png_bytes(Image.new("RGB", (8, 8), (255, 0, 0)))))}, 400, "bad_image", "at least"),
+    ("not_base64", "POST", "/v1/jobs", {"json": job_body(image_png_b64="this is *not* base64!")}, 400, "bad_image", "base64"),
+    ("no_subject_transparent", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_transparent()))}, 400, "no_subject", "alpha"),
+    ("no_subject_flat_colour", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_flat_rgb()))}, 400, "no_subject", "flat colour"),
+    ("empty_prompt", "POST", "/v1/jobs", {"json": job_body(prompt="")}, 400, "bad_prompt", "empty"),
+    ("blank_prompt", "POST", "/v1/jobs", {"json": job_body(prompt="   \n ")}, 400, "bad_prompt", "empty"),
+    ("huge_prompt", "POST", "/v1/jobs", {"json": job_body(prompt="scarf " * 5000)}, 400, "bad_prompt", "characters"),
+    ("control_chars_prompt", "POST", "/v1/jobs", {"json": job_body(prompt="red\x00scarf")}, 400, "bad_prompt", "control"),
+    ("lone_surrogate_prompt", "POST", "/v1/jobs",
+     {"content": b'{"image_png_b64": "' + b64(subject_image()).encode() + b'", "prompt": "a \\ud800 b"}', "headers": {"Content-Type": "application/json"}},
+     400, "bad_prompt", "control"),
+    ("non_utf8_prompt", "POST", "/v1/jobs",
+     {"content": b'{"image_png_b64": "' + b64(subject_image()).encode() + b'", "prompt": "caf\xe9 \xff"}', "headers": {"Content-Type": "application/json"}},
+     422, "bad_request", "JSON"),
+    ("huge_negative_prompt", "POST", "/v1/jobs", {"json": job_body(negative_prompt="x" * 2000)}, 400, "bad_prompt", "negative prompt"),
+    ("control_chars_subject", "POST", "/v1/jobs", {"json": job_body(subject="robot\x07")}, 400, "bad_prompt", "subject"),
+    ("prompt_wrong_type", "POST", "/v1/jobs", {"json": job_body(prompt=42)}, 422, "bad_request", "prompt"),
+    ("seed_as_string", "POST", "/v1/jobs", {"json": job_body(seed="5")}, 422, "bad_request", "seed"),
+    ("negative_seed", "POST", "/v1/jobs", {"json": job_body(seed=-1)}, 422, "bad_request", "seed"),
+    ("seed_too_big", "POST", "/v1/jobs", {"json": job_body(seed=2**32)}, 422, "bad_request", "seed"),
+    ("seed_plus_variants_overflow", "POST", "/v1/jobs", {"json": job_body(seed=2**32 - 1, variants=2)}, 400, "bad_request", "seed"),
+    ("zero_variants", "POST", "/v1/jobs", {"json": job_body(variants=0)}, 422, "bad_request", "variants"),
+    ("negative_variants", "POST", "/v1/jobs", {"json": job_body(variants=-3)}, 422, "bad_request", "variants"),
+    ("too_many_variants", "POST", "/v1/jobs", {"json": job_body(variants=17)}, 422, "bad_request", "variants"),
+    ("fractional_variants", "POST", "/v1/jobs", {"json": job_body(variants=2.5)}, 422, "bad_request", "variants"),
+    ("boolean_variants", "POST", "/v1/jobs", {"json": job_body(variants=True)}, 422, "bad_request", "variants"),
+    ("unknown_field", "POST", "/v1/jobs", {"json": job_body(output_path="/etc/passwd")}, 422, "bad_request", "output_path"),
+    ("unknown_preset", "POST", "/v1/jobs", {"json": job_body(preset="turbo")}, 422, "bad_request", "preset"),
+    ("faces_too_few", "POST", "/v1/jobs", {"json": job_body(faces=10)}, 422, "bad_request", "faces"),
+    ("odd_texture_size", "POST", "/v1/jobs", {"json": job_body(texture_size=300)}, 422, "bad_request", "texture_size"),
+    ("image_as_list", "POST", "/v1/jobs", {"json": job_body(image_png_b64=[1, 2, 3])}, 422, "bad_request", "image_png_b64"),
+    ("missing_prompt", "POST", "/v1/jobs", {"json": {"image_png_b64": b64(subject_image())}}, 422, "bad_request", "prompt"),
+    ("body_not_json", "POST", "/v1/jobs", {"content": b"prompt=scarf", "headers": {"Content-Type": "application/json"}}, 422, "bad_request", "JSON"),
+    ("body_is_array", "POST", "/v1/jobs", {"json": [job_body()]}, 422, "bad_request", "object"),
+    ("empty_body", "POST", "/v1/jobs", {}, 422, "bad_request", "body"),
+    ("unknown_job", "GET", "/v1/jobs/0123456789abcdef", {}, 404, "not_found", "0123456789abcdef"),
+    ("cancel_unknown_job", "POST", "/v1/jobs/nope/cancel", {}, 404, "not_found", "nope"),
+    ("rerun_unknown_job", "POST", "/v1/jobs/nope/rerun", {"json": {"prompt": "hat"}}, 404, "not_found", "nope"),
+    ("events_unknown_job", "GET", "/v1/jobs/nope/events", {}, 404, "not_found", "nope"),
+    ("file_of_unknown_job", "GET", "/v1/jobs/nope/files/subject.glb", {}, 404, "not_found", "nope"),
+    ("unknown_route", "GET", "/v1/secrets", {}, 404, "not_found", "/v1/secrets"),
+    ("wrong_method", "DELETE", "/v1/jobs", {}, 405, "method_not_allowed", "DELETE"),
+]
+
+
+@pytest.mark.parametrize("name,method,path,kwargs,status,code,word", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_a_clear_4xx(server, name, method, path, kwargs, status, code, word):
+    with server.client() as c:
+        before = len(c.get("/v1/jobs").json()["jobs"])
+        r = c.request(method, path, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+        assert body["error"]["code"] == code, body
+        msg = body["error"]["message"]
+        assert word.lower() in msg.lower(), msg
+        assert "Traceback" not in r.text and 'File "' not in r.text
+        assert len(c.get("/v1/jobs").json()["jobs"]) == before, "a refused request must not queue a job"
+    assert server.healthy()
+
+
+def test_oversized_bodies_refused(server):
+    """An image over 32 MiB is refused by name; a body over the limit is refused before it is read."""
+    from make_your_3d.service.app import MAX_BODY_BYTES, MAX_IMAGE_B64_CHARS
+
+    with server.client(timeout=60) as c:
+        r = c.post("/v1/jobs", json=job_body(image_png_b64="A" * (MAX_IMAGE_B64_CHARS + 4)))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_image" and "MiB" in r.json()["error"]["message"]
+        r = c.post("/v1/jobs", content=b"{" + b" " * (MAX_BODY_BYTES + 10) + b"}", headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+        def chunks():  # no Content-Length: the limit applies while reading
+            for _ in range((MAX_BODY_BYTES // (1 << 20)) + 2):
+                yield b" " * (1 << 20)
+
+        try:
+            r = c.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        except httpx.TransportError:
+            pass  # the server may close the connection once it has answered; it must stay healthy
+    assert server.healthy()
+
+
+def test_path_traversal_and_foreign_files_refused(server):
+    """File names must be listed for that job: `..`, absolute paths and the database are all 404."""
+    with server.client() as c:
+        # a real job (it may fail or finish; its record exists either way)
+        job_id = c.post("/v1/jobs", json=job_body(prompt="traversal probe")).json()["ids"][0]
+        for name in ("..%2F..%2Fjobs.sqlite3", "%2e%2e/%2e%2e/jobs.sqlite3", "../state.json", "%2Fetc%2Fpasswd", "views%2F..%2F..%2F..%2Fjobs.sqlite3",
+                     "subject.glb%00.png", "job.json/", ""):
+            r = c.get(f"/v1/jobs/{job_id}/files/{name}")
+            assert r.status_code == 404, (name, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+        c.post(f"/v1/jobs/{job_id}/cancel")
+    assert server.healthy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Store level: durability and crash recovery
+# ---------------------------------------------------------------------------------------------
+def _spec(i: int) -> JobSpec:
+    return JobSpec(prompt=f"p{i}", negative_prompt="", subject=None, seed=i, preset="fast", faces=None, texture_size=None)
+
+
+def test_store_recovery_marks_running_interrupted_keeps_queue(tmp_path):
+    db = tmp_path / "jobs.sqlite3"
+    store = JobStore(db)
+    jobs = store.add_jobs([_spec(i) for i in range(5)], "0" * 64)
+    running = store.claim_next()
+    assert running is not None and running.id == jobs[0].id and running.status == "running"
+    store.progress(running.id, "multiview", 3, 10, "step 3", 1.5, log_event=True)
+    assert store.cancel_queued(jobs[2].id)
+    # a crash: the connection is dropped without any shutdown step, then a new process opens the file
+    del store
+    store = JobStore(db)
+    assert store.recover() == [jobs[0].id]
+    after = {j.id: j for j in store.list()}
+    assert [j.id for j in store.list()] == [j.id for j in jobs], "order is kept"
+    assert after[jobs[0].id].status == "interrupted" and after[jobs[0].id].error["code"] == "interrupted"
+    assert after[jobs[0].id].stage == "multiview" and after[jobs[0].id].step == 3
+    assert after[jobs[2].id].status == "cancelled"
+    assert [after[j.id].status for j in (jobs[1], jobs[3], jobs[4])] == ["queued"] * 3
+    assert [store.claim_next().id for _ in range(3)] == [jobs[1].id, jobs[3].id, jobs[4].id]
+    assert store.claim_next() is None
+    kinds = [e["kind"] for e in store.events(jobs[0].id)]
+    assert kinds == ["status", "status", "progress", "status"]
+    rec = after[jobs[0].id].record()
+    assert rec["request"]["prompt"] == "p0" and rec["created_at"].endswith("Z") and rec["eta_s"] is None
+    store.close()
+
+
+def test_store_concurrent_claims_never_share_a_job(tmp_path):
+    import threading
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_jobs([_spec(i) for i in range(60)], "0" * 64)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer():
+        while (job := store.claim_next()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# SSE framing
+# ---------------------------------------------------------------------------------------------
+def read_events(server: Server, job_id: str, timeout: float = 120.0) -> list[dict]:
+    events = []
+    with httpx.Client(base_url=server.url, headers=server.auth, timeout=timeout) as c:
+        with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            buf = ""
+            for text in r.iter_text():
+                buf += text
+                while "\n\n" in buf:
+                    frame, buf = buf.split("\n\n", 1)
+                    lines = frame.split("\n")
+                    assert all(line.startswith("data: ") for line in lines), frame
+                    events.append(json.loads("".join(line[6:] for line in lines)))
+            assert buf == "", "the stream ends on a frame boundary"
+    return events
+
+
+def test_events_stream_ends_after_terminal_status(server):
+    with server.client() as c:
+        # two jobs: cancel the second while it is still queued behind the first
+        ids = c.post("/v1/jobs", json=job_body(prompt="sse probe", variants=2)).json()["ids"]
+        rec = c.post(f"/v1/jobs/{ids[1]}/cancel").json()
+        assert rec["id"] == ids[1]
+        c.post(f"/v1/jobs/{ids[0]}/cancel")
+    events = read_events(server, ids[1], timeout=60)
+    assert events and events[-1]["status"] == "cancelled" and events[-1]["id"] == ids[1]
+    assert set(events[-1]) >= {"id", "group", "status", "stage", "step", "total", "message", "elapsed_s", "eta_s", "error", "files", "request",
+                               "created_at", "cached_stages"}
+    first = read_events(server, ids[0], timeout=120)
+    assert first[-1]["status"] in ("cancelled", "done", "failed")
+    assert server.healthy()
