@@ -38,6 +38,7 @@ class BackendConfig:
     precision: str = "auto"
     parent_pid: int | None = None
     source_root: Path | None = None
+    config_file: str = ""  # the artist's own `serve --config` JSON (optional)
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,42 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def build_command(cfg: BackendConfig) -> list[str]:
+def merged_config_path(cfg: BackendConfig) -> Path:
+    return cfg.state_file.with_name("serve_config.json")
+
+
+def write_serve_config(cfg: BackendConfig) -> Path | None:
+    """The `serve --config` file: the artist's config file plus the precision preference
+    (a preset override). None when there is nothing to say."""
+    data: dict = {}
+    if cfg.config_file:
+        try:
+            data = json.loads(Path(cfg.config_file).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"Cannot read the backend config file {cfg.config_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise BackendError(f"The backend config file {cfg.config_file} must hold a JSON object")
+    if cfg.precision and cfg.precision != "auto":
+        data.setdefault("overrides", {})["precision"] = cfg.precision
+    if not data:
+        return None
+    path = merged_config_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def build_command(cfg: BackendConfig, config_path: Path | None = None) -> list[str]:
     cmd = [cfg.python, "-m", "make_your_3d", "serve", "--port", str(cfg.port), "--state-file", str(cfg.state_file),
            "--data", str(cfg.data_dir), "--device", cfg.device]
     if cfg.models_dir:
         cmd += ["--models", str(cfg.models_dir)]
     if cfg.parent_pid:
         cmd += ["--parent-pid", str(cfg.parent_pid)]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
     return cmd
 
 
@@ -129,7 +159,6 @@ def build_env(cfg: BackendConfig, base: dict[str, str] | None = None) -> dict[st
     if cfg.source_root is not None:
         src = str(cfg.source_root / "backend")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["MAKE_YOUR_3D_PRECISION"] = cfg.precision
     env["PYTHONUNBUFFERED"] = "1"
     # Blender's own Python settings must not leak into a different interpreter.
     for key in ("PYTHONHOME", "PYTHONEXECUTABLE"):
@@ -192,9 +221,11 @@ class BackendProcess:
                 cfg.state_file.unlink()
             except FileNotFoundError:
                 pass
+            config_path = write_serve_config(cfg)
+            command = build_command(cfg, config_path)
             self._close_log()
             self._log_fh = open(cfg.log_file, "ab")
-            self._log_fh.write(f"\n--- starting backend {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(build_command(cfg))}\n".encode())
+            self._log_fh.write(f"\n--- starting backend {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n".encode())
             self._log_fh.flush()
             kwargs: dict = {}
             if os.name == "nt":
@@ -202,7 +233,7 @@ class BackendProcess:
             else:
                 kwargs["start_new_session"] = True  # Ctrl+C in Blender's terminal must not kill it mid-job
             try:
-                self._proc = subprocess.Popen(build_command(cfg), stdin=subprocess.DEVNULL, stdout=self._log_fh,
+                self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_fh,
                                               stderr=subprocess.STDOUT, env=build_env(cfg), cwd=str(cfg.data_dir), **kwargs)
             except OSError as exc:
                 self._close_log()

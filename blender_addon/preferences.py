@@ -37,6 +37,8 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
     device: EnumProperty(name="Device", items=DEVICES, default="auto")
     precision: EnumProperty(name="Precision", items=PRECISIONS, default="auto")
     port: IntProperty(name="Port", description="Backend port on 127.0.0.1 (0: any free port)", default=0, min=0, max=65535)
+    config_file: StringProperty(name="Backend config", subtype="FILE_PATH",
+                                description='Optional JSON for `serve --config`: {"overrides": {preset values}, "progress_interval_s": s}')
     texture_mode: EnumProperty(name="Textures", items=TEXTURE_MODES, default="PACK")
     hf_token: StringProperty(name="Hugging Face token", subtype="PASSWORD",
                              description="Only for gated model repositories; used by Fetch, never stored in .blend files")
@@ -63,6 +65,7 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "device")
         col.prop(self, "precision")
         col.prop(self, "port")
+        col.prop(self, "config_file")
 
         box = layout.box()
         box.label(text="Models", icon="FILE_3D")

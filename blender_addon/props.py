@@ -19,6 +19,7 @@ TEXTURE_SIZES = [
     ("512", "512", ""),
     ("1024", "1024", ""),
     ("2048", "2048", ""),
+    ("4096", "4096", ""),
 ]
 
 
@@ -34,7 +35,8 @@ class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
     last_seed: IntProperty(name="Last seed", default=-1)
     variants: IntProperty(name="Variants", description="Jobs per click, with seeds seed, seed+1, ...", default=1, min=1, max=16)
     preset: EnumProperty(name="Preset", items=PRESETS, default="default")
-    faces: IntProperty(name="Face budget", description="0: the preset's face count", default=0, min=0, max=2_000_000)
+    faces: IntProperty(name="Face budget", description="Triangles in the mesh (500 to 500000; 0: the preset's count)",
+                       default=0, min=0, max=500_000, soft_max=200_000)
     texture_size: EnumProperty(name="Texture size", items=TEXTURE_SIZES, default="0")
     auto_import: BoolProperty(name="Import when done", default=True)
     history: CollectionProperty(type=MAKE_YOUR_3D_PG_history_item)

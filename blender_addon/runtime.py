@@ -107,6 +107,7 @@ class Runtime:
             precision=prefs.precision if prefs is not None else "auto",
             parent_pid=os.getpid(),
             source_root=bundled_backend_root(),
+            config_file=bpy.path.abspath(prefs.config_file) if prefs is not None and prefs.config_file else "",
         )
 
     # -- state read by the UI -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from make_your_3d.models.normals import (
     camera_normals_to_world,
     estimate_normals,
     load_normal_estimator,
+    world_normals_to_opencv,
     write_tiny_normal_estimator,
 )
 from make_your_3d.models.registry import ROLES
@@ -110,8 +111,13 @@ def test_frame_conversion_on_known_normals():
     # Seen from the +X camera, a facing surface points +X and image-right is world -Z.
     np.testing.assert_allclose(camera_normals_to_world(facing, side), [1, 0, 0], atol=1e-6)
     np.testing.assert_allclose(camera_normals_to_world(right, side), [0, 0, -1], atol=1e-6)
-    batch = np.broadcast_to(facing, (2, 3, 4, 3))
-    assert camera_normals_to_world(batch, side).shape == (2, 3, 4, 3)
+    rng = np.random.default_rng(0)
+    batch = rng.normal(size=(2, 3, 4, 3))
+    batch /= np.linalg.norm(batch, axis=-1, keepdims=True)
+    world = camera_normals_to_world(batch, side)
+    assert world.shape == (2, 3, 4, 3)
+    # Back into the same camera (OpenCV axes) and then Marigold's axes gives the input again.
+    np.testing.assert_allclose(camera_normals_to_opencv(world_normals_to_opencv(world, side)), batch, atol=1e-5)
 
 
 def test_normal_estimator_missing_or_damaged_files_are_named(aux_models, tmp_path):
@@ -328,11 +334,30 @@ def test_fetch_refuses_offline(tmp_path, monkeypatch, capsys):
 def test_models_list_and_role_status(aux_models, tmp_path, capsys):
     assert cli_main(["models", "list", "--models", str(aux_models)]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    rows = out.splitlines()[1:]
+    lines = {line.split()[0]: line for line in rows if not line.startswith(" ")}
     assert set(lines) == set(ROLES)
-    assert "complete" in lines["normal_estimator"] and "Apache-2.0" in lines["segmenter"]
-    assert "incomplete" in lines["multiview"] and "unet/config.json" in lines["multiview"]
+    assert lines["normal_estimator"].split()[1] == "complete" and "Apache-2.0" in lines["segmenter"]
+    assert lines["multiview"].split()[1] == "incomplete"
+    missing_row = rows[rows.index(lines["multiview"]) + 1]
+    assert missing_row.split()[:2] == ["missing:", "unet/config.json,"]
     status = {s["name"]: s for s in fetch.role_status(aux_models)}
     assert status["segmenter"]["complete"] and status["segmenter"]["missing"] == []
     assert status["multiview"]["missing"] == list(ROLES["multiview"].required)
     assert set(status["segmenter"]) >= {"name", "title", "licence", "complete", "missing"}
+
+
+def test_recorded_checksums_for_a_written_set_catch_a_truncated_file(aux_models, tmp_path):
+    import shutil
+
+    shutil.copytree(ROLES["segmenter"].path(aux_models), ROLES["segmenter"].path(tmp_path))
+    folder = ROLES["segmenter"].path(tmp_path)
+    first = fetch.record_checksums(folder, "segmenter", repo_id="tiny")
+    assert fetch.record_checksums(folder, "segmenter", repo_id="tiny") == first  # deterministic (no date)
+    assert set(first["files"]) >= set(ROLES["segmenter"].required)
+    assert fetch.verify_role(ROLES["segmenter"], tmp_path) == []
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert fetch.verify_role(ROLES["segmenter"], tmp_path)[0].startswith("size mismatch: model.safetensors")
+    with pytest.raises(WeightsMissing, match="model.safetensors"):
+        load_segmenter(folder)

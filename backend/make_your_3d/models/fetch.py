@@ -457,9 +457,12 @@ def run_verify_cli(args) -> int:
 
 def run_list_cli(args) -> int:
     models_dir = resolve_models_dir(args.models)
-    print(f"models directory: {models_dir}")
+    print(f"models directory: {models_dir}" + ("  (tiny test set: random weights)" if is_tiny(models_dir) else ""))
     for s in role_status(models_dir):
-        state = "complete" if s["complete"] else f"incomplete (missing {len(s['missing'])}: {', '.join(s['missing'][:3])}{' ...' if len(s['missing']) > 3 else ''})"
-        kind = "tiny" if s["tiny"] else "real"
-        print(f"{s['name']:<17} {state:<12} {kind:<4}  {_human(s['size_bytes']):>10}  {s['licence']}  [{s['repo_id']}]")
+        state = "complete" if s["complete"] else "incomplete"
+        kind = "tiny" if s["tiny"] else ("real" if s["size_bytes"] else "-")
+        print(f"{s['name']:<17} {state:<10}  {kind:<4}  {_human(s['size_bytes']):>10}  {s['licence']}  ({s['repo_id']})")
+        if s["missing"]:
+            shown = ", ".join(s["missing"][:4]) + (f" ... ({len(s['missing'])} files)" if len(s["missing"]) > 4 else "")
+            print(f"{'':<19}missing: {shown}")
     return 0

@@ -562,7 +562,7 @@ class UNetMV2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         state = read_checkpoint(weights_path)
         load_strict(model, state, str(weights_path))
         model.register_to_config(_name_or_path=str(folder))
-        if torch_dtype is not None:
+        if torch_dtype is not None and torch_dtype != model.dtype:
             model = model.to(torch_dtype)
         return model.eval()
 

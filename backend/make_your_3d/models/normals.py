@@ -34,8 +34,13 @@ ROLE = "normal_estimator"
 MARIGOLD_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 
-def load_normal_estimator(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A `MarigoldNormalsPipeline` from a local folder; WeightsMissing names any missing or damaged file."""
+def load_normal_estimator(
+    folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False
+):
+    """A `MarigoldNormalsPipeline` from a local folder; WeightsMissing names any missing or damaged file.
+
+    `offload=True` (the low-VRAM preset, CUDA only) keeps each sub-model on the CPU until it runs.
+    """
     from diffusers import MarigoldNormalsPipeline
 
     from make_your_3d.models.fetch import check_weight_files
@@ -60,6 +65,10 @@ def load_normal_estimator(folder: Path, device: torch.device | str = "cpu", dtyp
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
+    device = torch.device(device)
+    if offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -104,8 +113,9 @@ def estimate_normals(
 ) -> np.ndarray:
     """Unit normals (N, H, W, 3) float32 in Marigold's camera frame (+x right, +y up, +z to the viewer).
 
-    `steps`/`processing_resolution` default to the model's published defaults. Images of one size run
-    as one batch; differing sizes run one by one and must then share a size to stack (else ValueError).
+    `steps`/`processing_resolution` default to the model's published defaults (4 steps, 768 px for
+    v1-1). All images must share one size. `reporter.step` runs once per denoising step (progress and
+    cancellation). Use `camera_normals_to_world(normals[i], c2w)` for world-space normals.
     """
     if not images:
         raise ValueError("estimate_normals needs at least one image")
@@ -148,6 +158,14 @@ def opencv_normals_to_world(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
 def camera_normals_to_world(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
     """Marigold camera-frame normals (..., 3) -> world-space normals, for a view with this OpenCV c2w."""
     return opencv_normals_to_world(camera_normals_to_opencv(normals), c2w)
+
+
+def world_normals_to_opencv(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """World-space normals (..., 3) -> the OpenCV camera frame of the view with this c2w (inverse
+    of `opencv_normals_to_world`); e.g. to express every view's normals in the front camera's frame."""
+    rot = np.asarray(c2w, dtype=np.float64)[:3, :3]
+    out = np.asarray(normals, dtype=np.float64) @ rot
+    return (out / np.clip(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12, None)).astype(np.float32)
 
 
 # --- tiny model set ----------------------------------------------------------------------------

@@ -21,11 +21,17 @@ TinyWriter = Callable[[Path, int], None]
 def tiny_writers(out: Path) -> dict[str, TinyWriter]:
     """Role name -> writer(folder, seed), in dependency order (the IP-Adapter is sized from the UNet)."""
     from make_your_3d.models import personalized
+    from make_your_3d.models.multiview_tiny import write_tiny_multiview
+    from make_your_3d.models.normals import write_tiny_normal_estimator
+    from make_your_3d.models.segmenter import write_tiny_segmenter
 
     writers: dict[str, TinyWriter] = {
         "personalized": personalized.write_tiny_personalized,
         "image_encoder": personalized.write_tiny_image_encoder,
         "ip_adapter": partial(personalized.write_tiny_ip_adapter, personalized_folder=ROLES["personalized"].path(out)),
+        "multiview": write_tiny_multiview,
+        "normal_estimator": write_tiny_normal_estimator,
+        "segmenter": write_tiny_segmenter,
     }
     return writers
 

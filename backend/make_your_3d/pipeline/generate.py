@@ -247,8 +247,7 @@ class Generator:
 
         mv = self._load("multiview", dtype)
         use_adapter(mv.unet, None, preset.lora_rank)  # the frozen, original model
-        viewset = mv.generate_views(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, seed=SUBJECT_SEED, reporter=rep)
-        save_views(tmp / "views", viewset)
+        save_views(tmp / "views", generate_views(mv, subject_rgba, preset, SUBJECT_SEED, rep))
 
     def _identity(self, views_dir: Path, subject: str | None, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
         pipe = self._personalized(dtype)
@@ -290,13 +289,14 @@ class Generator:
         save_views(tmp / "views", ViewSet(views))
 
     def _subject_prior(self, edits_dir: Path, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
+        from make_your_3d.models.multiview_pipeline import world_normals_to_front
         from make_your_3d.pipeline.preprocess import composite
-        from make_your_3d.pipeline.subject_prior import SubjectPriorTrainer, adapter_state, use_adapter
+        from make_your_3d.pipeline.subject_prior import SubjectPriorTrainer, adapter_state, encode_normal_image, use_adapter
 
         edited = load_views(edits_dir / "views")
         mv = self._load("multiview", dtype)
         colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
-        normals = [mv.normals_to_model_image(v.normals_world(), v.mask) for v in edited.views]
+        normals = [encode_normal_image(world_normals_to_front(v.normals_world()), v.mask) for v in edited.views]
         front = next((v for v in edited.views if v.name == "front"), edited.views[0])
         trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED)
         try:
@@ -330,7 +330,7 @@ class Generator:
         try:
             with Image.open(front_dir / "front.png") as im:
                 front = im.convert("RGBA")
-            viewset = mv.generate_views(front, steps=preset.mv_steps, guidance=preset.mv_guidance, seed=seed, reporter=rep)
+            viewset = generate_views(mv, front, preset, seed, rep)
         finally:
             use_adapter(mv.unet, None, preset.lora_rank)
         save_views(tmp / "views", viewset)
@@ -386,6 +386,18 @@ class Generator:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return sorted(files)
+
+
+def generate_views(mv, subject_rgba: Image.Image, preset: Preset, seed: int, reporter: Reporter) -> ViewSet:
+    """Six colour + normal views of a prepared subject image, in the views contract."""
+    from make_your_3d.models.multiview_pipeline import to_viewset
+
+    if mv.image_size != preset.mv_size:
+        raise Make3DError(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
+                          "fix the preset's mv_size.", code="bad_request")
+    images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance,
+                generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
+    return to_viewset(images, extras={"multiview": {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "seed": seed}})
 
 
 def make_preview(subject: Image.Image, front: Image.Image, views: ViewSet, height: int = 128) -> Image.Image:

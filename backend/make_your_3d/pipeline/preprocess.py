@@ -133,7 +133,7 @@ def prepare_subject(
     # Premultiply, resize, un-premultiply: colour where alpha is 0 must not leak into the edge.
     premul = np.concatenate([rgb * a[..., None], a[..., None]], axis=-1)
     resized = np.stack(
-        [np.asarray(Image.fromarray(premul[..., c], mode="F").resize((nw, nh), Image.Resampling.BICUBIC)) for c in range(4)],
+        [np.asarray(Image.fromarray(np.ascontiguousarray(premul[..., c], dtype=np.float32)).resize((nw, nh), Image.Resampling.BICUBIC)) for c in range(4)],
         axis=-1,
     )
     resized = np.clip(resized, 0.0, 1.0)

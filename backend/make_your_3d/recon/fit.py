@@ -48,6 +48,7 @@ class FitConfig:
     w_mask: float = 1.0
     w_normal: float = 0.1
     w_depth_normal: float = 0.2
+    w_depth: float = 1.0  # vs depth lifted from the normals, in units of the scene size
     prune_every: int = 100
     tile_size: int = 8
 
@@ -116,47 +117,106 @@ def quat_from_z(normals: Tensor) -> Tensor:
     return F.normalize(q, dim=-1)
 
 
-def init_from_hull(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, cfg: FitConfig,
-                   generator: torch.Generator, device: torch.device) -> Gaussians:
-    """Surfels on the visual hull's surface (marching cubes of the mask field), coloured by the best view."""
-    pts, counts = grid_points(lo, hi, cfg.hull_res, device)
+def hull_mesh(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, res: int,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+    """Visual hull surface: marching cubes of the mask field (vertices (V,3), faces (F,3), outward winding)."""
+    pts, counts = grid_points(lo, hi, res, device)
     field = hull_field(pts, viewset, masks).reshape(*[int(c) for c in counts]).cpu().numpy()
-    step = float(np.max(hi - lo)) / (cfg.hull_res - 1)
+    step = float(np.max(hi - lo)) / (res - 1)
     field = np.pad(field, 1, constant_values=-0.5)
     verts, faces, _, _ = marching_cubes(field, 0.0, spacing=(step, step, step))
     verts = verts - step + lo
-    v = torch.tensor(verts.copy(), dtype=torch.float32, device=device)
-    f = torch.tensor(faces.copy(), dtype=torch.long, device=device)
+    # skimage winds faces so that the cross product points towards increasing field (inside): flip
+    return (torch.tensor(verts.copy(), dtype=torch.float32, device=device),
+            torch.tensor(faces[:, ::-1].copy(), dtype=torch.long, device=device))
+
+
+def _sample_surface(v: Tensor, f: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
     cr = torch.cross(b - a, c - a, dim=-1)
     area = cr.norm(dim=-1) * 0.5
-    # skimage orders faces so that the cross product points toward increasing field (inside): flip
-    fn = -F.normalize(cr, dim=-1)
-    n = cfg.num_gaussians
+    fn = F.normalize(cr, dim=-1)
     pick = torch.multinomial(area + 1e-12, n, replacement=True, generator=generator)
-    r = torch.rand(n, 2, generator=generator, device=device)
-    s = r.sum(-1, keepdim=True) > 1
-    r = torch.where(s, 1 - r, r)
-    means = a[pick] + (b[pick] - a[pick]) * r[:, :1] + (c[pick] - a[pick]) * r[:, 1:]
-    normals = fn[pick]
-    colors = torch.full((n, 3), 0.5, device=device)
-    best = torch.full((n,), -1.0, device=device)
+    r = torch.rand(n, 2, generator=generator).to(v.device)
+    r = torch.where(r.sum(-1, keepdim=True) > 1, 1 - r, r)
+    pts = a[pick] + (b[pick] - a[pick]) * r[:, :1] + (c[pick] - a[pick]) * r[:, 1:]
+    return pts, fn[pick], float(area.sum())
+
+
+def _best_view_colors(means: Tensor, normals: Tensor, viewset: ViewSet) -> Tensor:
+    colors = torch.full((means.shape[0], 3), 0.5, device=means.device)
+    best = torch.full((means.shape[0],), -1.0, device=means.device)
     for vi, view in enumerate(viewset.views):
         uv, _ = project(means, viewset, vi)
         facing = -(normals * view_dir_at(means, viewset, vi)).sum(-1)
         W, H = view.size
-        col = sample_image(torch.tensor(view.color[..., :3], dtype=torch.float32, device=device) / 255.0, uv, W, H)
+        col = sample_image(torch.tensor(view.color[..., :3], dtype=torch.float32, device=means.device) / 255.0, uv, W, H)
         better = facing > best
         colors[better], best[better] = col[better], facing[better]
-    spacing = float(torch.sqrt(area.sum() / n))
-    log_s = torch.full((n, 2), float(np.log(0.7 * spacing)), device=device)
+    return colors
+
+
+def _make_gaussians(means: Tensor, normals: Tensor, colors: Tensor, spacing: float) -> Gaussians:
+    n = means.shape[0]
+    dev = means.device
     return Gaussians(
-        means.requires_grad_(True),
+        means.clone().requires_grad_(True),
         quat_from_z(normals).requires_grad_(True),
-        log_s.requires_grad_(True),
-        torch.full((n,), 2.0, device=device).requires_grad_(True),
-        colors.clamp(0, 1).requires_grad_(True),
+        torch.full((n, 2), float(np.log(0.7 * spacing)), device=dev).requires_grad_(True),
+        torch.full((n,), 2.0, device=dev).requires_grad_(True),
+        colors.clamp(0, 1).clone().requires_grad_(True),
     )
+
+
+def init_from_hull(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, cfg: FitConfig,
+                   generator: torch.Generator, device: torch.device) -> Gaussians:
+    """Surfels on the visual hull's surface, oriented by its normals, coloured by the best-facing view."""
+    v, f = hull_mesh(viewset, masks, lo, hi, cfg.hull_res, device)
+    means, normals, area = _sample_surface(v, f, cfg.num_gaussians, generator)
+    return _make_gaussians(means, normals, _best_view_colors(means, normals, viewset), float(np.sqrt(area / cfg.num_gaussians)))
+
+
+def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: np.ndarray, hi: np.ndarray,
+                   cfg: FitConfig, generator: torch.Generator, device: torch.device) -> tuple[Gaussians, Tensor | None]:
+    """Surfels at pixels lifted by normal integration (orthographic views with normals), plus hull surfels
+    wherever no lifted point is near (surfaces all views see edge-on). Also returns the lifted depth maps
+    (V,H,W), nan where unknown, for depth supervision; None when nothing could be lifted."""
+    from scipy.spatial import cKDTree
+
+    from make_your_3d.recon.lift import lift_view
+
+    hv, hf = hull_mesh(viewset, masks, lo, hi, cfg.hull_res, device)
+    V = tg.rgb.shape[0]
+    depth = torch.full((V, tg.height, tg.width), float("nan"), device=device)
+    lifted = []
+    if tg.normal is not None:
+        for v in range(V):
+            if not bool(tg.has_normal[v]):
+                continue
+            lv = lift_view(tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(), tg.normal[v].cpu().numpy().astype(np.float64),
+                           tg.camera(v), hv, hf)
+            if lv is not None and len(lv.points):
+                lifted.append(lv)
+                depth[v] = torch.tensor(lv.depth, dtype=torch.float32, device=device)
+    hull_pts, hull_n, hull_area = _sample_surface(hv, hf, cfg.num_gaussians, generator)
+    spacing = float(np.sqrt(hull_area / cfg.num_gaussians))
+    if not lifted:
+        return _make_gaussians(hull_pts, hull_n, _best_view_colors(hull_pts, hull_n, viewset), spacing), None
+    pts = np.concatenate([lv.points for lv in lifted])
+    nrm = np.concatenate([lv.normals for lv in lifted])
+    col = np.concatenate([lv.colors for lv in lifted])
+    area = np.concatenate([lv.area for lv in lifted])
+    # hull surfels only where no lifted point is within a few spacings
+    far = cKDTree(pts).query(hull_pts.cpu().numpy(), k=1)[0] > 2.5 * spacing
+    n_hull = int(far.sum())
+    n_lift = max(1, cfg.num_gaussians - n_hull)
+    w = torch.tensor(area / area.sum(), dtype=torch.float64)
+    pick = torch.multinomial(w, n_lift, replacement=len(w) < n_lift, generator=generator).numpy()
+    hp, hn = hull_pts[torch.tensor(far)], hull_n[torch.tensor(far)]
+    means = torch.cat([torch.tensor(pts[pick], dtype=torch.float32, device=device), hp])
+    normals = torch.cat([torch.tensor(nrm[pick], dtype=torch.float32, device=device), hn])
+    colors = torch.cat([torch.tensor(col[pick], dtype=torch.float32, device=device), _best_view_colors(hp, hn, viewset)])
+    return _make_gaussians(means, F.normalize(normals, dim=-1), colors, spacing), depth
 
 
 def _pixel_points(depth: Tensor, cams: Cameras) -> Tensor:
@@ -187,7 +247,8 @@ def depth_normals(depth: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
 
 
 def fit_gaussians(g: Gaussians, tg: ViewTargets, cfg: FitConfig, scene_size: float, generator: torch.Generator,
-                  reporter: Reporter, step_offset: int = 0, total_steps: int | None = None) -> tuple[Gaussians, list[float]]:
+                  reporter: Reporter, step_offset: int = 0, total_steps: int | None = None,
+                  depth_targets: Tensor | None = None) -> tuple[Gaussians, list[float]]:
     """Adam on all surfel parameters against random batches of views; returns the Gaussians and the loss curve."""
     total = total_steps or cfg.iterations
     opt = _make_opt(g, cfg, scene_size)
@@ -201,11 +262,11 @@ def fit_gaussians(g: Gaussians, tg: ViewTargets, cfg: FitConfig, scene_size: flo
         pick = torch.randperm(len(group), generator=generator)[:k].tolist()
         vidx = [group[p] for p in pick]
         cams = tg.cams[gi].subset(pick)
-        loss = _loss(g, tg, cams, vidx, cfg)
+        loss = _loss(g, tg, cams, vidx, cfg, depth_targets, scene_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if cfg.prune_every and (it + 1) % cfg.prune_every == 0 and it + 1 < cfg.iterations:
             keep = g.opacities().detach() > 0.02
             if bool((~keep).any()) and int(keep.sum()) > 16:
@@ -224,11 +285,17 @@ def _make_opt(g: Gaussians, cfg: FitConfig, scene_size: float) -> torch.optim.Op
     ], eps=1e-15)
 
 
-def _loss(g: Gaussians, tg: ViewTargets, cams: Cameras, vidx: list[int], cfg: FitConfig) -> Tensor:
+def _loss(g: Gaussians, tg: ViewTargets, cams: Cameras, vidx: list[int], cfg: FitConfig,
+          depth_targets: Tensor | None = None, scene_size: float = 1.0) -> Tensor:
     rgb, nrm, alpha, depth = render(g, cams, tile_size=cfg.tile_size)
     m = tg.mask[vidx]
     tgt = tg.rgb[vidx] * m[..., None]
     loss = cfg.w_rgb * (rgb - tgt).abs().mean() + cfg.w_mask * (alpha - m).abs().mean()
+    if depth_targets is not None and cfg.w_depth > 0:
+        dt = depth_targets[vidx]
+        ok = torch.isfinite(dt) & (m > 0.99) & (alpha.detach() > 0.5)
+        if bool(ok.any()):
+            loss = loss + cfg.w_depth * ((depth - dt.nan_to_num(0.0)).abs() * ok).sum() / ok.sum() / scene_size
     if tg.normal is not None and (cfg.w_normal > 0 or cfg.w_depth_normal > 0):
         hn = tg.has_normal[vidx].to(m.dtype)[:, None, None]
         gt = tg.normal[vidx]

@@ -241,10 +241,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response("too_large", str(exc.detail), 413)
         if status == 401:
             return error_response("unauthorized", "Send the token from the state file as 'Authorization: Bearer TOKEN'.", 401)
+        if status == 400 and exc.detail == "There was an error parsing the body":
+            # e.g. bytes that are not UTF-8: the same answer as any other body that is not JSON
+            return error_response("bad_request", "The request body is not valid JSON (UTF-8). Send a JSON object.", 422)
         code = "bad_request" if 400 <= status < 500 else "internal"
         detail = exc.detail if isinstance(exc.detail, str) else "The request could not be processed."
-        if status == 400 and detail == "There was an error parsing the body":
-            detail = "The request body could not be read. Send a JSON object."
         return error_response(code, detail, status)
 
     @app.exception_handler(Exception)
@@ -323,8 +324,17 @@ def _decode_image(b64: str) -> bytes:
         raise BadImage("image_png_b64 is not valid base64. Send the image file's bytes base64-encoded.") from None
 
 
-def _check_weights(models_dir: Path) -> None:
-    missing = [r.name for r in ROLES.values() if not r.complete(models_dir)]
+def required_roles() -> tuple[str, ...]:
+    """The roles a job needs (the generator's list; the segmenter is optional for images with alpha)."""
+    try:
+        from make_your_3d.pipeline.generate import REQUIRED_ROLES
+    except ImportError:
+        return tuple(ROLES)
+    return tuple(REQUIRED_ROLES)
+
+
+def _check_weights(models_dir: Path, roles: tuple[str, ...]) -> None:
+    missing = [name for name in roles if not ROLES[name].complete(models_dir)]
     if missing:
         raise WeightsMissing(
             f"Model weights are missing in {models_dir} (roles: {', '.join(missing)}). Run 'make-your-3d models fetch' and try again."
@@ -365,6 +375,13 @@ def create_app(
     """Build the API around a job store and its worker; `token` guards every route but health."""
     models_dir = Path(models_dir)
     activity = activity or Activity()
+    needed: list[tuple[str, ...]] = []  # filled on first use: importing the generator loads torch
+
+    def needed_roles() -> tuple[str, ...]:
+        if not needed:
+            needed.append(required_roles())
+        return needed[0]
+
     token_bytes = token.encode("utf-8")
     bearer = HTTPBearer(auto_error=False, description="the token from the state file")
 
@@ -415,7 +432,9 @@ def create_app(
             {"name": r.name, "title": r.title, "licence": r.licence, "complete": r.complete(models_dir), "missing": r.missing(models_dir)}
             for r in ROLES.values()
         ]
-        return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": all(r["complete"] for r in roles), "roles": roles}
+        need = needed_roles()
+        complete = all(r["complete"] for r in roles if r["name"] in need)
+        return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": complete, "roles": roles}
 
     @api.post("/jobs", status_code=201, response_model=Created)
     def create_jobs(body: JobCreate) -> Created:
@@ -425,7 +444,7 @@ def create_app(
             raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
         spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size)
         spec = _clean_spec(spec, image)
-        _check_weights(models_dir)
+        _check_weights(models_dir, needed_roles())
         specs = [JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)]
         return queue(specs, image)
 
@@ -490,7 +509,7 @@ def create_app(
             spec[key] = value
         image = worker.inputs.get(job.image_sha256)
         cleaned = _clean_spec(JobSpec.from_dict(spec), image)
-        _check_weights(models_dir)
+        _check_weights(models_dir, needed_roles())
         return queue([cleaned], image)
 
     @api.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse,

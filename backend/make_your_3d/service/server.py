@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -236,6 +237,14 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
         super().__init__(config)
         self._on_ready = on_ready
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Stop gracefully and return, rather than uvicorn's re-raising the signal after shutdown,
+        # which would kill the process before the state file is removed and the worker stopped.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)

@@ -1,0 +1,426 @@
+"""Multi-view generation: one prepared subject image -> six colour + six normal views (Wonder3D).
+
+Conditioning, as in Wonder3D's `MVDiffusionImagePipeline` and `test_mvdiffusion_seq.py`: the
+input (RGBA composited on white) gives one CLIP `image_embeds` token for `encoder_hidden_states`
+and its VAE latent (`latent_dist.mode() * scaling_factor`), concatenated on channels with the noisy
+latent of every view. Each batch row gets a 10-d class label `sin/cos` of
+`(elevation_cond, elevation_offset, azimuth_offset, domain0, domain1)`, domain (1, 0) = normals,
+(0, 1) = colours; the six views sit at elevation 0 and azimuth offsets 0, 45, 90, 180, 270, 315
+degrees (Wonder3D's fixed poses: front, front_right, right, back, left, front_left).
+
+Batch layout `[normals(B*V), colours(B*V)]`. Classifier-free guidance doubles the samples, not
+the domains: the guided batch is `[normals(uncond B, cond B), colours(uncond B, cond B)]`, so the
+cross-domain attention always pairs a view's normal and colour *of the same guidance branch*
+(Wonder3D's own pipeline concatenates `[uncond(N, C), cond(N, C)]`, which pairs the unconditional
+normal with the conditional normal instead; we keep the training-time pairing).
+
+Output frames: Wonder3D's normals are in the front camera's OpenGL frame (x right, y up, z towards
+the viewer), which for our glTF world (+Y up, subject facing +Z, front camera on +Z) is the world
+frame itself; `front_normals_to_world` derives that rotation from `recon.cameras` rather than
+assuming it. Wonder3D's orthographic frame spans [-1, 1] world units across the image (its
+reconstruction's ray origins), so views are written with `ortho_size` (2, 2): the ~192 px subject
+in the 256 px frame spans about +-0.75 units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from make_your_3d.errors import BadViews
+from make_your_3d.progress import Reporter
+from make_your_3d.recon.cameras import WONDER3D_VIEWS, orbit_c2w
+from make_your_3d.recon.views import View, ViewSet, encode_normals
+
+log = logging.getLogger(__name__)
+
+WONDER3D_ORTHO_SIZE = 2.0
+BACKGROUND = 1.0  # Wonder3D composites inputs on white and generates white backgrounds
+NORMAL_DOMAIN = (1.0, 0.0)
+COLOR_DOMAIN = (0.0, 1.0)
+SCHEDULERS = ("ddim", "dpm", "euler", "euler_a", "unipc")
+
+# The OpenGL front camera (x right, y up, z towards the viewer) expressed in our world: its OpenCV
+# camera-to-world rotation times diag(1, -1, -1). Identity for the contract's glTF world.
+FRONT_GL_TO_WORLD = orbit_c2w(0.0)[:3, :3] @ np.diag([1.0, -1.0, -1.0])
+
+
+def front_normals_to_world(normals: np.ndarray) -> np.ndarray:
+    """Normals (..., 3) in Wonder3D's front-camera frame -> unit normals in the views' world frame."""
+    n = np.asarray(normals, dtype=np.float64) @ FRONT_GL_TO_WORLD.T
+    return n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8, None)
+
+
+def world_normals_to_front(normals: np.ndarray) -> np.ndarray:
+    """Inverse of `front_normals_to_world` (for building training targets in the model's frame)."""
+    n = np.asarray(normals, dtype=np.float64) @ FRONT_GL_TO_WORLD
+    return n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8, None)
+
+
+def view_mask(color: np.ndarray, normal: np.ndarray, background: float = BACKGROUND, threshold: float = 0.08) -> np.ndarray:
+    """Foreground mask (H, W) of one generated view from its colour and normal images in [0, 1].
+
+    Both domains are generated on the input's (white) background; a pixel is foreground where
+    either image departs from it, then holes are filled and specks below 1% of the largest blob are
+    dropped. The normal map is the sharper cue (white decodes to a non-unit vector).
+    """
+    from scipy import ndimage
+
+    dist_c = np.abs(np.asarray(color, dtype=np.float32) - background).max(axis=-1)
+    dist_n = np.abs(np.asarray(normal, dtype=np.float32) - background).max(axis=-1)
+    mask = (dist_c > threshold) | (dist_n > threshold)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = np.isin(labels, np.flatnonzero(sizes >= 0.01 * sizes.max()))
+    return mask
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _rgb_on_white(image: Image.Image) -> Image.Image:
+    """RGB image with any transparency composited over the white background Wonder3D expects."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class MultiViewImages:
+    """Generated views, float32 on the CPU, values in [0, 1], view order = `view_names`.
+
+    `normals` hold Wonder3D's encoding (n + 1) / 2 of normals in the front camera's frame.
+    """
+
+    colors: torch.Tensor  # (B, V, 3, H, W)
+    normals: torch.Tensor  # (B, V, 3, H, W)
+    view_names: tuple[str, ...]
+    azimuths: tuple[float, ...]
+
+
+class MultiViewPipeline:
+    """Wonder3D-compatible sampling around `UNetMV2DConditionModel` (see module docstring).
+
+    Public pieces the subject-prior optimisation uses: `encode_condition`, `encode_views`,
+    `camera_embeddings`, `expand_condition`, `unet`, `scheduler`, and the UNet forward contract
+    `unet(sample (2*B*V, 8, h, w), t, encoder_hidden_states (2*B*V, 1, D), class_labels (2*B*V, 10))`.
+    """
+
+    def __init__(self, unet, vae, image_encoder, feature_extractor, scheduler, views: Sequence[tuple[str, float]] = WONDER3D_VIEWS):
+        self.unet = unet
+        self.vae = vae
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.scheduler = scheduler
+        self.views = tuple(views)
+        if len(self.views) != unet.config.num_views:
+            raise ValueError(f"{len(self.views)} views given but the UNet was trained for {unet.config.num_views}")
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._offload_device: torch.device | None = None
+
+    # -- placement -----------------------------------------------------------------------------
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self._offload_device or self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.unet, self.vae, self.image_encoder)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "MultiViewPipeline":
+        self._offload_device = None
+        for module in self._modules():
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> "MultiViewPipeline":
+        """Keep every network on the CPU and move each to `device` only while it runs (low VRAM)."""
+        for module in self._modules():
+            module.to("cpu")
+        self._offload_device = torch.device(device)
+        return self
+
+    @contextlib.contextmanager
+    def _running(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self._offload_device is None:
+            yield module
+            return
+        module.to(self._offload_device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self._offload_device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- conditioning ----------------------------------------------------------------------------
+
+    def _as_pil(self, images) -> list[Image.Image]:
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+            arr = _to_uint8(images.detach().float().cpu().permute(0, 2, 3, 1).numpy())
+            images = [Image.fromarray(a, "RGB") for a in arr]
+        size = self.image_size
+        out = []
+        for im in images:
+            rgb = _rgb_on_white(im)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            out.append(rgb)
+        return out
+
+    def _pixels(self, pil: list[Image.Image]) -> torch.Tensor:
+        arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def encode_condition(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subject images (PIL list, RGBA composited on white, or (B, 3, H, W) in [0, 1]) ->
+        (image_embeds (B, 1, D), cond_latents (B, 4, h, w)) on the pipeline's device and dtype."""
+        pil = self._as_pil(images)
+        device = self.device
+        with self._running(self.image_encoder) as encoder:
+            pixel_values = self.feature_extractor(images=pil, return_tensors="pt").pixel_values
+            embeds = encoder(pixel_values.to(device, encoder.dtype)).image_embeds.unsqueeze(1)
+        with self._running(self.vae) as vae:
+            x = self._pixels(pil).to(device, vae.dtype) * 2.0 - 1.0
+            latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        return embeds.to(self.dtype), latents.to(self.dtype)
+
+    def encode_views(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Views (PIL list or (N, 3, H, W) in [0, 1]) -> VAE latents (N, 4, h, w) * scaling_factor.
+
+        The posterior mode without a generator (deterministic), a posterior sample with one.
+        """
+        pil = self._as_pil(images)
+        with torch.no_grad(), self._running(self.vae) as vae:
+            x = self._pixels(pil).to(self.device, vae.dtype) * 2.0 - 1.0
+            dist = vae.encode(x).latent_dist
+            if generator is None:
+                z = dist.mode()
+            else:
+                noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
+                z = dist.mean + dist.std * noise
+            return (z * vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, 4, h, w) scaled latents -> (N, 3, H, W) float32 images in [0, 1] on the CPU."""
+        with self._running(self.vae) as vae:
+            images = vae.decode(latents.to(self.device, vae.dtype) / vae.config.scaling_factor).sample
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+
+    def camera_embeddings(self, batch: int) -> torch.Tensor:
+        """(2*batch*V, 10) class labels in the [normals, colours] layout (Wonder3D's e_de_da_sincos)."""
+        rows = []
+        for domain in (NORMAL_DOMAIN, COLOR_DOMAIN):
+            for _ in range(batch):
+                for _, azimuth in self.views:
+                    # elevation of the input 0, elevation offset 0, azimuth offset in [0, 2pi)
+                    rows.append([0.0, 0.0, math.radians(azimuth % 360.0), *domain])
+        raw = torch.tensor(rows, dtype=torch.float64)
+        return torch.cat([torch.sin(raw), torch.cos(raw)], dim=-1).to(self.device, self.dtype)
+
+    def expand_condition(self, image_embeds: torch.Tensor, cond_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample conditions (B, 1, D), (B, 4, h, w) -> per-row (2*B*V, ...) in the batch layout."""
+        views = self.num_views
+        embeds = image_embeds.repeat_interleave(views, dim=0).repeat(2, 1, 1)
+        latents = cond_latents.repeat_interleave(views, dim=0).repeat(2, 1, 1, 1)
+        return embeds, latents
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image_embeds: torch.Tensor,
+        cond_latents: torch.Tensor,
+        guidance: float,
+    ) -> torch.Tensor:
+        """Guided noise prediction for noisy `latents` (2*B*V, 4, h, w) in the batch layout.
+
+        The guided batch treats [unconditional, conditional] as 2B samples, keeping each row's
+        normal/colour pairing inside one guidance branch (see the module docstring).
+        """
+        batch = image_embeds.shape[0]
+        rows = batch * self.num_views
+        if latents.shape[0] != 2 * rows:
+            raise ValueError(f"latents have {latents.shape[0]} rows, expected {2 * rows} ([normals, colours] x {batch} x {self.num_views})")
+        guided = guidance != 1.0
+        if guided:
+            image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+            cond_latents = torch.cat([torch.zeros_like(cond_latents), cond_latents])
+            normals, colors = latents[:rows], latents[rows:]
+            latents = torch.cat([normals, normals, colors, colors])
+        embeds, cond = self.expand_condition(image_embeds, cond_latents)
+        labels = self.camera_embeddings(image_embeds.shape[0])
+        sample = torch.cat([latents.to(cond.dtype), cond], dim=1)
+        with self._running(self.unet) as unet:
+            eps = unet(sample, timestep, encoder_hidden_states=embeds, class_labels=labels).sample
+        if not guided:
+            return eps
+        n_uncond, n_cond, c_uncond, c_cond = eps.chunk(4)
+        return torch.cat([n_uncond + guidance * (n_cond - n_uncond), c_uncond + guidance * (c_cond - c_uncond)])
+
+    def make_scheduler(self, name: str = "ddim"):
+        """A fresh scheduler of the named kind, configured from the published scheduler config."""
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerAncestralDiscreteScheduler,
+            EulerDiscreteScheduler,
+            UniPCMultistepScheduler,
+        )
+
+        kinds = {
+            "ddim": DDIMScheduler,
+            "dpm": DPMSolverMultistepScheduler,
+            "euler": EulerDiscreteScheduler,
+            "euler_a": EulerAncestralDiscreteScheduler,
+            "unipc": UniPCMultistepScheduler,
+        }
+        if name not in kinds:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(kinds)}")
+        return kinds[name].from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        steps: int = 20,
+        guidance: float = 3.0,
+        generator: torch.Generator | None = None,
+        scheduler: str = "ddim",
+        eta: float = 1.0,
+        reporter: Reporter | None = None,
+    ) -> MultiViewImages:
+        """Subject image(s) (prepared RGBA, see `pipeline.preprocess.prepare_subject`) -> views.
+
+        Wonder3D's published settings: DDIM, ~20 steps, guidance 3, eta 1. Noise is drawn on the
+        CPU from `generator`, so a seed gives the same views on any device.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        image_embeds, cond_latents = self.encode_condition(image)
+        batch = image_embeds.shape[0]
+        sched = self.make_scheduler(scheduler)
+        sched.set_timesteps(steps, device=self.device)
+        h = w = int(self.unet.config.sample_size)
+        shape = (2 * batch * self.num_views, int(self.unet.config.out_channels), h, w)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        latents = latents * sched.init_noise_sigma
+        step_kwargs = {}
+        params = inspect.signature(sched.step).parameters
+        if "eta" in params:
+            step_kwargs["eta"] = eta
+        if "generator" in params:
+            step_kwargs["generator"] = generator
+        timesteps = sched.timesteps
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if reporter is not None:
+                reporter.step(i, total, f"multi-view denoising step {i + 1}/{total}")
+            model_in = sched.scale_model_input(latents, t)
+            eps = self.predict_noise(model_in.to(self.dtype), t, image_embeds, cond_latents, guidance)
+            latents = sched.step(eps.float(), t, latents, **step_kwargs).prev_sample
+        if reporter is not None:
+            reporter.step(total, total, "decoding views")
+        images = self.decode_latents(latents)
+        rows = batch * self.num_views
+        size = images.shape[-1]
+        normals = images[:rows].reshape(batch, self.num_views, 3, size, size)
+        colors = images[rows:].reshape(batch, self.num_views, 3, size, size)
+        return MultiViewImages(colors=colors, normals=normals, view_names=tuple(n for n, _ in self.views), azimuths=tuple(a for _, a in self.views))
+
+
+def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:
+    """One sample of generated views -> the views contract (world normals, masks as alpha)."""
+    views = []
+    for v, (name, azimuth) in enumerate(zip(images.view_names, images.azimuths)):
+        color = images.colors[index, v].permute(1, 2, 0).numpy()
+        normal_rgb = images.normals[index, v].permute(1, 2, 0).numpy()
+        mask = view_mask(color, normal_rgb)
+        if not mask.any():
+            raise BadViews(f"the multi-view model produced an empty {name} view (nothing but background); try another seed.")
+        alpha = np.where(mask, 255, 0).astype(np.uint8)
+        normals_world = front_normals_to_world(normal_rgb.astype(np.float64) * 2.0 - 1.0)
+        views.append(
+            View(
+                name=name,
+                color=np.concatenate([_to_uint8(color), alpha[..., None]], axis=-1),
+                normal=encode_normals(normals_world, alpha),
+                c2w=orbit_c2w(azimuth, 0.0),
+                projection="orthographic",
+                ortho_size=(ortho_size, ortho_size),
+            )
+        )
+    return ViewSet(views=views, extras=dict(extras or {}))
+
+
+def run_cli(args) -> int:
+    """`make-your-3d multiview IMAGE --out VIEWS_DIR [--models DIR] [--steps N] [--guidance G] [--seed N] [--device D]`."""
+    from make_your_3d.device import resolve_device, resolve_dtype
+    from make_your_3d.errors import BadImage
+    from make_your_3d.models.multiview import load_multiview
+    from make_your_3d.models.registry import ROLES, is_tiny
+    from make_your_3d.paths import resolve_models_dir
+    from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
+    from make_your_3d.pipeline.request import load_image_bytes
+    from make_your_3d.recon.views import save_views
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise BadImage(f"{path} does not exist or is not a file.")
+    data = path.read_bytes()
+    models_dir = resolve_models_dir(args.models)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(device)
+    pipe = load_multiview(ROLES["multiview"].path(models_dir), device, dtype)
+    segmenter = None
+    if not has_transparency(load_image_bytes(data)) and ROLES["segmenter"].complete(models_dir):
+        from make_your_3d.models.segmenter import load_segmenter
+
+        segmenter = load_segmenter(ROLES["segmenter"].path(models_dir), device)
+    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter)
+    generator = torch.Generator(device="cpu").manual_seed(int(args.seed))
+
+    def show(p) -> None:
+        print(f"\r{p.stage}: {p.step}/{p.total} {p.message}", end="", flush=True)
+
+    out = pipe(subject, steps=args.steps, guidance=args.guidance, generator=generator, reporter=Reporter("multiview", show))
+    print()
+    extras = {"multiview": {"steps": args.steps, "guidance": args.guidance, "seed": int(args.seed), "scheduler": "ddim", "tiny_models": is_tiny(models_dir)}}
+    folder = save_views(args.out, to_viewset(out, extras=extras))
+    print(f"Wrote {len(out.view_names)} colour + normal views to {folder}.")
+    return 0

@@ -1,0 +1,213 @@
+"""UV unwrap (xatlas) and texture baking.
+
+Each texel's surface point is projected into every colour view; views where the point is visible
+(depth test against a z-buffer of the mesh, and inside the mask) contribute with a weight that grows
+steeply with how squarely the view faces the surface, so the sharpest view dominates without seams.
+Texels no input view sees take colour from renders of the Gaussians (from extra cameras), then from
+the nearest baked texel; finally every empty texel outside the charts copies its nearest chart texel
+(island edges dilated to the whole atlas, so bilinear and mip-mapped lookups never hit background).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import trimesh
+import xatlas
+from scipy import ndimage
+from torch import Tensor
+
+from make_your_3d.recon.rasterize import Cameras
+
+
+@dataclass
+class UVMesh:
+    vertices: np.ndarray  # (V,3) float
+    faces: np.ndarray  # (F,3) int
+    uvs: np.ndarray  # (V,2) in [0,1], OpenGL convention (v up)
+
+
+@dataclass
+class ColorSource:
+    """An image to bake from: one camera, straight colour (H,W,3) in [0,1], mask (H,W) and weight scale."""
+
+    cams: Cameras
+    rgb: Tensor
+    mask: Tensor
+    weight: float = 1.0
+
+
+def unwrap(mesh: trimesh.Trimesh, texture_size: int) -> UVMesh:
+    """xatlas charts packed for `texture_size` texels with a few texels of padding."""
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.uint32))
+    pack = xatlas.PackOptions()
+    pack.resolution = int(texture_size)
+    pack.padding = max(2, texture_size // 256)
+    pack.bilinear = True
+    chart = xatlas.ChartOptions()
+    atlas.generate(chart_options=chart, pack_options=pack)
+    vmap, idx, uvs = atlas[0]
+    return UVMesh(np.asarray(mesh.vertices)[vmap], idx.astype(np.int64), uvs.astype(np.float64))
+
+
+def raster_triangles(xy: Tensor, z: Tensor | None, W: int, H: int, chunk: int = 4_000_000) -> tuple[Tensor, Tensor, Tensor]:
+    """Rasterize triangles given in pixel coordinates (F,3,2) (pixel centres at i + 0.5) with a z-buffer.
+
+    Returns face id (H,W) (-1: empty), barycentrics (H,W,3) and depth (H,W) (inf: empty).
+    """
+    dev = xy.device
+    Fn = xy.shape[0]
+    zz = z if z is not None else torch.zeros(Fn, 3, device=dev, dtype=xy.dtype)
+    lo = torch.floor(xy.min(1).values - 0.5).long() + 1
+    hi = torch.floor(xy.max(1).values - 0.5).long()
+    lo[:, 0].clamp_(0, W), lo[:, 1].clamp_(0, H)
+    hi[:, 0].clamp_(-1, W - 1), hi[:, 1].clamp_(-1, H - 1)
+    nx, ny = (hi[:, 0] - lo[:, 0] + 1).clamp_min(0), (hi[:, 1] - lo[:, 1] + 1).clamp_min(0)
+    cnt = nx * ny
+    best_d = torch.full((H * W,), float("inf"), device=dev, dtype=xy.dtype)
+    best_key = torch.full((H * W,), -1, dtype=torch.long, device=dev)
+    cand_f, cand_p, cand_b, cand_d = [], [], [], []
+    fids = torch.arange(Fn, device=dev)
+    csum = torch.cumsum(cnt, 0)
+    start = 0
+    while start < Fn:
+        base = int(csum[start - 1]) if start > 0 else 0
+        end = int(torch.searchsorted(csum, torch.tensor(base + chunk, device=dev), right=True))
+        end = max(end, start + 1)
+        sel = fids[start:end]
+        start = end
+        c = cnt[sel]
+        if int(c.sum()) == 0:
+            continue
+        rep = torch.repeat_interleave(sel, c)
+        off = torch.cumsum(c, 0) - c
+        local = torch.arange(rep.numel(), device=dev) - torch.repeat_interleave(off, c)
+        px = lo[rep, 0] + local % nx[rep]
+        py = lo[rep, 1] + local // nx[rep]
+        p = torch.stack([px, py], -1).to(xy.dtype) + 0.5
+        a, b, cc = xy[rep, 0], xy[rep, 1], xy[rep, 2]
+        area = (b[:, 0] - a[:, 0]) * (cc[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (cc[:, 0] - a[:, 0])
+        w0 = (b[:, 0] - p[:, 0]) * (cc[:, 1] - p[:, 1]) - (b[:, 1] - p[:, 1]) * (cc[:, 0] - p[:, 0])
+        w1 = (cc[:, 0] - p[:, 0]) * (a[:, 1] - p[:, 1]) - (cc[:, 1] - p[:, 1]) * (a[:, 0] - p[:, 0])
+        ok = area.abs() > 1e-12
+        area = torch.where(ok, area, torch.ones_like(area))
+        l0, l1 = w0 / area, w1 / area
+        l2 = 1 - l0 - l1
+        bary = torch.stack([l0, l1, l2], -1)
+        inside = ok & (bary >= -1e-6).all(-1)
+        rep, bary, pix = rep[inside], bary[inside], (py * W + px)[inside]
+        d = (bary * zz[rep]).sum(-1)
+        best_d.scatter_reduce_(0, pix, d, reduce="amin")
+        cand_f.append(rep), cand_p.append(pix), cand_b.append(bary), cand_d.append(d)
+    fid = torch.full((H * W,), -1, dtype=torch.long, device=dev)
+    bary_out = torch.zeros(H * W, 3, device=dev, dtype=xy.dtype)
+    if cand_f:
+        f, p, b, d = torch.cat(cand_f), torch.cat(cand_p), torch.cat(cand_b), torch.cat(cand_d)
+        win = d <= best_d[p]
+        key = torch.arange(f.numel(), device=dev)
+        best_key.scatter_reduce_(0, p[win], key[win], reduce="amax")
+        has = best_key >= 0
+        fid[has] = f[best_key[has]]
+        bary_out[has] = b[best_key[has]]
+    return fid.reshape(H, W), bary_out.reshape(H, W, 3), best_d.reshape(H, W)
+
+
+def project_points(points: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
+    """World points (N,3) -> pixel coordinates (N,2) and camera depth (N,) for a single camera."""
+    vm, K = cams.viewmats[0], cams.Ks[0]
+    c = points @ vm[:3, :3].T + vm[:3, 3]
+    if cams.model == "ortho":
+        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + K[:2, 2]
+    else:
+        uv = (c[:, :2] / c[:, 2:3].clamp_min(1e-6)) @ K[:2, :2].T + K[:2, 2]
+    return uv, c[:, 2]
+
+
+def view_dirs(points: Tensor, cams: Cameras) -> Tensor:
+    c2w = torch.linalg.inv(cams.viewmats[0])
+    if cams.model == "ortho":
+        return c2w[:3, 2].expand_as(points)
+    return torch.nn.functional.normalize(points - c2w[:3, 3], dim=-1)
+
+
+def mesh_depth(vertices: Tensor, faces: Tensor, cams: Cameras) -> Tensor:
+    """Z-buffer (H,W) of the mesh in one camera (inf where empty)."""
+    uv, z = project_points(vertices, cams)
+    _, _, d = raster_triangles(uv[faces], z[faces], cams.width, cams.height)
+    return d
+
+
+def _bilinear(img: Tensor, uv: Tensor) -> Tensor:
+    H, W = img.shape[:2]
+    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1)[None, None]
+    out = torch.nn.functional.grid_sample(img.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    return out[0, :, 0].T
+
+
+def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 6.0,
+         depth_tol: float = 0.01, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, dict]:
+    """Texture (size,size,3) uint8 plus coverage statistics."""
+    V = torch.tensor(uvm.vertices, dtype=torch.float32, device=device)
+    Fc = torch.tensor(uvm.faces, dtype=torch.long, device=device)
+    uv = torch.tensor(uvm.uvs, dtype=torch.float32, device=device)
+    tex_xy = torch.stack([uv[:, 0] * size, (1 - uv[:, 1]) * size], -1)
+    fid, bary, _ = raster_triangles(tex_xy[Fc], None, size, size)
+    chart = fid >= 0
+    fsel = fid[chart]
+    b = bary[chart]
+    P = (V[Fc[fsel]] * b[..., None]).sum(1)
+    tri = V[Fc]
+    fn = torch.nn.functional.normalize(torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1), dim=-1)
+    N = fn[fsel]
+    acc = torch.zeros(P.shape[0], 3, device=device)
+    wsum = torch.zeros(P.shape[0], device=device)
+    primary = torch.zeros(P.shape[0], dtype=torch.bool, device=device)
+    for src in sources:
+        zbuf = mesh_depth(V, Fc, src.cams)
+        pix, z = project_points(P, src.cams)
+        H, W = src.cams.height, src.cams.width
+        ix, iy = torch.floor(pix[:, 0]).long(), torch.floor(pix[:, 1]).long()
+        inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+        ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
+        # visible: nothing of the mesh lies clearly in front of the texel's point
+        visible = inside & (z <= zbuf[iyc, ixc] + depth_tol)
+        cos = -(N * view_dirs(P, src.cams)).sum(-1)
+        m = _bilinear(src.mask[..., None], pix)[:, 0]
+        w = torch.where(visible & (cos > 0.05) & (m > 0.5), cos.clamp_min(0) ** sharpness * m, torch.zeros_like(cos))
+        w = w * src.weight
+        col = _bilinear(src.rgb, pix)
+        acc += col * w[:, None]
+        wsum += w
+        if src.weight >= 1.0:
+            primary |= w > 0
+    tex = torch.zeros(size * size, 3, device=device)
+    filled = torch.zeros(size * size, dtype=torch.bool, device=device)
+    idx = chart.reshape(-1).nonzero().squeeze(1)
+    has = wsum > 0
+    tex[idx[has]] = acc[has] / wsum[has, None]
+    filled[idx[has]] = True
+    img = tex.reshape(size, size, 3).cpu().numpy()
+    filled_np = filled.reshape(size, size).cpu().numpy()
+    stats = {
+        "chart_texels": int(chart.sum()),
+        "seen_by_views": float(primary.float().mean()) if P.shape[0] else 0.0,
+        "filled": float(has.float().mean()) if P.shape[0] else 0.0,
+    }
+    if filled_np.any():
+        _, (ri, ci) = ndimage.distance_transform_edt(~filled_np, return_indices=True)
+        img = img[ri, ci]
+    else:
+        img[:] = 0.5
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), stats
+
+
+def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Nearest texel colour (N,3) for UVs (OpenGL convention): the bake's own addressing."""
+    s = texture.shape[0]
+    x = np.clip((uv[:, 0] * s).astype(int), 0, s - 1)
+    y = np.clip(((1 - uv[:, 1]) * s).astype(int), 0, s - 1)
+    return texture[y, x, :3]

@@ -1,0 +1,651 @@
+"""The Blender add-on on the real `bpy` module, with a real backend process on the tiny model set.
+
+bpy can be imported once per process and is heavy, so every Blender-side check runs in ONE
+subprocess (this file run as a script with `--driver`), which installs the built extension zip into
+a temporary user folder and writes one pass/fail record per check; each pytest test below asserts
+one of those records. Zip building and manifest validation run in the pytest process (no bpy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ADDON_ID = "make_your_3d"
+MODULE = f"bl_ext.user_default.{ADDON_ID}"
+
+BASIC_CHECKS = (
+    "installs_and_enables",
+    "properties_and_operators_exist",
+    "poll_no_backend_python",
+    "poll_missing_image",
+    "poll_empty_prompt",
+    "image_bytes_from_generated_image",
+    "importer_textured_box_into_collection",
+    "importer_link_mode_writes_texture",
+    "importer_rejects_non_glb",
+    "poll_missing_weights",
+    "history_persists_save_reload",
+    "unregister_leaves_nothing",
+)
+E2E_CHECKS = (
+    "e2e_generate_textured_mesh",
+    "e2e_three_variants_side_by_side",
+    "e2e_cancel_leaves_no_object",
+    "e2e_history_survives_backend_restart",
+    "e2e_dead_backend_reason",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest side
+# ------------------------------------------------------------------------------------------------
+def _generator_available() -> bool:
+    return importlib.util.find_spec("make_your_3d.pipeline.generate") is not None
+
+
+def _bpy_available() -> bool:
+    return importlib.util.find_spec("bpy") is not None
+
+
+if __name__ != "__main__":
+    import pytest
+
+    sys.path.insert(0, str(REPO))
+    import build_addon  # noqa: E402
+
+    needs_bpy = pytest.mark.skipif(not _bpy_available(), reason="bpy (the Blender Python module) is not installed")
+
+    @pytest.fixture(scope="module")
+    def built_zip(tmp_path_factory) -> Path:
+        return build_addon.build(tmp_path_factory.mktemp("dist")).zip_path
+
+    def test_zip_layout_and_validation(built_zip: Path, tmp_path: Path) -> None:
+        with zipfile.ZipFile(built_zip) as zf:
+            names = zf.namelist()
+        assert "blender_manifest.toml" in names and "__init__.py" in names
+        assert "backend_src/pyproject.toml" in names
+        assert "backend_src/backend/make_your_3d/service/server.py" in names
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/tests/" in n or n.startswith("tests/")]
+        assert build_addon.validate_zip(built_zip) == []
+        # the validator must catch stray files and a broken manifest
+        bad = tmp_path / "bad.zip"
+        with zipfile.ZipFile(built_zip) as src, zipfile.ZipFile(bad, "w") as dst:
+            for n in src.namelist():
+                data = src.read(n)
+                if n == "blender_manifest.toml":
+                    data = data.replace(b'type = "add-on"', b'type = "theme"')
+                dst.writestr(n, data)
+            dst.writestr("backend_src/backend/make_your_3d/__pycache__/x.cpython-311.pyc", b"")
+            dst.writestr("notes.txt", b"stray")
+        problems = build_addon.validate_zip(bad)
+        assert any("__pycache__" in p for p in problems), problems
+        assert any("notes.txt" in p for p in problems), problems
+        assert any("type must be 'add-on'" in p for p in problems), problems
+
+    def test_manifest_fields() -> None:
+        manifest = build_addon.load_manifest()
+        assert build_addon.validate_manifest(manifest, build_addon.backend_version()) == []
+        assert manifest["id"] == ADDON_ID and manifest["name"] == "Make-Your-3D"
+        assert manifest["license"] == ["SPDX:GPL-3.0-or-later"]
+        assert set(manifest["permissions"]) == {"network", "files"}
+        broken = dict(manifest, tagline="Ends with a full stop.", permissions={"network": "x"})
+        problems = build_addon.validate_manifest(broken)
+        assert any("tagline" in p for p in problems) and any("'files'" in p for p in problems), problems
+
+    @needs_bpy
+    def test_blender_own_validator_accepts_zip(built_zip: Path) -> None:
+        spec = importlib.util.find_spec("bpy")
+        tool = next(Path(spec.origin).parent.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"), None)
+        if tool is None:
+            pytest.skip("this bpy build has no blender_ext.py")
+        out = subprocess.run([sys.executable, str(tool), "validate", str(built_zip)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "error" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+
+    def _textured_glb(path: Path, with_parent: bool) -> Path:
+        import numpy as np
+        import PIL.Image
+        import trimesh
+
+        box = trimesh.creation.box(extents=(1.0, 0.6, 0.4))
+        rng = np.random.default_rng(0)
+        uv = rng.random((len(box.vertices), 2))
+        tex = PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8))
+        box.visual = trimesh.visual.TextureVisuals(uv=uv, image=tex)
+        if not with_parent:
+            box.export(path)
+            return path
+        scene = trimesh.Scene()
+        scene.graph.update(frame_from="world", frame_to="group", matrix=trimesh.transformations.translation_matrix((2.0, 0.0, 0.0)))
+        scene.add_geometry(box, node_name="box", geom_name="box", parent_node_name="group")
+        scene.export(path)
+        return path
+
+    @pytest.fixture(scope="module")
+    def driver_results(built_zip: Path, tmp_path_factory, request) -> dict:
+        """Run every Blender-side check in one bpy subprocess; returns {check: {ok, detail}}."""
+        if not _bpy_available():
+            pytest.skip("bpy (the Blender Python module) is not installed")
+        work = tmp_path_factory.mktemp("addon")
+        e2e = _generator_available()
+        tiny = str(request.getfixturevalue("tiny_models")) if e2e else ""
+        config = work / "serve_config.json"
+        if e2e:
+            from make_your_3d.pipeline.presets import TEST_OVERRIDES
+
+            config.write_text(json.dumps({"overrides": TEST_OVERRIDES, "progress_interval_s": 0.0}))
+        args = {
+            "zip": str(built_zip),
+            "work": str(work),
+            "box_glb": str(_textured_glb(work / "box.glb", with_parent=True)),
+            "tiny_models": tiny,
+            "config": str(config) if e2e else "",
+            "e2e": e2e,
+            "results": str(work / "results.json"),
+        }
+        env = dict(os.environ, BLENDER_USER_RESOURCES=str(work / "blender_user"), HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+        env.pop("BLENDER_USER_SCRIPTS", None)
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, __file__, "--driver", json.dumps(args)], capture_output=True, text=True,
+                              timeout=420, env=env, cwd=str(work))
+        results = json.loads(Path(args["results"]).read_text()) if Path(args["results"]).is_file() else {}
+        results["_meta"] = {"returncode": proc.returncode, "seconds": time.monotonic() - t0,
+                            "tail": (proc.stdout[-3000:] + "\n" + proc.stderr[-5000:])}
+        return results
+
+    def _assert_check(results: dict, name: str) -> None:
+        rec = results.get(name)
+        meta = results.get("_meta", {})
+        assert rec is not None, f"check {name} did not run (driver exit {meta.get('returncode')}):\n{meta.get('tail', '')}"
+        assert rec["ok"], f"{name}: {rec['detail']}"
+
+    @needs_bpy
+    @pytest.mark.parametrize("check", BASIC_CHECKS)
+    def test_addon_in_blender(driver_results: dict, check: str) -> None:
+        _assert_check(driver_results, check)
+
+    @needs_bpy
+    @pytest.mark.skipif(not _generator_available(), reason="make_your_3d.pipeline.generate is not available yet")
+    @pytest.mark.parametrize("check", E2E_CHECKS)
+    def test_addon_end_to_end(driver_results: dict, check: str) -> None:
+        _assert_check(driver_results, check)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blender side (runs in the subprocess)
+# ------------------------------------------------------------------------------------------------
+class Checks:
+    """Records one result per named check; a failing check does not stop the others."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.results: dict[str, dict] = {}
+
+    def run(self, name: str, fn) -> bool:
+        t0 = time.monotonic()
+        try:
+            detail = fn() or ""
+            ok = True
+        except Exception as exc:  # recorded for the pytest side to report
+            ok, detail = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2500:]}"
+        self.results[name] = {"ok": ok, "detail": str(detail), "seconds": round(time.monotonic() - t0, 2)}
+        self.path.write_text(json.dumps(self.results, indent=1))
+        print(f"[{'ok' if ok else 'FAIL'}] {name} ({time.monotonic() - t0:.1f}s) {'' if ok else detail[:300]}", flush=True)
+        return ok
+
+
+def _poll_message(op) -> str | None:
+    """The reason Blender gives when an operator's poll() fails (None when it would run)."""
+    if op.poll():
+        return None
+    try:
+        op()
+    except RuntimeError as exc:
+        return str(exc)
+    raise AssertionError("poll() was False but the operator ran")
+
+
+def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
+    import bpy
+
+    work = Path(args["work"])
+    checks = Checks(Path(args["results"]))
+    state: dict = {}
+
+    def mod(name: str):
+        return sys.modules[f"{MODULE}.{name}"]
+
+    def prefs():
+        return bpy.context.preferences.addons[MODULE].preferences
+
+    def rt():
+        return mod("runtime").get()
+
+    def props():
+        return bpy.context.scene.make_your_3d
+
+    # -- install ------------------------------------------------------------------------------
+    def installs_and_enables():
+        result = bpy.ops.extensions.package_install_files(filepath=args["zip"], repo="user_default", enable_on_install=True)
+        assert "FINISHED" in result, result
+        assert MODULE in bpy.context.preferences.addons, [a.module for a in bpy.context.preferences.addons]
+        installed = Path(bpy.utils.user_resource("EXTENSIONS")) / "user_default" / ADDON_ID
+        assert (installed / "backend_src" / "backend" / "make_your_3d" / "__main__.py").is_file()
+        assert mod("backend").bundled_backend_root() == installed / "backend_src"
+        assert rt() is not None
+        return f"installed at {installed}"
+
+    if not checks.run("installs_and_enables", installs_and_enables):
+        return
+
+    def properties_and_operators_exist():
+        scene_props = {p.identifier for p in bpy.types.Scene.bl_rna.properties["make_your_3d"].fixed_type.properties}
+        need = {"image", "prompt", "negative_prompt", "subject", "seed_mode", "seed", "variants", "preset", "faces",
+                "texture_size", "history", "history_index", "last_error"}
+        assert need <= scene_props, need - scene_props
+        pref_props = {p.identifier for p in prefs().bl_rna.properties}
+        need = {"python_path", "models_dir", "data_dir", "device", "precision", "port", "texture_mode"}
+        assert need <= pref_props, need - pref_props
+        ops = ("generate", "cancel_job", "rerun_job", "import_job", "open_job_folder", "remove_job", "refresh_history",
+               "reuse_last_seed", "open_image", "backend_start", "backend_stop", "backend_open_log", "install_backend",
+               "models_refresh", "models_fetch")
+        for op in ops:
+            getattr(bpy.ops.make_your_3d, op).get_rna_type()  # KeyError when missing
+        panel = bpy.types.Panel.bl_rna_get_subclass_py("VIEW3D_PT_make_your_3d")
+        assert panel is not None and panel.bl_category == "Make-Your-3D" and panel.bl_region_type == "UI"
+        assert bpy.types.UIList.bl_rna_get_subclass_py("MAKE_YOUR_3D_UL_history") is not None
+        assert bpy.app.timers.is_registered(mod("jobs").tick)
+        # preset and texture size choices match the service's values
+        presets = {i.identifier for i in props().bl_rna.properties["preset"].enum_items}
+        assert presets == {"fast", "default", "quality", "lowvram"}, presets
+        # install needs online access; Blender in background mode has it off
+        msg = _poll_message(bpy.ops.make_your_3d.install_backend)
+        assert bpy.app.online_access or (msg and "Online access is off" in msg), msg
+
+    checks.run("properties_and_operators_exist", properties_and_operators_exist)
+
+    gen = mod("operators").generate_blocker
+
+    def poll_no_backend_python():
+        prefs().python_path = ""
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "No backend Python is set" in msg, msg
+        prefs().python_path = str(work / "no" / "such" / "python")
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "does not exist" in msg and "no/such/python" in msg, msg
+        assert gen(bpy.context) in msg  # the panel shows the same sentence under the button
+        assert _poll_message(bpy.ops.make_your_3d.backend_start) and "does not exist" in _poll_message(bpy.ops.make_your_3d.backend_start)
+        return msg
+
+    checks.run("poll_no_backend_python", poll_no_backend_python)
+    prefs().python_path = sys.executable
+    prefs().data_dir = str(work / "data")
+    prefs().config_file = args["config"]
+
+    def poll_missing_image():
+        props().image = None
+        props().prompt = "wearing a red scarf"
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "No reference image" in msg, msg
+        return msg
+
+    checks.run("poll_missing_image", poll_missing_image)
+
+    # the reference: a generated (never saved) image with a coloured disc on a transparent ground
+    img = bpy.data.images.new("reference", 64, 64, alpha=True)
+    px = []
+    for y in range(64):
+        for x in range(64):
+            inside = (x - 32) ** 2 + (y - 30) ** 2 < 20**2
+            px += [0.8, 0.3 + 0.005 * y, 0.2 + 0.004 * x, 1.0] if inside else [0.0, 0.0, 0.0, 0.0]
+    img.pixels[:] = px
+
+    def poll_empty_prompt():
+        props().image = img
+        props().prompt = "   "
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "No prompt" in msg, msg
+        props().prompt = "wearing a red scarf"
+        assert bpy.ops.make_your_3d.generate.poll(), gen(bpy.context)
+        return msg
+
+    checks.run("poll_empty_prompt", poll_empty_prompt)
+
+    def image_bytes_from_generated_image():
+        data = mod("operators").image_bytes(img)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), data[:8]
+        assert img.source == "GENERATED" and not img.filepath, (img.source, img.filepath)  # the datablock is untouched
+        probe = bpy.data.images.new("probe", 4, 4)
+        tmp = work / "probe.png"
+        tmp.write_bytes(data)
+        probe.filepath = str(tmp)
+        probe.source = "FILE"
+        assert tuple(probe.size) == (64, 64)
+        a = list(probe.pixels[:])
+        centre = (30 * 64 + 32) * 4
+        assert a[centre + 3] > 0.99 and a[3] < 0.01 and abs(a[centre] - 0.8) < 0.02, (a[centre:centre + 4], a[:4])
+        bpy.data.images.remove(probe)
+
+    checks.run("image_bytes_from_generated_image", image_bytes_from_generated_image)
+
+    # -- importer on a GLB made with trimesh (a textured box under a parent node) ----------------------
+    def importer_textured_box_into_collection():
+        imp = mod("importer")
+        bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+        before = set(bpy.data.objects)
+        a = imp.import_glb(bpy.context, Path(args["box_glb"]), job_id="job-a", seed=11, prompt="a red box!", variant_index=0,
+                           texture_mode="PACK", folder=work / "job-a")
+        b = imp.import_glb(bpy.context, Path(args["box_glb"]), job_id="job-b", seed=12, prompt="a red box!", variant_index=1,
+                           texture_mode="PACK", folder=work / "job-b")
+        new = [o for o in bpy.data.objects if o not in before]
+        assert sorted(o.name for o in new) == sorted([a.name, b.name]), [o.name for o in new]  # no empties left
+        assert all(o.type == "MESH" for o in new)
+        coll = bpy.data.collections["Make-Your-3D"]
+        assert set(coll.objects) == {a, b} and [c.name for c in a.users_collection] == ["Make-Your-3D"]
+        assert a.name == "a red box s11" and b.name == "a red box s12", (a.name, b.name)
+        assert (a["job_id"], a["seed"], a["prompt"]) == ("job-a", 11, "a red box!")
+        assert tuple(round(v, 4) for v in a.location) == (1.0, 2.0, 3.0), tuple(a.location)
+        assert b.location.x - a.location.x >= max(a.dimensions) * 1.2 and b.location.y == a.location.y
+        imgs = imp.keep_textures(a, "PACK", None)
+        assert imgs and all(i.packed_file is not None and tuple(i.size) == (16, 16) for i in imgs), [(i.name, i.size[:]) for i in imgs]
+        assert len(a.data.polygons) == 12 or len(a.data.polygons) == 6, len(a.data.polygons)
+        state["box_objects"] = [a.name, b.name]
+
+    checks.run("importer_textured_box_into_collection", importer_textured_box_into_collection)
+
+    def importer_link_mode_writes_texture():
+        imp = mod("importer")
+        folder = work / "job-c"
+        c = imp.import_glb(bpy.context, Path(args["box_glb"]), job_id="job-c", seed=13, prompt="linked", variant_index=2,
+                           texture_mode="LINK", folder=folder)
+        imgs = imp.keep_textures(c, "LINK", folder)
+        assert imgs, "no texture"
+        for image in imgs:
+            assert image.packed_file is None, image.name
+            path = Path(bpy.path.abspath(image.filepath))
+            assert path.is_file() and path.parent == folder / "textures", path
+            assert tuple(image.size) == (16, 16) and image.has_data
+        state["box_objects"].append(c.name)
+
+    checks.run("importer_link_mode_writes_texture", importer_link_mode_writes_texture)
+
+    def importer_rejects_non_glb():
+        imp = mod("importer")
+        bad = work / "not_a.glb"
+        bad.write_bytes(b"PK\x03\x04 this is a zip, not a glb")
+        count = len(bpy.data.objects)
+        try:
+            imp.import_glb(bpy.context, bad, job_id="x", seed=0, prompt="x")
+        except imp.ImportProblem as exc:
+            assert "not a GLB" in str(exc), exc
+        else:
+            raise AssertionError("a non-GLB file was imported")
+        truncated = work / "truncated.glb"
+        truncated.write_bytes(Path(args["box_glb"]).read_bytes()[:200])
+        try:
+            imp.check_glb(truncated)
+        except imp.ImportProblem as exc:
+            assert "truncated" in str(exc), exc
+        else:
+            raise AssertionError("a truncated GLB passed the check")
+        assert len(bpy.data.objects) == count
+
+    checks.run("importer_rejects_non_glb", importer_rejects_non_glb)
+    for name in state.get("box_objects", []):
+        if name in bpy.data.objects:
+            bpy.data.objects.remove(bpy.data.objects[name])
+    bpy.context.scene.cursor.location = (0.0, 0.0, 0.0)
+
+    # -- a real backend ------------------------------------------------------------------------------
+    def start_backend(models_dir: str, timeout: float = 90.0):
+        prefs().models_dir = models_dir
+        assert bpy.ops.make_your_3d.backend_start() == {"FINISHED"}
+        ok = rt().wait_until(lambda: rt().backend_state().status == "running" and rt().models is not None, timeout)
+        assert ok, f"backend did not come up: {rt().backend_state().message}\n{mod('backend').log_tail(rt().log_file, 20)}"
+
+    def stop_backend():
+        if rt().backend_state().status in ("running", "starting"):
+            bpy.ops.make_your_3d.backend_stop()
+        assert rt().backend_state().status == "stopped"
+
+    def poll_missing_weights():
+        empty_models = work / "empty_models"
+        empty_models.mkdir(exist_ok=True)
+        try:
+            start_backend(str(empty_models))
+            models = rt().models
+            assert models["complete"] is False, models
+            msg = _poll_message(bpy.ops.make_your_3d.generate)
+            assert msg and "Model weights missing" in msg and "Fetch" in msg, msg
+            missing_titles = [r["title"] for r in models["roles"] if not r["complete"]]
+            assert missing_titles and all(t in msg for t in missing_titles), (msg, missing_titles)
+            return msg
+        finally:
+            stop_backend()
+
+    checks.run("poll_missing_weights", poll_missing_weights)
+
+    if args["e2e"]:
+        run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop_backend, img)
+
+    # -- history persists through save + reload ----------------------------------------------------------
+    def history_persists_save_reload():
+        h = mod("history")
+        item = h.add_item(bpy.context.scene, "saved-job-1", "grp", 0, {"prompt": "keep me", "seed": 42, "preset": "fast"})
+        item.status = "done"
+        item.folder = str(work / "somewhere")
+        expected = [(i.job_id, i.status, i.prompt, i.seed, i.folder, i.imported) for i in props().history]
+        path = work / "saved.blend"
+        bpy.ops.wm.save_as_mainfile(filepath=str(path))
+        bpy.ops.wm.read_homefile(use_empty=True)
+        assert not props().history
+        bpy.ops.wm.open_mainfile(filepath=str(path))
+        got = [(i.job_id, i.status, i.prompt, i.seed, i.folder, i.imported) for i in props().history]
+        assert got == expected, (got, expected)
+        assert rt() is not None and bpy.app.timers.is_registered(mod("jobs").tick)  # still alive after loading
+        return f"{len(got)} history item(s) restored"
+
+    checks.run("history_persists_save_reload", history_persists_save_reload)
+
+    # -- disable: nothing left behind ------------------------------------------------------------------
+    def unregister_leaves_nothing():
+        import threading
+
+        tick = mod("jobs").tick
+        runtime_mod = mod("runtime")
+        backend_mod = mod("backend")
+        pid = None
+        start_backend(args["tiny_models"] or str(work / "empty_models"))
+        pid = rt().backend_state().info.pid
+        state_file = rt().state_file
+        for cycle in range(2):
+            bpy.ops.preferences.addon_disable(module=MODULE)
+            assert MODULE not in bpy.context.preferences.addons
+            assert not hasattr(bpy.types.Scene, "make_your_3d")
+            for cls in ("VIEW3D_PT_make_your_3d", "VIEW3D_PT_make_your_3d_history"):
+                assert bpy.types.Panel.bl_rna_get_subclass_py(cls) is None, cls
+            try:
+                bpy.ops.make_your_3d.generate.get_rna_type()
+                raise AssertionError("operator still registered")
+            except KeyError:
+                pass
+            assert not bpy.app.timers.is_registered(tick)
+            assert not [f for f in bpy.app.handlers.load_post if getattr(f, "__module__", "").startswith(MODULE)]
+            assert runtime_mod.get() is None
+            deadline = time.monotonic() + 5
+            while [t for t in threading.enumerate() if t.name.startswith("make_your_3d:")] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            left = [t.name for t in threading.enumerate() if t.name.startswith("make_your_3d:")]
+            assert not left, left
+            if pid is not None:
+                assert not backend_mod.pid_alive(pid), "backend process still running"
+                assert not state_file.exists()
+                pid = None
+            if cycle == 0:
+                bpy.ops.preferences.addon_enable(module=MODULE)
+                assert hasattr(bpy.types.Scene, "make_your_3d") and runtime_mod.get() is not None
+                tick = sys.modules[f"{MODULE}.jobs"].tick
+                runtime_mod = sys.modules[f"{MODULE}.runtime"]
+
+    checks.run("unregister_leaves_nothing", unregister_leaves_nothing)
+
+
+def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop_backend, img) -> None:
+    """Generate Subject against a real backend on the tiny models."""
+
+    def coll_objects():
+        coll = bpy.data.collections.get("Make-Your-3D")
+        return list(coll.objects) if coll else []
+
+    def items_of(ids):
+        return [i for i in props().history if i.job_id in ids]
+
+    def submit_and_wait(variants: int, seed: int, timeout: float):
+        props().variants = variants
+        props().seed_mode = "FIXED"
+        props().seed = seed
+        known = {i.job_id for i in props().history}
+        assert bpy.ops.make_your_3d.generate() == {"FINISHED"}
+        ok = rt().wait_until(lambda: len([i for i in props().history if i.job_id not in known]) == variants, 60)
+        assert ok, f"jobs were not created: {props().last_error}"
+        ids = [i.job_id for i in props().history if i.job_id not in known]
+        ok = rt().wait_until(lambda: all(i.status in ("failed", "cancelled", "interrupted") or (i.status == "done" and i.imported)
+                                         for i in items_of(ids)), timeout)
+        summary = [(i.status, i.stage, i.error_message, i.imported) for i in items_of(ids)]
+        assert ok, f"jobs did not finish: {summary}; last error {props().last_error!r}"
+        assert all(i.status == "done" for i in items_of(ids)), summary
+        return ids
+
+    start_backend(args["tiny_models"])
+
+    def e2e_generate_textured_mesh():
+        props().image = img
+        props().prompt = "wearing a red scarf"
+        bpy.context.scene.cursor.location = (0.5, -1.0, 0.0)
+        seen = []
+        t0 = time.monotonic()
+        ids = submit_and_wait(1, 7, 240)
+        item = items_of(ids)[0]
+        obj = bpy.data.objects[item.object_name]
+        assert obj in coll_objects() and obj.type == "MESH" and len(obj.data.polygons) > 0
+        assert obj["job_id"] == item.job_id and obj["seed"] == 7 and obj["prompt"] == "wearing a red scarf"
+        assert obj.name.startswith("wearing a red scarf s7"), obj.name
+        assert tuple(round(v, 4) for v in obj.location) == (0.5, -1.0, 0.0), tuple(obj.location)
+        images = mod("importer")._images_of(obj)
+        assert images and all(im.has_data and im.size[0] >= 16 and im.packed_file is not None for im in images), \
+            [(im.name, im.size[:], im.packed_file) for im in images]
+        assert obj.data.uv_layers, "the mesh has no UVs"
+        assert (Path(item.folder) / "preview.png").is_file() and (Path(item.folder) / "subject.glb").is_file()
+        assert item.total > 0 and item.elapsed_s >= 0, (item.total, item.elapsed_s)
+        state["first"] = (item.job_id, obj.name)
+        return f"{len(obj.data.polygons)} faces, texture {images[0].size[:]}, {time.monotonic() - t0:.1f}s {seen}"
+
+    checks.run("e2e_generate_textured_mesh", e2e_generate_textured_mesh)
+
+    def e2e_three_variants_side_by_side():
+        bpy.context.scene.cursor.location = (0.0, 3.0, 0.0)
+        t0 = time.monotonic()
+        ids = submit_and_wait(3, 100, 300)
+        items = sorted(items_of(ids), key=lambda i: i.index_in_group)
+        assert [i.seed for i in items] == [100, 101, 102], [i.seed for i in items]
+        assert len({i.group for i in items}) == 1
+        objs = [bpy.data.objects[i.object_name] for i in items]
+        assert len(set(objs)) == 3 and all(o in coll_objects() for o in objs)
+        xs = [o.location.x for o in objs]
+        assert xs[0] == 0.0 and xs[0] < xs[1] < xs[2], xs
+        assert all(abs(o.location.y - 3.0) < 1e-5 for o in objs)
+        bpy.context.view_layer.update()
+        for left, right in zip(objs, objs[1:]):  # bounding boxes do not overlap along X
+            lmax = max((left.matrix_world @ __import__("mathutils").Vector(c)).x for c in left.bound_box)
+            rmin = min((right.matrix_world @ __import__("mathutils").Vector(c)).x for c in right.bound_box)
+            assert lmax < rmin, (left.name, lmax, right.name, rmin)
+        return f"x = {[round(x, 3) for x in xs]}, {time.monotonic() - t0:.1f}s"
+
+    checks.run("e2e_three_variants_side_by_side", e2e_three_variants_side_by_side)
+
+    def e2e_cancel_leaves_no_object():
+        props().variants = 2
+        props().seed = 500
+        known = {i.job_id for i in props().history}
+        objects_before = set(coll_objects())
+        assert bpy.ops.make_your_3d.generate() == {"FINISHED"}
+        ok = rt().wait_until(lambda: len([i for i in props().history if i.job_id not in known]) == 2, 60)
+        assert ok, props().last_error
+        ids = [i.job_id for i in props().history if i.job_id not in known]
+        for job_id in reversed(ids):  # the queued one first, then the running one
+            assert bpy.ops.make_your_3d.cancel_job(job_id=job_id) == {"FINISHED"}
+        ok = rt().wait_until(lambda: all(i.status in ("done", "failed", "cancelled") for i in items_of(ids))
+                             and all(i.imported for i in items_of(ids) if i.status == "done"), 120)
+        statuses = [(i.status, i.stage) for i in items_of(ids)]
+        assert ok, statuses
+        cancelled = [i for i in items_of(ids) if i.status == "cancelled"]
+        assert cancelled, f"nothing was cancelled: {statuses}"
+        rt().wait_until(lambda: False, 1.0)  # a late download would land now
+        new_objects = set(coll_objects()) - objects_before
+        done_ids = {i.job_id for i in items_of(ids) if i.status == "done"}
+        assert {o["job_id"] for o in new_objects} == done_ids, ([o.name for o in new_objects], statuses)
+        assert all(not i.imported and not i.object_name for i in cancelled)
+        return f"statuses {statuses}"
+
+    checks.run("e2e_cancel_leaves_no_object", e2e_cancel_leaves_no_object)
+
+    def e2e_history_survives_backend_restart():
+        first_id, first_obj = state["first"]
+        stop_backend()
+        start_backend(args["tiny_models"])
+        before = {i.job_id: i.status for i in props().history}
+        # forget the local state of the first job, as if this .blend came from another machine
+        item = mod("history").find_item(bpy.context.scene, first_id)
+        item.status = "running"
+        item.folder = ""
+        item.imported = True
+        assert bpy.ops.make_your_3d.refresh_history() == {"FINISHED"}
+        ok = rt().wait_until(lambda: item.status == "done" and item.folder and (Path(item.folder) / "subject.glb").is_file(), 30)
+        assert ok, (item.status, item.folder, props().last_error)
+        assert {i.job_id: i.status for i in props().history} == before
+        props().history_index = list(props().history).index(item)
+        n = len(coll_objects())
+        assert bpy.ops.make_your_3d.import_job() == {"FINISHED"}, props().last_error
+        assert len(coll_objects()) == n + 1
+        # re-run with the current prompt goes through the restarted backend
+        props().prompt = "wearing a blue hat"
+        known = {i.job_id for i in props().history}
+        assert bpy.ops.make_your_3d.rerun_job(use_current_prompt=True) == {"FINISHED"}
+        ok = rt().wait_until(lambda: any(i.job_id not in known for i in props().history), 30)
+        assert ok, props().last_error
+        new = [i for i in props().history if i.job_id not in known][0]
+        assert new.prompt == "wearing a blue hat" and new.seed == 7, (new.prompt, new.seed)
+        ok = rt().wait_until(lambda: new.status in ("done", "failed", "cancelled") and (new.status != "done" or new.imported), 120)
+        assert ok and new.status == "done", (new.status, new.error_message)
+
+    checks.run("e2e_history_survives_backend_restart", e2e_history_survives_backend_restart)
+
+    def e2e_dead_backend_reason():
+        import signal
+
+        pid = rt().backend_state().info.pid
+        os.kill(pid, signal.SIGKILL)
+        ok = rt().wait_until(lambda: rt().backend_state().status == "crashed", 15)
+        assert ok, rt().backend_state()
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "stopped unexpectedly" in msg and "exit code" in msg, msg
+        assert mod("operators").generate_blocker(bpy.context) in msg
+        # Start is offered again and brings it back
+        assert bpy.ops.make_your_3d.backend_start.poll()
+        return msg
+
+    checks.run("e2e_dead_backend_reason", e2e_dead_backend_reason)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--driver":
+    driver(json.loads(sys.argv[2]))
