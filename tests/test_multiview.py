@@ -350,6 +350,24 @@ def test_pipeline_writes_valid_deterministic_views(tmp_path, pipe):
         assert np.all(np.abs(lengths - 1.0) < 0.02)  # unit vectors up to 8-bit quantisation
 
 
+def test_masks_come_from_the_generated_views():
+    from make_your_3d.models.multiview_pipeline import view_mask
+
+    size = 64
+    color = np.ones((size, size, 3), np.float32)
+    normal = np.ones((size, size, 3), np.float32)
+    normal[10:50, 10:50] = (0.5, 0.5, 1.0)  # a subject facing the camera ...
+    color[10:50, 10:50] = 1.0  # ... that is itself white: only the normal map shows it
+    normal[25:27, 25:27] = 1.0  # a tiny enclosed gap: filled
+    normal[30:45, 30:45] = 1.0  # a large enclosed hole (a handle): kept open
+    color[60, 60] = 0.0  # a one-pixel speck: dropped
+    mask = view_mask(color, normal)
+    expected = np.zeros((size, size), bool)
+    expected[10:50, 10:50] = True
+    expected[30:45, 30:45] = False
+    assert np.array_equal(mask, expected)
+
+
 def test_front_frame_normals_become_world_normals(tmp_path):
     """Wonder3D's normals are in the front camera's OpenGL frame (x right, y up, z to the viewer):
     in the glTF world (front camera on +Z) that is the world frame; check it through the writer."""
@@ -378,6 +396,22 @@ def test_front_frame_normals_become_world_normals(tmp_path):
     # the right camera (azimuth 90) sits on +X looking at the origin: that patch faces it
     assert np.allclose(right.c2w[:3, 3] / np.linalg.norm(right.c2w[:3, 3]), [1, 0, 0])
     assert float(world.mean(axis=0) @ -right.c2w[:3, 2]) > 0.99
+
+
+def test_cpu_offload_and_bfloat16_paths(pipe, mv_folder):
+    image = subject_image()
+    ref = pipe(image, steps=1, generator=torch.Generator().manual_seed(5))
+    pipe.enable_model_cpu_offload("cpu")
+    try:
+        offloaded = pipe(image, steps=1, generator=torch.Generator().manual_seed(5))
+    finally:
+        pipe.to("cpu")
+    assert torch.equal(ref.colors, offloaded.colors) and torch.equal(ref.normals, offloaded.normals)
+    half = load_multiview(mv_folder, "cpu", torch.bfloat16)
+    assert {half.unet.dtype, half.vae.dtype, half.image_encoder.dtype} == {torch.bfloat16}
+    low = half(image, steps=1, generator=torch.Generator().manual_seed(5))
+    assert low.colors.dtype == torch.float32 and torch.isfinite(low.colors).all()
+    assert (low.colors - ref.colors).abs().mean() < 0.03
 
 
 def test_cancel_stops_within_one_step(pipe):

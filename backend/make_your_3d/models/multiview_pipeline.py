@@ -14,6 +14,9 @@ cross-domain attention always pairs a view's normal and colour *of the same guid
 (Wonder3D's own pipeline concatenates `[uncond(N, C), cond(N, C)]`, which pairs the unconditional
 normal with the conditional normal instead; we keep the training-time pairing).
 
+Only the noisy latents go through `scheduler.scale_model_input` (Wonder3D scales the concatenated
+input, which is the same for its DDIM and differs only for sigma-scaled schedulers like Euler).
+
 Output frames: Wonder3D's normals are in the front camera's OpenGL frame (x right, y up, z towards
 the viewer), which for our glTF world (+Y up, subject facing +Z, front camera on +Z) is the world
 frame itself; `front_normals_to_world` derives that rotation from `recon.cameras` rather than
@@ -69,21 +72,28 @@ def world_normals_to_front(normals: np.ndarray) -> np.ndarray:
 def view_mask(color: np.ndarray, normal: np.ndarray, background: float = BACKGROUND, threshold: float = 0.08) -> np.ndarray:
     """Foreground mask (H, W) of one generated view from its colour and normal images in [0, 1].
 
-    Both domains are generated on the input's (white) background; a pixel is foreground where
-    either image departs from it, then holes are filled and specks below 1% of the largest blob are
-    dropped. The normal map is the sharper cue (white decodes to a non-unit vector).
+    Both domains are generated on the input's (white) background. A pixel is foreground where either
+    image departs from it; the normal map is the robust cue (a unit normal cannot encode to near
+    white, so even a white subject shows). Specks under 1% of the largest blob are dropped and
+    enclosed holes under 0.5% of the image are filled; larger holes (a mug's handle) stay open.
     """
     from scipy import ndimage
 
     dist_c = np.abs(np.asarray(color, dtype=np.float32) - background).max(axis=-1)
     dist_n = np.abs(np.asarray(normal, dtype=np.float32) - background).max(axis=-1)
     mask = (dist_c > threshold) | (dist_n > threshold)
-    mask = ndimage.binary_fill_holes(mask)
     labels, count = ndimage.label(mask)
     if count > 1:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = np.isin(labels, np.flatnonzero(sizes >= 0.01 * sizes.max()))
+    holes, count = ndimage.label(~mask)
+    if count:
+        sizes = np.bincount(holes.ravel())
+        border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+        small = np.flatnonzero(sizes < 0.005 * mask.size)
+        fill = np.setdiff1d(small[small > 0], border)
+        mask = mask | np.isin(holes, fill)
     return mask
 
 

@@ -542,8 +542,10 @@ class UNetMV2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Legacy `*_joint_twice` keys are renamed; anything else that does not match fails with
         `CheckpointMismatch` naming the keys. Nothing is downloaded and no pickle is read.
         """
-        if kwargs:
-            raise TypeError(f"unsupported from_pretrained arguments for the multi-view UNet: {sorted(kwargs)}")
+        harmless = {"use_safetensors": True, "local_files_only": True, "low_cpu_mem_usage": True}
+        unsupported = sorted(k for k, v in kwargs.items() if harmless.get(k, not v) != v)
+        if unsupported:
+            raise TypeError(f"unsupported from_pretrained arguments for the multi-view UNet: {unsupported}")
         folder = Path(pretrained_model_name_or_path)
         if subfolder:
             folder = folder / subfolder
@@ -558,12 +560,15 @@ class UNetMV2DConditionModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             config = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointMismatch(f"{config_path} is not valid JSON ({exc}).") from None
-        model = cls.from_config(config)
+        # Built on the meta device and filled by assignment: no random init, no second copy in memory.
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except ValueError as exc:
+            raise CheckpointMismatch(f"{config_path} describes a UNet this code does not implement: {exc}") from None
         state = read_checkpoint(weights_path)
-        load_strict(model, state, str(weights_path))
+        load_strict(model, state, str(weights_path), dtype=torch_dtype or torch.float32, assign=True)
         model.register_to_config(_name_or_path=str(folder))
-        if torch_dtype is not None and torch_dtype != model.dtype:
-            model = model.to(torch_dtype)
         return model.eval()
 
 
@@ -587,8 +592,16 @@ def rename_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `state` into `model`, failing loudly (naming keys) on missing/unexpected/mis-shaped keys."""
+def load_strict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    dtype: torch.dtype | None = None,
+    assign: bool = False,
+) -> None:
+    """Copy `state` into `model` (legacy names renamed), failing loudly, naming the keys, on any
+    missing, unexpected or mis-shaped key. `assign` adopts the tensors (for a meta-device model),
+    cast to `dtype` (default: each parameter's current dtype)."""
     state = rename_legacy_keys(state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -603,7 +616,8 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
             shown = ", ".join(f"{k} {list(state[k].shape)} != {list(expected[k].shape)}" for k in mismatched[:8])
             parts.append(f"{len(mismatched)} mis-shaped keys: {shown}")
         raise CheckpointMismatch(f"{source} does not match the multi-view UNet its config describes: {'; '.join(parts)}.")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    state = {k: v.to(dtype or expected[k].dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 # --- what the subject-prior optimisation trains ----------------------------------------------

@@ -37,7 +37,13 @@ def tiny_writers(out: Path) -> dict[str, TinyWriter]:
 
 
 def write_tiny_set(out: str | Path, seed: int = 0) -> Path:
-    """Write (or overwrite) a complete tiny model set under `out`; returns `out`."""
+    """Write (or overwrite) a complete tiny model set under `out`; returns `out`.
+
+    Each role gets a checksums.json like a fetched one, so `models verify` and the stage cache's
+    model fingerprints treat tiny and real sets alike.
+    """
+    from make_your_3d.models.fetch import record_checksums
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     roles = []
@@ -47,6 +53,7 @@ def write_tiny_set(out: str | Path, seed: int = 0) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
             writer(tmp, seed * 100 + offset)
+            record_checksums(tmp, name, repo_id="tiny")
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)

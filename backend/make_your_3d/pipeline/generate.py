@@ -72,13 +72,28 @@ class Generator:
 
     # --- models -------------------------------------------------------------------------------
 
-    def _load(self, name: str, dtype: torch.dtype):
+    def _load(self, name: str, dtype: torch.dtype, offload: bool = False):
+        """A loaded model, built on first use. With `offload` (the lowvram preset) every other
+        loaded model is moved to the CPU first, so only the one in use occupies the GPU."""
         key = f"{name}:{dtype}"
         if key not in self._loaded:
             for other in [k for k in self._loaded if k.startswith(f"{name}:")]:
                 del self._loaded[other]  # precision changed between presets
+            if offload:
+                self._evict(keep=None)
             self._loaded[key] = self._build(name, dtype)
+        elif offload:
+            self._evict(keep=key)
+            self._loaded[key].to(self.device)
         return self._loaded[key]
+
+    def _evict(self, keep: str | None) -> None:
+        if self.device.type != "cuda":
+            return
+        for key, model in self._loaded.items():
+            if key != keep and hasattr(model, "to") and not key.startswith("segmenter:"):
+                model.to("cpu")
+        torch.cuda.empty_cache()
 
     def _build(self, name: str, dtype: torch.dtype):
         if name == "personalized":
@@ -107,9 +122,9 @@ class Generator:
             return None
         return self._load("segmenter", torch.float32)
 
-    def _personalized(self, dtype: torch.dtype, ip_state: dict[str, torch.Tensor] | None = None):
+    def _personalized(self, preset: Preset, dtype: torch.dtype, ip_state: dict[str, torch.Tensor] | None = None):
         """The SD 1.5 + IP-Adapter pipeline with either the original or the given adapter weights."""
-        pipe = self._load("personalized", dtype)
+        pipe = self._load("personalized", dtype, preset.offload)
         load_ip_state(pipe.unet, ip_state if ip_state is not None else self._original_ip)
         return pipe
 
@@ -245,12 +260,12 @@ class Generator:
     def _subject_views(self, subject_rgba: Image.Image, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
         from make_your_3d.pipeline.subject_prior import use_adapter
 
-        mv = self._load("multiview", dtype)
+        mv = self._load("multiview", dtype, preset.offload)
         use_adapter(mv.unet, None, preset.lora_rank)  # the frozen, original model
         save_views(tmp / "views", generate_views(mv, subject_rgba, preset, SUBJECT_SEED, rep))
 
     def _identity(self, views_dir: Path, subject: str | None, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
-        pipe = self._personalized(dtype)
+        pipe = self._personalized(preset, dtype)
         views = [(v.name, Image.fromarray(v.color, "RGBA")) for v in load_views(views_dir / "views").views]
         trainer = IdentityTrainer(pipe, views, subject, preset.sd_size, preset.identity_lr, preset.identity_batch, SUBJECT_SEED)
         try:
@@ -268,7 +283,7 @@ class Generator:
         from make_your_3d.recon.views import View, encode_normals
 
         source = load_views(views_dir / "views")
-        pipe = self._personalized(dtype)
+        pipe = self._personalized(preset, dtype)
         pipe.set_ip_adapter_scale(preset.ip_scale)
         inputs = [composite(Image.fromarray(v.color, "RGBA")) for v in source.views]
         prompts = [view_prompt(request.subject, v.name, request.prompt) for v in source.views]
@@ -277,7 +292,7 @@ class Generator:
         size = source.image_size
         edited = [im.resize(size, Image.BICUBIC) for im in edited]
         masks = [self._mask_of(im, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
-        normal_pipe = self._load("normal_estimator", dtype)
+        normal_pipe = self._load("normal_estimator", dtype, preset.offload)
         normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(SUBJECT_SEED),
                                    processing_resolution=max(size), reporter=rep.child("edited_normals"))
         views = []
@@ -294,7 +309,7 @@ class Generator:
         from make_your_3d.pipeline.subject_prior import SubjectPriorTrainer, adapter_state, encode_normal_image, use_adapter
 
         edited = load_views(edits_dir / "views")
-        mv = self._load("multiview", dtype)
+        mv = self._load("multiview", dtype, preset.offload)
         colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
         normals = [encode_normal_image(world_normals_to_front(v.normals_world()), v.mask) for v in edited.views]
         front = next((v for v in edited.views if v.name == "front"), edited.views[0])
@@ -310,7 +325,7 @@ class Generator:
         from make_your_3d.pipeline.edits import edit_images
         from make_your_3d.pipeline.preprocess import composite, prepare_subject
 
-        pipe = self._personalized(dtype, load_file(str(identity_dir / "ip_adapter.safetensors")))
+        pipe = self._personalized(preset, dtype, load_file(str(identity_dir / "ip_adapter.safetensors")))
         try:
             pipe.set_ip_adapter_scale(preset.ip_scale)
             [front] = edit_images(pipe, [composite(subject_rgba)], [view_prompt(request.subject, "front", request.prompt)], request.negative_prompt,
@@ -325,7 +340,7 @@ class Generator:
     def _multiview(self, front_dir: Path, prior_dir: Path, seed: int, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
         from make_your_3d.pipeline.subject_prior import use_adapter
 
-        mv = self._load("multiview", dtype)
+        mv = self._load("multiview", dtype, preset.offload)
         use_adapter(mv.unet, load_file(str(prior_dir / "lora.safetensors")), preset.lora_rank)
         try:
             with Image.open(front_dir / "front.png") as im:
