@@ -39,8 +39,9 @@ def weights_blocker() -> str | None:
     models = rt.models if rt is not None else None
     if not models or models.get("complete", True):
         return None
-    missing = [str(r.get("title") or r.get("name")) for r in models.get("roles", []) if not r.get("complete")]
-    return f"Model weights missing ({', '.join(missing)}): press Fetch in Preferences > Add-ons > Make-Your-3D"
+    missing = [str(r.get("name")) for r in models.get("roles", []) if not r.get("complete")]
+    # Blender cuts poll messages at 200 characters: the fix first, then the role names
+    return f"Model weights missing: press Fetch in Preferences > Add-ons > Make-Your-3D ({', '.join(missing)})"
 
 
 def generate_blocker(context: bpy.types.Context) -> str | None:

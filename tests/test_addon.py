@@ -142,7 +142,12 @@ if __name__ != "__main__":
         if e2e:
             from make_your_3d.pipeline.presets import TEST_OVERRIDES
 
-            config.write_text(json.dumps({"overrides": TEST_OVERRIDES, "progress_interval_s": 0.0}))
+            # the published tiny sizes, with an even smaller reconstruction: the add-on's tests are
+            # about the plumbing, and every job costs CPU time shared with the rest of the suite
+            overrides = dict(TEST_OVERRIDES, faces=600,
+                             recon={"iterations": 10, "render_size": 32, "num_gaussians": 500, "grid_res": 24,
+                                    "fuse_size": 32, "extra_views": False})
+            config.write_text(json.dumps({"overrides": overrides, "progress_interval_s": 0.0}))
         args = {
             "zip": str(built_zip),
             "work": str(work),
@@ -156,11 +161,17 @@ if __name__ != "__main__":
                    TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
         env.pop("BLENDER_USER_SCRIPTS", None)
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, __file__, "--driver", json.dumps(args)], capture_output=True, text=True,
-                              timeout=420, env=env, cwd=str(work))
+        log = work / "driver.log"
+        with open(log, "w") as fh:
+            try:
+                code = subprocess.run([sys.executable, __file__, "--driver", json.dumps(args)], stdout=fh,
+                                      stderr=subprocess.STDOUT, timeout=600, env=env, cwd=str(work)).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout (600 s)"
         results = json.loads(Path(args["results"]).read_text()) if Path(args["results"]).is_file() else {}
-        results["_meta"] = {"returncode": proc.returncode, "seconds": time.monotonic() - t0,
-                            "tail": (proc.stdout[-3000:] + "\n" + proc.stderr[-5000:])}
+        results["_meta"] = {"returncode": code, "seconds": time.monotonic() - t0, "tail": log.read_text()[-6000:]}
+        print(f"add-on driver: {results['_meta']['seconds']:.0f} s, exit {code}; per check: "
+              + ", ".join(f"{k} {v['seconds']}s" for k, v in results.items() if k != "_meta"))
         return results
 
     def _assert_check(results: dict, name: str) -> None:
@@ -427,7 +438,7 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
             assert models["complete"] is False, models
             msg = _poll_message(bpy.ops.make_your_3d.generate)
             assert msg and "Model weights missing" in msg and "Fetch" in msg, msg
-            missing_titles = [r["title"] for r in models["roles"] if not r["complete"]]
+            missing_titles = [r["name"] for r in models["roles"] if not r["complete"]]
             assert missing_titles and all(t in msg for t in missing_titles), (msg, missing_titles)
             return msg
         finally:
@@ -542,8 +553,10 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert obj.name.startswith("wearing a red scarf s7"), obj.name
         assert tuple(round(v, 4) for v in obj.location) == (0.5, -1.0, 0.0), tuple(obj.location)
         images = mod("importer")._images_of(obj)
-        assert images and all(im.has_data and im.size[0] >= 16 and im.packed_file is not None for im in images), \
+        assert images and all(im.size[0] >= 16 and im.packed_file is not None for im in images), \
             [(im.name, im.size[:], im.packed_file) for im in images]
+        texels = images[0].pixels[0:40000]
+        assert len(set(round(v, 3) for v in texels)) > 8, "the texture is flat"  # a real baked texture
         assert obj.data.uv_layers, "the mesh has no UVs"
         assert (Path(item.folder) / "preview.png").is_file() and (Path(item.folder) / "subject.glb").is_file()
         assert item.total > 0 and item.elapsed_s >= 0, (item.total, item.elapsed_s)
@@ -625,8 +638,10 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert ok, props().last_error
         new = [i for i in props().history if i.job_id not in known][0]
         assert new.prompt == "wearing a blue hat" and new.seed == 7, (new.prompt, new.seed)
-        ok = rt().wait_until(lambda: new.status in ("done", "failed", "cancelled") and (new.status != "done" or new.imported), 120)
-        assert ok and new.status == "done", (new.status, new.error_message)
+        # no need to run it through (a new prompt recomputes most stages): cancel it
+        assert bpy.ops.make_your_3d.cancel_job(job_id=new.job_id) == {"FINISHED"}
+        ok = rt().wait_until(lambda: new.status in ("done", "failed", "cancelled"), 60)
+        assert ok and new.status in ("cancelled", "done"), (new.status, new.error_message)
 
     checks.run("e2e_history_survives_backend_restart", e2e_history_survives_backend_restart)
 

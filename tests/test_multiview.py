@@ -138,6 +138,20 @@ def test_multiview_attention_equals_attention_over_concatenated_view_keys():
     torch.testing.assert_close(out, torch.stack(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_joint_attention_equals_wonder3d_key_concatenation():
+    """Row i of either half attends to [keys of normal row i, keys of colour row i] (Wonder3D's
+    JointAttnProcessor: chunk the batch in two, concatenate the halves' keys on the token axis)."""
+    attn = make_attention(JointAttnProcessor())
+    x = torch.randn(2 * V, 4, 16)
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    k2 = torch.cat(k.chunk(2), dim=1).repeat(2, 1, 1)
+    v2 = torch.cat(v.chunk(2), dim=1).repeat(2, 1, 1)
+    split = lambda t: t.view(t.shape[0], t.shape[1], 2, 8).transpose(1, 2)
+    ref = torch.softmax(split(q) @ split(k2).transpose(-1, -2) / math.sqrt(8), dim=-1) @ split(v2)
+    ref = attn.to_out[0](ref.transpose(1, 2).reshape(2 * V, 4, 16))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_joint_attention_couples_each_view_with_itself_in_the_other_domain_only():
     attn = make_attention(JointAttnProcessor())
     batch = 2

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,6 @@ from make_your_3d.errors import BadViews
 from make_your_3d.progress import Reporter
 from make_your_3d.recon.cameras import WONDER3D_VIEWS, orbit_c2w
 from make_your_3d.recon.views import View, ViewSet, encode_normals
-
-log = logging.getLogger(__name__)
 
 WONDER3D_ORTHO_SIZE = 2.0
 BACKGROUND = 1.0  # Wonder3D composites inputs on white and generates white backgrounds

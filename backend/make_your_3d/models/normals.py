@@ -170,7 +170,6 @@ def world_normals_to_opencv(normals: np.ndarray, c2w: np.ndarray) -> np.ndarray:
 
 # --- tiny model set ----------------------------------------------------------------------------
 
-TINY_TEXT_DIM = 32
 
 
 def write_tiny_normal_estimator(folder: Path, seed: int) -> None:
@@ -178,8 +177,9 @@ def write_tiny_normal_estimator(folder: Path, seed: int) -> None:
 
     Byte-identical for a seed: every module is built under a forked, seeded torch RNG.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from make_your_3d.models.tiny_parts import TINY_DIM, tiny_clip_text_encoder, tiny_vae
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,38 +194,13 @@ def write_tiny_normal_estimator(folder: Path, seed: int) -> None:
             layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TINY_TEXT_DIM,
+            cross_attention_dim=TINY_DIM,
             attention_head_dim=8,
             norm_num_groups=8,
             use_linear_projection=True,  # as SD 2, Marigold's base
         ).save_pretrained(folder / "unet", safe_serialization=True)
-        torch.manual_seed(seed + 1)
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=16,
-        ).save_pretrained(folder / "vae", safe_serialization=True)
-        torch.manual_seed(seed + 2)
-        CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=TINY_TEXT_DIM,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=TINY_TEXT_DIM,
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-            )
-        ).save_pretrained(folder / "text_encoder", safe_serialization=True)
+        tiny_vae(seed + 1).save_pretrained(folder / "vae", safe_serialization=True)
+        tiny_clip_text_encoder(seed + 2, vocab_size).save_pretrained(folder / "text_encoder", safe_serialization=True)
     # Marigold v1-1 ships DDIM with v-prediction and trailing timesteps (few-step inference).
     DDIMScheduler(
         beta_start=0.00085,

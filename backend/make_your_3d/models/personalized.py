@@ -7,6 +7,7 @@ parameters `ip_adapter_parameters` returns (the adapter's `to_k_ip` / `to_v_ip`)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from make_your_3d.errors import WeightsMissing
 from make_your_3d.models.registry import ROLES
+from make_your_3d.models.tiny_parts import TINY_DIM, tiny_clip_text_encoder, tiny_clip_vision_encoder, tiny_vae, write_clip_image_processor
 from make_your_3d.models.tokenizer import write_tiny_clip_tokenizer
 
 IP_ADAPTER_WEIGHTS = "ip-adapter_sd15.safetensors"
@@ -73,8 +75,8 @@ def ip_adapter_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 # --- tiny model set ----------------------------------------------------------------------------
 
-TINY_CROSS_DIM = 32
-TINY_IMAGE_EMBED_DIM = 32
+TINY_CROSS_DIM = TINY_DIM
+TINY_IMAGE_EMBED_DIM = TINY_DIM
 
 
 def _seeded(seed: int) -> None:
@@ -83,8 +85,7 @@ def _seeded(seed: int) -> None:
 
 def write_tiny_personalized(folder: Path, seed: int) -> None:
     """A tiny SD 1.5 folder in the published diffusers layout (toy sizes, random weights)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
 
     folder = Path(folder)
     vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer")
@@ -102,38 +103,12 @@ def write_tiny_personalized(folder: Path, seed: int) -> None:
         norm_num_groups=8,
     )
     unet.save_pretrained(folder / "unet")
-    _seeded(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    vae.save_pretrained(folder / "vae")
-    _seeded(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TINY_CROSS_DIM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=TINY_CROSS_DIM,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    tiny_vae(seed + 1).save_pretrained(folder / "vae")
+    tiny_clip_text_encoder(seed + 2, vocab_size).save_pretrained(folder / "text_encoder", safe_serialization=True)
     PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
     ).save_pretrained(folder / "scheduler")
-    _write_feature_extractor(folder / "feature_extractor", 32)
-    import json
+    write_clip_image_processor(folder / "feature_extractor", 32)
 
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -150,27 +125,9 @@ def write_tiny_personalized(folder: Path, seed: int) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_feature_extractor(folder: Path, size: int) -> None:
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
-
-
 def write_tiny_image_encoder(folder: Path, seed: int) -> None:
     """A tiny `CLIPVisionModelWithProjection` folder (config.json + model.safetensors), as h94 ships it."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    _seeded(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=TINY_IMAGE_EMBED_DIM,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder, safe_serialization=True)
+    tiny_clip_vision_encoder(seed, image_size=32, projection_dim=TINY_IMAGE_EMBED_DIM).save_pretrained(folder, safe_serialization=True)
 
 
 def write_tiny_ip_adapter(folder: Path, seed: int, personalized_folder: Path) -> None:

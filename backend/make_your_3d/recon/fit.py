@@ -39,7 +39,7 @@ class FitConfig:
     num_gaussians: int = 8000
     views_per_step: int = 2
     hull_res: int = 64
-    lr_means: float = 2e-3  # times the scene size
+    lr_means: float = 2e-4  # times the scene size
     lr_scales: float = 1e-2
     lr_quats: float = 5e-3
     lr_opacity: float = 5e-2
