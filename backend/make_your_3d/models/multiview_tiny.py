@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from make_your_3d.models.multiview_unet import UNetMV2DConditionModel, save_with_legacy_names
+from make_your_3d.models.tiny_parts import TINY_DIM, tiny_clip_vision_encoder, tiny_vae, write_clip_image_processor
 
-TINY_EMBED_DIM = 32
+TINY_EMBED_DIM = TINY_DIM
 TINY_IMAGE_SIZE = 64
 
 # The published Wonder3D v1.0 model_index.json (the UNet entry names Wonder3D's own module; we
@@ -72,8 +73,7 @@ def _randomise_zero_init(unet: UNetMV2DConditionModel, gen: torch.Generator) -> 
 
 def write_tiny_multiview(folder: Path, seed: int, legacy_names: bool = False) -> None:
     """Write a complete tiny multi-view role folder; `legacy_names` saves `*_joint_twice` keys."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from diffusers import DDIMScheduler
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,34 +86,12 @@ def write_tiny_multiview(folder: Path, seed: int, legacy_names: bool = False) ->
         else:
             unet.save_pretrained(folder / "unet")
 
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_IMAGE_SIZE,
-            scaling_factor=0.18215,
-        )
+        vae = tiny_vae(seed + 1, block_out_channels=(8, 16, 16, 16), sample_size=TINY_IMAGE_SIZE, scaling_factor=0.18215)
         vae.save_pretrained(folder / "vae")
+        encoder = tiny_clip_vision_encoder(seed + 2, image_size=32, projection_dim=TINY_EMBED_DIM)
+        encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
 
-        torch.manual_seed(seed + 2)
-        config = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=TINY_EMBED_DIM,
-        )
-        CLIPVisionModelWithProjection(config).save_pretrained(folder / "image_encoder", safe_serialization=True)
-
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "feature_extractor")
+    write_clip_image_processor(folder / "feature_extractor", 32)
     # Wonder3D's scheduler: SD's scaled-linear betas, DDIM.
     DDIMScheduler(
         beta_start=0.00085,

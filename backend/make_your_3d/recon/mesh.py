@@ -26,6 +26,8 @@ class DepthView:
     depth: Tensor
     alpha: Tensor
     mask: Tensor | None = None
+    weight: float = 1.0
+    carve: bool = True  # pixels without coverage mark free space (only for trustworthy coverage)
 
 
 def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tuple[float, ...], n_azimuth: int,
@@ -75,19 +77,20 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         d = dv.depth[iyc, ixc]
         a = dv.alpha[iyc, ixc]
-        covered = inside & (a > 0.5)
-        empty = inside & ~covered
+        covered = inside & (a > 0.5) & torch.isfinite(d)
+        empty = inside & ~covered if dv.carve else torch.zeros_like(covered)
         if dv.mask is not None:
             empty = empty | (inside & (dv.mask[iyc, ixc] < 0.5))
             covered = covered & ~empty
         outside |= ~inside  # every view is assumed to see the whole subject
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
-        num += torch.where(seen, sdf.clamp(max=1.0), torch.zeros_like(sdf))
-        den += seen.to(den.dtype)
+        w = dv.weight
+        num += torch.where(seen, sdf.clamp(max=1.0) * w, torch.zeros_like(sdf))
+        den += seen.to(den.dtype) * w
         # free space from silhouettes counts as strongly outside
-        num += torch.where(empty, torch.full_like(sdf, 1.0) * 4, torch.zeros_like(sdf))
-        den += empty.to(den.dtype) * 4
+        num += torch.where(empty, torch.full_like(sdf, 4.0 * w), torch.zeros_like(sdf))
+        den += empty.to(den.dtype) * 4 * w
     field = torch.where(den > 0, num / den.clamp_min(1e-6), torch.full_like(num, -1.0))
     field = torch.where(outside, torch.ones_like(field), field)
     return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
