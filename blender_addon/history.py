@@ -12,7 +12,7 @@ from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from .client import TERMINAL
 
-ACTIVE = frozenset({"queued", "running", "submitting"})
+ACTIVE = frozenset({"queued", "running"})
 
 
 class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
@@ -124,7 +124,6 @@ def status_icon(status: str) -> str:
         "interrupted": "UNLINKED",
         "running": "SORTTIME",
         "queued": "TIME",
-        "submitting": "TIME",
     }.get(status, "QUESTION")
 
 

@@ -97,7 +97,7 @@ def _images_of(obj: bpy.types.Object) -> list[bpy.types.Image]:
     images = []
     for slot in obj.material_slots:
         mat = slot.material
-        if mat is None or not mat.use_nodes or mat.node_tree is None:
+        if mat is None or mat.node_tree is None:
             continue
         for node in mat.node_tree.nodes:
             if node.type == "TEX_IMAGE" and node.image is not None and node.image not in images:

@@ -87,12 +87,21 @@ def image_bytes(image: bpy.types.Image) -> bytes:
         raise ValueError(f"Reference image '{image.name}' has no pixels (is its file missing?)")
     with tempfile.TemporaryDirectory(prefix="make_your_3d_") as tmp:
         out = Path(tmp) / "reference.png"
-        fmt = image.file_format
-        try:
-            image.file_format = "PNG"
-            image.save(filepath=str(out), save_copy=True)
-        finally:
-            image.file_format = fmt
+        if "save_copy" in bpy.types.Image.bl_rna.functions["save"].parameters:
+            fmt = image.file_format
+            try:
+                image.file_format = "PNG"
+                image.save(filepath=str(out), save_copy=True)
+            finally:
+                image.file_format = fmt
+        else:  # older Blender: save a throwaway copy so the artist's datablock keeps its path and source
+            copy = image.copy()
+            try:
+                copy.filepath_raw = str(out)
+                copy.file_format = "PNG"
+                copy.save()
+            finally:
+                bpy.data.images.remove(copy)
         return out.read_bytes()
 
 
@@ -299,8 +308,8 @@ class MAKE_YOUR_3D_OT_remove_job(bpy.types.Operator):
         props.history.remove(index)
         props.history_index = min(props.history_index, len(props.history) - 1)
         rt = runtime.get()
-        if rt is not None and rt._previews is not None and job_id in rt._previews:
-            del rt._previews[job_id]
+        if rt is not None:
+            rt.forget_preview(job_id)
         return {"FINISHED"}
 
 

@@ -56,9 +56,9 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
                 col.template_icon(icon_value=preview.icon_id, scale=6.0)
 
         col = layout.column(align=True)
-        col.prop(props, "prompt", text="", placeholder="Prompt: the change you want")
-        col.prop(props, "negative_prompt", text="", placeholder="Negative prompt")
-        col.prop(props, "subject", text="", placeholder="Subject (optional), e.g. a toy robot")
+        _text_prop(col, props, "prompt", "the change, e.g. wearing a red scarf")
+        _text_prop(col, props, "negative_prompt", "what to avoid")
+        _text_prop(col, props, "subject", "optional, e.g. a toy robot")
 
         col = layout.column(align=True)
         row = col.row(align=True)
@@ -151,6 +151,14 @@ class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
         op.use_current_prompt = True
         grid.operator("make_your_3d.import_job", text="Import again", icon="IMPORT")
         grid.operator("make_your_3d.open_job_folder", icon="FILE_FOLDER")
+
+
+def _text_prop(layout: bpy.types.UILayout, data, name: str, hint: str) -> None:
+    """A text field with a grey hint where this Blender supports placeholders (newer than 4.2)."""
+    if "placeholder" in bpy.types.UILayout.bl_rna.functions["prop"].parameters:
+        layout.prop(data, name, placeholder=hint)
+    else:
+        layout.prop(data, name)
 
 
 def _wrap(text: str, width: int) -> list[str]:

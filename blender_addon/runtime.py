@@ -18,9 +18,9 @@ from typing import Callable
 
 import bpy
 
-from . import history
-from .backend import BackendConfig, BackendError, BackendProcess, BackendState, bundled_backend_root, venv_python
-from .client import TERMINAL, ApiError, Client, watch_job
+from .backend import (BackendConfig, BackendError, BackendProcess, BackendState, build_env, bundled_backend_root,
+                      venv_python)
+from .client import ApiError, Client, watch_job
 from .tasks import Step, SubprocessTask
 
 PACKAGE = __package__
@@ -325,8 +325,6 @@ class Runtime:
             cmd += ["--models", cfg.models_dir]
         if prefs is not None and prefs.hf_token:
             cmd += ["--token", prefs.hf_token]
-        from .backend import build_env
-
         self.fetch_task = SubprocessTask("fetch", [Step("Download model weights", cmd, build_env(cfg))], self.base_dir / "fetch.log",
                                          on_done=self._fetch_done).start()
         return self.fetch_task
@@ -355,6 +353,10 @@ class Runtime:
         if not path.is_file():
             return 0
         return coll.load(item.job_id, str(path), "IMAGE").icon_id
+
+    def forget_preview(self, job_id: str) -> None:
+        if self._previews is not None and job_id in self._previews:
+            del self._previews[job_id]
 
     def drain(self, max_items: int | None = None) -> int:
         """Apply queued worker events to bpy data; main thread only. Returns how many were applied."""

@@ -106,16 +106,20 @@ class SubprocessTask:
                 with self._lock:
                     self._proc = proc
                 last = ""
+                last_error = ""  # pip and our CLI say what went wrong on an "ERROR:"/"error" line
                 assert proc.stdout is not None
                 for n, line in enumerate(proc.stdout, start=1):
                     log.write(line)
                     if line.strip():
                         last = line.strip()
+                        if last.lower().startswith("error"):
+                            last_error = last
                         self._update(line=last[:200], lines_seen=n)
                 code = proc.wait()
                 log.flush()
                 if code != 0:
-                    error = "Cancelled" if self._cancel.is_set() else f"{step.title} failed (exit code {code}): {last[:200]}; see {self._log_file}"
+                    reason = (last_error or last)[:200]
+                    error = "Cancelled" if self._cancel.is_set() else f"{step.title} failed (exit code {code}): {reason}; see {self._log_file}"
                     break
         self._update(running=False, error=error, finished_at=time.monotonic())
         if self._on_done is not None:

@@ -39,11 +39,18 @@ def job_meta(glb: Path) -> tuple[str, int, str]:
     if record.is_file():
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
-            req = data.get("request", data)
+            req = data.get("inputs") or data.get("request") or data
             return str(req.get("prompt", glb.stem)), int(req.get("seed", 0) or 0), str(data.get("id", glb.parent.name))
         except (ValueError, TypeError, AttributeError):
             pass
     return glb.stem, 0, glb.parent.name
+
+
+def _is_tiny(glb: Path) -> bool:
+    try:
+        return bool(json.loads((glb.parent / "job.json").read_text(encoding="utf-8")).get("tiny_models"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def make_scene(resolution: tuple[int, int], samples: int) -> bpy.types.Scene:
@@ -59,7 +66,8 @@ def make_scene(resolution: tuple[int, int], samples: int) -> bpy.types.Scene:
     scene.render.film_transparent = False
     scene.view_settings.view_transform = "Standard"  # show the baked texture colours as they are
     world = bpy.data.worlds.new("World")
-    world.use_nodes = True
+    if world.node_tree is None:
+        world.use_nodes = True
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.62, 0.66, 0.72, 1.0)
     world.node_tree.nodes["Background"].inputs["Strength"].default_value = 0.6
     scene.world = world
@@ -74,7 +82,8 @@ def add_ground_and_lights(scene: bpy.types.Scene, lo: Vector, hi: Vector) -> Non
     mesh.from_pydata([(c.x - h, c.y - h, c.z), (c.x + h, c.y - h, c.z), (c.x + h, c.y + h, c.z), (c.x - h, c.y + h, c.z)], [], [(0, 1, 2, 3)])
     ground = bpy.data.objects.new("Ground", mesh)
     mat = bpy.data.materials.new("Ground")
-    mat.use_nodes = True
+    if mat.node_tree is None:  # Blender 4.x; 5.x materials always have nodes
+        mat.use_nodes = True
     bsdf = mat.node_tree.nodes["Principled BSDF"]
     bsdf.inputs["Base Color"].default_value = (0.8, 0.8, 0.78, 1.0)
     bsdf.inputs["Roughness"].default_value = 0.9
@@ -126,6 +135,10 @@ def render(glbs: list[Path], out: Path, samples: int, resolution: tuple[int, int
     importer = load_importer()
     scene = make_scene(resolution, samples)
     objects = []
+    tiny = any(_is_tiny(glb) for glb in glbs)
+    if tiny:
+        print("note: these results come from the tiny random-weight model set (job.json says tiny_models); "
+              "caption the image accordingly")
     for i, glb in enumerate(glbs):
         prompt, seed, job_id = job_meta(glb)
         objects.append(importer.import_glb(bpy.context, glb, job_id=job_id, seed=seed, prompt=prompt, variant_index=i,

@@ -137,3 +137,28 @@ def surface_samples(shape: str, n: int = 20000, seed: int = 0) -> np.ndarray:
     fixed = np.where(side % 2 == 0, -h, h)
     wall = np.where((side < 2)[:, None], np.stack([fixed, t, z], 1), np.stack([t, fixed, z], 1))
     return np.concatenate([outer, wall])
+
+
+def surface_distance(shape: str, points: np.ndarray) -> np.ndarray:
+    """Unsigned distance from points to the exact surface (exact for the sphere, CSG bound for the frame)."""
+    if shape == "sphere":
+        return np.abs(np.linalg.norm(points, axis=1) - SPHERE_R)
+
+    def box_sdf(p: np.ndarray, half: np.ndarray) -> np.ndarray:
+        q = np.abs(p) - half
+        return np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(1), 0)
+
+    outer = box_sdf(points, np.array(FRAME))
+    hole = box_sdf(points, np.array([HOLE, HOLE, 10.0]))
+    return np.abs(np.maximum(outer, -hole))
+
+
+def chamfer(shape: str, pred_points: np.ndarray, n_gt: int = 50000, threshold: float = 0.02) -> dict:
+    """Chamfer-L1 (mean of accuracy and completeness) and F-score at `threshold` against the exact shape."""
+    from scipy.spatial import cKDTree
+
+    acc = surface_distance(shape, pred_points)
+    comp = cKDTree(pred_points).query(surface_samples(shape, n_gt))[0]
+    p, r = (acc < threshold).mean(), (comp < threshold).mean()
+    return {"accuracy": float(acc.mean()), "completeness": float(comp.mean()),
+            "chamfer_l1": float((acc.mean() + comp.mean()) / 2), "fscore": float(2 * p * r / max(p + r, 1e-9))}

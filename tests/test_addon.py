@@ -25,6 +25,7 @@ MODULE = f"bl_ext.user_default.{ADDON_ID}"
 BASIC_CHECKS = (
     "installs_and_enables",
     "properties_and_operators_exist",
+    "ui_layout_calls_match_blender_api",
     "poll_no_backend_python",
     "poll_missing_image",
     "poll_empty_prompt",
@@ -33,11 +34,13 @@ BASIC_CHECKS = (
     "importer_link_mode_writes_texture",
     "importer_rejects_non_glb",
     "poll_missing_weights",
+    "install_and_fetch_tasks_report_progress_and_failure",
     "history_persists_save_reload",
     "unregister_leaves_nothing",
 )
 E2E_CHECKS = (
     "e2e_generate_textured_mesh",
+    "e2e_client_error_codes",
     "e2e_three_variants_side_by_side",
     "e2e_cancel_leaves_no_object",
     "e2e_history_survives_backend_restart",
@@ -285,6 +288,43 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
 
     checks.run("properties_and_operators_exist", properties_and_operators_exist)
 
+    def ui_layout_calls_match_blender_api():
+        """Panels cannot be drawn without a window, so check every layout call against Blender's API:
+        method and keyword names, operator idnames, and the property names given to prop()."""
+        import ast
+
+        api = bpy.types.UILayout.bl_rna.functions
+        owners = {"props": props().bl_rna, "self": prefs().bl_rna, "item": None}
+        installed = Path(bpy.utils.user_resource("EXTENSIONS")) / "user_default" / ADDON_ID
+        n = 0
+        for fname in ("panel.py", "preferences.py"):
+            tree = ast.parse((installed / fname).read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_text_prop":
+                    assert node.args[2].value in props().bl_rna.properties, f"{fname}:{node.lineno} {node.args[2].value}"
+                    n += 1
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                name = node.func.attr
+                if name not in api:
+                    continue
+                params = set(api[name].parameters.keys())
+                bad = [kw.arg for kw in node.keywords if kw.arg not in params]
+                assert not bad, f"{fname}:{node.lineno} {name}() has no keyword(s) {bad}"
+                consts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                if name == "operator" and consts:
+                    mod_name, op_name = consts[0].split(".")
+                    getattr(getattr(bpy.ops, mod_name), op_name).get_rna_type()
+                if name in ("prop", "template_ID", "template_list") and node.args and isinstance(node.args[0], ast.Name):
+                    owner = owners.get(node.args[0].id)
+                    if owner is not None and consts:
+                        assert consts[0] in owner.properties, f"{fname}:{node.lineno} no property {consts[0]!r}"
+                n += 1
+        assert n > 40, n
+        return f"{n} layout calls checked"
+
+    checks.run("ui_layout_calls_match_blender_api", ui_layout_calls_match_blender_api)
+
     gen = mod("operators").generate_blocker
 
     def poll_no_backend_python():
@@ -444,10 +484,41 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         finally:
             stop_backend()
 
+    # The install button's task, for real, with pip cut off from any index (so it fails at the
+    # dependency step instead of downloading gigabytes) and the fetch task offline: both must walk
+    # their steps, keep a log, and end with a sentence, not hang or raise.
+    def start_tasks():
+        empty_links = work / "no_wheels"
+        empty_links.mkdir(exist_ok=True)
+        os.environ.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty_links), HF_HUB_OFFLINE="1")
+        msg = _poll_message(bpy.ops.make_your_3d.models_fetch)
+        assert bpy.app.online_access or (msg and "Online access is off" in msg), msg
+        state["install"] = rt().install_backend(sys.executable)
+        prefs().models_dir = str(work / "empty_models")
+        state["fetch"] = rt().fetch_models(prefs())
+
     checks.run("poll_missing_weights", poll_missing_weights)
+    start_tasks()
 
     if args["e2e"]:
         run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop_backend, img)
+
+    def install_and_fetch_tasks_report_progress_and_failure():
+        inst, fetch = state["install"], state["fetch"]
+        inst.join(240)
+        fetch.join(60)
+        st = inst.state()
+        assert not st.running and st.step == 3 and st.total == 3, st
+        assert st.error and "Install backend and dependencies failed" in st.error, st.error
+        assert Path(rt().venv_dir / ("Scripts" if os.name == "nt" else "bin")).is_dir()
+        assert st.factor == 1.0 or st.factor > 0.6, st.factor
+        log = inst.log_file.read_text()
+        assert "Create virtual environment" in log and "pip install" in log, log[-500:]
+        fst = fetch.state()
+        assert not fst.running and fst.error and "Download model weights failed" in fst.error, fst
+        return f"install: {st.error[:160]} | fetch: {fst.error[:160]}"
+
+    checks.run("install_and_fetch_tasks_report_progress_and_failure", install_and_fetch_tasks_report_progress_and_failure)
 
     # -- history persists through save + reload ----------------------------------------------------------
     def history_persists_save_reload():
@@ -530,8 +601,14 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         ok = rt().wait_until(lambda: len([i for i in props().history if i.job_id not in known]) == variants, 60)
         assert ok, f"jobs were not created: {props().last_error}"
         ids = [i.job_id for i in props().history if i.job_id not in known]
-        ok = rt().wait_until(lambda: all(i.status in ("failed", "cancelled", "interrupted") or (i.status == "done" and i.imported)
-                                         for i in items_of(ids)), timeout)
+        seen = state.setdefault("progress_seen", set())
+
+        def finished() -> bool:
+            seen.update((i.status, i.stage, i.step > 0, i.total > 0) for i in items_of(ids))
+            return all(i.status in ("failed", "cancelled", "interrupted") or (i.status == "done" and i.imported)
+                       for i in items_of(ids))
+
+        ok = rt().wait_until(finished, timeout)
         summary = [(i.status, i.stage, i.error_message, i.imported) for i in items_of(ids)]
         assert ok, f"jobs did not finish: {summary}; last error {props().last_error!r}"
         assert all(i.status == "done" for i in items_of(ids)), summary
@@ -543,10 +620,12 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         props().image = img
         props().prompt = "wearing a red scarf"
         bpy.context.scene.cursor.location = (0.5, -1.0, 0.0)
-        seen = []
         t0 = time.monotonic()
         ids = submit_and_wait(1, 7, 240)
         item = items_of(ids)[0]
+        seen = state["progress_seen"]
+        running = {stage for status, stage, stepped, totalled in seen if status == "running" and stepped and totalled}
+        assert len(running) >= 2, f"progress of a running job never reached the history item: {sorted(seen)}"
         obj = bpy.data.objects[item.object_name]
         assert obj in coll_objects() and obj.type == "MESH" and len(obj.data.polygons) > 0
         assert obj["job_id"] == item.job_id and obj["seed"] == 7 and obj["prompt"] == "wearing a red scarf"
@@ -561,9 +640,37 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert (Path(item.folder) / "preview.png").is_file() and (Path(item.folder) / "subject.glb").is_file()
         assert item.total > 0 and item.elapsed_s >= 0, (item.total, item.elapsed_s)
         state["first"] = (item.job_id, obj.name)
-        return f"{len(obj.data.polygons)} faces, texture {images[0].size[:]}, {time.monotonic() - t0:.1f}s {seen}"
+        return f"{len(obj.data.polygons)} faces, texture {images[0].size[:]}, {time.monotonic() - t0:.1f}s, stages seen {sorted(running)}"
 
     checks.run("e2e_generate_textured_mesh", e2e_generate_textured_mesh)
+
+    def e2e_client_error_codes():
+        client_mod = mod("client")
+        info = rt().backend_state().info
+        try:
+            client_mod.Client(client_mod.Endpoint(info.url, "wrong-token")).models()
+            raise AssertionError("a wrong token was accepted")
+        except client_mod.ApiError as exc:
+            assert exc.code == "unauthorized" and exc.status == 401 and exc.message, (exc.code, exc.message)
+        try:
+            rt().client().job("no-such-job")
+            raise AssertionError("an unknown job was found")
+        except client_mod.ApiError as exc:
+            assert exc.code == "not_found" and exc.status == 404, (exc.code, exc.message)
+        import socket
+
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+        try:
+            client_mod.Client(client_mod.Endpoint(dead, "t"), timeout=2).health()
+            raise AssertionError("a closed port answered")
+        except client_mod.ApiError as exc:
+            assert exc.code == "unreachable" and "Cannot reach the backend" in exc.message, (exc.code, exc.message)
+        # the timer callback drains the same queue and asks to be called again
+        assert mod("jobs").tick() == mod("jobs").TICK_SECONDS
+
+    checks.run("e2e_client_error_codes", e2e_client_error_codes)
 
     def e2e_three_variants_side_by_side():
         bpy.context.scene.cursor.location = (0.0, 3.0, 0.0)
@@ -642,6 +749,15 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert bpy.ops.make_your_3d.cancel_job(job_id=new.job_id) == {"FINISHED"}
         ok = rt().wait_until(lambda: new.status in ("done", "failed", "cancelled"), 60)
         assert ok and new.status in ("cancelled", "done"), (new.status, new.error_message)
+        # the history row's thumbnail is the job's preview.png; Open Folder is offered; Remove drops the row only
+        props().history_index = list(props().history).index(item)
+        rt().preview_icon(item)  # the icon id itself is 0 without a window (background mode)
+        assert item.job_id in rt().previews() and len(rt().previews()[item.job_id].image_pixels) > 0
+        assert bpy.ops.make_your_3d.open_job_folder.poll()
+        n_items = len(props().history)
+        assert bpy.ops.make_your_3d.remove_job() == {"FINISHED"}
+        assert len(props().history) == n_items - 1 and mod("history").find_item(bpy.context.scene, first_id) is None
+        assert first_obj in bpy.data.objects
 
     checks.run("e2e_history_survives_backend_restart", e2e_history_survives_backend_restart)
 

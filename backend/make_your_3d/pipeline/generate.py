@@ -175,21 +175,18 @@ class Generator:
         mv_params = {"size": preset.mv_size, "steps": preset.mv_steps, "guidance": preset.mv_guidance, "fill": preset.subject_fill}
         sd_params = {"size": preset.sd_size, "steps": preset.sd_steps, "guidance": preset.sd_guidance, "strength": preset.edit_strength, "ip_scale": preset.ip_scale}
 
-        cached: list[str] = []
-
         def timed_stage(name: str, inputs: dict, writer: Callable[[Path, Reporter], None]) -> Path:
             key = digest(inputs)
             rep = reporter(name)
             t0 = time.monotonic()
             hit = self.cache.get(name, key)
             if hit is not None:
-                cached.append(name)
                 rep.step(1, 1, "reused from cache")
             else:
                 rep.step(0, 1, "starting")
-                hit = self.cache.build(name, key, lambda tmp: writer(tmp, rep), inputs)
-            records.append(StageRecord(name, key, name in cached, round(time.monotonic() - t0, 3)))
-            return hit
+            path = hit or self.cache.build(name, key, lambda tmp: writer(tmp, rep), inputs)
+            records.append(StageRecord(name, key, hit is not None, round(time.monotonic() - t0, 3)))
+            return path
 
         k_views = {"stage": "subject_views", "image": digest(request.image), "mv": mv_params, "models": {k: fingerprints[k] for k in ("multiview",)}, "segmenter": fingerprints.get("segmenter")}
         views_dir = timed_stage("subject_views", k_views, lambda tmp, rep: self._subject_views(subject_rgba, preset, dtype, tmp, rep))
@@ -222,6 +219,7 @@ class Generator:
                    "texture": texture, "seed": request.seed}
         recon_dir = timed_stage("reconstruct", k_recon, lambda tmp, rep: self._reconstruct(mv_dir, preset, faces, texture, request.seed, tmp, progress, cancel))
 
+        cached = [r.name for r in records if r.cached]
         record = {
             "version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

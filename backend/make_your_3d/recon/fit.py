@@ -194,7 +194,7 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
             if not bool(tg.has_normal[v]):
                 continue
             lv = lift_view(tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(), tg.normal[v].cpu().numpy().astype(np.float64),
-                           tg.camera(v), hv, hf)
+                           tg.camera(v), viewset, masks, lo, hi)
             if lv is not None and len(lv.points):
                 lifted.append(lv)
                 depth[v] = torch.tensor(lv.depth, dtype=torch.float32, device=device)

@@ -17,10 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
+from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
 
 from make_your_3d.recon.rasterize import Cameras
-from make_your_3d.recon.texture import raster_triangles, project_points
 
 
 @dataclass
@@ -32,17 +32,68 @@ class LiftedView:
     area: np.ndarray  # (M,) surface area each pixel stands for
 
 
-def hull_depths(verts: torch.Tensor, faces: torch.Tensor, cams: Cameras) -> tuple[np.ndarray, np.ndarray]:
-    """Front and back depth of the visual hull mesh along every pixel ray (inf where missed)."""
-    uv, z = project_points(verts, cams)
-    _, _, front = raster_triangles(uv[faces], z[faces], cams.width, cams.height)
-    _, _, back = raster_triangles(uv[faces], -z[faces], cams.width, cams.height)
-    return front.cpu().numpy(), (-back).cpu().numpy()
+def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarray, hi: np.ndarray,
+                pixels: np.ndarray, steps: int = 96, refine: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Front and back depth of the visual hull along the orthographic rays of `pixels` (H,W bool),
+    found by marching the mask field and refining the crossings by bisection (inf / -inf: missed).
+
+    Marching the field itself (not a marching-cubes mesh of it) keeps flat faces exactly flat, which
+    the anchoring of integrated normals relies on."""
+    from make_your_3d.recon.scene import HullField
+
+    field = HullField(viewset, masks)
+    H, W = pixels.shape
+    front = np.full((H, W), np.inf)
+    back = np.full((H, W), -np.inf)
+    v, u = np.nonzero(pixels)
+    if len(v) == 0:
+        return front, back
+    dev = cams.viewmats.device
+    vm = cams.viewmats[0].double()
+    K = cams.Ks[0].double()
+    c2w = torch.linalg.inv(vm)
+    corners = torch.tensor(np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3), dtype=torch.float64, device=dev)
+    zc = corners @ vm[2, :3] + vm[2, 3]
+    z0, z1 = float(zc.min()), float(zc.max())
+    x = (torch.tensor(u, dtype=torch.float64, device=dev) + 0.5 - K[0, 2]) / K[0, 0]
+    y = (torch.tensor(v, dtype=torch.float64, device=dev) + 0.5 - K[1, 2]) / K[1, 1]
+    zs = torch.linspace(z0, z1, steps, dtype=torch.float64, device=dev)
+
+    def world(xx, yy, zz):
+        pc = torch.stack([xx, yy, zz], -1)
+        return (pc @ c2w[:3, :3].T + c2w[:3, 3]).float()
+
+    R = len(u)
+    pts = world(x[:, None].expand(R, steps), y[:, None].expand(R, steps), zs[None].expand(R, steps))
+    inside = (field(pts.reshape(-1, 3)).reshape(R, steps) > 0).cpu()
+    any_in = inside.any(1)
+    first = torch.argmax(inside.to(torch.int8), 1)
+    last = steps - 1 - torch.argmax(inside.flip(1).to(torch.int8), 1)
+
+    def bisect(i_out, i_in):
+        a = zs[i_out.clamp(0, steps - 1)]
+        b = zs[i_in]
+        a = torch.where(i_out < 0, torch.full_like(a, z0), a)
+        a = torch.where(i_out >= steps, torch.full_like(a, z1), a)
+        for _ in range(refine):
+            mid = 0.5 * (a + b)
+            ins = (field(world(x, y, mid)) > 0).cpu()
+            b = torch.where(ins, mid, b)
+            a = torch.where(ins, a, mid)
+        return b
+
+    f = bisect(first - 1, first).cpu().numpy()
+    bk = bisect(last + 1, last).cpu().numpy()
+    ok = any_in.numpy()
+    front[v[ok], u[ok]] = f[ok]
+    back[v[ok], u[ok]] = bk[ok]
+    return front, back
 
 
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
                       fx: float, fy: float, max_slope: float = 4.0, min_nz: float = 0.15,
-                      touch_quantile: float = 0.98) -> np.ndarray:
+                      touch_quantile: float = 0.98, irls: int = 2,
+                      jump_px: float = 4.0) -> np.ndarray:
     """Least-squares depth whose finite differences match the normals' slopes (orthographic camera).
 
     The integral is fixed up to one offset per connected piece; the offset puts the piece just behind
@@ -50,6 +101,7 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
     nan outside the mask.
     """
     H, W = mask.shape
+    eps = 0.5 / min(fx, fy)  # residuals below half a pixel's width count fully
     ok_hull = np.isfinite(front) & np.isfinite(back)
     m = mask & ok_hull
     idx = -np.ones((H, W), np.int64)
@@ -70,6 +122,12 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
         ib = idx[:, 1:][a] if axis == 1 else idx[1:, :][a]
         ga = g[:, :-1][a] if axis == 1 else g[:-1, :][a]
         gb = g[:, 1:][a] if axis == 1 else g[1:, :][a]
+        # cut edges where the hull jumps far more than the normals allow: an occluding edge (a depth
+        # discontinuity) that integration must not smooth over
+        fa = front[:, :-1][a] if axis == 1 else front[:-1, :][a]
+        fb = front[:, 1:][a] if axis == 1 else front[1:, :][a]
+        keep = np.abs((fb - fa) - 0.5 * (ga + gb)) < jump_px / (fx if axis == 1 else fy)
+        ia, ib, ga, gb = ia[keep], ib[keep], ga[keep], gb[keep]
         k = len(ia)
         e = np.arange(r, r + k)
         rows += [e, e]
@@ -91,29 +149,43 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
     r += k
     A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
     b = np.concatenate(rhs)
-    w = np.concatenate(wts)
-    AtW = A.T.multiply(w).tocsr()
-    z = spla.spsolve((AtW @ A).tocsc(), AtW @ b)
-    ncomp, label = connected_components(AtW @ A, directed=False)
+    w0 = np.concatenate(wts)
+    n_grad = r - k
+    w = w0.copy()
+    for it in range(irls + 1):
+        AtW = A.T.multiply(w).tocsr()
+        z = spla.spsolve((AtW @ A).tocsc(), AtW @ b)
+        if it == irls:
+            break
+        # reweighting towards an L1 fit: a depth jump hidden behind an occluding edge then stays a
+        # jump along that edge instead of bending the whole surface
+        res = np.abs(A[:n_grad] @ z - b[:n_grad])
+        w = w0.copy()
+        w[:n_grad] = 1.0 / np.maximum(res / eps, 1.0)
+    ncomp, label = connected_components(A[:n_grad].T @ A[:n_grad], directed=False)
     gap = front[m] - z
+    # the hull is least reliable next to this view's own silhouette (partly covered pixels): leave a
+    # two-pixel rim out of the estimate where the piece is big enough
+    core = ndimage.binary_erosion(m, iterations=2, border_value=0)[m]
     for c in range(ncomp):
         sel = label == c
-        z[sel] += np.quantile(gap[sel], touch_quantile) if sel.sum() > 4 else gap[sel].max()
+        use = sel & core if (sel & core).sum() > 8 else sel
+        z[sel] += np.quantile(gap[use], touch_quantile) if use.sum() > 4 else gap[use].max()
     out = np.full((H, W), np.nan)
     out[m] = np.clip(z, front[m], back[m])
     return out
 
 
 def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cams: Cameras,
-              hull_verts: torch.Tensor, hull_faces: torch.Tensor) -> LiftedView | None:
+              viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray) -> LiftedView | None:
     """Integrate one orthographic view's normals and lift its masked pixels to world points."""
     if cams.model != "ortho":
         return None
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
     K = cams.Ks[0].cpu().numpy().astype(np.float64)
-    front, back = hull_depths(hull_verts, hull_faces, cams)
-    n_cam = normals_world @ vm[:3, :3].T
     mask = alpha > 0.5
+    front, back = hull_depths(viewset, masks, cams, lo, hi, mask)
+    n_cam = normals_world @ vm[:3, :3].T
     depth = integrate_normals(n_cam, mask, front, back, K[0, 0], K[1, 1])
     valid = np.isfinite(depth)
     H, W = mask.shape

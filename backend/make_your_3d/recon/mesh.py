@@ -120,12 +120,21 @@ def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.T
 
 
 def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
-    """Quadric decimation down to the face budget (no-op when already under it)."""
+    """Quadric decimation down to the face budget (no-op when already under it).
+
+    Aggressive collapses occasionally pinch an edge into a non-manifold one; then retry gentler, and
+    keep the first closed result (or the last one, which the record then reports as not watertight)."""
     if len(mesh.faces) <= faces:
         return mesh
-    v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
-                                        target_count=int(faces))
-    out = trimesh.Trimesh(v, f, process=True)
-    if out.volume < 0:
-        out.invert()
+    out = mesh
+    for agg in (7.0, 4.0, 2.0):
+        v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
+                                            target_count=int(faces), agg=agg)
+        out = trimesh.Trimesh(v, f, process=True)
+        if len(out.faces) > faces:
+            continue
+        if out.volume < 0:
+            out.invert()
+        if out.is_watertight or not mesh.is_watertight:
+            return out
     return out

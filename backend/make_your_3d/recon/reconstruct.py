@@ -31,12 +31,12 @@ from make_your_3d.recon.views import ViewSet, load_views
 
 # Knobs per preset; explicit ReconOptions fields override them.
 PRESETS: dict[str, dict] = {
-    "fast": dict(iterations=300, render_size=128, num_gaussians=8000, views_per_step=2, grid_res=128,
-                 fuse_size=128, faces=20000, texture_size=1024),
-    "default": dict(iterations=600, render_size=160, num_gaussians=15000, views_per_step=2, grid_res=192,
-                    fuse_size=192, faces=40000, texture_size=2048),
-    "quality": dict(iterations=1500, render_size=256, num_gaussians=30000, views_per_step=3, grid_res=256,
-                    fuse_size=256, faces=50000, texture_size=2048),
+    "fast": dict(iterations=100, render_size=96, num_gaussians=6000, views_per_step=2, grid_res=160,
+                 fuse_size=192, faces=20000, texture_size=1024),
+    "default": dict(iterations=200, render_size=128, num_gaussians=12000, views_per_step=2, grid_res=224,
+                    fuse_size=256, faces=40000, texture_size=2048),
+    "quality": dict(iterations=600, render_size=192, num_gaussians=25000, views_per_step=3, grid_res=288,
+                    fuse_size=512, faces=50000, texture_size=2048),
 }
 
 
@@ -52,8 +52,9 @@ class ReconOptions:
     num_gaussians: int | None = None  # initial surfels on the visual hull
     views_per_step: int | None = None
     grid_res: int | None = None  # TSDF grid cells along the longest side of the box
-    fuse_size: int | None = None  # resolution of the depth renders that are fused
-    extra_views: bool = True  # fuse (and fill the texture from) Gaussian renders of extra cameras
+    fuse_size: int | None = None  # resolution at which normals are integrated and depths fused
+    extra_views: bool = True  # fill the texture from Gaussian renders of extra cameras
+    fuse_extra: bool = False  # also fuse their depth (off: expected depth mixes front and back surfels)
 
     def resolved(self) -> dict:
         if self.preset not in PRESETS:
@@ -114,18 +115,26 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
         centre = (lo + hi) / 2
         cfg = FitConfig(iterations=int(knobs["iterations"]), num_gaussians=int(knobs["num_gaussians"]),
                         views_per_step=int(knobs["views_per_step"]), hull_res=min(96, max(32, int(knobs["grid_res"]) // 2)))
+        fuse = targets_for(viewset, int(knobs["fuse_size"]), device)
+        g, lifted_depth = init_from_lift(viewset, masks, fuse, lo, hi, cfg, gen, device)
         tg = targets_for(viewset, int(knobs["render_size"]), device)
-        g, lifted_depth = init_from_lift(viewset, masks, tg, lo, hi, cfg, gen, device)
+        fit_depth = None
+        if lifted_depth is not None:
+            fit_depth = lifted_depth if (tg.width, tg.height) == (fuse.width, fuse.height) else \
+                torch.nn.functional.interpolate(lifted_depth[:, None], size=(tg.height, tg.width), mode="nearest")[:, 0]
         timings["init"] = time.perf_counter() - t
 
         t = time.perf_counter()
         g, losses = fit_gaussians(g, tg, cfg, scene_size, gen, reporter, step_offset=0, total_steps=total,
-                                 depth_targets=lifted_depth)
+                                 depth_targets=fit_depth)
         timings["fit"] = time.perf_counter() - t
 
         reporter.step(cfg.iterations + 1, total, "fusing depth")
         t = time.perf_counter()
-        fuse = targets_for(viewset, int(knobs["fuse_size"]), device)
+        # input views: depth lifted from their normals where known (sharp, exact planes), else the
+        # Gaussians' depth; their masks carve free space. Extra orbit views (optional): the Gaussians'
+        # depth only, at a lower weight, never carving (a gap between surfels is not free space).
+        fuse_depth = lifted_depth
         depth_views: list[DepthView] = []
         extra_sources: list[ColorSource] = []
         with torch.no_grad():
@@ -133,14 +142,18 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                 for j, v in enumerate(idx):
                     cam = cams.subset([j])
                     _, _, a, d = render(g, cam)
-                    depth_views.append(DepthView(cam, d[0], a[0], fuse.mask[v]))
+                    d = d[0]
+                    if fuse_depth is not None:
+                        d = torch.where(torch.isfinite(fuse_depth[v]), fuse_depth[v], d)
+                    depth_views.append(DepthView(cam, d, torch.maximum(a[0], fuse.mask[v]), fuse.mask[v]))
             if options.extra_views:
                 radius = 0.5 * float(np.linalg.norm(hi - lo)) * 1.05
-                orbit = orbit_cameras(centre, radius, int(knobs["fuse_size"]), (0.0, 35.0, -35.0), 8, device)
+                orbit = orbit_cameras(centre, radius, min(256, int(knobs["fuse_size"])), (35.0, -35.0), 6, device)
                 for j in range(len(orbit)):
                     cam = orbit.subset([j])
                     rgb, _, a, d = render(g, cam)
-                    depth_views.append(DepthView(cam, d[0], a[0], None))
+                    if options.fuse_extra:
+                        depth_views.append(DepthView(cam, d[0], a[0], None, weight=0.2, carve=False))
                     extra_sources.append(ColorSource(cam, rgb[0] / a[0, ..., None].clamp_min(1e-4), a[0], 1e-3))
             res = int(knobs["grid_res"])
             trunc = 3.0 * scene_size / (res - 1)
@@ -227,8 +240,10 @@ class _deterministic:
 
 def run_cli(args) -> int:
     """`make-your-3d reconstruct VIEWS_DIR --out OUT.glb ...`: writes OUT.glb and OUT.json."""
+    knobs = {k: getattr(args, k) for k in ("iterations", "render_size", "num_gaussians", "views_per_step", "grid_res",
+                                            "fuse_size") if getattr(args, k, None) is not None}
     opts = ReconOptions(preset=args.preset, device=args.device, faces=args.faces, texture_size=args.texture_size,
-                        seed=args.seed)
+                        seed=args.seed, **knobs)
 
     def show(p) -> None:
         if p.step == p.total or p.step % 50 == 0 or not p.message.startswith("fitting"):
@@ -237,6 +252,8 @@ def run_cli(args) -> int:
 
     result = reconstruct(args.views, args.out, opts, progress=show)
     rec_path = Path(args.out).with_suffix(".json")
-    rec_path.write_text(json.dumps(result.record, indent=2))
+    tmp = rec_path.with_name(f".{rec_path.name}.tmp")
+    tmp.write_text(json.dumps(result.record, indent=2))
+    tmp.replace(rec_path)
     print(f"wrote {result.glb_path} ({result.vertices} vertices, {result.faces} faces) in {result.timings['total']:.1f}s")
     return 0

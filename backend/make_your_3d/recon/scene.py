@@ -117,14 +117,48 @@ def sample_image(img: Tensor, uv: Tensor, W: int, H: int, outside: float = 0.0) 
     return torch.where(inside[:, None], out, torch.full_like(out, outside))
 
 
+class HullField:
+    """The visual hull as a field: min over views of (mask - 1/2) at each point's projection (> 0 inside).
+
+    All views are sampled in one batched grid_sample through precomputed 3x4 projection matrices.
+    Points outside a view's image count as outside (every view must see the whole subject)."""
+
+    def __init__(self, viewset: ViewSet, masks: list[Tensor]):
+        dev = masks[0].device
+        mats = []
+        for v in viewset.views:
+            W, H = v.size
+            K = view_K(v.projection, W, H, v.ortho_size, v.K)
+            w2c = np.linalg.inv(v.c2w)[:3]
+            if v.projection == "orthographic":
+                M = np.vstack([K[:2, :2] @ w2c[:2] + np.c_[np.zeros((2, 3)), K[:2, 2]], [0, 0, 0, 1.0]])
+            else:
+                M = K @ w2c
+            # to grid_sample's normalised coordinates: x_n = u / W * 2 - 1
+            N = np.array([[2.0 / W, 0, -1], [0, 2.0 / H, -1], [0, 0, 1]])
+            mats.append(N @ M if v.projection == "orthographic" else N @ M)
+        self.mats = torch.tensor(np.stack(mats), dtype=torch.float32, device=dev)  # (V,3,4)
+        self.masks = torch.stack(masks)[:, None]  # (V,1,H,W)
+        self.ortho = torch.tensor([v.projection == "orthographic" for v in viewset.views], device=dev)
+
+    def __call__(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
+        outs = []
+        for i in range(0, points.shape[0], chunk):
+            p = points[i : i + chunk]
+            ph = torch.cat([p, torch.ones_like(p[:, :1])], -1)
+            uvw = torch.einsum("vij,nj->vni", self.mats, ph)
+            w = torch.where(self.ortho[:, None], torch.ones_like(uvw[..., 2]), uvw[..., 2].clamp_min(1e-6))
+            grid = uvw[..., :2] / w[..., None]
+            val = F.grid_sample(self.masks, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0, 0]
+            inside = (grid.abs() <= 1).all(-1)
+            val = torch.where(inside, val, torch.zeros_like(val))
+            outs.append(val.min(0).values - 0.5)
+        return torch.cat(outs)
+
+
 def hull_field(points: Tensor, viewset: ViewSet, masks: list[Tensor]) -> Tensor:
     """min over views of (mask - 1/2) at each point's projection: > 0 inside the visual hull."""
-    field = torch.full((points.shape[0],), 0.5, dtype=points.dtype, device=points.device)
-    for v, m in enumerate(masks):
-        uv, _ = project(points, viewset, v)
-        W, H = viewset.views[v].size
-        field = torch.minimum(field, sample_image(m[..., None], uv, W, H, outside=0.0)[:, 0] - 0.5)
-    return field
+    return HullField(viewset, masks)(points)
 
 
 def mask_tensors(viewset: ViewSet, device: torch.device) -> list[Tensor]:
@@ -165,11 +199,12 @@ def grid_points(lo: np.ndarray, hi: np.ndarray, res: int, device: torch.device) 
 
 def scene_bounds(viewset: ViewSet, masks: list[Tensor], device: torch.device, res: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned box around the visual hull, padded by a few voxels."""
+    hull = HullField(viewset, masks)
     centre, radius = _rough_centre_and_radius(viewset)
     lo, hi = centre - radius, centre + radius
     for _ in range(2):
         pts, counts = grid_points(lo, hi, res, device)
-        inside = hull_field(pts, viewset, masks) > -0.25
+        inside = hull(pts) > -0.25
         if not bool(inside.any()):
             break
         p = pts[inside].cpu().numpy()

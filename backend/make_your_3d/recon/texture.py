@@ -166,24 +166,29 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
     acc = torch.zeros(P.shape[0], 3, device=device)
     wsum = torch.zeros(P.shape[0], device=device)
     primary = torch.zeros(P.shape[0], dtype=torch.bool, device=device)
-    for src in sources:
+    for src in sorted(sources, key=lambda s: -s.weight):
+        # fill-in sources (weight < 1: renders of the Gaussians) only matter where no view saw the texel
+        sub = torch.arange(P.shape[0], device=device) if src.weight >= 1.0 else (wsum == 0).nonzero().squeeze(1)
+        if sub.numel() == 0:
+            continue
+        Ps, Ns = P[sub], N[sub]
         zbuf = mesh_depth(V, Fc, src.cams)
-        pix, z = project_points(P, src.cams)
+        pix, z = project_points(Ps, src.cams)
         H, W = src.cams.height, src.cams.width
         ix, iy = torch.floor(pix[:, 0]).long(), torch.floor(pix[:, 1]).long()
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         # visible: nothing of the mesh lies clearly in front of the texel's point
         visible = inside & (z <= zbuf[iyc, ixc] + depth_tol)
-        cos = -(N * view_dirs(P, src.cams)).sum(-1)
+        cos = -(Ns * view_dirs(Ps, src.cams)).sum(-1)
         m = _bilinear(src.mask[..., None], pix)[:, 0]
         w = torch.where(visible & (cos > 0.05) & (m > 0.5), cos.clamp_min(0) ** sharpness * m, torch.zeros_like(cos))
         w = w * src.weight
         col = _bilinear(src.rgb, pix)
-        acc += col * w[:, None]
-        wsum += w
+        acc.index_add_(0, sub, col * w[:, None])
+        wsum.index_add_(0, sub, w)
         if src.weight >= 1.0:
-            primary |= w > 0
+            primary[sub] |= w > 0
     tex = torch.zeros(size * size, 3, device=device)
     filled = torch.zeros(size * size, dtype=torch.bool, device=device)
     idx = chart.reshape(-1).nonzero().squeeze(1)

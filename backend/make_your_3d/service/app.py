@@ -30,7 +30,7 @@ from make_your_3d.errors import BadImage, BadRequest, Make3DError, WeightsMissin
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.request import MAX_IMAGE_BYTES, GenerateRequest, validate_request
 from make_your_3d.service.store import Job, JobSpec, JobStore
-from make_your_3d.service.worker import Worker
+from make_your_3d.service.worker import Worker, classify_exception
 
 log = logging.getLogger("make_your_3d.service")
 
@@ -197,6 +197,8 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     """One sentence naming the first bad field and what to do about it."""
     if not errors:
         return "The request is not valid."
+    first = {"json_invalid": 0, "extra_forbidden": 1}  # the most telling problem first
+    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 2))
     err = errors[0]
     kind = err.get("type", "")
     name = _field_name(tuple(err.get("loc", ())))
@@ -209,7 +211,7 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     elif kind == "missing":
         text = "The request needs a JSON body."
     elif not name:
-        text = "The request body must be a JSON object."
+        text = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
     else:
         text = f"The field {name!r} is invalid: {err.get('msg', 'bad value')}."
     if len(errors) > 1:
@@ -250,6 +252,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        known = classify_exception(exc)  # disk full (files or the database), out of memory
+        if known is not None:
+            log.warning("%s %s failed: [%s] %s (%s)", request.method, request.url.path, known.code, known.message, exc)
+            return error_response(known.code, known.message)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(
             "internal",

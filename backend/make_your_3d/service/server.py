@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -166,6 +167,17 @@ def remove_state_file(path: Path, token: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_partial_outputs(jobs_dir: Path) -> None:
+    """Delete the temporary folders a killed run left beside the job folders (names start with '.').
+    Safe: the data folder lock guarantees no other backend is writing here."""
+    if not jobs_dir.is_dir():
+        return
+    for entry in jobs_dir.iterdir():
+        if entry.name.startswith(".") and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed partial output %s", entry.name)
+
+
 class DataDirLock:
     """An exclusive lock on DATA/serve.lock: two backends must not share one job queue."""
 
@@ -186,18 +198,22 @@ class DataDirLock:
 
                 fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._fh.seek(0)
-            other = self._fh.read().strip() or "unknown"
+            try:
+                self._fh.seek(0)
+                other = self._fh.read().strip() or "unknown"
+            except OSError:  # Windows: the locked byte cannot be read by another process
+                other = "unknown"
             self._fh.close()
             self._fh = None
             raise Make3DError(
                 f"Another backend (pid {other}) is already using the data folder {self.path.parent}. Stop it, or pass another --data folder.",
                 code="busy",
             ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(str(os.getpid()))
-        self._fh.flush()
+        if os.name != "nt":  # flock is advisory: record who holds it for the error message above
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(str(os.getpid()))
+            self._fh.flush()
 
     def release(self) -> None:
         if self._fh is not None:
@@ -267,6 +283,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _connect_host(host: str) -> str:
+    """The host a local client should dial: loopback for a wildcard bind, brackets for IPv6."""
+    bare = host.strip("[]")
+    if bare in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bare == "::":
+        return "[::1]"
+    return f"[{bare}]" if ":" in bare else bare
+
+
 def _watch(server: uvicorn.Server, opts: ServeOptions, worker: Worker, store: JobStore, activity: Activity, stop: threading.Event) -> None:
     """Ask the server to exit when the parent process is gone or the service has been idle too long."""
     while not stop.wait(0.5):
@@ -307,6 +333,7 @@ def serve(opts: ServeOptions) -> int:
     stop_watch = threading.Event()
     try:
         store = JobStore(opts.data_dir / "jobs.sqlite3")
+        remove_partial_outputs(opts.data_dir / "jobs")
         interrupted = store.recover()
         if interrupted:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))
@@ -320,7 +347,7 @@ def serve(opts: ServeOptions) -> int:
         activity = Activity()
         sock = bind_socket(opts.host, opts.port)
         port = sock.getsockname()[1]
-        url_host = f"[{opts.host.strip('[]')}]" if ":" in opts.host.strip("[]") else opts.host
+        url_host = _connect_host(opts.host)
         url = f"http://{url_host}:{port}"
         server_ref: list[uvicorn.Server] = []
 
@@ -334,7 +361,8 @@ def serve(opts: ServeOptions) -> int:
 
         def on_ready() -> None:
             write_state_file(opts.state_file, {"url": url, "token": token, "pid": os.getpid(), "version": __version__})
-            log.info("Make-Your-3D backend %s listening on %s (data %s, log %s)", __version__, url, opts.data_dir, log_path)
+            log.info("Make-Your-3D backend %s listening on %s:%d as %s (data %s, log %s)", __version__, opts.host, port, url, opts.data_dir,
+                     log_path)
 
         server = _Server(config, on_ready)
         server_ref.append(server)

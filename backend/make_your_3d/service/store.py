@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,6 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
@@ -174,7 +173,6 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._version = 0
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -196,18 +194,11 @@ class JobStore:
 
     def _bump(self) -> None:
         self._version += 1
-        self._changed.notify_all()
 
     @property
     def version(self) -> int:
-        """Increments on every change; lets event streams wait cheaply for news."""
+        """Increments on every committed change; event streams poll it and read the row only on news."""
         return self._version
-
-    def wait_for_change(self, version: int, timeout: float) -> int:
-        with self._changed:
-            if self._version == version:
-                self._changed.wait(timeout)
-            return self._version
 
     def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         self._db.execute("INSERT INTO events(job_id, at, kind, data) VALUES (?, ?, ?, ?)", (job_id, time.time(), kind, json.dumps(data)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -62,8 +63,10 @@ def classify_exception(exc: BaseException) -> Make3DError | None:
             isinstance(cur, RuntimeError) and ("out of memory" in text or "cuda error: out of memory" in text)
         ):
             return OutOfMemory(OOM_MESSAGE)
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DiskFull("The disk holding the job folder is full. Free some space and run the job again.")
+        if (isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(cur, sqlite3.Error) and "disk is full" in text
+        ):
+            return DiskFull("The disk holding the backend's data folder is full. Free some space and run the job again.")
         cur = cur.__cause__ or cur.__context__
     return None
 
