@@ -75,8 +75,10 @@ def albedo(points: np.ndarray) -> np.ndarray:
     return np.where(points[:, 1:2] >= 0, TOP, BOTTOM)
 
 
-def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, float]] | None = None, ss: int = 2) -> ViewSet:
-    """Orthographic views (2x2 world units) of `shape` ('sphere' or 'frame'), `ss`x supersampled."""
+def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, float]] | None = None, ss: int = 2,
+                 projection: str = "orthographic") -> ViewSet:
+    """Views of `shape` ('sphere' or 'frame'), `ss`x supersampled: orthographic (2x2 world units) or
+    perspective (pinhole at distance 3 seeing 2.4 units across at the origin)."""
     if azimuths is None:
         azimuths = [(n, a, 0.0) for n, a in WONDER3D_VIEWS]
     hit_fn = _sphere_hit if shape == "sphere" else _frame_hit
@@ -85,9 +87,15 @@ def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, fl
     for name, az, el in azimuths:
         c2w = orbit_c2w(az, el, radius=3.0)
         px = (np.arange(n) + 0.5) / n - 0.5
-        x, y = np.meshgrid(px * 2.0, px * 2.0, indexing="xy")
-        o = (c2w[:3, :3] @ np.stack([x.ravel(), y.ravel(), np.zeros(n * n)])).T + c2w[:3, 3]
-        d = np.broadcast_to(c2w[:3, 2], o.shape).copy()
+        if projection == "orthographic":
+            x, y = np.meshgrid(px * 2.0, px * 2.0, indexing="xy")
+            o = (c2w[:3, :3] @ np.stack([x.ravel(), y.ravel(), np.zeros(n * n)])).T + c2w[:3, 3]
+            d = np.broadcast_to(c2w[:3, 2], o.shape).copy()
+        else:
+            x, y = np.meshgrid(px * 0.8, px * 0.8, indexing="xy")  # 2.4 units across at distance 3
+            d = (c2w[:3, :3] @ np.stack([x.ravel(), y.ravel(), np.ones(n * n)])).T
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
+            o = np.broadcast_to(c2w[:3, 3], d.shape).copy()
         h = hit_fn(o, d)
         m = np.isfinite(h.t)
         col = np.where(m[:, None], albedo(h.point), 0.0)
@@ -102,8 +110,14 @@ def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, fl
         nn = nn / np.clip(np.linalg.norm(nn, axis=-1, keepdims=True), 1e-6, None)
         alpha = np.round(a * 255).astype(np.uint8)
         rgba = np.concatenate([np.clip(np.round(c * 255), 0, 255).astype(np.uint8), alpha[..., None]], -1)
-        views.append(View(name=name, color=rgba, normal=encode_normals(nn, alpha), c2w=c2w,
-                          projection="orthographic", ortho_size=(2.0, 2.0)))
+        if projection == "orthographic":
+            views.append(View(name=name, color=rgba, normal=encode_normals(nn, alpha), c2w=c2w,
+                              projection="orthographic", ortho_size=(2.0, 2.0)))
+        else:
+            f = size / 0.8
+            K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+            views.append(View(name=name, color=rgba, normal=encode_normals(nn, alpha), c2w=c2w,
+                              projection="perspective", ortho_size=None, K=K))
     return ViewSet(views=views)
 
 

@@ -145,12 +145,7 @@ if __name__ != "__main__":
         if e2e:
             from make_your_3d.pipeline.presets import TEST_OVERRIDES
 
-            # the published tiny sizes, with an even smaller reconstruction: the add-on's tests are
-            # about the plumbing, and every job costs CPU time shared with the rest of the suite
-            overrides = dict(TEST_OVERRIDES, faces=600,
-                             recon={"iterations": 10, "render_size": 32, "num_gaussians": 500, "grid_res": 24,
-                                    "fuse_size": 32, "extra_views": False})
-            config.write_text(json.dumps({"overrides": overrides, "progress_interval_s": 0.0}))
+            config.write_text(json.dumps({"overrides": TEST_OVERRIDES, "progress_interval_s": 0.0}))
         args = {
             "zip": str(built_zip),
             "work": str(work),

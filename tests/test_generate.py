@@ -215,3 +215,17 @@ def test_generate_cli_variants_share_stages(tiny_models: Path, example_image: Pa
     bad = subprocess.run([sys.executable, "-m", "make_your_3d", "generate", str(example_image), "--prompt", "",
                           "--models", str(tiny_models), "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error [bad_prompt]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_without_weights_writes_a_tiny_set_says_so_and_makes_a_glb(tmp_path: Path):
+    """The README's main job on a machine without weights (as CI is)."""
+    import os
+
+    env = {**os.environ, "MAKE_YOUR_3D_MODELS": str(tmp_path / "no-weights-here")}
+    res = subprocess.run([sys.executable, "-m", "make_your_3d", "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "TINY model set" in res.stdout and "models fetch" in res.stdout
+    [job] = [p for p in (tmp_path / "demo").iterdir() if p.name.startswith("wearing-a-red-scarf")]
+    assert trimesh.load(job / "subject.glb").geometry
+    assert json.loads((job / "job.json").read_text())["tiny_models"] is True

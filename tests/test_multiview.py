@@ -57,15 +57,6 @@ PUBLISHED_UNET_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Toy-sized ops are dominated by thread hand-off on a shared CPU: run this module on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def mv_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mv") / "multiview"

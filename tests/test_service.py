@@ -30,11 +30,9 @@ START_TIMEOUT_S = 90.0
 
 
 def tiny_overrides() -> dict:
-    """The lead's published tiny sizes (real configuration passed through `serve --config`)."""
-    try:
-        from make_your_3d.pipeline.generate import TEST_OVERRIDES  # type: ignore[attr-defined]
-    except ImportError:
-        from make_your_3d.pipeline.presets import TEST_OVERRIDES
+    """The published tiny sizes (real configuration passed through `serve --config`)."""
+    from make_your_3d.pipeline.presets import TEST_OVERRIDES
+
     return dict(TEST_OVERRIDES)
 
 
@@ -175,13 +173,9 @@ def models(tiny_models) -> Path:
 
 
 def service_config() -> dict:
-    """`serve --config` for the tests: the published tiny sizes with a shorter Gaussian fit (each job
-    stays tiny on a busy 2-core machine) and unthrottled progress (the cancel test reads every step)."""
-    overrides = tiny_overrides()
-    overrides["recon"] = {**overrides.get("recon", {}), "iterations": 6, "render_size": 32, "num_gaussians": 500, "grid_res": 24,
-                          "fuse_size": 32, "extra_views": False}
-    overrides["faces"] = 600
-    return {"overrides": overrides, "progress_interval_s": 0.0}
+    """`serve --config` for the tests: the published tiny sizes and unthrottled progress (the cancel
+    test reads every step)."""
+    return {"overrides": tiny_overrides(), "progress_interval_s": 0.0}
 
 
 class Harness:

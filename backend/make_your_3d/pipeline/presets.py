@@ -73,8 +73,8 @@ TEST_OVERRIDES: dict = {
     "lora_rank": 2,
     "normal_steps": 1,
     "recon_preset": "fast",
-    "recon": {"iterations": 30, "render_size": 64, "num_gaussians": 1500, "grid_res": 40, "fuse_size": 64},
-    "faces": 2000,
+    "recon": {"iterations": 8, "render_size": 32, "num_gaussians": 500, "grid_res": 24, "fuse_size": 32, "extra_views": False},
+    "faces": 600,
     "texture_size": 256,
 }
 

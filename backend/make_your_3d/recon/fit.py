@@ -163,7 +163,7 @@ def _make_gaussians(means: Tensor, normals: Tensor, colors: Tensor, spacing: flo
         means.clone().requires_grad_(True),
         quat_from_z(normals).requires_grad_(True),
         torch.full((n, 2), float(np.log(0.7 * spacing)), device=dev).requires_grad_(True),
-        torch.full((n,), 2.0, device=dev).requires_grad_(True),
+        torch.full((n,), 4.0, device=dev).requires_grad_(True),  # near-opaque: surfels are surfaces
         colors.clamp(0, 1).clone().requires_grad_(True),
     )
 

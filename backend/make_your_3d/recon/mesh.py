@@ -77,11 +77,13 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         d = dv.depth[iyc, ixc]
         a = dv.alpha[iyc, ixc]
-        covered = inside & (a > 0.5) & torch.isfinite(d)
-        empty = inside & ~covered if dv.carve else torch.zeros_like(covered)
+        # free space: outside the mask (when one is given), else where the render has no coverage
         if dv.mask is not None:
-            empty = empty | (inside & (dv.mask[iyc, ixc] < 0.5))
-            covered = covered & ~empty
+            empty = inside & (dv.mask[iyc, ixc] < 0.5)
+        else:
+            empty = inside & (a <= 0.5) if dv.carve else torch.zeros_like(inside)
+        empty = empty & torch.tensor(dv.carve, device=device)
+        covered = inside & (a > 0.5) & torch.isfinite(d) & ~empty
         outside |= ~inside  # every view is assumed to see the whole subject
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
@@ -126,15 +128,15 @@ def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     keep the first closed result (or the last one, which the record then reports as not watertight)."""
     if len(mesh.faces) <= faces:
         return mesh
-    out = mesh
+    tries = []
     for agg in (7.0, 4.0, 2.0):
         v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
                                             target_count=int(faces), agg=agg)
         out = trimesh.Trimesh(v, f, process=True)
-        if len(out.faces) > faces:
-            continue
         if out.volume < 0:
             out.invert()
-        if out.is_watertight or not mesh.is_watertight:
+        tries.append(out)
+        if len(out.faces) <= faces and (out.is_watertight or not mesh.is_watertight):
             return out
-    return out
+    within = [t for t in tries if len(t.faces) <= faces]
+    return within[0] if within else min(tries, key=lambda t: len(t.faces))

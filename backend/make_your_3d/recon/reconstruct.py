@@ -53,7 +53,7 @@ class ReconOptions:
     views_per_step: int | None = None
     grid_res: int | None = None  # TSDF grid cells along the longest side of the box
     fuse_size: int | None = None  # resolution at which normals are integrated and depths fused
-    extra_views: bool = True  # fill the texture from Gaussian renders of extra cameras
+    extra_views: bool = False  # fill unseen texels from Gaussian renders of extra cameras (else nearest seen)
     fuse_extra: bool = False  # also fuse their depth (off: expected depth mixes front and back surfels)
 
     def resolved(self) -> dict:
@@ -142,10 +142,11 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                 for j, v in enumerate(idx):
                     cam = cams.subset([j])
                     _, _, a, d = render(g, cam)
-                    d = d[0]
+                    # the Gaussians' expected depth only where they are solid (else it mixes surfaces)
+                    d = torch.where(a[0] > 0.9, d[0], torch.full_like(d[0], float("nan")))
                     if fuse_depth is not None:
                         d = torch.where(torch.isfinite(fuse_depth[v]), fuse_depth[v], d)
-                    depth_views.append(DepthView(cam, d, torch.maximum(a[0], fuse.mask[v]), fuse.mask[v]))
+                    depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v]))
             if options.extra_views:
                 radius = 0.5 * float(np.linalg.norm(hi - lo)) * 1.05
                 orbit = orbit_cameras(centre, radius, min(256, int(knobs["fuse_size"])), (35.0, -35.0), 6, device)

@@ -3,9 +3,10 @@
 Each texel's surface point is projected into every colour view; views where the point is visible
 (depth test against a z-buffer of the mesh, and inside the mask) contribute with a weight that grows
 steeply with how squarely the view faces the surface, so the sharpest view dominates without seams.
-Texels no input view sees take colour from renders of the Gaussians (from extra cameras), then from
-the nearest baked texel; finally every empty texel outside the charts copies its nearest chart texel
-(island edges dilated to the whole atlas, so bilinear and mip-mapped lookups never hit background).
+Texels no input view sees take colour from renders of the Gaussians (from extra cameras) when those
+are given as fill sources, then from the nearest seen surface point in 3D; finally every empty texel
+outside the charts copies its nearest chart texel (island edges dilated to the whole atlas, so bilinear
+and mip-mapped lookups never hit background).
 """
 
 from __future__ import annotations
@@ -189,6 +190,18 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
         wsum.index_add_(0, sub, w)
         if src.weight >= 1.0:
             primary[sub] |= w > 0
+    # texels no source saw: the colour of the nearest seen surface point (in 3D, so colour flows across
+    # chart seams and around edges, not across the atlas)
+    has = wsum > 0
+    if bool(has.any()) and not bool(has.all()):
+        from scipy.spatial import cKDTree
+
+        seen = has.nonzero().squeeze(1)
+        unseen = (~has).nonzero().squeeze(1)
+        _, nn = cKDTree(P[seen].cpu().numpy()).query(P[unseen].cpu().numpy(), workers=-1)
+        near = seen[torch.as_tensor(nn, device=device)]
+        acc[unseen] = acc[near] / wsum[near, None]
+        wsum[unseen] = 1.0
     tex = torch.zeros(size * size, 3, device=device)
     filled = torch.zeros(size * size, dtype=torch.bool, device=device)
     idx = chart.reshape(-1).nonzero().squeeze(1)

@@ -1,0 +1,138 @@
+"""Reconstruction benchmark: ground-truth views (benchmarks/render_gt.py) -> reconstruct -> metrics.
+
+Per shape and preset: Chamfer-L1, F-score@0.02, normal consistency against the ground-truth mesh;
+silhouette IoU and colour PSNR on held-out views (the GLB rendered with its texture into cameras the
+reconstruction never saw); face count and seconds. Prints a markdown table and writes JSON.
+
+Definitions (units: world units; objects span 1.8):
+- Chamfer-L1 = (accuracy + completeness) / 2, accuracy = mean distance from points sampled on the
+  reconstruction to the ground truth, completeness = the reverse; distances to dense samples
+  (1M on the ground truth, 300k on the reconstruction), nearest neighbour.
+- F-score@0.02 = harmonic mean of the fractions of those distances below 0.02.
+- Normal consistency = mean |cos| between each sample's face normal and its nearest neighbour's, both ways.
+- Held-out IoU: masks (alpha >= 0.5) of the reconstruction rendered at 2x supersampling vs Blender's.
+- Held-out PSNR: both images composited on white, over the union of the two masks.
+
+Run: python benchmarks/recon_bench.py --data bench_data --presets fast,default [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from scipy.spatial import cKDTree
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+from make_your_3d.recon.reconstruct import ReconOptions, reconstruct  # noqa: E402
+from make_your_3d.recon.texture import raster_triangles  # noqa: E402
+from make_your_3d.recon.views import load_views  # noqa: E402
+
+
+def _samples(mesh: trimesh.Trimesh, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    pts, fidx = trimesh.sample.sample_surface(mesh, n, seed=seed)
+    return np.asarray(pts), np.asarray(mesh.face_normals[fidx])
+
+
+def geometry_metrics(pred: trimesh.Trimesh, gt: trimesh.Trimesh, threshold: float = 0.02) -> dict:
+    pp, pn = _samples(pred, 300_000, 1)
+    gp, gn = _samples(gt, 1_000_000, 2)
+    d_acc, i_acc = cKDTree(gp).query(pp, workers=-1)
+    d_comp, i_comp = cKDTree(pp).query(gp, workers=-1)
+    prec, rec = (d_acc < threshold).mean(), (d_comp < threshold).mean()
+    nc = 0.5 * (np.abs((pn * gn[i_acc]).sum(1)).mean() + np.abs((gn * pn[i_comp]).sum(1)).mean())
+    return {"chamfer_l1": float((d_acc.mean() + d_comp.mean()) / 2), "accuracy": float(d_acc.mean()),
+            "completeness": float(d_comp.mean()), "fscore": float(2 * prec * rec / max(prec + rec, 1e-9)),
+            "normal_consistency": float(nc)}
+
+
+def render_textured(mesh: trimesh.Trimesh, c2w: np.ndarray, ortho: tuple[float, float], size: int, ss: int = 2):
+    """Colour (H,W,3) in [0,1] and alpha (H,W) of a textured mesh in an orthographic contract camera."""
+    tex = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB")).astype(np.float32) / 255.0
+    n = size * ss
+    w2c = np.linalg.inv(c2w)
+    cam = np.asarray(mesh.vertices) @ w2c[:3, :3].T + w2c[:3, 3]
+    uvpix = np.stack([(cam[:, 0] / ortho[0] + 0.5) * n, (cam[:, 1] / ortho[1] + 0.5) * n], -1)
+    f = torch.tensor(np.asarray(mesh.faces))
+    fid, bary, _ = raster_triangles(torch.tensor(uvpix, dtype=torch.float32)[f], torch.tensor(cam[:, 2], dtype=torch.float32)[f], n, n)
+    hit = fid >= 0
+    uv = (torch.tensor(mesh.visual.uv, dtype=torch.float32)[f[fid[hit]]] * bary[hit][..., None]).sum(1)
+    grid = torch.stack([uv[:, 0] * 2 - 1, (1 - uv[:, 1]) * 2 - 1], -1)[None, None]
+    col = torch.nn.functional.grid_sample(torch.tensor(tex).permute(2, 0, 1)[None], grid, mode="bilinear",
+                                          padding_mode="border", align_corners=False)[0, :, 0].T
+    img = torch.zeros(n, n, 3)
+    img[hit] = col
+    a = hit.float()
+    img = img.reshape(size, ss, size, ss, 3).mean((1, 3)).numpy()
+    a = a.reshape(size, ss, size, ss).mean((1, 3)).numpy()
+    return img, a
+
+
+def heldout_metrics(mesh: trimesh.Trimesh, folder: Path) -> dict:
+    vs = load_views(folder)
+    ious, psnrs = [], []
+    for v in vs.views:
+        W, H = v.size
+        prem, a = render_textured(mesh, v.c2w, v.ortho_size, W)
+        gt = v.color.astype(np.float32) / 255.0
+        ga = gt[..., 3]
+        pm, gm = a >= 0.5, ga >= 0.5
+        ious.append((pm & gm).sum() / max((pm | gm).sum(), 1))
+        pred_white = prem + (1 - a[..., None])  # prem is premultiplied (mean of hit colours)
+        gt_white = gt[..., :3] * ga[..., None] + (1 - ga[..., None])
+        u = pm | gm
+        mse = float(((pred_white - gt_white) ** 2)[u].mean())
+        psnrs.append(10 * np.log10(1.0 / max(mse, 1e-10)))
+    return {"heldout_iou": float(np.mean(ious)), "heldout_psnr": float(np.mean(psnrs))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="reconstruction benchmark")
+    ap.add_argument("--data", default="bench_data")
+    ap.add_argument("--presets", default="fast,default")
+    ap.add_argument("--shapes", default=None, help="comma list (default: every shape folder in --data)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default=None, help="where GLBs go (default: DATA/<shape>/recon_<preset>.glb)")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+    data = Path(args.data)
+    shapes = args.shapes.split(",") if args.shapes else sorted(p.name for p in data.iterdir() if (p / "views").is_dir())
+    rows = []
+    for preset in args.presets.split(","):
+        for shape in shapes:
+            d = data / shape
+            g = np.load(d / "gt_mesh.npz")
+            gt = trimesh.Trimesh(g["vertices"], g["faces"], process=False)
+            glb = Path(args.work or d) / f"recon_{shape}_{preset}.glb"
+            t = time.perf_counter()
+            res = reconstruct(d / "views", glb, ReconOptions(preset=preset, device=args.device))
+            secs = time.perf_counter() - t
+            mesh = trimesh.load(glb, force="mesh")
+            row = {"shape": shape, "preset": preset, "faces": res.faces, "seconds": round(secs, 1),
+                   "timings": res.timings, "watertight": res.record["watertight"], "device": res.record["device"]}
+            row.update(geometry_metrics(mesh, gt))
+            row.update(heldout_metrics(mesh, d / "heldout"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    head = "| shape | preset | Chamfer-L1 | F@0.02 | normal cons. | held-out IoU | held-out PSNR (dB) | faces | seconds |"
+    print("\n" + head + "\n|" + "---|" * 9)
+    for r in rows:
+        print(f"| {r['shape']} | {r['preset']} | {r['chamfer_l1']:.4f} | {r['fscore']:.3f} | {r['normal_consistency']:.3f} | "
+              f"{r['heldout_iou']:.3f} | {r['heldout_psnr']:.1f} | {r['faces']} | {r['seconds']:.0f} |")
+    if args.out:
+        meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
