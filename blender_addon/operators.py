@@ -59,6 +59,15 @@ def generate_blocker(context: bpy.types.Context) -> str | None:
     return weights_blocker()
 
 
+def _poll_backend_running(cls) -> bool:
+    """The poll of operators that talk to the backend: it must be running; else say so."""
+    rt = runtime.get()
+    if rt is None or rt.backend_state().status != "running":
+        cls.poll_message_set("The backend is not running")
+        return False
+    return True
+
+
 def active_item(context: bpy.types.Context):
     props = context.scene.make_your_3d
     if 0 <= props.history_index < len(props.history):
@@ -165,11 +174,7 @@ class MAKE_YOUR_3D_OT_cancel_job(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        if rt is None or rt.backend_state().status != "running":
-            cls.poll_message_set("The backend is not running")
-            return False
-        return True
+        return _poll_backend_running(cls)
 
     def execute(self, context):
         item = _item(context, self.job_id)
@@ -321,11 +326,7 @@ class MAKE_YOUR_3D_OT_refresh_history(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        if rt is None or rt.backend_state().status != "running":
-            cls.poll_message_set("The backend is not running")
-            return False
-        return True
+        return _poll_backend_running(cls)
 
     def execute(self, context):
         runtime.get().sync()
@@ -475,11 +476,7 @@ class MAKE_YOUR_3D_OT_models_refresh(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        if rt is None or rt.backend_state().status != "running":
-            cls.poll_message_set("The backend is not running")
-            return False
-        return True
+        return _poll_backend_running(cls)
 
     def execute(self, context):
         runtime.get().refresh_models()
