@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -56,17 +57,22 @@ def main() -> None:
             res = gen.run(req, work / f"out{rep}" / name.replace(" ", "_"))
             timings = dict(res.timings)
             timings["wall"] = time.perf_counter() - t0
+            timings["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+            if torch.cuda.is_available():
+                timings["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
             results[name].append(timings)
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     first = medians["first run"]["wall"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"Generator, preset {args.preset}, {'tiny model set' if overrides else 'real weights'}, {device}, {date.today()}, median of {args.repeats}")
     print()
-    print("| scenario | " + " | ".join(STAGES) + " | total s | speed-up vs first |")
-    print("|---" * (len(STAGES) + 3) + "|")
+    vram = "peak_vram_gib" in medians["first run"]
+    print("| scenario | " + " | ".join(STAGES) + " | total s | speed-up vs first | peak RSS GiB |" + (" peak VRAM GiB |" if vram else ""))
+    print("|---" * (len(STAGES) + 4 + vram) + "|")
     for name, m in medians.items():
         cells = " | ".join(f"{m[s]:.2f}" for s in STAGES)
-        print(f"| {name} | {cells} | {m['wall']:.2f} | {first / m['wall']:.1f}x |")
+        extra = f" {m['peak_vram_gib']:.2f} |" if vram else ""
+        print(f"| {name} | {cells} | {m['wall']:.2f} | {first / m['wall']:.1f}x | {m['peak_rss_gib']:.2f} |{extra}")
 
 
 if __name__ == "__main__":

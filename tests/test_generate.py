@@ -178,11 +178,13 @@ def test_cancel_mid_run_is_clean_and_the_cache_stays_consistent(generator: Gener
         ({"image": b""}, BadImage, "empty"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_any_work(generator: Generator, image_bytes: bytes, tmp_path: Path, kw, error, words):
+def test_bad_input_is_a_clear_error_before_any_model_loads(tiny_models: Path, image_bytes: bytes, tmp_path: Path, kw, error, words):
+    fresh = Generator(tiny_models, tmp_path / "cache", "cpu", overrides=TEST_OVERRIDES)
     with pytest.raises(error) as err:
-        generator.run(request(kw.pop("image", image_bytes), **kw), tmp_path / "job")
+        fresh.run(request(kw.pop("image", image_bytes), **kw), tmp_path / "job")
     assert words in err.value.message
-    assert not (tmp_path / "job").exists()
+    assert fresh._loaded == {}, "no model may load before the input is checked"
+    assert not (tmp_path / "job").exists() and not (tmp_path / "cache").exists()
 
 
 def test_image_without_subject_and_missing_weights(generator: Generator, tmp_path: Path):

@@ -1,18 +1,25 @@
 """Stage 6: views folder -> textured GLB.
 
-visual hull -> surfel Gaussians fitted to colour, mask and normal views (gsplat rasterization, CUDA
-or the torch path) -> TSDF fusion of Gaussian depth renders + mask carving -> marching cubes ->
-largest components -> simplification to the face budget -> xatlas UVs -> texture baked from the views
-(Gaussian renders where no view sees) -> GLB (atomic write) + a job.json-style record.
+1. visual hull of the masks (bounds, and the anchor for step 2);
+2. each orthographic view's normals integrated into a depth map (recon/lift.py), its pixels lifted
+   to surfels: the Gaussians' initialisation (hull surfels where no view lifts a point);
+3. flat Gaussians fitted to colour, mask, normal and lifted-depth targets (gsplat rasterization on
+   CUDA, the torch path otherwise; recon/fit.py, recon/rasterize.py);
+4. TSDF fusion over the input cameras: lifted depth where known, else the Gaussians' depth where they
+   are solid; the masks carve free space (recon/mesh.py); marching cubes; largest components;
+   quadric simplification to the face budget;
+5. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
+   from the nearest seen surface (or from Gaussian renders, `extra_views=True`); dilated islands
+   (recon/texture.py);
+6. GLB written atomically (recon/glb.py) plus a job.json-style record.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +30,7 @@ from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.fit import FitConfig, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
-from make_your_3d.recon.mesh import DepthView, field_to_mesh, keep_largest, orbit_cameras, simplify, tsdf_field
+from make_your_3d.recon.mesh import DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify, tsdf_field
 from make_your_3d.recon.rasterize import cuda_available
 from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, bake, unwrap
@@ -164,7 +171,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
         reporter.step(cfg.iterations + 2, total, "extracting surface")
         t = time.perf_counter()
         try:
-            mesh = field_to_mesh(tsdf, lo, step)
+            mesh = field_to_mesh(clean_field(tsdf), lo, step)
         except ValueError:
             raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
         mesh = keep_largest(mesh)
