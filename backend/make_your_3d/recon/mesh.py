@@ -134,14 +134,15 @@ def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.T
 def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     """Quadric decimation down to the face budget (no-op when already under it).
 
-    Aggressive collapses occasionally pinch an edge into a non-manifold one; then retry gentler, and
-    keep the first closed result (or the last one, which the record then reports as not watertight)."""
+    Collapses occasionally pinch an edge into a non-manifold one; then retry with a slightly smaller
+    target or gentler aggressiveness, and keep the first closed result (else the first within budget,
+    which the record then reports as not watertight)."""
     if len(mesh.faces) <= faces:
         return mesh
     tries = []
-    for agg in (7.0, 4.0, 2.0):
+    for target, agg in ((1.0, 7.0), (0.97, 7.0), (1.0, 4.0), (0.94, 7.0), (0.97, 4.0), (1.0, 2.0)):
         v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
-                                            target_count=int(faces), agg=agg)
+                                            target_count=int(faces * target), agg=agg)
         out = trimesh.Trimesh(v, f, process=True)
         if out.volume < 0:
             out.invert()
