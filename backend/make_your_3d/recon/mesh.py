@@ -1,6 +1,7 @@
 """Surface extraction: TSDF fusion of depths rendered from the fitted Gaussians (plus free space
 carved by the input masks), marching cubes (scikit-image), the largest component(s), and
-simplification to the face budget (fast-simplification)."""
+simplification to the face budget (fast-simplification), repaired to a closed manifold surface where
+decimation pinched it (pymeshfix)."""
 
 from __future__ import annotations
 
@@ -131,23 +132,80 @@ def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.T
     return trimesh.util.concatenate(keep)
 
 
-def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
-    """Quadric decimation down to the face budget (no-op when already under it).
+def non_manifold_edges(mesh: trimesh.Trimesh) -> int:
+    """Edges not shared by exactly two faces (boundary or non-manifold), counted on vertex indices."""
+    if len(mesh.faces) == 0:
+        return 0
+    _, counts = np.unique(np.sort(mesh.edges, axis=1), axis=0, return_counts=True)
+    return int((counts != 2).sum())
 
-    Collapses occasionally pinch an edge into a non-manifold one; then retry with a slightly smaller
-    target or gentler aggressiveness, and keep the first closed result (else the first within budget,
-    which the record then reports as not watertight)."""
+
+def is_closed_manifold(mesh: trimesh.Trimesh) -> bool:
+    return len(mesh.faces) > 0 and non_manifold_edges(mesh) == 0 and bool(mesh.is_watertight)
+
+
+def _oriented(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    if mesh.is_watertight and mesh.volume < 0:
+        mesh.invert()
+    return mesh
+
+
+def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh:
+    """Make a decimated surface closed and manifold again.
+
+    Decimation pinches thin spots: tiny slivers split off (two back-to-back triangles, a dozen-face
+    bubble) and the edge where they hung becomes non-manifold. So: drop pieces far smaller than the
+    largest (as `keep_largest` does before decimation), keep closed components untouched, and rebuild each
+    broken component with MeshFix (pymeshfix), which removes the non-manifold/degenerate faces around the
+    pinch and fills the resulting holes into a single closed manifold surface."""
+    import pymeshfix
+
+    parts = mesh.split(only_watertight=False)
+    if len(parts) == 0:
+        return mesh
+    areas = np.array([p.area for p in parts])
+    out = []
+    for part, area in zip(parts, areas):
+        if area < min_fraction * areas.max():
+            continue
+        if not is_closed_manifold(part):
+            v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(part.vertices, np.float64),
+                                               np.ascontiguousarray(part.faces, np.int32))
+            if len(f) == 0:
+                continue
+            part = trimesh.Trimesh(v, f, process=True)
+        out.append(_oriented(part))
+    if not out:
+        return mesh
+    return out[0] if len(out) == 1 else trimesh.util.concatenate(out)
+
+
+def _decimate(mesh: trimesh.Trimesh, target: int, agg: float) -> trimesh.Trimesh:
+    v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
+                                        target_count=target, agg=agg)
+    out = trimesh.Trimesh(v, f, process=True)
+    if out.volume < 0:
+        out.invert()
+    return out
+
+
+def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    """Quadric decimation down to the face budget (no-op when already under it), closed and manifold.
+
+    Collapses occasionally pinch an edge into a non-manifold one; the decimated surface is then
+    repaired (`repair`: slivers dropped, broken components rebuilt by MeshFix). Hole filling can add a
+    few faces, so if the repaired mesh is over budget, decimate to a slightly smaller target and repair
+    again. A result that is not closed is returned only if the input was not closed either (or nothing
+    closed was found; the record then reports it as not watertight)."""
     if len(mesh.faces) <= faces:
         return mesh
     tries = []
-    for target, agg in ((1.0, 7.0), (0.97, 7.0), (1.0, 4.0), (0.94, 7.0), (0.97, 4.0), (1.0, 2.0)):
-        v, f = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64),
-                                            target_count=int(faces * target), agg=agg)
-        out = trimesh.Trimesh(v, f, process=True)
-        if out.volume < 0:
-            out.invert()
+    for target, agg in ((1.0, 7.0), (0.98, 7.0), (0.95, 7.0), (0.97, 4.0), (0.92, 7.0)):
+        out = _decimate(mesh, int(faces * target), agg)
+        if mesh.is_watertight and not is_closed_manifold(out):
+            out = repair(out)
         tries.append(out)
-        if len(out.faces) <= faces and (out.is_watertight or not mesh.is_watertight):
+        if len(out.faces) <= faces and (is_closed_manifold(out) or not mesh.is_watertight):
             return out
     within = [t for t in tries if len(t.faces) <= faces]
     return within[0] if within else min(tries, key=lambda t: len(t.faces))
