@@ -22,7 +22,8 @@ from recon_shapes import BOTTOM, HOLE, TOP, chamfer, lumpy_sphere_field, render_
 from make_your_3d.errors import BadViews, Cancelled  # noqa: E402
 from make_your_3d.progress import CancelToken  # noqa: E402
 from make_your_3d.recon.glb import textured_mesh, write_glb  # noqa: E402
-from make_your_3d.recon.mesh import clean_field, field_to_mesh, keep_largest, non_manifold_edges, simplify  # noqa: E402
+from make_your_3d.recon.mesh import (  # noqa: E402
+    clean_field, field_to_mesh, keep_largest, non_manifold_edges, non_manifold_vertices, simplify)
 from make_your_3d.recon.rasterize import Cameras, cuda_available, rasterize, view_K  # noqa: E402
 from make_your_3d.recon.reconstruct import ReconOptions, reconstruct, run_cli  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles, unwrap  # noqa: E402
@@ -155,7 +156,7 @@ def test_simplified_mesh_is_watertight_and_manifold_in_glb(seed, budget, tmp_pat
     assert raw.is_watertight and len(raw.faces) > 5 * budget
     mesh = simplify(raw, budget)
     assert 0.9 * budget <= len(mesh.faces) <= budget
-    assert mesh.is_watertight and non_manifold_edges(mesh) == 0
+    assert mesh.is_watertight and non_manifold_edges(mesh) == 0 and non_manifold_vertices(mesh) == 0
     assert len(mesh.split(only_watertight=False)) == len(raw.split(only_watertight=False))
     assert mesh.volume == pytest.approx(raw.volume, rel=0.03)
     # UV unwrap and GLB round trip on the repaired mesh
@@ -164,8 +165,24 @@ def test_simplified_mesh_is_watertight_and_manifold_in_glb(seed, budget, tmp_pat
     glb = write_glb(textured_mesh(uvm, np.full((256, 256, 3), 128, np.uint8)), tmp_path / "lumpy.glb")
     welded = _welded(glb)
     assert len(welded.faces) == len(mesh.faces)
-    assert welded.is_watertight and welded.is_winding_consistent and non_manifold_edges(welded) == 0
+    assert welded.is_watertight and welded.is_winding_consistent
+    assert non_manifold_edges(welded) == 0 and non_manifold_vertices(welded) == 0
+    assert welded.euler_number % 2 == 0
     assert welded.volume == pytest.approx(mesh.volume, rel=1e-3)
+
+
+def test_manifold_checks_flag_pinches():
+    sphere = trimesh.creation.icosphere(3)
+    assert non_manifold_edges(sphere) == 0 and non_manifold_vertices(sphere) == 0
+    # two closed boxes touching at one corner: watertight, but that corner is not manifold
+    a, b = trimesh.creation.box(), trimesh.creation.box()
+    b.apply_translation([1.0, 1.0, 1.0])
+    bowtie = trimesh.Trimesh(np.vstack([a.vertices, b.vertices]), np.vstack([a.faces, b.faces + 8]), process=True)
+    assert bowtie.is_watertight and non_manifold_edges(bowtie) == 0 and non_manifold_vertices(bowtie) == 1
+    # a fin of two faces on one edge of a box: that edge has four faces
+    fin = trimesh.Trimesh(np.vstack([a.vertices, [[1.5, 0.0, 0.0]]]),
+                          np.vstack([a.faces, [[*a.edges_unique[0], 8], [a.edges_unique[0][1], a.edges_unique[0][0], 8]]]))
+    assert non_manifold_edges(fin) == 1
 
 
 def test_simplify_under_budget_is_a_no_op():

@@ -253,7 +253,6 @@ def fit_gaussians(g: Gaussians, tg: ViewTargets, cfg: FitConfig, scene_size: flo
     total = total_steps or cfg.iterations
     opt = _make_opt(g, cfg, scene_size)
     losses: list[float] = []
-    V = tg.rgb.shape[0]
     for it in range(cfg.iterations):
         reporter.step(step_offset + it + 1, total, "fitting Gaussians")
         gi = int(torch.randint(len(tg.cams), (1,), generator=generator)) if len(tg.cams) > 1 else 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import fast_simplification
 import numpy as np
+import pymeshfix
 import torch
 import trimesh
 from scipy import ndimage
@@ -140,8 +141,38 @@ def non_manifold_edges(mesh: trimesh.Trimesh) -> int:
     return int((counts != 2).sum())
 
 
+def non_manifold_vertices(mesh: trimesh.Trimesh) -> int:
+    """Vertices whose faces form more than one fan (two sheets touching at a point, a 'bowtie'): the
+    corners at a vertex are linked through the faces sharing an edge there, and each vertex should
+    have one group of linked corners."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(mesh.faces)
+    if len(faces) == 0:
+        return 0
+    pairs, edges = mesh.face_adjacency, mesh.face_adjacency_edges
+    if len(pairs) == 0:
+        return 0
+    rows, cols = [], []
+    for k in range(2):  # both ends of each shared edge link the two faces' corners at that vertex
+        v = edges[:, k]
+        slot_a = np.argmax(faces[pairs[:, 0]] == v[:, None], axis=1)
+        slot_b = np.argmax(faces[pairs[:, 1]] == v[:, None], axis=1)
+        rows.append(pairs[:, 0] * 3 + slot_a)
+        cols.append(pairs[:, 1] * 3 + slot_b)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    n = len(faces) * 3
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    groups = np.unique(np.stack([faces.reshape(-1), labels], 1), axis=0)
+    return int(len(groups) - len(np.unique(faces)))
+
+
 def is_closed_manifold(mesh: trimesh.Trimesh) -> bool:
-    return len(mesh.faces) > 0 and non_manifold_edges(mesh) == 0 and bool(mesh.is_watertight)
+    """Closed (every edge shared by two faces, consistently wound) and manifold at edges and vertices."""
+    return (len(mesh.faces) > 0 and non_manifold_edges(mesh) == 0 and bool(mesh.is_watertight)
+            and non_manifold_vertices(mesh) == 0)
 
 
 def _oriented(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -157,9 +188,8 @@ def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh
     bubble) and the edge where they hung becomes non-manifold. So: drop pieces far smaller than the
     largest (as `keep_largest` does before decimation), keep closed components untouched, and rebuild each
     broken component with MeshFix (pymeshfix), which removes the non-manifold/degenerate faces around the
-    pinch and fills the resulting holes into a single closed manifold surface."""
-    import pymeshfix
-
+    pinch and fills the resulting holes into a single closed manifold surface. A component that MeshFix
+    would gut is left as it was (still open)."""
     parts = mesh.split(only_watertight=False)
     if len(parts) == 0:
         return mesh
@@ -171,9 +201,11 @@ def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh
         if not is_closed_manifold(part):
             v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(part.vertices, np.float64),
                                                np.ascontiguousarray(part.faces, np.int32))
-            if len(f) == 0:
-                continue
-            part = trimesh.Trimesh(v, f, process=True)
+            fixed = trimesh.Trimesh(v, f, process=True)
+            # MeshFix only trims around the pinch; if it threw away much of the piece (it can on a
+            # decimation far too coarse for the shape), keep the broken piece and let the caller retry
+            if len(fixed.faces) >= 0.9 * len(part.faces) and abs(fixed.area - part.area) <= 0.05 * part.area:
+                part = fixed
         out.append(_oriented(part))
     if not out:
         return mesh
