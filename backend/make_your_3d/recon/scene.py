@@ -188,10 +188,16 @@ def _rough_centre_and_radius(viewset: ViewSet) -> tuple[np.ndarray, float]:
     return centre, radius
 
 
+def grid_counts(lo: np.ndarray, hi: np.ndarray, res: int) -> np.ndarray:
+    """Points per axis of the cubic-voxel grid over [lo, hi] with `res` points along the longest side."""
+    step = float(np.max(hi - lo)) / (res - 1)
+    return np.maximum(2, np.ceil((hi - lo) / step).astype(int) + 1)
+
+
 def grid_points(lo: np.ndarray, hi: np.ndarray, res: int, device: torch.device) -> tuple[Tensor, np.ndarray]:
     """Cubic-voxel grid covering [lo, hi]: points (X*Y*Z, 3) and the per-axis counts."""
     step = float(np.max(hi - lo)) / (res - 1)
-    counts = np.maximum(2, np.ceil((hi - lo) / step).astype(int) + 1)
+    counts = grid_counts(lo, hi, res)
     axes = [torch.arange(int(n), dtype=torch.float32, device=device) * step + float(l) for n, l in zip(counts, lo)]
     g = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     return g, counts
