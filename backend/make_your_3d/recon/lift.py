@@ -93,7 +93,7 @@ def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarra
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
                       fx: float, fy: float, max_slope: float = 3.2, min_nz: float = 0.3,
                       touch_quantile: float = 0.98, irls: int = 2,
-                      jump_px: float = 2.0) -> np.ndarray:
+                      jump_px: float = 1.5) -> np.ndarray:
     """Least-squares depth whose finite differences match the normals' slopes (orthographic camera).
 
     The integral is fixed up to one offset per connected piece; the offset puts the piece just behind
