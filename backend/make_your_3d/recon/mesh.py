@@ -18,6 +18,7 @@ from torch import Tensor
 
 from make_your_3d.recon.rasterize import Cameras
 from make_your_3d.recon.scene import grid_counts, sample_image
+from make_your_3d.recon.texture import project_points
 
 
 @dataclass
@@ -52,16 +53,6 @@ def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tupl
     K = np.array([[size / span, 0, size / 2], [0, size / span, size / 2], [0, 0, 1.0]])
     return Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
                    torch.tensor(K, dtype=torch.float32, device=device)[None].repeat(len(vms), 1, 1), size, size, "ortho")
-
-
-def _project_cam(points: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
-    vm, K = cams.viewmats[0], cams.Ks[0]
-    c = points @ vm[:3, :3].T + vm[:3, 3]
-    if cams.model == "ortho":
-        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + K[:2, 2]
-    else:
-        uv = (c[:, :2] / c[:, 2:3].clamp_min(1e-6)) @ K[:2, :2].T + K[:2, 2]
-    return uv, c[:, 2]
 
 
 def silhouette_distance(mask: Tensor, upsample: int = 4) -> Tensor:
@@ -120,7 +111,7 @@ def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor,
     outside = torch.zeros(pts.shape[0], dtype=torch.bool, device=pts.device)
     for dv, sd in zip(views, carve):
         W, H = dv.cams.width, dv.cams.height
-        uv, z = _project_cam(pts, dv.cams)
+        uv, z = project_points(pts, dv.cams)
         ix, iy = torch.floor(uv[:, 0]).long(), torch.floor(uv[:, 1]).long()
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
