@@ -484,3 +484,42 @@ def test_normal_integration_keeps_a_small_depth_step_between_flat_faces():
     depth = integrate_normals(normals, mask, front, back, fx, fx)
     err_px = np.abs(depth - front)[mask] * fx
     assert err_px.max() < 0.25, err_px.max()
+
+
+def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
+    # a square bar seen from the front, the side and at 45 degrees: in the diagonal view its corner
+    # edges are the silhouette, which marching cubes and the field's smoothing round off; snapping the
+    # contour vertices onto the hull gives back most of the lost width and never goes past it
+    from make_your_3d.recon.cameras import orbit_c2w
+    from make_your_3d.recon.mesh import DepthView, snap_to_silhouettes, tsdf_field
+
+    W, half, height, ss = 64, 0.08, 0.6, 8
+    views = _bar_views(W, half, height)
+    c2w = orbit_c2w(45.0)
+    cams = Cameras(torch.tensor(np.linalg.inv(c2w), dtype=torch.float32)[None],
+                   torch.tensor(view_K("orthographic", W, W, (2.0, 2.0), None), dtype=torch.float32)[None], W, W, "ortho")
+    g = ((np.arange(W * ss) + 0.5) / ss) / W * 2 - 1
+    x, y = np.meshgrid(g, g)
+    diag_half = half * np.sqrt(2.0)  # corner to corner, seen at 45 degrees
+    mask = torch.tensor(((np.abs(x) < diag_half) & (np.abs(y) < height)).astype(np.float32).reshape(W, ss, W, ss).mean((1, 3)))
+    views.append(DepthView(cams, torch.full((W, W), float("nan")), mask, mask))
+    lo, hi = np.array([-0.2, -0.7, -0.2]), np.array([0.2, 0.7, 0.2])
+    res = 90  # about half a pixel per voxel
+    step = float(np.max(hi - lo)) / (res - 1)
+    field, step = tsdf_field(views, lo, hi, res, 3 * step, torch.device("cpu"))
+    mesh = field_to_mesh(clean_field(field), lo, step)
+    axis = c2w[:3, 0]  # the diagonal camera's image x axis in the world
+
+    def diag_width_px(m: trimesh.Trimesh) -> float:
+        v = np.asarray(m.vertices)
+        p = v[np.abs(v[:, 1]) < 0.4] @ axis
+        return float(p.max() - p.min()) * W / 2.0
+
+    want = 2 * diag_half * W / 2.0
+    before = diag_width_px(mesh)
+    snapped = snap_to_silhouettes(mesh, views, step)
+    after = diag_width_px(snapped)
+    assert want - before > 0.5, (before, want)  # the rounding this fixes
+    assert want - after < 0.5 * (want - before), (before, after, want)
+    assert after < want + 0.1, (after, want)
+    assert snapped.is_watertight and len(snapped.faces) == len(mesh.faces)

@@ -131,6 +131,43 @@ def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor,
     return torch.where(outside, torch.ones_like(fused), torch.maximum(fused, hull))
 
 
+def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float, upsample: int = 4,
+                        cos_max: float = 0.3, max_move: float = 0.7, iterations: int = 2) -> trimesh.Trimesh:
+    """Move vertices on a view's contour generator onto the visual hull (same faces, new positions).
+
+    Where a surface turns away from a view (its normal nearly perpendicular to the viewing direction),
+    that view's silhouette passes through it, so it lies on the visual hull. Marching cubes cuts the
+    box-like corners that form such contours by a fraction of a voxel, which shows as a missing pixel
+    along thin parts seen at an angle. Each such vertex within `max_move` voxels inside the hull is moved
+    along its normal by its distance to the hull (the max over views of the signed 2D distance to each
+    silhouette, a sub-pixel measure)."""
+    from make_your_3d.recon.texture import view_dirs
+
+    carving = [(dv, silhouette_distance(dv.mask if dv.mask is not None else dv.alpha, upsample)) for dv in views if dv.carve]
+    if not carving or len(mesh.vertices) == 0:
+        return mesh
+    dev = carving[0][1].device
+    V = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=dev)
+    N = torch.tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32, device=dev)
+    for _ in range(iterations):
+        # how far each vertex may move along its normal before it leaves some view's silhouette: that
+        # view's 2D distance over the rate at which the move approaches its contour (the normal's part
+        # in its image plane); a contour view's bound is where the vertex meets its silhouette
+        room = torch.full((V.shape[0],), float("inf"), device=dev)
+        on_contour = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
+        for dv, sd in carving:
+            W, H = dv.cams.width, dv.cams.height
+            uv, z = project_points(V, dv.cams)
+            sd_px = sample_image(sd[..., None], uv * upsample, W * upsample, H * upsample, outside=float(max(W, H)))[:, 0]
+            cos = (N * view_dirs(V, dv.cams)).sum(-1)
+            rate = (1 - cos**2).clamp_min(0).sqrt().clamp_min(0.2)
+            room = torch.minimum(room, -sd_px * _pixel_size(dv.cams, z) / rate)
+            on_contour |= cos.abs() < cos_max
+        move = on_contour & (room > 0) & (room < max_move * step)
+        V = torch.where(move[:, None], V + room[:, None] * N, V)
+    return trimesh.Trimesh(V.cpu().numpy().astype(np.float64), np.asarray(mesh.faces), process=False)
+
+
 def clean_field(field: np.ndarray, sigma: float = 0.5) -> np.ndarray:
     """Light smoothing (fusion noise otherwise leaves tiny handles and bubbles that break decimation into
     non-manifold pieces), then enclosed pockets of 'outside' (cavities nothing could see) filled."""

@@ -6,8 +6,9 @@
 3. flat Gaussians fitted to colour, mask, normal and lifted-depth targets (gsplat rasterization on
    CUDA, the torch path otherwise; recon/fit.py, recon/rasterize.py);
 4. TSDF fusion over the input cameras: lifted depth where known, else the Gaussians' depth where they
-   are solid; the masks carve free space (recon/mesh.py); marching cubes; largest components;
-   quadric simplification to the face budget;
+   are solid; the masks bound it as a distance to each silhouette (recon/mesh.py); marching cubes;
+   largest components; vertices on a view's contour snapped onto the visual hull; quadric
+   simplification to the face budget;
 5. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
    from the nearest seen surface (or from Gaussian renders, `extra_views=True`); dilated islands
    (recon/texture.py);
@@ -30,7 +31,8 @@ from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.fit import FitConfig, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
-from make_your_3d.recon.mesh import DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify, tsdf_field
+from make_your_3d.recon.mesh import (DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify,
+                                     snap_to_silhouettes, tsdf_field)
 from make_your_3d.recon.rasterize import cuda_available
 from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, bake, unwrap
@@ -174,7 +176,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
             mesh = field_to_mesh(clean_field(tsdf), lo, step)
         except ValueError:
             raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
-        mesh = keep_largest(mesh)
+        mesh = snap_to_silhouettes(keep_largest(mesh), depth_views, step)
         raw_faces = len(mesh.faces)
         mesh = simplify(mesh, int(knobs["faces"]))
         timings["mesh"] = time.perf_counter() - t
