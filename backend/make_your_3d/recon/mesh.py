@@ -132,15 +132,16 @@ def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor,
 
 
 def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float, upsample: int = 4,
-                        cos_max: float = 0.3, max_move: float = 0.7, iterations: int = 2) -> trimesh.Trimesh:
+                        cos_max: float = 0.3, max_move: float = 0.7, max_px: float = 0.5,
+                        iterations: int = 2) -> trimesh.Trimesh:
     """Move vertices on a view's contour generator onto the visual hull (same faces, new positions).
 
     Where a surface turns away from a view (its normal nearly perpendicular to the viewing direction),
     that view's silhouette passes through it, so it lies on the visual hull. Marching cubes cuts the
     box-like corners that form such contours by a fraction of a voxel, which shows as a missing pixel
-    along thin parts seen at an angle. Each such vertex within `max_move` voxels inside the hull is moved
-    along its normal by its distance to the hull (the max over views of the signed 2D distance to each
-    silhouette, a sub-pixel measure)."""
+    along thin parts seen at an angle. Each such vertex is moved along its normal until it meets the first silhouette it would cross (the signed 2D distances to the
+    silhouettes are sub-pixel), if that is less than `max_move` voxels and `max_px` pixels away: further
+    than that the hull is more likely loose than the mesh wrong (larger moves bulged the blob and ring)."""
     from make_your_3d.recon.texture import view_dirs
 
     carving = [(dv, silhouette_distance(dv.mask if dv.mask is not None else dv.alpha, upsample)) for dv in views if dv.carve]
@@ -154,6 +155,7 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
         # view's 2D distance over the rate at which the move approaches its contour (the normal's part
         # in its image plane); a contour view's bound is where the vertex meets its silhouette
         room = torch.full((V.shape[0],), float("inf"), device=dev)
+        pixel = torch.full((V.shape[0],), float("inf"), device=dev)
         on_contour = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
         for dv, sd in carving:
             W, H = dv.cams.width, dv.cams.height
@@ -162,8 +164,9 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
             cos = (N * view_dirs(V, dv.cams)).sum(-1)
             rate = (1 - cos**2).clamp_min(0).sqrt().clamp_min(0.2)
             room = torch.minimum(room, -sd_px * _pixel_size(dv.cams, z) / rate)
+            pixel = torch.minimum(pixel, _pixel_size(dv.cams, z))
             on_contour |= cos.abs() < cos_max
-        move = on_contour & (room > 0) & (room < max_move * step)
+        move = on_contour & (room > 0) & (room < torch.clamp(max_px * pixel, max=max_move * step))
         V = torch.where(move[:, None], V + room[:, None] * N, V)
     return trimesh.Trimesh(V.cpu().numpy().astype(np.float64), np.asarray(mesh.faces), process=False)
 
