@@ -1,6 +1,6 @@
-"""Surface extraction: TSDF fusion of depths rendered from the fitted Gaussians (plus free space
-carved by the input masks), marching cubes (scikit-image), the largest component(s), and
-simplification to the face budget (fast-simplification), repaired to a closed manifold surface where
+"""Surface extraction: TSDF fusion of depths rendered from the fitted Gaussians, bounded by the
+input masks as distances to their silhouettes, marching cubes (scikit-image), the largest
+component(s), contour vertices snapped onto the visual hull, and simplification to the face budget (fast-simplification), repaired to a closed manifold surface where
 decimation pinched it (pymeshfix)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from make_your_3d.recon.rasterize import Cameras
 from make_your_3d.recon.scene import grid_counts, sample_image
-from make_your_3d.recon.texture import project_points
+from make_your_3d.recon.texture import project_points, view_dirs
 
 
 @dataclass
@@ -32,6 +32,10 @@ class DepthView:
     mask: Tensor | None = None
     weight: float = 1.0
     carve: bool = True  # pixels without coverage mark free space (only for trustworthy coverage)
+
+    @property
+    def foreground(self) -> Tensor:
+        return self.mask if self.mask is not None else self.alpha
 
 
 def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tuple[float, ...], n_azimuth: int,
@@ -75,9 +79,30 @@ def _pixel_size(cams: Cameras, z: Tensor) -> Tensor:
     return torch.ones_like(z) / fx if cams.model == "ortho" else z.clamp_min(1e-6) / fx
 
 
+@dataclass
+class Silhouette:
+    """One carving view's silhouette as a signed distance map (`silhouette_distance`), computed once and
+    shared by the fusion and the contour snapping."""
+
+    cams: Cameras
+    distance: Tensor  # (H*upsample, W*upsample) pixels of the view, positive outside
+    upsample: int
+
+    def sample(self, uv: Tensor) -> Tensor:
+        """Signed distance in the view's pixels at pixel coordinates uv (N,2); far outside off the image."""
+        W, H, u = self.cams.width, self.cams.height, self.upsample
+        return sample_image(self.distance[..., None], uv * u, W * u, H * u, outside=float(max(W, H)))[:, 0]
+
+
+def silhouettes(views: list[DepthView], upsample: int = 4) -> list[Silhouette | None]:
+    """Each carving view's Silhouette (None for views that do not carve)."""
+    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, upsample), upsample) if dv.carve else None
+            for dv in views]
+
+
 def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int, trunc: float,
                device: torch.device, chunk: int = 2_000_000, edge_px: float = 1.0,
-               upsample: int = 4) -> tuple[np.ndarray, float]:
+               sils: list[Silhouette | None] | None = None) -> tuple[np.ndarray, float]:
     """Truncated signed distance in units of `trunc` (positive outside) on a grid over [lo, hi].
 
     Two fields meet with a max (a CSG intersection): depths fused the usual way (a weighted mean of
@@ -86,12 +111,12 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
     bound of the distance to the surface, so near the contour it places the surface where the masks do
     instead of pulling it a voxel inwards as a saturated 'free space' vote would (which erodes thin
     parts). Depth within `edge_px` of a view's contour is not fused: it mixes the surface with what lies
-    behind the edge. Voxels are processed in chunks so memory stays flat at fine grids."""
+    behind the edge. Voxels are processed in chunks so memory stays flat at fine grids. `sils`: the
+    views' `silhouettes`, when the caller has them already."""
     step = float(np.max(hi - lo)) / (res - 1)
     counts = grid_counts(lo, hi, res)
     origin = torch.tensor(lo, dtype=torch.float32, device=device)
-    carve = [silhouette_distance(dv.mask if dv.mask is not None else dv.alpha, upsample) if dv.carve else None
-             for dv in views]
+    sils = silhouettes(views) if sils is None else sils
     n = int(np.prod(counts))
     field = torch.empty(n, device=device)
     for i in range(0, n, chunk):
@@ -99,17 +124,17 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
         flat = torch.arange(i, min(i + chunk, n), device=device)
         ijk = torch.stack([flat // int(counts[1] * counts[2]), (flat // int(counts[2])) % int(counts[1]),
                            flat % int(counts[2])], -1)
-        field[i : i + chunk] = _fuse_chunk(views, carve, origin + ijk.float() * step, trunc, edge_px, upsample)
+        field[i : i + chunk] = _fuse_chunk(views, sils, origin + ijk.float() * step, trunc, edge_px)
     return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
 
 
-def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor, trunc: float, edge_px: float,
-                upsample: int) -> Tensor:
+def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tensor, trunc: float,
+                edge_px: float) -> Tensor:
     num = torch.zeros(pts.shape[0], device=pts.device)
     den = torch.zeros_like(num)
     hull = torch.full_like(num, -1.0)
     outside = torch.zeros(pts.shape[0], dtype=torch.bool, device=pts.device)
-    for dv, sd in zip(views, carve):
+    for dv, sil in zip(views, sils):
         W, H = dv.cams.width, dv.cams.height
         uv, z = project_points(pts, dv.cams)
         ix, iy = torch.floor(uv[:, 0]).long(), torch.floor(uv[:, 1]).long()
@@ -117,10 +142,9 @@ def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor,
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         d = dv.depth[iyc, ixc]
         outside |= ~inside  # every view is assumed to see the whole subject
-        fg = dv.mask if dv.mask is not None else dv.alpha
-        covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (fg[iyc, ixc] >= 0.5)
-        if sd is not None:
-            sd_px = sample_image(sd[..., None], uv * upsample, W * upsample, H * upsample, outside=float(max(W, H)))[:, 0]
+        covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
+        if sil is not None:
+            sd_px = sil.sample(uv)
             hull = torch.maximum(hull, (sd_px * _pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
             covered &= sd_px < -edge_px
         sdf = (d - z) / trunc
@@ -131,23 +155,23 @@ def _fuse_chunk(views: list[DepthView], carve: list[Tensor | None], pts: Tensor,
     return torch.where(outside, torch.ones_like(fused), torch.maximum(fused, hull))
 
 
-def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float, upsample: int = 4,
-                        cos_max: float = 0.3, max_move: float = 0.7, max_px: float = 0.5,
-                        iterations: int = 2) -> trimesh.Trimesh:
+def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float,
+                        sils: list[Silhouette | None] | None = None, cos_max: float = 0.3, max_move: float = 0.7,
+                        max_px: float = 0.5, iterations: int = 2) -> trimesh.Trimesh:
     """Move vertices on a view's contour generator onto the visual hull (same faces, new positions).
 
     Where a surface turns away from a view (its normal nearly perpendicular to the viewing direction),
     that view's silhouette passes through it, so it lies on the visual hull. Marching cubes cuts the
     box-like corners that form such contours by a fraction of a voxel, which shows as a missing pixel
-    along thin parts seen at an angle. Each such vertex is moved along its normal until it meets the first silhouette it would cross (the signed 2D distances to the
-    silhouettes are sub-pixel), if that is less than `max_move` voxels and `max_px` pixels away: further
-    than that the hull is more likely loose than the mesh wrong (larger moves bulged the blob and ring)."""
-    from make_your_3d.recon.texture import view_dirs
-
-    carving = [(dv, silhouette_distance(dv.mask if dv.mask is not None else dv.alpha, upsample)) for dv in views if dv.carve]
+    along thin parts seen at an angle. Each such vertex is moved along its normal until it meets the
+    first silhouette it would cross (the signed 2D distances to the silhouettes are sub-pixel), if that
+    is less than `max_move` voxels and `max_px` pixels away: further than that the hull is more likely
+    loose than the mesh wrong (larger moves bulged the blob and ring). `sils`: the views' `silhouettes`,
+    when the caller has them already."""
+    carving = [sil for sil in (silhouettes(views) if sils is None else sils) if sil is not None]
     if not carving or len(mesh.vertices) == 0:
         return mesh
-    dev = carving[0][1].device
+    dev = carving[0].distance.device
     V = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=dev)
     N = torch.tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32, device=dev)
     for _ in range(iterations):
@@ -157,14 +181,13 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
         room = torch.full((V.shape[0],), float("inf"), device=dev)
         pixel = torch.full((V.shape[0],), float("inf"), device=dev)
         on_contour = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
-        for dv, sd in carving:
-            W, H = dv.cams.width, dv.cams.height
-            uv, z = project_points(V, dv.cams)
-            sd_px = sample_image(sd[..., None], uv * upsample, W * upsample, H * upsample, outside=float(max(W, H)))[:, 0]
-            cos = (N * view_dirs(V, dv.cams)).sum(-1)
+        for sil in carving:
+            uv, z = project_points(V, sil.cams)
+            cos = (N * view_dirs(V, sil.cams)).sum(-1)
             rate = (1 - cos**2).clamp_min(0).sqrt().clamp_min(0.2)
-            room = torch.minimum(room, -sd_px * _pixel_size(dv.cams, z) / rate)
-            pixel = torch.minimum(pixel, _pixel_size(dv.cams, z))
+            size = _pixel_size(sil.cams, z)
+            room = torch.minimum(room, -sil.sample(uv) * size / rate)
+            pixel = torch.minimum(pixel, size)
             on_contour |= cos.abs() < cos_max
         move = on_contour & (room > 0) & (room < torch.clamp(max_px * pixel, max=max_move * step))
         V = torch.where(move[:, None], V + room[:, None] * N, V)

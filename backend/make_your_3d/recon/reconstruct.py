@@ -32,7 +32,7 @@ from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.fit import FitConfig, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
 from make_your_3d.recon.mesh import (DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify,
-                                     snap_to_silhouettes, tsdf_field)
+                                     silhouettes, snap_to_silhouettes, tsdf_field)
 from make_your_3d.recon.rasterize import cuda_available
 from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, bake, unwrap
@@ -167,7 +167,8 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                     extra_sources.append(ColorSource(cam, rgb[0] / a[0, ..., None].clamp_min(1e-4), a[0], 1e-3))
             res = int(knobs["grid_res"])
             trunc = 3.0 * scene_size / (res - 1)
-            tsdf, step = tsdf_field(depth_views, lo, hi, res, trunc, device)
+            sils = silhouettes(depth_views)
+            tsdf, step = tsdf_field(depth_views, lo, hi, res, trunc, device, sils=sils)
         timings["fuse"] = time.perf_counter() - t
 
         reporter.step(cfg.iterations + 2, total, "extracting surface")
@@ -176,7 +177,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
             mesh = field_to_mesh(clean_field(tsdf), lo, step)
         except ValueError:
             raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
-        mesh = snap_to_silhouettes(keep_largest(mesh), depth_views, step)
+        mesh = snap_to_silhouettes(keep_largest(mesh), depth_views, step, sils=sils)
         raw_faces = len(mesh.faces)
         mesh = simplify(mesh, int(knobs["faces"]))
         timings["mesh"] = time.perf_counter() - t
