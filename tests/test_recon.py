@@ -423,26 +423,33 @@ def test_silhouette_distance_places_the_contour_to_a_fraction_of_a_pixel():
         assert np.abs(got - want).max() < 0.3, (rho, got.min(), got.max())
 
 
-def _bar_views(W: int, half: float, height: float) -> list:
-    """A square bar |x|, |z| < half, |y| < height seen from the front and the side (orthographic,
-    2x2 world units): anti-aliased masks and the exact depth of the face each view sees."""
+def _bar_view(W: int, half: float, height: float, azimuth: float, with_depth: bool):
+    """A square bar |x|, |z| < half, |y| < height seen from `azimuth` (orthographic, 2x2 world units): an
+    anti-aliased mask (the bar spans half * (|cos| + |sin|) of the image's x) and, for a view square to
+    a face (`with_depth`), that face's exact depth."""
     from make_your_3d.recon.cameras import orbit_c2w
     from make_your_3d.recon.mesh import DepthView
 
     ss = 8
-    views = []
-    for az in (0.0, 90.0):
-        c2w = orbit_c2w(az)
-        K = view_K("orthographic", W, W, (2.0, 2.0), None)
-        cams = Cameras(torch.tensor(np.linalg.inv(c2w), dtype=torch.float32)[None],
-                       torch.tensor(K, dtype=torch.float32)[None], W, W, "ortho")
-        g = ((np.arange(W * ss) + 0.5) / ss) / W * 2 - 1  # camera x / y of each subpixel
-        x, y = np.meshgrid(g, g)
-        cover = ((np.abs(x) < half) & (np.abs(y) < height)).astype(np.float32)
-        mask = torch.tensor(cover.reshape(W, ss, W, ss).mean((1, 3)))
-        depth = torch.where(mask >= 0.5, torch.full_like(mask, 3.0 - half), torch.full_like(mask, float("nan")))
-        views.append(DepthView(cams, depth, mask, mask))
-    return views
+    c2w = orbit_c2w(azimuth)
+    K = view_K("orthographic", W, W, (2.0, 2.0), None)
+    cams = Cameras(torch.tensor(np.linalg.inv(c2w), dtype=torch.float32)[None],
+                   torch.tensor(K, dtype=torch.float32)[None], W, W, "ortho")
+    g = ((np.arange(W * ss) + 0.5) / ss) / W * 2 - 1  # camera x / y of each subpixel
+    x, y = np.meshgrid(g, g)
+    a = np.radians(azimuth)
+    extent = half * (abs(np.cos(a)) + abs(np.sin(a)))
+    cover = ((np.abs(x) < extent) & (np.abs(y) < height)).astype(np.float32)
+    mask = torch.tensor(cover.reshape(W, ss, W, ss).mean((1, 3)))
+    depth = torch.full_like(mask, float("nan"))
+    if with_depth:
+        depth = torch.where(mask >= 0.5, torch.full_like(mask, 3.0 - half), depth)
+    return DepthView(cams, depth, mask, mask)
+
+
+def _bar_views(W: int, half: float, height: float) -> list:
+    """The bar from the front and the side, with masks and depths."""
+    return [_bar_view(W, half, height, az, with_depth=True) for az in (0.0, 90.0)]
 
 
 def test_fusion_keeps_a_thin_bar_its_width():
@@ -491,24 +498,17 @@ def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
     # edges are the silhouette, which marching cubes and the field's smoothing round off; snapping the
     # contour vertices onto the hull gives back most of the lost width and never goes past it
     from make_your_3d.recon.cameras import orbit_c2w
-    from make_your_3d.recon.mesh import DepthView, snap_to_silhouettes, tsdf_field
+    from make_your_3d.recon.mesh import snap_to_silhouettes, tsdf_field
 
-    W, half, height, ss = 64, 0.08, 0.6, 8
-    views = _bar_views(W, half, height)
-    c2w = orbit_c2w(45.0)
-    cams = Cameras(torch.tensor(np.linalg.inv(c2w), dtype=torch.float32)[None],
-                   torch.tensor(view_K("orthographic", W, W, (2.0, 2.0), None), dtype=torch.float32)[None], W, W, "ortho")
-    g = ((np.arange(W * ss) + 0.5) / ss) / W * 2 - 1
-    x, y = np.meshgrid(g, g)
+    W, half, height = 64, 0.08, 0.6
+    views = [*_bar_views(W, half, height), _bar_view(W, half, height, 45.0, with_depth=False)]
     diag_half = half * np.sqrt(2.0)  # corner to corner, seen at 45 degrees
-    mask = torch.tensor(((np.abs(x) < diag_half) & (np.abs(y) < height)).astype(np.float32).reshape(W, ss, W, ss).mean((1, 3)))
-    views.append(DepthView(cams, torch.full((W, W), float("nan")), mask, mask))
     lo, hi = np.array([-0.2, -0.7, -0.2]), np.array([0.2, 0.7, 0.2])
     res = 90  # about half a pixel per voxel
     step = float(np.max(hi - lo)) / (res - 1)
     field, step = tsdf_field(views, lo, hi, res, 3 * step, torch.device("cpu"))
     mesh = field_to_mesh(clean_field(field), lo, step)
-    axis = c2w[:3, 0]  # the diagonal camera's image x axis in the world
+    axis = orbit_c2w(45.0)[:3, 0]  # the diagonal camera's image x axis in the world
 
     def diag_width_px(m: trimesh.Trimesh) -> float:
         v = np.asarray(m.vertices)
