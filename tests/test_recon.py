@@ -523,3 +523,31 @@ def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
     assert want - after < 0.5 * (want - before), (before, after, want)
     assert after < want + 0.1, (after, want)
     assert snapped.is_watertight and len(snapped.faces) == len(mesh.faces)
+
+
+def test_unseen_patch_takes_the_colour_of_its_border_not_of_its_nearest_neighbour():
+    # a flat grid whose middle no view saw (like a seat top filmed from the side); its border is red
+    # except a short blue stretch (like a leg meeting the seat); the fill must stay mostly red a little
+    # way from the blue, where a nearest-seen-point fill would paint a blue wedge across the patch
+    from make_your_3d.recon.texture import UVMesh, surface_fill
+
+    n = 33
+    xs, ys = np.meshgrid(np.linspace(0, 1, n), np.linspace(0, 1, n), indexing="ij")
+    verts = np.stack([xs.ravel(), ys.ravel(), np.zeros(n * n)], 1)
+    idx = np.arange(n * n).reshape(n, n)
+    quads = np.stack([idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]], -1).reshape(-1, 4)
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    # split the vertices the way an atlas does (one copy per face corner), so welding is exercised too
+    uvm = UVMesh(verts[faces.ravel()], np.arange(faces.size).reshape(-1, 3), np.zeros((faces.size, 2)))
+    centre = verts[faces].mean(1)
+    hole = (np.abs(centre[:, :2] - 0.5) < 0.3).all(1)
+    blue = (~hole) & (np.abs(centre[:, 0] - 0.5) < 0.05) & (centre[:, 1] < 0.2)
+    colors = np.where(blue[~hole, None], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0])
+    vcol = surface_fill(uvm, np.arange(len(faces)), np.full((len(faces), 3), 1 / 3), colors, ~hole)
+    filled = vcol[uvm.faces].mean(1)
+    far = (~hole) & (np.abs(centre[:, :2] - 0.5) > 0.4).any(1) & (centre[:, 1] > 0.1)
+    assert np.abs(filled[far] - [1, 0, 0]).max() < 0.05  # seen colours are kept
+    away = hole & (np.hypot(centre[:, 0] - 0.5, centre[:, 1] - 0.2) > 0.15)
+    assert filled[away, 2].max() < 0.35, filled[away, 2].max()
+    assert filled[hole, 0].mean() > 0.85  # the patch as a whole takes the border's dominant colour
+    assert (filled[hole, 2] > 0.05).any()  # and the blue stretch still shows next to it

@@ -4,7 +4,8 @@ Each texel's surface point is projected into every colour view; views where the 
 (depth test against a z-buffer of the mesh, and inside the mask) contribute with a weight that grows
 steeply with how squarely the view faces the surface, so the sharpest view dominates without seams.
 Texels no input view sees take colour from renders of the Gaussians (from extra cameras) when those
-are given as fill sources, then from the nearest seen surface point in 3D; finally every empty texel
+are given as fill sources, then from a smooth fill over the surface from the colours seen around them
+(`surface_fill`); finally every empty texel
 outside the charts copies its nearest chart texel (island edges dilated to the whole atlas, so bilinear
 and mip-mapped lookups never hit background).
 """
@@ -198,20 +199,14 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
         wsum.index_add_(0, sub, w)
         if src.weight >= 1.0:
             primary[sub] |= w > 0
-    # texels no source saw: the colour of the nearest seen surface point (in 3D, so colour flows across
-    # chart seams and around edges, not across the atlas)
+    # texels no source saw: a smooth fill over the surface from the colours seen around them
     has = wsum > 0
     if bool(has.any()) and not bool(has.all()):
-        from scipy.spatial import cKDTree
-
-        seen = has.nonzero().squeeze(1)
-        # a thinned set of seen texels is plenty for fill colours and keeps far queries cheap (a large
-        # unseen patch, like the top of a seat seen only from the side, otherwise costs seconds)
-        seen = seen[:: max(1, seen.numel() // 250_000)]
+        vcol = surface_fill(uvm, fsel.cpu().numpy(), b.cpu().numpy(), (acc[has] / wsum[has, None]).cpu().numpy(),
+                            has.cpu().numpy())
         unseen = (~has).nonzero().squeeze(1)
-        _, nn = cKDTree(P[seen].cpu().numpy()).query(P[unseen].cpu().numpy(), workers=-1)
-        near = seen[torch.as_tensor(nn, device=device)]
-        acc[unseen] = acc[near] / wsum[near, None]
+        corners = Fc[fsel[unseen]]
+        acc[unseen] = (torch.as_tensor(vcol, dtype=acc.dtype, device=device)[corners] * b[unseen, :, None]).sum(1)
         wsum[unseen] = 1.0
     tex = torch.zeros(size * size, 3, device=device)
     filled = torch.zeros(size * size, dtype=torch.bool, device=device)
@@ -232,6 +227,38 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
     else:
         img[:] = 0.5
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), stats
+
+
+def surface_fill(uvm: UVMesh, face: np.ndarray, bary: np.ndarray, colors: np.ndarray, seen: np.ndarray,
+                 smoothness: float = 1.0) -> np.ndarray:
+    """Per-vertex colours (V,3) that agree with the seen texels and vary smoothly over the surface.
+
+    Seen texels (colors, one row per True in `seen`) are splatted onto their face's corners; every vertex
+    then solves a screened Laplace equation on the welded mesh graph, so a patch no view saw (the top
+    of a seat filmed from the side) takes the colour of its whole border, weighted by how much of the
+    border has it, not the colour of whichever part is nearest (a thin leg next to the patch otherwise
+    spreads in streaks over it).
+    """
+    from scipy.sparse import coo_matrix, diags
+    from scipy.sparse.linalg import spsolve
+
+    _, weld = np.unique(uvm.vertices, axis=0, return_inverse=True)
+    weld = weld.reshape(-1)
+    n = int(weld.max()) + 1
+    f = weld[uvm.faces]
+    corners = f[face[seen]]
+    w = bary[seen].clip(0, 1)
+    vw = np.bincount(corners.ravel(), w.ravel(), minlength=n)
+    target = np.stack([np.bincount(corners.ravel(), (w * c[:, None]).ravel(), minlength=n) for c in colors.T], 1)
+    edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    edges = np.unique(np.sort(edges, 1), axis=0)
+    adj = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    adj = (adj + adj.T).tocsr()
+    lap = diags(np.asarray(adj.sum(1)).ravel()) - adj
+    eps = 1e-6
+    system = (diags(vw + eps) + smoothness * lap).tocsc()
+    vcol = spsolve(system, target + eps * 0.5)
+    return np.clip(vcol, 0, 1)[weld]
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
