@@ -551,3 +551,39 @@ def test_unseen_patch_takes_the_colour_of_its_border_not_of_its_nearest_neighbou
     assert filled[away, 2].max() < 0.35, filled[away, 2].max()
     assert filled[hole, 0].mean() > 0.85  # the patch as a whole takes the border's dominant colour
     assert (filled[hole, 2] > 0.05).any()  # and the blue stretch still shows next to it
+
+
+def test_fusion_reads_depth_on_the_tangent_plane_so_a_convex_edge_keeps_its_place():
+    # the bar seen corner-on: the depth map is a roof whose ridge lies between two pixel centres, so a
+    # pixel-centre lookup reads the ridge half a pixel too deep and the fused corner recedes; the
+    # normals' slopes (depth_slopes) put every point on its pixel's plane and the corner stays put
+    from make_your_3d.recon.cameras import orbit_c2w
+    from make_your_3d.recon.mesh import DepthView, tsdf_field
+    from make_your_3d.recon.lift import depth_slopes
+
+    W, half, height = 64, 0.08, 0.6
+    diag = _bar_view(W, half, height, 45.0, with_depth=False)
+    c2w = orbit_c2w(45.0)
+    right, back = c2w[:3, 0], -c2w[:3, 2]  # image x and the direction to the camera (cameras look along +z)
+    g = ((np.arange(W) + 0.5) / W) * 2 - 1  # camera x of each pixel centre
+    xc = torch.tensor(np.tile(g, (W, 1)), dtype=torch.float32)
+    faces = [n for n in np.eye(3)[[0, 2]] * np.sign(np.eye(3)[[0, 2]] @ back)[:, None]]  # the two faces in view
+    n_right = faces[0] if faces[0] @ right > 0 else faces[1]
+    n_left = faces[1] if faces[0] @ right > 0 else faces[0]
+    normals = torch.tensor(np.where((xc > 0)[..., None].numpy(), n_right, n_left), dtype=torch.float32)
+    depth = torch.where(diag.mask >= 0.5, 3.0 - half * np.sqrt(2) + xc.abs(), torch.full_like(xc, float("nan")))
+    sides = [_bar_view(W, half, height, az, with_depth=False) for az in (0.0, 90.0)]
+    lo, hi = np.array([-0.2, -0.7, -0.2]), np.array([0.2, 0.7, 0.2])
+    res = 181  # about four voxels per pixel, so marching cubes cuts the corner itself by little
+    step = float(np.max(hi - lo)) / (res - 1)
+    reach = {}
+    n_cam = normals.numpy() @ np.linalg.inv(c2w)[:3, :3].T
+    gx, gy, _ = depth_slopes(n_cam, W / 2.0, W / 2.0)
+    for name, slope in (("centre", None), ("plane", torch.tensor(np.stack([gx, gy], -1), dtype=torch.float32))):
+        view = DepthView(diag.cams, depth, diag.mask, diag.mask, slope=slope)
+        field, step = tsdf_field([*sides, view], lo, hi, res, 3 * step, torch.device("cpu"))
+        v = np.asarray(field_to_mesh(field, lo, step).vertices)
+        reach[name] = float((v[np.abs(v[:, 1]) < 0.4] @ back).max()) * W / 2.0  # the ridge, px from the axis
+    want = half * np.sqrt(2) * W / 2.0
+    assert want - reach["centre"] > 0.3, (reach, want)  # what the slopes fix
+    assert abs(want - reach["plane"]) < 0.5 * (want - reach["centre"]), (reach, want)

@@ -90,6 +90,18 @@ def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarra
     return front, back
 
 
+def depth_slopes(normals_cam: np.ndarray, fx: float, fy: float, min_nz: float = 0.3,
+                 max_slope: float = 3.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Depth change per pixel step in x and y of an orthographic view's surface, from its camera-space
+    normals (H,W,3), and where the surface faces the camera enough for them to be trusted (0 elsewhere)."""
+    nz = normals_cam[..., 2]
+    facing = nz < -min_nz
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gx = np.where(facing, np.clip(-normals_cam[..., 0] / nz, -max_slope, max_slope) / fx, 0.0)
+        gy = np.where(facing, np.clip(-normals_cam[..., 1] / nz, -max_slope, max_slope) / fy, 0.0)
+    return gx, gy, facing
+
+
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
                       fx: float, fy: float, max_slope: float = 3.2, min_nz: float = 0.3,
                       touch_quantile: float = 0.98, irls: int = 2,
@@ -109,11 +121,8 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
     if n == 0:
         return np.full((H, W), np.nan)
     idx[m] = np.arange(n)
-    nz = normals_cam[..., 2]
-    good = m & (nz < -min_nz)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gx = np.clip(-normals_cam[..., 0] / nz, -max_slope, max_slope) / fx  # dz per pixel step in x
-        gy = np.clip(-normals_cam[..., 1] / nz, -max_slope, max_slope) / fy
+    gx, gy, facing = depth_slopes(normals_cam, fx, fy, min_nz, max_slope)
+    good = m & facing
     rows, cols, vals, rhs, wts = [], [], [], [], []
     r = 0
     for axis, g in ((1, gx), (0, gy)):

@@ -32,6 +32,7 @@ class DepthView:
     mask: Tensor | None = None
     weight: float = 1.0
     carve: bool = True  # pixels without coverage mark free space (only for trustworthy coverage)
+    slope: Tensor | None = None  # (H,W,2) depth change per pixel step in x and y (from normals), 0 unknown
 
     @property
     def foreground(self) -> Tensor:
@@ -141,6 +142,11 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         d = dv.depth[iyc, ixc]
+        if dv.slope is not None:
+            # the depth at the point's own sub-pixel position on its pixel's tangent plane: a pixel-centre
+            # lookup puts a convex edge up to half a pixel too deep, which the max with the hull cannot undo
+            g = dv.slope[iyc, ixc]
+            d = d + g[:, 0] * (uv[:, 0] - ixc - 0.5) + g[:, 1] * (uv[:, 1] - iyc - 0.5)
         outside |= ~inside  # every view is assumed to see the whole subject
         covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
         if sil is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from make_your_3d.device import resolve_device
 from make_your_3d.errors import BadRequest, BadViews
@@ -33,7 +34,7 @@ from make_your_3d.recon.fit import FitConfig, fit_gaussians, init_from_lift, ren
 from make_your_3d.recon.glb import textured_mesh, write_glb
 from make_your_3d.recon.mesh import (DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify,
                                      silhouettes, snap_to_silhouettes, tsdf_field)
-from make_your_3d.recon.rasterize import cuda_available
+from make_your_3d.recon.rasterize import Cameras, cuda_available
 from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, bake, unwrap
 from make_your_3d.recon.views import ViewSet, load_views
@@ -99,6 +100,15 @@ def _versions() -> dict:
             "trimesh": trimesh.__version__, "scikit-image": skimage.__version__, "python": platform.python_version()}
 
 
+def _view_slopes(normals_world: Tensor, cams: Cameras) -> Tensor:
+    """(H,W,2) depth change per pixel step of an orthographic view, for the fusion's sub-pixel lookups."""
+    from make_your_3d.recon.lift import depth_slopes
+
+    n_cam = (normals_world @ cams.viewmats[0, :3, :3].T).cpu().numpy()
+    gx, gy, _ = depth_slopes(n_cam, float(cams.Ks[0, 0, 0]), float(cams.Ks[0, 1, 1]))
+    return torch.tensor(np.stack([gx, gy], -1), dtype=torch.float32, device=normals_world.device)
+
+
 def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: ReconOptions | None = None,
                 progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> ReconResult:
     """Reconstruct a textured mesh from a views folder (or a loaded ViewSet) and write it as GLB."""
@@ -153,9 +163,12 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                     _, _, a, d = render(g, cam)
                     # the Gaussians' expected depth only where they are solid (else it mixes surfaces)
                     d = torch.where(a[0] > 0.9, d[0], torch.full_like(d[0], float("nan")))
+                    slope = None
                     if fuse_depth is not None:
                         d = torch.where(torch.isfinite(fuse_depth[v]), fuse_depth[v], d)
-                    depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v]))
+                        if fuse.normal is not None and bool(fuse.has_normal[v]) and cam.model == "ortho":
+                            slope = _view_slopes(fuse.normal[v], cam) * torch.isfinite(fuse_depth[v])[..., None]
+                    depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v], slope=slope))
             if options.extra_views:
                 radius = 0.5 * float(np.linalg.norm(hi - lo)) * 1.05
                 orbit = orbit_cameras(centre, radius, min(256, int(knobs["fuse_size"])), (35.0, -35.0), 6, device)
