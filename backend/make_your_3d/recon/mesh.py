@@ -17,7 +17,7 @@ from skimage.measure import marching_cubes
 from torch import Tensor
 
 from make_your_3d.recon.rasterize import Cameras
-from make_your_3d.recon.scene import grid_counts, sample_image
+from make_your_3d.recon.scene import grid_counts, sample_image, subpixel_mask
 from make_your_3d.recon.texture import project_points, view_dirs
 
 
@@ -61,11 +61,9 @@ def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tupl
 
 
 def silhouette_distance(mask: Tensor, upsample: int = 4) -> Tensor:
-    """Signed distance to the mask's 0.5 contour in pixels (positive outside), at `upsample` times the
-    mask's resolution. The soft mask is upsampled bilinearly before thresholding, so the contour sits at
-    sub-pixel precision (an anti-aliased edge pixel at alpha 0.3 moves it by a fraction of a pixel)."""
-    m = torch.nn.functional.interpolate(mask[None, None].float(), scale_factor=upsample, mode="bilinear",
-                                        align_corners=False)[0, 0].cpu().numpy() >= 0.5
+    """Signed distance to the mask's contour in pixels (positive outside), at `upsample` times the
+    mask's resolution; the contour is the anti-aliased edges' sub-pixel position (`subpixel_mask`)."""
+    m = subpixel_mask(mask, upsample).cpu().numpy()
     if not m.any():
         return torch.full(m.shape, float(max(m.shape)) / upsample, device=mask.device)
     outside = ndimage.distance_transform_edt(~m) - 0.5  # contour half-way between pixel centres
