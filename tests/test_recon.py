@@ -518,6 +518,64 @@ def test_normal_integration_keeps_a_small_depth_step_between_flat_faces():
     assert err_px.max() < 0.25, err_px.max()
 
 
+def test_normal_integration_anchors_on_hull_contacts_not_on_the_deepest_cut():
+    # a face that lies on the visual hull (a box's side, bounded by another view's silhouette): the hull's
+    # front carries sub-pixel noise, and along one line (a ridge bounded by two views' edges) it is cut
+    # 0.4 px too deep; anchoring on a high quantile of the gap pushes the whole face back by that much,
+    # the median over pixels known to touch the hull (`contact`) keeps it in place
+    from make_your_3d.recon.lift import integrate_normals
+
+    H = W = 48
+    fx = W / 2.0
+    rng = np.random.default_rng(0)
+    mask = np.zeros((H, W), bool)
+    mask[6:42, 6:42] = True
+    true = 2.5
+    front = np.where(mask, true + rng.uniform(-0.1, 0.1, (H, W)) / fx, np.inf)
+    front[6:42, 20:22] = true + 0.4 / fx
+    back = np.where(mask, true + 0.5, -np.inf)
+    normals = np.zeros((H, W, 3))
+    normals[..., 2] = -1.0
+    err = {}
+    for name, contact in (("quantile", None), ("contact", mask)):
+        depth = integrate_normals(normals, mask, front, back, fx, fx, contact=contact)
+        err[name] = float(np.median(depth[mask] - true) * fx)
+    assert err["quantile"] > 0.3, err
+    assert abs(err["contact"]) < 0.1, err
+
+
+def test_hull_contacts_are_where_a_sphere_touches_its_visual_hull():
+    # from six views around it, a sphere's visual hull is a loose polyhedral shell that touches the sphere
+    # only along the side views' contour generators: the contact pixels of the front view must pick out
+    # those bands (hull within a fraction of a pixel of the surface), not the loose rest of the hull
+    from recon_shapes import SPHERE_R
+
+    from make_your_3d.recon.lift import hull_contacts, hull_depths
+    from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
+
+    vs = render_views("sphere", 96)
+    masks = mask_tensors(vs, torch.device("cpu"))
+    lo, hi = scene_bounds(vs, masks, torch.device("cpu"))
+    tg = targets_for(vs, 96, torch.device("cpu"))
+    cam = tg.camera(0)
+    vm, K = cam.viewmats[0].numpy().astype(np.float64), cam.Ks[0].numpy().astype(np.float64)
+    mask = tg.mask[0].numpy() > 0.5
+    front, _ = hull_depths(vs, masks, cam, lo, hi, mask)
+    contact = hull_contacts(vs, masks, vm, K, front, tg.normal[0].numpy().astype(np.float64))
+    # the sphere's own depth along each pixel's ray
+    v, u = np.nonzero(mask)
+    c2w = np.linalg.inv(vm)
+    origin = np.stack([(u + 0.5 - K[0, 2]) / K[0, 0], (v + 0.5 - K[1, 2]) / K[1, 1], 0 * u], -1) @ c2w[:3, :3].T + c2w[:3, 3]
+    b = origin @ c2w[:3, 2]
+    disc = b * b - (origin * origin).sum(-1) + SPHERE_R**2
+    true = np.full(mask.shape, np.nan)
+    true[v, u] = np.where(disc > 0, -b - np.sqrt(np.maximum(disc, 0)), np.nan)
+    gap_px = (true - front) * K[0, 0]
+    assert 0.05 < contact.sum() / mask.sum() < 0.4, contact.sum() / mask.sum()
+    assert np.nanmedian(gap_px[contact]) < 0.2 and np.nanmax(gap_px[contact]) < 0.6, gap_px[contact]
+    assert np.nanmedian(gap_px[mask]) > 0.5  # the hull elsewhere is loose
+
+
 def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
     # a square bar seen from the front, the side and at 45 degrees: in the diagonal view its corner
     # edges are the silhouette, which marching cubes and the field's smoothing round off; snapping the

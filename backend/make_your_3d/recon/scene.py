@@ -184,7 +184,11 @@ class HullField:
         self.masks = torch.stack([subpixel_mask(m).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
         self.ortho = torch.tensor([v.projection == "orthographic" for v in viewset.views], device=dev)
 
-    def __call__(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
+    def __call__(self, points: Tensor) -> Tensor:
+        return self.per_view(points).min(0).values - 0.5
+
+    def per_view(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
+        """(V, N) each view's mask at each point's projection (0 off the image)."""
         outs = []
         for i in range(0, points.shape[0], chunk):
             p = points[i : i + chunk]
@@ -194,9 +198,8 @@ class HullField:
             grid = uvw[..., :2] / w[..., None]
             val = F.grid_sample(self.masks, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0, 0]
             inside = (grid.abs() <= 1).all(-1)
-            val = torch.where(inside, val, torch.zeros_like(val))
-            outs.append(val.min(0).values - 0.5)
-        return torch.cat(outs)
+            outs.append(torch.where(inside, val, torch.zeros_like(val)))
+        return torch.cat(outs, 1)
 
 
 def hull_field(points: Tensor, viewset: ViewSet, masks: list[Tensor]) -> Tensor:
