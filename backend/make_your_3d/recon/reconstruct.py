@@ -41,11 +41,11 @@ from make_your_3d.recon.views import ViewSet, load_views
 
 # Knobs per preset; explicit ReconOptions fields override them.
 PRESETS: dict[str, dict] = {
-    "fast": dict(iterations=100, render_size=96, num_gaussians=6000, views_per_step=2, grid_res=224,
-                 fuse_size=192, faces=20000, texture_size=1024),
-    "default": dict(iterations=200, render_size=128, num_gaussians=12000, views_per_step=2, grid_res=384,
+    "fast": dict(iterations=100, render_size=96, num_gaussians=6000, views_per_step=2, grid_res=320,
+                 fuse_size=256, faces=20000, texture_size=1024),
+    "default": dict(iterations=200, render_size=128, num_gaussians=12000, views_per_step=2, grid_res=512,
                     fuse_size=256, faces=40000, texture_size=2048),
-    "quality": dict(iterations=600, render_size=192, num_gaussians=25000, views_per_step=3, grid_res=448,
+    "quality": dict(iterations=600, render_size=192, num_gaussians=25000, views_per_step=3, grid_res=576,
                     fuse_size=512, faces=50000, texture_size=2048),
 }
 
