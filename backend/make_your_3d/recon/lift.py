@@ -224,7 +224,7 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
         else:
             d = pts - view.c2w[:3, 3]
             d = d / np.linalg.norm(d, axis=-1, keepdims=True)
-        on_contour = np.abs(vals[k] - 0.5) < 0.45
+        on_contour = np.abs(vals[k] - 0.5) < 0.45  # the sub-pixel mask ramps only across its own edge
         edge_on = np.abs((n * d).sum(-1)) < max_cos
         contact[v[on_contour & edge_on], u[on_contour & edge_on]] = True
     return contact

@@ -5,9 +5,8 @@ Each texel's surface point is projected into every colour view; views where the 
 steeply with how squarely the view faces the surface, so the sharpest view dominates without seams.
 Texels no input view sees take colour from renders of the Gaussians (from extra cameras) when those
 are given as fill sources, then from a smooth fill over the surface from the colours seen around them
-(`surface_fill`); finally every empty texel
-outside the charts copies its nearest chart texel (island edges dilated to the whole atlas, so bilinear
-and mip-mapped lookups never hit background).
+(`surface_fill`); finally every empty texel outside the charts copies its nearest chart texel (island
+edges dilated to the whole atlas, so bilinear and mip-mapped lookups never hit background).
 """
 
 from __future__ import annotations
@@ -255,7 +254,7 @@ def surface_fill(uvm: UVMesh, face: np.ndarray, bary: np.ndarray, colors: np.nda
     adj = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     adj = (adj + adj.T).tocsr()
     lap = diags(np.asarray(adj.sum(1)).ravel()) - adj
-    eps = 1e-6
+    eps = 1e-6  # a faint pull to mid-grey keeps the system regular on parts with nothing seen at all
     system = (diags(vw + eps) + smoothness * lap).tocsc()
     vcol = spsolve(system, target + eps * 0.5)
     return np.clip(vcol, 0, 1)[weld]
