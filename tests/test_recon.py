@@ -448,6 +448,20 @@ def test_subpixel_mask_puts_straight_edges_where_the_coverage_says():
     assert abs(errs.mean()) < 0.03, errs.mean()
 
 
+def test_subpixel_mask_keeps_a_soft_matte_edge_clean():
+    # a matte that ramps over four pixels (as a segmenter's is) is no single sharp edge: it must not be
+    # cut pixel by pixel into a comb; its contour stays at the 0.5 crossing, one clean step per row
+    from make_your_3d.recon.scene import subpixel_mask
+
+    W = 32
+    ramp = np.clip((20.3 - (np.arange(W) + 0.5)) / 4.0 + 0.5, 0, 1)  # 0.5 at x = 20.3
+    m = subpixel_mask(torch.tensor(np.tile(ramp, (W, 1)), dtype=torch.float32), 4).numpy()
+    row = m[W * 2]
+    assert (np.diff(row.astype(int)) != 0).sum() == 1  # inside, then outside: no comb
+    edge = np.argmin(row) / 4.0  # first outside sub-pixel's left side, in pixels
+    assert abs(edge - 20.3) < 0.2, edge
+
+
 def _bar_view(W: int, half: float, height: float, azimuth: float, with_depth: bool):
     """A square bar |x|, |z| < half, |y| < height seen from `azimuth` (orthographic, 2x2 world units): an
     anti-aliased mask (the bar spans half * (|cos| + |sin|) of the image's x) and, for a view square to

@@ -122,20 +122,25 @@ def _edge_offset(coverage: Tensor, n: Tensor) -> Tensor:
 def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
     """Binary foreground (H*u, W*u) at `upsample` times the resolution of an anti-aliased mask (H,W).
 
-    A partly covered pixel is cut by a straight edge whose direction is the coverage gradient's and
-    whose offset is read from the coverage itself, so the edge lands where the renderer put it. (Bilinear
+    A partly covered pixel between a full and an empty one (an anti-aliased sharp edge) is cut by a
+    straight edge whose direction is the coverage gradient's and whose offset is read from the coverage
+    itself, so the edge lands where the renderer put it; elsewhere the mask is upsampled bilinearly. (Bilinear
     upsampling and a 0.5 threshold instead move an edge by up to 0.2 px depending on where it falls in
     the pixel, which tightens the visual hull and pushes surfaces anchored to it back.)"""
     a = alpha.float().clamp(0, 1)
     H, W = a.shape
     u = int(upsample)
-    out = (a >= 0.5).repeat_interleave(u, 0).repeat_interleave(u, 1)
+    # soft edges (a matte that ramps over several pixels) keep the bilinear 0.5 crossing
+    out = F.interpolate(a[None, None], scale_factor=u, mode="bilinear", align_corners=False)[0, 0] >= 0.5
     sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=a.device) / 8.0
     pad = F.pad(a[None, None], (1, 1, 1, 1), mode="replicate")
     gx = F.conv2d(pad, sobel[None, None])[0, 0]
     gy = F.conv2d(pad, sobel.T[None, None])[0, 0]
     norm = torch.sqrt(gx**2 + gy**2)
-    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6)
+    # a sharp edge: a partly covered pixel with full and empty pixels next to it
+    hi = F.max_pool2d(pad, 3, 1)[0, 0]
+    lo = -F.max_pool2d(-pad, 3, 1)[0, 0]
+    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6) & (hi > 0.95) & (lo < 0.05)
     iy, ix = torch.nonzero(part, as_tuple=True)
     if iy.numel() == 0:
         return out
