@@ -62,12 +62,46 @@ def _box_hit(o: np.ndarray, d: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Hi
 
 
 def _frame_hit(o: np.ndarray, d: np.ndarray) -> Hit:
+    return _boxes_hit(o, d, _boxes())
+
+
+def _dish(p: np.ndarray) -> np.ndarray:
+    """A square dish (negative inside): a flat floor 0.4 below its rim, walls sloping up from radius 0.5
+    to 0.8; concave, and one smooth surface from the floor over the rim."""
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    rim = -0.1 + 0.4 * np.clip((np.sqrt(x * x + z * z) - 0.5) / 0.3, 0, 1)
+    return np.maximum.reduce([np.abs(x) - 0.8, np.abs(z) - 0.8, -0.3 - y, y - rim])
+
+
+def _dish_hit(o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
+    """First crossing into the dish along each ray (marched, then bisected); normals by differences."""
+    ts = np.linspace(1.5, 4.5, steps)
+    t = np.full(len(o), np.inf)
+    for i in range(0, len(o), 4096):
+        oo, dd = o[i : i + 4096], d[i : i + 4096]
+        inside = _dish(oo[:, None] + dd[:, None] * ts[None, :, None]) < 0
+        a, b = ts[np.maximum(inside.argmax(1) - 1, 0)], ts[inside.argmax(1)]
+        for _ in range(30):
+            m = 0.5 * (a + b)
+            ins = _dish(oo + dd * m[:, None]) < 0
+            a, b = np.where(ins, a, m), np.where(ins, m, b)
+        t[i : i + 4096] = np.where(inside.any(1), b, np.inf)
+    p = o + d * np.where(np.isfinite(t), t, 0)[:, None]
+    e = 1e-4 * np.eye(3)
+    n = np.stack([_dish(p + e[k]) - _dish(p - e[k]) for k in range(3)], -1)
+    return Hit(t, n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9, None), p)
+
+
+def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]]) -> Hit:
     best = Hit(np.full(len(o), np.inf), np.zeros_like(o), np.zeros_like(o))
-    for lo, hi in _boxes():
+    for lo, hi in boxes:
         h = _box_hit(o, d, lo, hi)
         closer = h.t < best.t
         best.t[closer], best.normal[closer], best.point[closer] = h.t[closer], h.normal[closer], h.point[closer]
     return best
+
+
+HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": _dish_hit}
 
 
 def albedo(points: np.ndarray) -> np.ndarray:
@@ -77,11 +111,11 @@ def albedo(points: np.ndarray) -> np.ndarray:
 
 def render_views(shape: str, size: int = 64, azimuths: list[tuple[str, float, float]] | None = None, ss: int = 2,
                  projection: str = "orthographic") -> ViewSet:
-    """Views of `shape` ('sphere' or 'frame'), `ss`x supersampled: orthographic (2x2 world units) or
-    perspective (pinhole at distance 3 seeing 2.4 units across at the origin)."""
+    """Views of `shape` ('sphere', 'frame' or 'dish'), `ss`x supersampled: orthographic (2x2 world units)
+    or perspective (pinhole at distance 3 seeing 2.4 units across at the origin)."""
     if azimuths is None:
         azimuths = [(n, a, 0.0) for n, a in WONDER3D_VIEWS]
-    hit_fn = _sphere_hit if shape == "sphere" else _frame_hit
+    hit_fn = HITS[shape]
     views = []
     n = size * ss
     for name, az, el in azimuths:

@@ -590,6 +590,39 @@ def test_hull_contacts_are_where_a_sphere_touches_its_visual_hull():
     assert np.nanmedian(gap_px[mask]) > 0.5  # the hull elsewhere is loose
 
 
+def test_normal_integration_keeps_a_dishs_floor_down():
+    # a dish seen from above: its floor lies under the visual hull's lid (no side view sees into it) and
+    # is edge-on to the side views, so it passes the contact test without touching the hull; anchoring
+    # on it lifts the floor towards the rim (about 10 px here), the rim's true contacts must decide
+    from recon_shapes import _dish_hit
+
+    from make_your_3d.recon.lift import hull_contacts, hull_depths, integrate_normals
+    from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
+
+    az = [("top", 0.0, 89.0), ("front", 0.0, 0.0), ("right", 90.0, 0.0), ("back", 180.0, 0.0), ("left", 270.0, 0.0)]
+    vs = render_views("dish", 96, azimuths=az)
+    masks = mask_tensors(vs, torch.device("cpu"))
+    lo, hi = scene_bounds(vs, masks, torch.device("cpu"))
+    tg = targets_for(vs, 96, torch.device("cpu"))
+    cam = tg.camera(0)
+    vm, K = cam.viewmats[0].numpy().astype(np.float64), cam.Ks[0].numpy().astype(np.float64)
+    mask = tg.mask[0].numpy() > 0.5
+    front, back = hull_depths(vs, masks, cam, lo, hi, mask)
+    normals = tg.normal[0].numpy().astype(np.float64)
+    contact = hull_contacts(vs, masks, vm, K, front, normals)
+    depth = integrate_normals(normals @ vm[:3, :3].T, mask, front, back, K[0, 0], K[1, 1], contact=contact)
+    v, u = np.nonzero(mask)
+    c2w = np.linalg.inv(vm)
+    origin = np.stack([(u + 0.5 - K[0, 2]) / K[0, 0], (v + 0.5 - K[1, 2]) / K[1, 1], 0 * u], -1) @ c2w[:3, :3].T + c2w[:3, 3]
+    hit = _dish_hit(origin, np.broadcast_to(c2w[:3, 2], origin.shape).copy())
+    true = np.full(mask.shape, np.nan)
+    true[v, u] = hit.t
+    with np.errstate(invalid="ignore"):  # rays that miss: inf - inf
+        floor = mask & ((true - front) * K[0, 0] > 5)  # well under the lid
+    assert floor.sum() > 500 and (contact & floor).sum() > 100  # the trap is there
+    assert np.nanmedian(np.abs(depth - true)[floor]) * K[0, 0] < 1.0
+
+
 def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
     # a square bar seen from the front, the side and at 45 degrees: in the diagonal view its corner
     # edges are the silhouette, which marching cubes and the field's smoothing round off; snapping the

@@ -33,15 +33,15 @@ class LiftedView:
 
 
 def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarray, hi: np.ndarray,
-                pixels: np.ndarray, steps: int = 96, refine: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                pixels: np.ndarray, steps: int = 96, refine: int = 8, field=None) -> tuple[np.ndarray, np.ndarray]:
     """Front and back depth of the visual hull along the orthographic rays of `pixels` (H,W bool),
     found by marching the mask field and refining the crossings by bisection (inf / -inf: missed).
 
     Marching the field itself (not a marching-cubes mesh of it) keeps flat faces exactly flat, which
-    the anchoring of integrated normals relies on."""
+    the anchoring of integrated normals relies on. `field`: the views' HullField, when the caller has it."""
     from make_your_3d.recon.scene import HullField
 
-    field = HullField(viewset, masks)
+    field = HullField(viewset, masks) if field is None else field
     H, W = pixels.shape
     front = np.full((H, W), np.inf)
     back = np.full((H, W), -np.inf)
@@ -105,13 +105,14 @@ def depth_slopes(normals_cam: np.ndarray, fx: float, fy: float, min_nz: float = 
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
                       fx: float, fy: float, max_slope: float = 3.2, min_nz: float = 0.3,
                       touch_quantile: float = 0.98, irls: int = 2,
-                      jump_px: float = 1.5, contact: np.ndarray | None = None) -> np.ndarray:
+                      jump_px: float = 1.5, contact: np.ndarray | None = None,
+                      contact_px: float = 1.5) -> np.ndarray:
     """Least-squares depth whose finite differences match the normals' slopes (orthographic camera).
 
-    The integral is fixed up to one offset per connected piece: the median gap to the visual hull's
-    front over the piece's `contact` pixels (where the surface is known to touch the hull), else the
-    offset that puts the piece just behind the hull's front, touching it (robustly: a high quantile of
-    the gap). Returns (H,W) depth, nan outside the mask.
+    The integral is fixed up to one offset per connected piece: the offset that puts the piece just
+    behind the visual hull's front, touching it (robustly: a high quantile of the gap), refined to the
+    median gap over the piece's `contact` pixels (where the surface is known to touch the hull) that
+    lie within `contact_px` of that placement. Returns (H,W) depth, nan outside the mask.
     """
     H, W = mask.shape
     eps = 0.5 / min(fx, fy)  # residuals below half a pixel's width count fully
@@ -180,28 +181,33 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
     on_hull = contact[m] if contact is not None else np.zeros(n, bool)
     for c in range(ncomp):
         sel = label == c
-        touch = sel & core & on_hull
+        use = sel & core if (sel & core).sum() > 8 else sel
+        shift = np.quantile(gap[use], touch_quantile) if use.sum() > 4 else gap[use].max()
+        # contacts that agree with that placement to within `contact_px`: a concave floor lying edge-on
+        # under the hull's lid (a tray seen from above) passes the contact test but sits far behind it
+        touch = sel & core & on_hull & (np.abs(gap - shift) < contact_px / fx)
         if touch.sum() > max(8, 0.02 * sel.sum()):
             # where the surface is known to touch the hull: the typical gap there, robust to the hull's
             # sub-pixel noise and to the integral's drift between far parts of the piece (the high
-            # quantile below lets the few points where the hull is cut deepest push the whole piece back)
-            z[sel] += np.median(gap[touch])
-            continue
-        use = sel & core if (sel & core).sum() > 8 else sel
-        z[sel] += np.quantile(gap[use], touch_quantile) if use.sum() > 4 else gap[use].max()
+            # quantile lets the few points where the hull is cut deepest push the whole piece back)
+            shift = np.median(gap[touch])
+        z[sel] += shift
     out = np.full((H, W), np.nan)
     out[m] = np.clip(z, front[m], back[m])
     return out
 
 
 def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndarray, front: np.ndarray,
-                  normals_world: np.ndarray, max_cos: float = 0.05) -> np.ndarray:
+                  normals_world: np.ndarray, max_cos: float = 0.05, field=None) -> np.ndarray:
     """Pixels (H,W bool) of an orthographic view where the surface touches the visual hull's front: the
     hull there is bounded by another view's silhouette (the point lies on its contour) and the surface
     turns edge-on to that view (its normal is nearly perpendicular to that view's rays), so the point is
-    on that view's contour generator. Elsewhere the hull's front may lie well in front of the surface.
+    on that view's contour generator, unless the surface lies well behind the hull's front there (a
+    concave floor under the hull's lid passes both tests too: `integrate_normals` drops contacts far from
+    its placement). Elsewhere the hull's front may lie well in front of the surface.
     `max_cos` keeps the band narrow on curved surfaces (on a sphere of radius 1, 0.05 is a gap of at most
-    0.0013: about a sixth of a pixel at the benchmark's scale)."""
+    0.0013: about a sixth of a pixel at the benchmark's scale). `field`: the views' HullField, when the
+    caller has it."""
     from make_your_3d.recon.scene import HullField
 
     contact = np.zeros(front.shape, bool)
@@ -212,7 +218,7 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
     y = (v + 0.5 - K[1, 2]) / K[1, 1]
     c2w = np.linalg.inv(vm)
     pts = np.stack([x, y, front[v, u]], -1) @ c2w[:3, :3].T + c2w[:3, 3]
-    field = HullField(viewset, masks)
+    field = HullField(viewset, masks) if field is None else field
     vals = field.per_view(torch.tensor(pts, dtype=torch.float32, device=masks[0].device)).cpu().numpy()
     n = normals_world[v, u]
     own = c2w[:3, 2] / np.linalg.norm(c2w[:3, 2])
@@ -238,9 +244,12 @@ def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cam
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
     K = cams.Ks[0].cpu().numpy().astype(np.float64)
     mask = alpha > 0.5
-    front, back = hull_depths(viewset, masks, cams, lo, hi, mask)
+    from make_your_3d.recon.scene import HullField
+
+    field = HullField(viewset, masks)
+    front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field)
     n_cam = normals_world @ vm[:3, :3].T
-    contact = hull_contacts(viewset, masks, vm, K, front, normals_world)
+    contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field)
     depth = integrate_normals(n_cam, mask, front, back, K[0, 0], K[1, 1], contact=contact)
     valid = np.isfinite(depth)
     H, W = mask.shape

@@ -124,7 +124,8 @@ def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
 
     A partly covered pixel between a full and an empty one (an anti-aliased sharp edge) is cut by a
     straight edge whose direction is the coverage gradient's and whose offset is read from the coverage
-    itself, so the edge lands where the renderer put it; elsewhere the mask is upsampled bilinearly. (Bilinear
+    itself, so the edge lands where the renderer put it, to the upsampled grid's 1/(2u) px; elsewhere
+    the mask is upsampled bilinearly. (Bilinear
     upsampling and a 0.5 threshold instead move an edge by up to 0.2 px depending on where it falls in
     the pixel, which tightens the visual hull and pushes surfaces anchored to it back.)"""
     a = alpha.float().clamp(0, 1)
@@ -189,22 +190,22 @@ class HullField:
         self.masks = torch.stack([subpixel_mask(m).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
         self.ortho = torch.tensor([v.projection == "orthographic" for v in viewset.views], device=dev)
 
-    def __call__(self, points: Tensor) -> Tensor:
-        return self.per_view(points).min(0).values - 0.5
+    def __call__(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
+        return torch.cat([self._sample(points[i : i + chunk]).min(0).values - 0.5
+                          for i in range(0, points.shape[0], chunk)])
 
     def per_view(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
         """(V, N) each view's mask at each point's projection (0 off the image)."""
-        outs = []
-        for i in range(0, points.shape[0], chunk):
-            p = points[i : i + chunk]
-            ph = torch.cat([p, torch.ones_like(p[:, :1])], -1)
-            uvw = torch.einsum("vij,nj->vni", self.mats, ph)
-            w = torch.where(self.ortho[:, None], torch.ones_like(uvw[..., 2]), uvw[..., 2].clamp_min(1e-6))
-            grid = uvw[..., :2] / w[..., None]
-            val = F.grid_sample(self.masks, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0, 0]
-            inside = (grid.abs() <= 1).all(-1)
-            outs.append(torch.where(inside, val, torch.zeros_like(val)))
-        return torch.cat(outs, 1)
+        return torch.cat([self._sample(points[i : i + chunk]) for i in range(0, points.shape[0], chunk)], 1)
+
+    def _sample(self, p: Tensor) -> Tensor:
+        ph = torch.cat([p, torch.ones_like(p[:, :1])], -1)
+        uvw = torch.einsum("vij,nj->vni", self.mats, ph)
+        w = torch.where(self.ortho[:, None], torch.ones_like(uvw[..., 2]), uvw[..., 2].clamp_min(1e-6))
+        grid = uvw[..., :2] / w[..., None]
+        val = F.grid_sample(self.masks, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0, 0]
+        inside = (grid.abs() <= 1).all(-1)
+        return torch.where(inside, val, torch.zeros_like(val))
 
 
 def hull_field(points: Tensor, viewset: ViewSet, masks: list[Tensor]) -> Tensor:
