@@ -558,69 +558,59 @@ def test_normal_integration_anchors_on_hull_contacts_not_on_the_deepest_cut():
     assert abs(err["contact"]) < 0.1, err
 
 
-def test_hull_contacts_are_where_a_sphere_touches_its_visual_hull():
-    # from six views around it, a sphere's visual hull is a loose polyhedral shell that touches the sphere
-    # only along the side views' contour generators: the contact pixels of the front view must pick out
-    # those bands (hull within a fraction of a pixel of the surface), not the loose rest of the hull
-    from recon_shapes import SPHERE_R
+def _first_view_hull(shape: str, azimuths: list | None = None, size: int = 96) -> Namespace:
+    """The first view of `shape`: its mask, camera (vm, K) and world normals, the visual hull's front and
+    back depth along its pixels, its hull contacts, and the shape's true depth there (ray cast)."""
+    from recon_shapes import HITS
 
     from make_your_3d.recon.lift import hull_contacts, hull_depths
     from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
 
-    vs = render_views("sphere", 96)
+    vs = render_views(shape, size, azimuths=azimuths)
     masks = mask_tensors(vs, torch.device("cpu"))
     lo, hi = scene_bounds(vs, masks, torch.device("cpu"))
-    tg = targets_for(vs, 96, torch.device("cpu"))
+    tg = targets_for(vs, size, torch.device("cpu"))
     cam = tg.camera(0)
     vm, K = cam.viewmats[0].numpy().astype(np.float64), cam.Ks[0].numpy().astype(np.float64)
     mask = tg.mask[0].numpy() > 0.5
-    front, _ = hull_depths(vs, masks, cam, lo, hi, mask)
-    contact = hull_contacts(vs, masks, vm, K, front, tg.normal[0].numpy().astype(np.float64))
-    # the sphere's own depth along each pixel's ray
+    normals = tg.normal[0].numpy().astype(np.float64)
+    front, back = hull_depths(vs, masks, cam, lo, hi, mask)
+    contact = hull_contacts(vs, masks, vm, K, front, normals)
     v, u = np.nonzero(mask)
     c2w = np.linalg.inv(vm)
     origin = np.stack([(u + 0.5 - K[0, 2]) / K[0, 0], (v + 0.5 - K[1, 2]) / K[1, 1], 0 * u], -1) @ c2w[:3, :3].T + c2w[:3, 3]
-    b = origin @ c2w[:3, 2]
-    disc = b * b - (origin * origin).sum(-1) + SPHERE_R**2
     true = np.full(mask.shape, np.nan)
-    true[v, u] = np.where(disc > 0, -b - np.sqrt(np.maximum(disc, 0)), np.nan)
-    gap_px = (true - front) * K[0, 0]
-    assert 0.05 < contact.sum() / mask.sum() < 0.4, contact.sum() / mask.sum()
-    assert np.nanmedian(gap_px[contact]) < 0.2 and np.nanmax(gap_px[contact]) < 0.6, gap_px[contact]
-    assert np.nanmedian(gap_px[mask]) > 0.5  # the hull elsewhere is loose
+    true[v, u] = HITS[shape](origin, np.broadcast_to(c2w[:3, 2], origin.shape).copy()).t
+    return Namespace(mask=mask, vm=vm, K=K, normals=normals, front=front, back=back, contact=contact, true=true)
+
+
+def test_hull_contacts_are_where_a_sphere_touches_its_visual_hull():
+    # from six views around it, a sphere's visual hull is a loose polyhedral shell that touches the sphere
+    # only along the side views' contour generators: the contact pixels of the front view must pick out
+    # those bands (hull within a fraction of a pixel of the surface), not the loose rest of the hull
+    h = _first_view_hull("sphere")
+    with np.errstate(invalid="ignore"):  # rays that miss: inf - inf
+        gap_px = (h.true - h.front) * h.K[0, 0]
+    gap_px[~np.isfinite(gap_px)] = np.nan
+    assert 0.05 < h.contact.sum() / h.mask.sum() < 0.4, h.contact.sum() / h.mask.sum()
+    assert np.nanmedian(gap_px[h.contact]) < 0.2 and np.nanmax(gap_px[h.contact]) < 0.6, gap_px[h.contact]
+    assert np.nanmedian(gap_px[h.mask]) > 0.5  # the hull elsewhere is loose
 
 
 def test_normal_integration_keeps_a_dishs_floor_down():
     # a dish seen from above: its floor lies under the visual hull's lid (no side view sees into it) and
     # is edge-on to the side views, so it passes the contact test without touching the hull; anchoring
     # on it lifts the floor towards the rim (about 10 px here), the rim's true contacts must decide
-    from recon_shapes import _dish_hit
-
-    from make_your_3d.recon.lift import hull_contacts, hull_depths, integrate_normals
-    from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
+    from make_your_3d.recon.lift import integrate_normals
 
     az = [("top", 0.0, 89.0), ("front", 0.0, 0.0), ("right", 90.0, 0.0), ("back", 180.0, 0.0), ("left", 270.0, 0.0)]
-    vs = render_views("dish", 96, azimuths=az)
-    masks = mask_tensors(vs, torch.device("cpu"))
-    lo, hi = scene_bounds(vs, masks, torch.device("cpu"))
-    tg = targets_for(vs, 96, torch.device("cpu"))
-    cam = tg.camera(0)
-    vm, K = cam.viewmats[0].numpy().astype(np.float64), cam.Ks[0].numpy().astype(np.float64)
-    mask = tg.mask[0].numpy() > 0.5
-    front, back = hull_depths(vs, masks, cam, lo, hi, mask)
-    normals = tg.normal[0].numpy().astype(np.float64)
-    contact = hull_contacts(vs, masks, vm, K, front, normals)
-    depth = integrate_normals(normals @ vm[:3, :3].T, mask, front, back, K[0, 0], K[1, 1], contact=contact)
-    v, u = np.nonzero(mask)
-    c2w = np.linalg.inv(vm)
-    origin = np.stack([(u + 0.5 - K[0, 2]) / K[0, 0], (v + 0.5 - K[1, 2]) / K[1, 1], 0 * u], -1) @ c2w[:3, :3].T + c2w[:3, 3]
-    hit = _dish_hit(origin, np.broadcast_to(c2w[:3, 2], origin.shape).copy())
-    true = np.full(mask.shape, np.nan)
-    true[v, u] = hit.t
+    h = _first_view_hull("dish", az)
+    depth = integrate_normals(h.normals @ h.vm[:3, :3].T, h.mask, h.front, h.back, h.K[0, 0], h.K[1, 1],
+                              contact=h.contact)
     with np.errstate(invalid="ignore"):  # rays that miss: inf - inf
-        floor = mask & ((true - front) * K[0, 0] > 5)  # well under the lid
-    assert floor.sum() > 500 and (contact & floor).sum() > 100  # the trap is there
-    assert np.nanmedian(np.abs(depth - true)[floor]) * K[0, 0] < 1.0
+        floor = h.mask & ((h.true - h.front) * h.K[0, 0] > 5)  # well under the lid
+    assert floor.sum() > 500 and (h.contact & floor).sum() > 100  # the trap is there
+    assert np.nanmedian(np.abs(depth - h.true)[floor]) * h.K[0, 0] < 1.0
 
 
 def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
