@@ -21,6 +21,7 @@ from torch import Tensor
 from make_your_3d.progress import Reporter
 from make_your_3d.recon.rasterize import Cameras, rasterize
 from make_your_3d.recon.scene import (
+    HullField,
     ViewTargets,
     grid_points,
     hull_field,
@@ -190,11 +191,12 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
     depth = torch.full((V, tg.height, tg.width), float("nan"), device=device)
     lifted = []
     if tg.normal is not None:
+        field = HullField(viewset, masks)  # one for every view's hull marching and contacts
         for v in range(V):
             if not bool(tg.has_normal[v]):
                 continue
             lv = lift_view(tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(), tg.normal[v].cpu().numpy().astype(np.float64),
-                           tg.camera(v), viewset, masks, lo, hi)
+                           tg.camera(v), viewset, masks, lo, hi, field=field)
             if lv is not None and len(lv.points):
                 lifted.append(lv)
                 depth[v] = torch.tensor(lv.depth, dtype=torch.float32, device=device)

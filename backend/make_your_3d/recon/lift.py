@@ -21,6 +21,7 @@ from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
 
 from make_your_3d.recon.rasterize import Cameras
+from make_your_3d.recon.scene import HullField, view_dir_at
 
 
 @dataclass
@@ -33,14 +34,13 @@ class LiftedView:
 
 
 def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarray, hi: np.ndarray,
-                pixels: np.ndarray, steps: int = 96, refine: int = 8, field=None) -> tuple[np.ndarray, np.ndarray]:
+                pixels: np.ndarray, steps: int = 96, refine: int = 8,
+                field: HullField | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Front and back depth of the visual hull along the orthographic rays of `pixels` (H,W bool),
     found by marching the mask field and refining the crossings by bisection (inf / -inf: missed).
 
     Marching the field itself (not a marching-cubes mesh of it) keeps flat faces exactly flat, which
     the anchoring of integrated normals relies on. `field`: the views' HullField, when the caller has it."""
-    from make_your_3d.recon.scene import HullField
-
     field = HullField(viewset, masks) if field is None else field
     H, W = pixels.shape
     front = np.full((H, W), np.inf)
@@ -198,7 +198,7 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
 
 
 def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndarray, front: np.ndarray,
-                  normals_world: np.ndarray, max_cos: float = 0.05, field=None) -> np.ndarray:
+                  normals_world: np.ndarray, max_cos: float = 0.05, field: HullField | None = None) -> np.ndarray:
     """Pixels (H,W bool) of an orthographic view where the surface touches the visual hull's front: the
     hull there is bounded by another view's silhouette (the point lies on its contour) and the surface
     turns edge-on to that view (its normal is nearly perpendicular to that view's rays), so the point is
@@ -208,8 +208,6 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
     `max_cos` keeps the band narrow on curved surfaces (on a sphere of radius 1, 0.05 is a gap of at most
     0.0013: about a sixth of a pixel at the benchmark's scale). `field`: the views' HullField, when the
     caller has it."""
-    from make_your_3d.recon.scene import HullField
-
     contact = np.zeros(front.shape, bool)
     v, u = np.nonzero(np.isfinite(front))
     if len(v) == 0:
@@ -223,13 +221,9 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
     n = normals_world[v, u]
     own = c2w[:3, 2] / np.linalg.norm(c2w[:3, 2])
     for k, view in enumerate(viewset.views):
-        if view.projection == "orthographic":
-            d = np.broadcast_to(view.c2w[:3, 2] / np.linalg.norm(view.c2w[:3, 2]), pts.shape)
-            if abs(float(d[0] @ own)) > 0.99:  # this view or its opposite: its contour is this view's rim
-                continue
-        else:
-            d = pts - view.c2w[:3, 3]
-            d = d / np.linalg.norm(d, axis=-1, keepdims=True)
+        d = view_dir_at(torch.tensor(pts), viewset, k).numpy()
+        if view.projection == "orthographic" and abs(float(d[0] @ own)) > 0.99:
+            continue  # this view or its opposite: its contour is this view's rim
         on_contour = np.abs(vals[k] - 0.5) < 0.45  # the sub-pixel mask ramps only across its own edge
         edge_on = np.abs((n * d).sum(-1)) < max_cos
         contact[v[on_contour & edge_on], u[on_contour & edge_on]] = True
@@ -237,16 +231,16 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
 
 
 def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cams: Cameras,
-              viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray) -> LiftedView | None:
-    """Integrate one orthographic view's normals and lift its masked pixels to world points."""
+              viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray,
+              field: HullField | None = None) -> LiftedView | None:
+    """Integrate one orthographic view's normals and lift its masked pixels to world points. `field`:
+    the views' HullField, when the caller has it."""
     if cams.model != "ortho":
         return None
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
     K = cams.Ks[0].cpu().numpy().astype(np.float64)
     mask = alpha > 0.5
-    from make_your_3d.recon.scene import HullField
-
-    field = HullField(viewset, masks)
+    field = HullField(viewset, masks) if field is None else field
     front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field)
     n_cam = normals_world @ vm[:3, :3].T
     contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field)

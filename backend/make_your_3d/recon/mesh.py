@@ -1,7 +1,7 @@
 """Surface extraction: TSDF fusion of depths rendered from the fitted Gaussians, bounded by the
 input masks as distances to their silhouettes, marching cubes (scikit-image), the largest
-component(s), contour vertices snapped onto the visual hull, and simplification to the face budget (fast-simplification), repaired to a closed manifold surface where
-decimation pinched it (pymeshfix)."""
+component(s), contour vertices snapped onto the visual hull, and simplification to the face budget
+(fast-simplification), repaired to a closed manifold surface where decimation pinched it (pymeshfix)."""
 
 from __future__ import annotations
 

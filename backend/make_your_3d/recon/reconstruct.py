@@ -10,8 +10,8 @@
    largest components; vertices on a view's contour snapped onto the visual hull; quadric
    simplification to the face budget;
 5. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
-   from the nearest seen surface (or from Gaussian renders, `extra_views=True`); dilated islands
-   (recon/texture.py);
+   from Gaussian renders (`extra_views=True`), then a smooth fill from the colours seen around them;
+   dilated islands (recon/texture.py);
 6. GLB written atomically (recon/glb.py) plus a job.json-style record.
 """
 

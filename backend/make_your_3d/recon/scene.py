@@ -125,9 +125,9 @@ def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
     A partly covered pixel between a full and an empty one (an anti-aliased sharp edge) is cut by a
     straight edge whose direction is the coverage gradient's and whose offset is read from the coverage
     itself, so the edge lands where the renderer put it, to the upsampled grid's 1/(2u) px; elsewhere
-    the mask is upsampled bilinearly. (Bilinear
-    upsampling and a 0.5 threshold instead move an edge by up to 0.2 px depending on where it falls in
-    the pixel, which tightens the visual hull and pushes surfaces anchored to it back.)"""
+    the mask is upsampled bilinearly. (Bilinear upsampling and a 0.5 threshold instead move a sharp
+    edge by up to 0.2 px depending on where it falls in the pixel, which tightens the visual hull and
+    pushes surfaces anchored to it back.)"""
     a = alpha.float().clamp(0, 1)
     H, W = a.shape
     u = int(upsample)
