@@ -5,14 +5,15 @@ input (RGBA composited on white) gives one CLIP `image_embeds` token for `encode
 and its VAE latent (`latent_dist.mode() * scaling_factor`), concatenated on channels with the noisy
 latent of every view. Each batch row gets a 10-d class label `sin/cos` of
 `(elevation_cond, elevation_offset, azimuth_offset, domain0, domain1)`, domain (1, 0) = normals,
-(0, 1) = colours; the six views sit at elevation 0 and azimuth offsets 0, 45, 90, 180, 270, 315
-degrees (Wonder3D's fixed poses: front, front_right, right, back, left, front_left).
+(0, 1) = colours. The label angles are NOT the ideal 0/45/90/180/270/315 degrees at elevation 0:
+they are Wonder3D's `nine_views` table, which the weights were trained on (see
+`models.wonder3d_views`); the ideal angles are only the poses of the generated images.
 
 Batch layout `[normals(B*V), colours(B*V)]`. Classifier-free guidance doubles the samples, not
 the domains: the guided batch is `[normals(uncond B, cond B), colours(uncond B, cond B)]`, so the
-cross-domain attention always pairs a view's normal and colour *of the same guidance branch*
-(Wonder3D's own pipeline concatenates `[uncond(N, C), cond(N, C)]`, which pairs the unconditional
-normal with the conditional normal instead; we keep the training-time pairing).
+cross-domain attention always pairs a view's normal and colour *of the same guidance branch*. For
+B = 1 this is exactly the reference's `reshape_to_cd_input` layout, and the guidance combination is
+the reference's `reshape_to_cfg_output` (checked against `../shared/golden/wonder3d`).
 
 Only the noisy latents go through `scheduler.scale_model_input` (Wonder3D scales the concatenated
 input, which is the same for its DDIM and differs only for sigma-scaled schedulers like Euler).
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,13 +40,12 @@ from PIL import Image
 
 from make_your_3d.errors import BadViews
 from make_your_3d.progress import Reporter
-from make_your_3d.recon.cameras import WONDER3D_VIEWS, orbit_c2w
+from make_your_3d.models.wonder3d_views import WONDER3D_VIEW_TABLE, Wonder3DView, class_labels
+from make_your_3d.recon.cameras import orbit_c2w
 from make_your_3d.recon.views import View, ViewSet, encode_normals
 
 WONDER3D_ORTHO_SIZE = 2.0
 BACKGROUND = 1.0  # Wonder3D composites inputs on white and generates white backgrounds
-NORMAL_DOMAIN = (1.0, 0.0)
-COLOR_DOMAIN = (0.0, 1.0)
 SCHEDULERS = ("ddim", "dpm", "euler", "euler_a", "unipc")
 
 # The OpenGL front camera (x right, y up, z towards the viewer) expressed in our world: its OpenCV
@@ -128,7 +127,7 @@ class MultiViewPipeline:
     `unet(sample (2*B*V, 8, h, w), t, encoder_hidden_states (2*B*V, 1, D), class_labels (2*B*V, 10))`.
     """
 
-    def __init__(self, unet, vae, image_encoder, feature_extractor, scheduler, views: Sequence[tuple[str, float]] = WONDER3D_VIEWS):
+    def __init__(self, unet, vae, image_encoder, feature_extractor, scheduler, views: Sequence[Wonder3DView] = WONDER3D_VIEW_TABLE):
         self.unet = unet
         self.vae = vae
         self.image_encoder = image_encoder
@@ -248,15 +247,9 @@ class MultiViewPipeline:
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
 
     def camera_embeddings(self, batch: int) -> torch.Tensor:
-        """(2*batch*V, 10) class labels in the [normals, colours] layout (Wonder3D's e_de_da_sincos)."""
-        rows = []
-        for domain in (NORMAL_DOMAIN, COLOR_DOMAIN):
-            for _ in range(batch):
-                for _, azimuth in self.views:
-                    # elevation of the input 0, elevation offset 0, azimuth offset in [0, 2pi)
-                    rows.append([0.0, 0.0, math.radians(azimuth % 360.0), *domain])
-        raw = torch.tensor(rows, dtype=torch.float64)
-        return torch.cat([torch.sin(raw), torch.cos(raw)], dim=-1).to(self.device, self.dtype)
+        """(2*batch*V, 10) class labels in the [normals, colours] layout (Wonder3D's e_de_da_sincos,
+        its trained `nine_views` angles; see `models.wonder3d_views`)."""
+        return class_labels(batch, self.dtype, self.device, self.views)
 
     def expand_condition(self, image_embeds: torch.Tensor, cond_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample conditions (B, 1, D), (B, 4, h, w) -> per-row (2*B*V, ...) in the batch layout."""
@@ -368,7 +361,7 @@ class MultiViewPipeline:
         size = images.shape[-1]
         normals = images[:rows].reshape(batch, self.num_views, 3, size, size)
         colors = images[rows:].reshape(batch, self.num_views, 3, size, size)
-        return MultiViewImages(colors=colors, normals=normals, view_names=tuple(n for n, _ in self.views), azimuths=tuple(a for _, a in self.views))
+        return MultiViewImages(colors=colors, normals=normals, view_names=tuple(v.name for v in self.views), azimuths=tuple(v.azimuth_deg for v in self.views))
 
 
 def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:

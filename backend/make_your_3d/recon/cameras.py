@@ -8,17 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# Wonder3D's six views at elevation 0 and their azimuths in degrees.
-WONDER3D_VIEWS: tuple[tuple[str, float], ...] = (
-    ("front", 0.0),
-    ("front_right", 45.0),
-    ("right", 90.0),
-    ("back", 180.0),
-    ("left", -90.0),
-    ("front_left", -45.0),
-)
-
-
 def look_at(eye: np.ndarray, target: np.ndarray = np.zeros(3), up: np.ndarray = np.array([0.0, 1.0, 0.0])) -> np.ndarray:
     """Camera-to-world 4x4 with OpenCV axes (+x right, +y down, +z forward) looking from eye to target."""
     eye = np.asarray(eye, dtype=np.float64)
