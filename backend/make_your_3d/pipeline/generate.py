@@ -35,9 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from make_your_3d import __version__
 from make_your_3d.device import resolve_device, resolve_dtype
-from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory
+from make_your_3d.errors import BadRequest, DiskFull, Make3DError, NoSubject, OutOfMemory
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
+from make_your_3d.pipeline.stages import STAGE_SPECS, KeyContext, stage_keys
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SUBJECT_SEED = 0  # the seed-independent stages use a fixed seed, so variants and re-runs share them
 REQUIRED_ROLES = ("personalized", "ip_adapter", "image_encoder", "multiview", "normal_estimator")
-STAGES = ("subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")
+STAGES = tuple(s.name for s in STAGE_SPECS)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Generator:
         started = time.monotonic()
         image = validate_request(request)
         preset = get_preset(request.preset, self.overrides)
+        recon_options = self._recon_options(preset, request)
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
@@ -172,11 +174,12 @@ class Generator:
         # Stage 1: preprocess (cheap, not cached): mask, crop, recentre, pad, resize for the models.
         subject_rgba = self._prepare_input(image, request, preset)
         subject = request.subject
-        mv_params = {"size": preset.mv_size, "steps": preset.mv_steps, "guidance": preset.mv_guidance, "fill": preset.subject_fill}
-        sd_params = {"size": preset.sd_size, "steps": preset.sd_steps, "guidance": preset.sd_guidance, "strength": preset.edit_strength, "ip_scale": preset.ip_scale}
+        context = KeyContext(device_type=self.device.type, dtype=str(dtype).removeprefix("torch."), fingerprints=fingerprints, version=__version__,
+                             extra={"reconstruct": recon_options.resolved()})
+        keys = stage_keys(request, preset, context)
 
-        def timed_stage(name: str, inputs: dict, writer: Callable[[Path, Reporter], None]) -> Path:
-            key = digest(inputs)
+        def timed_stage(name: str, writer: Callable[[Path, Reporter], None]) -> Path:
+            key, inputs = keys[name]
             rep = reporter(name)
             t0 = time.monotonic()
             hit = self.cache.get(name, key)
@@ -188,36 +191,14 @@ class Generator:
             records.append(StageRecord(name, key, hit is not None, round(time.monotonic() - t0, 3)))
             return path
 
-        k_views = {"stage": "subject_views", "image": digest(request.image), "mv": mv_params, "models": {k: fingerprints[k] for k in ("multiview",)}, "segmenter": fingerprints.get("segmenter")}
-        views_dir = timed_stage("subject_views", k_views, lambda tmp, rep: self._subject_views(subject_rgba, preset, dtype, tmp, rep))
-
-        k_identity = {"stage": "identity", "views": digest(k_views), "subject": subject, "sd_size": preset.sd_size,
-                      "steps": preset.identity_steps, "lr": preset.identity_lr, "batch": preset.identity_batch,
-                      "models": {k: fingerprints[k] for k in ("personalized", "ip_adapter", "image_encoder")}}
-        identity_dir = timed_stage("identity", k_identity, lambda tmp, rep: self._identity(views_dir, subject, preset, dtype, tmp, rep))
-
-        k_edits = {"stage": "edited_views", "views": digest(k_views), "subject": subject, "prompt": request.prompt,
-                   "negative": request.negative_prompt, "sd": sd_params, "normal_steps": preset.normal_steps,
-                   "models": {k: fingerprints[k] for k in ("personalized", "ip_adapter", "image_encoder", "normal_estimator")}}
-        edits_dir = timed_stage("edited_views", k_edits, lambda tmp, rep: self._edited_views(views_dir, request, preset, dtype, tmp, rep))
-
-        k_prior = {"stage": "subject_prior", "edits": digest(k_edits), "steps": preset.prior_steps, "lr": preset.prior_lr,
-                   "rank": preset.lora_rank, "mv_size": preset.mv_size, "models": {"multiview": fingerprints["multiview"]}}
-        prior_dir = timed_stage("subject_prior", k_prior, lambda tmp, rep: self._subject_prior(edits_dir, preset, dtype, tmp, rep))
-
-        k_front = {"stage": "front_view", "identity": digest(k_identity), "image": digest(request.image), "prompt": request.prompt,
-                   "negative": request.negative_prompt, "subject": subject, "seed": request.seed, "sd": sd_params, "mv": mv_params,
-                   "segmenter": fingerprints.get("segmenter")}
-        front_dir = timed_stage("front_view", k_front, lambda tmp, rep: self._front_view(subject_rgba, identity_dir, request, preset, dtype, tmp, rep))
-
-        k_mv = {"stage": "multiview", "front": digest(k_front), "prior": digest(k_prior), "seed": request.seed, "mv": mv_params, "rank": preset.lora_rank}
-        mv_dir = timed_stage("multiview", k_mv, lambda tmp, rep: self._multiview(front_dir, prior_dir, request.seed, preset, dtype, tmp, rep))
-
-        faces = request.faces or preset.faces
-        texture = request.texture_size or preset.texture_size
-        k_recon = {"stage": "reconstruct", "views": digest(k_mv), "preset": preset.recon_preset, "recon": preset.recon, "faces": faces,
-                   "texture": texture, "seed": request.seed}
-        recon_dir = timed_stage("reconstruct", k_recon, lambda tmp, rep: self._reconstruct(mv_dir, preset, faces, texture, request.seed, tmp, progress, cancel))
+        # Stages 2-8, in the order of pipeline/stages.py's graph; each key derives from its declaration there.
+        views_dir = timed_stage("subject_views", lambda tmp, rep: self._subject_views(subject_rgba, preset, dtype, tmp, rep))
+        identity_dir = timed_stage("identity", lambda tmp, rep: self._identity(views_dir, subject, preset, dtype, tmp, rep))
+        edits_dir = timed_stage("edited_views", lambda tmp, rep: self._edited_views(views_dir, request, preset, dtype, tmp, rep))
+        prior_dir = timed_stage("subject_prior", lambda tmp, rep: self._subject_prior(edits_dir, preset, dtype, tmp, rep))
+        front_dir = timed_stage("front_view", lambda tmp, rep: self._front_view(subject_rgba, identity_dir, request, preset, dtype, tmp, rep))
+        mv_dir = timed_stage("multiview", lambda tmp, rep: self._multiview(front_dir, prior_dir, request.seed, preset, dtype, tmp, rep))
+        recon_dir = timed_stage("reconstruct", lambda tmp, rep: self._reconstruct(mv_dir, recon_options, tmp, progress, cancel))
 
         cached = [r.name for r in records if r.cached]
         record = {
@@ -233,6 +214,7 @@ class Generator:
                 "image_has_alpha": image.mode == "RGBA",
             },
             "preset": preset.to_dict(),
+            "recon": context.extra["reconstruct"],  # the whole resolved reconstruction config
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
             "models": {name: {"repo_id": ROLES[name].repo_id, "fingerprint": fp} for name, fp in fingerprints.items()},
@@ -348,11 +330,22 @@ class Generator:
             use_adapter(mv.unet, None, preset.lora_rank)
         save_views(tmp / "views", viewset)
 
-    def _reconstruct(self, mv_dir: Path, preset: Preset, faces: int | None, texture: int | None, seed: int, tmp: Path,
-                     progress: ProgressFn | None, cancel: CancelToken | None) -> None:
-        from make_your_3d.recon.reconstruct import ReconOptions, reconstruct
+    def _recon_options(self, preset: Preset, request: GenerateRequest):
+        """The reconstruction's options, validated before any model loads (a bad `recon` key is a
+        bad request, not a failure at the last stage)."""
+        from make_your_3d.recon.reconstruct import ReconOptions
 
-        options = ReconOptions(preset=preset.recon_preset, device=str(self.device), faces=faces, texture_size=texture, seed=seed, **preset.recon)
+        try:
+            options = ReconOptions(preset=preset.recon_preset, device=str(self.device), faces=request.faces or preset.faces,
+                                   texture_size=request.texture_size or preset.texture_size, seed=request.seed, **preset.recon)
+        except TypeError as exc:
+            raise BadRequest(f"Unknown reconstruction setting in the preset's recon overrides ({exc}).") from None
+        options.resolved()  # raises BadRequest for out-of-range values
+        return options
+
+    def _reconstruct(self, mv_dir: Path, options, tmp: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> None:
+        from make_your_3d.recon.reconstruct import reconstruct
+
         result = reconstruct(mv_dir / "views", tmp / "subject.glb", options, progress=progress, cancel=cancel)
         (tmp / "recon.json").write_text(json.dumps({"mesh": {"vertices": result.vertices, "faces": result.faces}, "record": result.record}, default=str))
 
@@ -408,9 +401,10 @@ def generate_views(mv, subject_rgba: Image.Image, preset: Preset, seed: int, rep
     if mv.image_size != preset.mv_size:
         raise Make3DError(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
                           "fix the preset's mv_size.", code="bad_request")
-    images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance,
+    images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, eta=preset.mv_eta, scheduler=preset.mv_scheduler,
                 generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
-    return to_viewset(images, extras={"multiview": {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "seed": seed}})
+    settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
+    return to_viewset(images, extras={"multiview": settings})
 
 
 def make_preview(subject: Image.Image, front: Image.Image, views: ViewSet, height: int = 128) -> Image.Image:

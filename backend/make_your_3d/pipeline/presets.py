@@ -14,6 +14,8 @@ class Preset:
     mv_size: int = 256
     mv_steps: int = 20
     mv_guidance: float = 3.0
+    mv_eta: float = 1.0  # DDIM eta (Wonder3D's config: 1)
+    mv_scheduler: str = "ddim"
     subject_fill: float = 0.75  # subject's longer side / frame (about 192 px in 256)
     # personalized model (SD 1.5 + IP-Adapter)
     sd_size: int = 512

@@ -1,0 +1,165 @@
+"""Stage-cache keys derive from the declared stage graph and miss after any change that matters.
+
+A key that omits something a stage reads returns a stale result after an upgrade or a tuning
+change; these tests change every declared input one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset
+from make_your_3d.pipeline.request import GenerateRequest
+from make_your_3d.pipeline.stages import (
+    PRESET_FIELDS_OUTSIDE_KEYS,
+    REQUEST_FIELDS_OUTSIDE_KEYS,
+    STAGE_SPECS,
+    STAGES,
+    KeyContext,
+    code_fingerprint,
+    stage_keys,
+)
+
+ROLES = ("personalized", "ip_adapter", "image_encoder", "multiview", "normal_estimator")
+
+
+def _context(**changes) -> KeyContext:
+    base = dict(device_type="cpu", dtype="float32", fingerprints={r: f"fp-{r}" for r in ROLES}, version="0.1.0",
+                extra={"reconstruct": {"grid_res": 512, "iterations": 300}})
+    base.update(changes)
+    return KeyContext(**base)
+
+
+def _request(**changes) -> GenerateRequest:
+    return dataclasses.replace(GenerateRequest(image=b"png-bytes", prompt="wearing a red scarf", subject="a toy bear", seed=3), **changes)
+
+
+def _keys(request=None, preset=None, context=None) -> dict[str, str]:
+    return {k: v[0] for k, v in stage_keys(request or _request(), preset or get_preset("default"), context or _context()).items()}
+
+
+def _downstream(names: set[str]) -> set[str]:
+    """The stages that read any of `names`, directly or through their upstream stages."""
+    out = set(names)
+    for spec in STAGE_SPECS:  # graph order: upstream before downstream
+        if out & set(spec.upstream):
+            out.add(spec.name)
+    return out
+
+
+def _other_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, dict):
+        return {**value, "iterations": 7}
+    if value is None:
+        return 1234
+    raise TypeError(value)
+
+
+def test_every_preset_and_request_field_is_keyed_or_exempt_with_a_reason():
+    keyed = {f for s in STAGE_SPECS for f in s.preset_fields}
+    for f in dataclasses.fields(Preset):
+        assert (f.name in keyed) != (f.name in PRESET_FIELDS_OUTSIDE_KEYS), f"preset field {f.name} must be keyed or exempt"
+    keyed_request = {f for s in STAGE_SPECS for f in s.request_fields}
+    for f in dataclasses.fields(GenerateRequest):
+        assert (f.name in keyed_request) != (f.name in REQUEST_FIELDS_OUTSIDE_KEYS), f"request field {f.name} must be keyed or exempt"
+    assert all(reason for reason in {**PRESET_FIELDS_OUTSIDE_KEYS, **REQUEST_FIELDS_OUTSIDE_KEYS}.values())
+
+
+@pytest.mark.parametrize("field", sorted({f for s in STAGE_SPECS for f in s.preset_fields}))
+def test_changing_a_preset_field_misses_exactly_the_stages_that_read_it(field):
+    preset = get_preset("default")
+    base = _keys(preset=preset)
+    changed = _keys(preset=dataclasses.replace(preset, **{field: _other_value(getattr(preset, field))}))
+    readers = {s.name for s in STAGE_SPECS if field in s.preset_fields}
+    assert {n for n in base if base[n] != changed[n]} == _downstream(readers)
+
+
+@pytest.mark.parametrize("field", sorted({f for s in STAGE_SPECS for f in s.request_fields}))
+def test_changing_a_request_field_misses_exactly_the_stages_that_read_it(field):
+    request = _request()
+    value = b"other-bytes" if field == "image" else _other_value(getattr(request, field))
+    base, changed = _keys(request=request), _keys(request=dataclasses.replace(request, **{field: value}))
+    readers = {s.name for s in STAGE_SPECS if field in s.request_fields}
+    assert {n for n in base if base[n] != changed[n]} == _downstream(readers)
+
+
+def test_a_new_prompt_keeps_the_subject_stages_and_a_new_seed_keeps_the_seed_free_ones():
+    base = _keys()
+    prompt = _keys(request=_request(prompt="made of gold"))
+    seed = _keys(request=_request(seed=4))
+    assert [n for n in base if base[n] == prompt[n]] == ["subject_views", "identity"]
+    assert [n for n in base if base[n] == seed[n]] == ["subject_views", "identity", "edited_views", "subject_prior"]
+
+
+@pytest.mark.parametrize("change", [
+    {"version": "0.1.1"},
+    {"dtype": "bfloat16"},
+    {"device_type": "cuda"},
+])
+def test_package_version_dtype_and_device_miss_every_stage(change):
+    base, changed = _keys(), _keys(context=_context(**change))
+    assert all(base[n] != changed[n] for n in base)
+
+
+def test_weights_miss_the_stages_that_load_them_and_everything_after():
+    base = _keys()
+    for role in ROLES:
+        fps = {r: f"fp-{r}" for r in ROLES} | {role: "replaced"}
+        changed = _keys(context=_context(fingerprints=fps))
+        readers = {s.name for s in STAGE_SPECS if role in s.models}
+        assert {n for n in base if base[n] != changed[n]} == _downstream(readers), role
+    seg = _keys(context=_context(fingerprints={r: f"fp-{r}" for r in ROLES} | {"segmenter": "seg"}))
+    assert {n for n in base if base[n] != seg[n]} == _downstream({s.name for s in STAGE_SPECS if s.uses_segmenter})
+
+
+def test_a_resolved_reconstruction_threshold_misses_only_the_reconstruction():
+    base = _keys()
+    changed = _keys(context=_context(extra={"reconstruct": {"grid_res": 512, "iterations": 301}}))
+    assert {n for n in base if base[n] != changed[n]} == {"reconstruct"}
+
+
+def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    pkg = tmp_path / "stagecode_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "step.py").write_text("THRESHOLD = 0.3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_fingerprint(("stagecode_probe",))
+    code_fingerprint.cache_clear()
+    (pkg / "step.py").write_text("THRESHOLD = 0.31\n")
+    after = code_fingerprint(("stagecode_probe",))
+    code_fingerprint.cache_clear()
+    assert before != after
+    assert code_fingerprint(("make_your_3d.recon",)) != code_fingerprint(("make_your_3d.models",))
+    sys.modules.pop("stagecode_probe", None)
+
+
+def test_generator_misses_the_cache_after_an_upgrade_and_rejects_a_bad_recon_key_first(tiny_models: Path, tmp_path, example_image, monkeypatch):
+    """End to end: the same inputs hit the cache, a new package version misses every stage, and an
+    unknown reconstruction setting is a bad request before any stage runs."""
+    from make_your_3d.errors import BadRequest
+    from make_your_3d.pipeline import generate as gen
+
+    generator = gen.Generator(tiny_models, tmp_path / "cache", "cpu", overrides=TEST_OVERRIDES)
+    request = GenerateRequest(image=example_image.read_bytes(), prompt="wearing a red scarf", seed=0)
+    first = generator.run(request, tmp_path / "a")
+    assert first.cached_stages == []
+    assert generator.run(request, tmp_path / "b").cached_stages == list(STAGES)
+    monkeypatch.setattr(gen, "__version__", "99.0.0")
+    assert generator.run(request, tmp_path / "c").cached_stages == []
+    bad = gen.Generator(tiny_models, tmp_path / "cache", "cpu", overrides={**TEST_OVERRIDES, "recon": {"no_such_knob": 1}})
+    with pytest.raises(BadRequest, match="no_such_knob"):
+        bad.run(request, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
