@@ -452,3 +452,34 @@ def test_multiview_cli_writes_a_views_folder(tmp_path, mv_folder):
     assert code == 0
     views = load_views(tmp_path / "views")
     assert len(views.views) == V and views.extras["multiview"]["seed"] == 3
+
+
+def test_near_white_subject_keeps_its_body():
+    """A snowman (two spheres, albedo 0.96 with soft shading) on a slightly noisy white background,
+    as a generated view would be: the normal map carries the mask where the colour cannot."""
+    from make_your_3d.models.multiview_pipeline import view_mask
+
+    size = 96
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    normal = np.ones((size, size, 3), np.float32)
+    truth = np.zeros((size, size), bool)
+    for cx, cy, r in ((48, 62, 24), (48, 28, 14)):
+        dx, dy = (xx - cx) / r, (cy - yy) / r
+        inside = dx**2 + dy**2 < 1.0
+        nz = np.sqrt(np.clip(1.0 - dx**2 - dy**2, 0.0, 1.0))
+        n = np.stack([dx, dy, nz], -1)
+        normal[inside] = (n[inside] + 1.0) / 2.0
+        truth |= inside
+    shade = 0.93 + 0.06 * (normal[..., 2] - 0.5) * 2.0  # brighter where the surface faces the camera
+    color = np.where(truth[..., None], np.clip(shade, 0.0, 1.0)[..., None].repeat(3, -1), 1.0).astype(np.float32)
+    rng = np.random.default_rng(0)
+    color = np.clip(color + rng.normal(0, 0.01, color.shape), 0, 1).astype(np.float32)
+    normal = np.clip(normal + rng.normal(0, 0.01, normal.shape), 0, 1).astype(np.float32)
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    assert iou(view_mask(color, normal), truth) > 0.97
+    # the wrong variant: thresholding the colour's distance from white alone loses the body
+    colour_only = np.abs(color - 1.0).max(-1) > 0.08
+    assert iou(colour_only, truth) < 0.5

@@ -16,8 +16,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    if precision == "fp32" or device.type != "cuda":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.float16
+    """`auto` is fp16 on CUDA and fp32 elsewhere; an explicit precision is honoured on any device
+    (bf16 on the CPU is how the tests exercise the half-precision code paths without a GPU)."""
+    explicit = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision in explicit:
+        return explicit[precision]
+    if precision != "auto":
+        from make_your_3d.errors import BadRequest
+
+        raise BadRequest(f"Unknown precision {precision!r}; use auto, fp32, fp16 or bf16.")
+    return torch.float16 if device.type == "cuda" else torch.float32

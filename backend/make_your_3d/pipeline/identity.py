@@ -7,7 +7,6 @@ the subject description (never the edit, so this stage depends on the subject al
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 
 from make_your_3d.models.personalized import ip_adapter_parameters
 from make_your_3d.pipeline.augment import augment, to_tensor
+from make_your_3d.pipeline.training import OptimizerStep, training_autocast
 from make_your_3d.progress import Reporter
 
 DIRECTION_WORDS = {
@@ -83,13 +83,11 @@ class IdentityTrainer:
             p.data = p.data.float()  # fp32 master weights; autocast runs the forward in half on GPU
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
+        self._step = OptimizerStep(self.optimizer, pipe.unet.device, pipe.unet.dtype)
         self.prompt_embeds = {name: encode_prompts(pipe, [view_prompt(subject, name)]) for name, _ in views}
 
     def _autocast(self):
-        dtype = self.pipe.unet.dtype
-        if self.device.type == "cuda" and dtype != torch.float32:
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        return training_autocast(self.device, self.pipe.unet.dtype)
 
     @torch.no_grad()
     def make_batch(self) -> Batch:
@@ -118,11 +116,7 @@ class IdentityTrainer:
             )
 
     def step(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch, noise, timesteps)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        return self._step(self.loss(batch, noise, timesteps))
 
     def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
         self.pipe.unet.train()

@@ -59,7 +59,7 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset("fast", mv_steps=15, sd_steps=20, identity_steps=80, prior_steps=80, recon_preset="fast"),
     "default": Preset("default"),
     "quality": Preset("quality", mv_steps=30, sd_steps=40, identity_steps=400, prior_steps=400, lora_rank=16, recon_preset="quality"),
-    "lowvram": Preset("lowvram", identity_batch=1, precision="fp16", offload=True, recon_preset="fast"),
+    "lowvram": Preset("lowvram", identity_batch=1, offload=True, recon_preset="fast"),  # auto precision: fp16 on CUDA
 }
 
 # Tiny sizes for the tiny model set: the whole chain in seconds on a CPU (tests, CI, the service's

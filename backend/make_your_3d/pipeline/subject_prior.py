@@ -8,7 +8,6 @@ The multi-view self-attention stays frozen, so the views stay consistent with ea
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from make_your_3d.models.multiview_unet import cross_domain_module_names
+from make_your_3d.pipeline.training import OptimizerStep, training_autocast
 from make_your_3d.progress import Reporter
 
 ADAPTER = "subject_prior"
@@ -78,6 +78,7 @@ class SubjectPriorTrainer:
             p.data = p.data.float()
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
+        self._step = OptimizerStep(self.optimizer, unet.device, unet.dtype)
         self.scheduler = DDPMScheduler.from_config(mv.scheduler.config)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = unet.device
@@ -91,10 +92,7 @@ class SubjectPriorTrainer:
             self.class_labels = mv.camera_embeddings(1)
 
     def _autocast(self):
-        dtype = self.mv.unet.dtype
-        if self.device.type == "cuda" and dtype != torch.float32:
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        return training_autocast(self.device, self.mv.unet.dtype)
 
     def noise_for(self) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.randn(self.latents.shape, generator=self.generator).to(self.device, self.latents.dtype)
@@ -110,11 +108,7 @@ class SubjectPriorTrainer:
         return F.mse_loss(pred.float(), target.float())
 
     def step(self, noise: torch.Tensor, timesteps: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(noise, timesteps)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        return self._step(self.loss(noise, timesteps))
 
     def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
         unet = self.mv.unet

@@ -1,0 +1,39 @@
+"""Mixed precision for the two optimisations: half-precision forward, fp32 master weights.
+
+The frozen networks run in the pipeline's dtype (fp16/bf16 on a GPU); the few trained parameters
+are kept in fp32 so that small Adam updates are not rounded away. Autocast makes the forward
+mix the two: on CUDA for fp16/bf16, and on the CPU for bf16/fp16 (how the tests run this path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def training_autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast context for a forward of a `dtype` network with fp32 trained parameters."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class OptimizerStep:
+    """One optimisation step; with fp16 a dynamic loss scale keeps small gradients from flushing to
+    zero (bf16 has fp32's range and needs none). Shared by both trainers."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype):
+        self.optimizer = optimizer
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def __call__(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
+            self.scaler.update()
+        return float(loss.detach())
