@@ -3,6 +3,14 @@
 Loading goes through `StableDiffusionPipeline.from_pretrained` and `load_ip_adapter`, so the real
 weights and the tiny set share one code path. The identity-aware stage trains exactly the
 parameters `ip_adapter_parameters` returns (the adapter's `to_k_ip` / `to_v_ip`).
+
+Against IP-Adapter's reference code (`tests/test_reference_ip_adapter.py`): diffusers'
+`ImageProjection` + `IPAdapterAttnProcessor2_0`, fed `added_cond_kwargs={"image_embeds": [(B, 1, D)]}`,
+compute what their `ImageProjModel` + `IPAttnProcessor2_0` compute with the 4 image tokens appended
+after the text tokens (same noise prediction and gradients on the tiny set). The CLIP image
+processor is built at the encoder's own `image_size` rather than taken from the reference's
+`CLIPImageProcessor()` defaults: for h94's ViT-H encoder both are 224 px, and the tiny encoder's
+32 px then works through the same code.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ Apache-2.0) segments whatever a text prompt names, so the subject description th
 types ("a toy robot") doubles as the segmentation prompt. It runs at 352 px and gives a soft,
 fairly coarse mask; `pipeline.preprocess` thresholds it and keeps the main component. Images with
 an alpha channel never reach it. Loaded only from the models directory's `segmenter` folder.
+
+Reference usage (transformers' `CLIPSegForImageSegmentation` docstring, the model card): the
+processor with `padding=True`, `model(**inputs).logits`, `torch.sigmoid` at the model's 352 px.
+`tests/test_reference_clipseg.py` checks `segment` against it on tiny weights. Deliberate
+difference: to reach the image's size we upsample the *logits* bilinearly and then apply the
+sigmoid, rather than resizing the probabilities, so the 0.5 boundary (logit 0) moves smoothly
+between the coarse cells; at the model's resolution the two are identical.
 """
 
 from __future__ import annotations

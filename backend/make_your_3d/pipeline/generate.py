@@ -273,8 +273,10 @@ class Generator:
         edited = [im.resize(size, Image.BICUBIC) for im in edited]
         masks = [self._mask_of(im, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
         normal_pipe = self._load("normal_estimator", dtype, preset.offload)
+        # Marigold at its published processing resolution (768 px for v1-1), as its reference usage:
+        # the views are smaller, and the pipeline resizes its output back to their size.
         normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(SUBJECT_SEED),
-                                   processing_resolution=max(size), reporter=rep.child("edited_normals"))
+                                   reporter=rep.child("edited_normals"))
         views = []
         for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
             alpha = (mask * 255).astype(np.uint8)

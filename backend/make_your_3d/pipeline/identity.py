@@ -3,6 +3,26 @@
 Only the adapter's image cross-attention projections (`to_k_ip`, `to_v_ip`) train, with the
 standard epsilon diffusion loss on augmented views paired with view-direction prompts built from
 the subject description (never the edit, so this stage depends on the subject alone).
+
+Reference: IP-Adapter's own training step (tencent-ailab/IP-Adapter `tutorial_train.py`). The same
+objective: `DDPMScheduler` from the SD scheduler config, uniform integer timesteps, `add_noise`, the
+CLIP `image_embeds` projected to 4 tokens placed after the 77 text tokens (here diffusers'
+`added_cond_kwargs={"image_embeds": [...]}` path), `F.mse_loss(pred.float(), noise.float())`.
+`tests/test_reference_ip_adapter.py` checks loss, predicted noise and adapter gradients against a
+recording of that step. Deliberate differences from that script:
+- only `to_k_ip`/`to_v_ip` train; theirs also trains `image_proj` (the paper's identity stage
+  adapts the image cross-attention only; the projection stays the pretrained one, so the
+  fine-tuned state is just these projections and loads into any pipeline with the same adapter);
+- no text/image condition dropout (theirs drops each with 5%, to learn the unconditional branch
+  for guidance): the pretrained adapter already has it, and this short stage only sharpens the
+  conditional branch. Our unconditional image prompt (the zero embedding `edit_images` stacks as
+  the negative) is exactly their dropped image (the zeroed CLIP embedding, checked by the test);
+- the target follows the scheduler's `prediction_type` (epsilon for SD 1.5, the only model used;
+  theirs always uses epsilon), and there is no weight decay (theirs 1e-2) at our few hundred steps;
+- the CLIP image is a second augmented framing of the same view rather than the target image
+  itself, so the adapter learns identity rather than pixel positions;
+- prompts are view-direction prompts from the subject description, keyed on the subject so the
+  stage is cached per subject and a new edit prompt reuses it.
 """
 
 from __future__ import annotations
