@@ -35,7 +35,7 @@ class StageSpec:
     request_fields: tuple[str, ...] = ()  # GenerateRequest fields (the image by its sha256)
     preset_fields: tuple[str, ...] = ()  # Preset fields
     models: tuple[str, ...] = ()  # model roles whose weights it reads (fingerprints)
-    code: tuple[str, ...] = ()  # modules or packages whose source is part of the key
+    code: tuple[str, ...] = ()  # modules or packages whose source is part of the key (plus RUNNER_CODE)
     uses_segmenter: bool = False  # masks come from the optional segmenter when it is installed
     version: int = 1
 
@@ -101,6 +101,9 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in STAGE_SPECS}
 
+# Every stage's body is a method of `pipeline.generate.Generator`, so its source is in every key.
+RUNNER_CODE = ("make_your_3d.pipeline.generate",)
+
 # Preset fields no stage key needs, and why.
 PRESET_FIELDS_OUTSIDE_KEYS: dict[str, str] = {
     "name": "a label; the values it stands for are keyed one by one",
@@ -160,7 +163,7 @@ def stage_inputs(name: str, request, preset, context: KeyContext, upstream_keys:
         "stage": name,
         "stage_version": spec.version,
         "package_version": context.version,
-        "code": code_fingerprint(spec.code),
+        "code": code_fingerprint(tuple(spec.code) + RUNNER_CODE),
         "device_type": context.device_type,
         "dtype": context.dtype,
         "upstream": {u: upstream_keys[u] for u in spec.upstream},
