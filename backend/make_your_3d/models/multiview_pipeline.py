@@ -345,8 +345,12 @@ class MultiViewPipeline:
     ) -> MultiViewImages:
         """Subject image(s) (prepared RGBA, see `pipeline.preprocess.prepare_subject`) -> views.
 
-        Wonder3D's published settings: DDIM, ~20 steps, guidance 3, eta 1. Noise is drawn on the
-        CPU from `generator`, so a seed gives the same views on any device.
+        Wonder3D's published settings (d894f82): `configs/mvdiffusion-joint-ortho-6views.yaml`
+        samples with DDIM, eta 1, guidance 1 and 3 at the pipeline's default 50 steps; its README
+        calls 20 steps, guidance 1, eta left at 0. Noise is drawn on the CPU from `generator` (the
+        reference draws on the pipeline's device), so a seed gives the same views on any device;
+        on the CPU the draws, the DDIM eta noise included, are the reference's exactly
+        (`tests/test_reference_wonder3d_pipeline.py`).
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
