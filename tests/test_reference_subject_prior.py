@@ -33,6 +33,19 @@ RTOL_LOSS = 1e-5  # |loss| ~ 1
 ATOL_GRAD, RTOL_GRAD = 1e-6, 1e-4
 
 
+def _weights_digest(path: Path) -> str:
+    """sha256 over a safetensors file's tensors (sorted names, dtype, shape, bytes): the weights,
+    independent of the file's header and metadata."""
+    state = read_checkpoint(path)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        for part in (name, str(t.dtype), str(tuple(t.shape))):
+            h.update(part.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def golden() -> tuple[dict[str, torch.Tensor], dict]:
     assert (GOLDEN / "prior_steps.safetensors").is_file(), f"fixture missing: {GOLDEN}"
@@ -43,8 +56,8 @@ def golden() -> tuple[dict[str, torch.Tensor], dict]:
 def trainer(tmp_path_factory, golden):
     folder = tmp_path_factory.mktemp("tiny_mv")
     write_tiny_multiview(folder, seed=0)
-    for rel, digest in golden[1]["tiny_weights_sha256"].items():
-        got = hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+    for rel, digest in golden[1]["tiny_weights_content_sha256"].items():
+        got = _weights_digest(folder / rel)
         assert got == digest, f"{rel}: the tiny multi-view writer changed; regenerate tests/golden/subject_prior (README)"
     mv = load_multiview(folder, "cpu", torch.float32)
     size = mv.image_size
