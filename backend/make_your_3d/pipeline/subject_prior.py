@@ -27,8 +27,9 @@ Deliberate differences (each keeps the objective but fits a one-subject fine-tun
   and colour halves of one object get different noise levels. We draw one per sample, shared by
   both domains, as at inference, where the cross-domain attention we tune always sees equal
   levels. `loss` itself takes per-row timesteps, so the reference's layout is reproduced exactly.
-- **Deterministic targets.** The reference encodes targets with `latent_dist.sample()`; we cache
-  `latent_dist.mode()` once (the posterior std of the SD VAE is tiny; a fixed target is cheaper).
+- **Deterministic targets.** The reference encodes targets with `latent_dist.sample()` every
+  step; we encode the six views once and keep `latent_dist.mode()` as one fixed target per view
+  (the VAE runs once instead of every step, and the cached stage is deterministic).
 - **Inference conditioning.** The reference trains with the CLIP input resized as a tensor
   (`TF.resize` bicubic, no crop), labels from float32 angles of its `nine_views` cameras, and a
   random white/black/grey background. We condition exactly as `MultiViewPipeline` samples (the CLIP
