@@ -42,7 +42,9 @@ def load_multiview(
     keys do not match its config. `cpu_offload` keeps the networks on the CPU between uses.
     """
     from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    # The PIL image processor is transformers 4's CLIPImageProcessor, the one Wonder3D ran; with
+    # torchvision installed, transformers 5's CLIPImageProcessor resizes in torch and differs.
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
     folder = _role_folder(folder)
     missing = missing_multiview_files(folder)
@@ -57,7 +59,7 @@ def load_multiview(
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise WeightsMissing(f"Could not load the multi-view model's VAE or image encoder from {folder} ({exc}). Re-run `make-your-3d models fetch --role multiview`.") from None
-    feature_extractor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+    feature_extractor = CLIPImageProcessorPil.from_pretrained(folder / "feature_extractor")
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     for module in (unet, vae, image_encoder):
         module.requires_grad_(False)

@@ -97,12 +97,27 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def _quantize_like_to_pil_image(rgb: np.ndarray) -> np.ndarray:
+    """Float RGB in [0, 1] -> uint8 the way Wonder3D hands float images to its pipeline:
+    `torchvision.transforms.functional.to_pil_image` computes `mul(255).byte()`, which truncates
+    (it does not round). float32, as in the reference."""
+    return (np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
 def _rgb_on_white(image: Image.Image) -> Image.Image:
-    """RGB image with any transparency composited over the white background Wonder3D expects."""
+    """RGB image with any transparency composited over the white background Wonder3D expects.
+
+    Bit-exact with the reference's inference path (`SingleImageDataset.load_image`, bg_color
+    'white', then `to_pil_image` inside `MVDiffusionImagePipeline.__call__`): straight alpha
+    composited in float32 as `rgb * a + 1 * (1 - a)`, then truncated to uint8. (PIL's integer
+    `alpha_composite` rounds instead and differs by one level on soft edges.) Opaque images pass
+    through unchanged, as a PIL RGB input does in the reference (its README example).
+    """
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+        arr = np.asarray(image.convert("RGBA")).astype(np.float32) / np.float32(255.0)
+        alpha = arr[..., 3:4]
+        rgb = arr[..., :3] * alpha + np.ones(3, dtype=np.float32) * (np.float32(1.0) - alpha)
+        return Image.fromarray(_quantize_like_to_pil_image(rgb), "RGB")
     return image.convert("RGB")
 
 
@@ -194,15 +209,18 @@ class MultiViewPipeline:
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"expected images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-            arr = _to_uint8(images.detach().float().cpu().permute(0, 2, 3, 1).numpy())
+            # as the reference's `to_pil_image` (truncating), so a tensor gives the same pixels
+            arr = _quantize_like_to_pil_image(images.detach().float().cpu().permute(0, 2, 3, 1).numpy())
             images = [Image.fromarray(a, "RGB") for a in arr]
         size = self.image_size
         out = []
         for im in images:
-            rgb = _rgb_on_white(im)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-            out.append(rgb)
+            if im.size != (size, size):
+                # resize before compositing, as Wonder3D's dataset does (PIL's bicubic resize of
+                # RGBA premultiplies alpha, so no colour leaks from transparent pixels)
+                im = im.convert("RGBA") if im.mode in ("LA", "PA", "P") else im
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            out.append(_rgb_on_white(im))
         return out
 
     def _pixels(self, pil: list[Image.Image]) -> torch.Tensor:
@@ -327,8 +345,12 @@ class MultiViewPipeline:
     ) -> MultiViewImages:
         """Subject image(s) (prepared RGBA, see `pipeline.preprocess.prepare_subject`) -> views.
 
-        Wonder3D's published settings: DDIM, ~20 steps, guidance 3, eta 1. Noise is drawn on the
-        CPU from `generator`, so a seed gives the same views on any device.
+        Wonder3D's published settings (d894f82): `configs/mvdiffusion-joint-ortho-6views.yaml`
+        samples with DDIM, eta 1, guidance 1 and 3 at the pipeline's default 50 steps; its README
+        calls 20 steps, guidance 1, eta left at 0. Noise is drawn on the CPU from `generator` (the
+        reference draws on the pipeline's device), so a seed gives the same views on any device;
+        on the CPU the draws, the DDIM eta noise included, are the reference's exactly
+        (`tests/test_reference_wonder3d_pipeline.py`).
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")

@@ -276,7 +276,7 @@ class Generator:
         # Marigold at its published processing resolution (768 px for v1-1), as its reference usage:
         # the views are smaller, and the pipeline resizes its output back to their size.
         normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(SUBJECT_SEED),
-                                   reporter=rep.child("edited_normals"))
+                                   processing_resolution=preset.normal_resolution, reporter=rep.child("edited_normals"))
         views = []
         for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
             alpha = (mask * 255).astype(np.uint8)

@@ -34,6 +34,7 @@ class Preset:
     lora_rank: int = 8
     # normal estimator
     normal_steps: int = 4
+    normal_resolution: int | None = None  # Marigold processing size; None: the model's default (768 px for v1-1), 0: native
     # reconstruction
     recon_preset: str = "default"
     recon: dict = field(default_factory=dict)  # explicit ReconOptions overrides
@@ -87,6 +88,7 @@ TEST_OVERRIDES: dict = {
     "prior_steps": 3,
     "lora_rank": 2,
     "normal_steps": 1,
+    "normal_resolution": 0,  # native: the tiny views are small, and the CPU has no half-precision antialiased resize
     "recon_preset": "fast",
     "recon": {"iterations": 8, "render_size": 32, "num_gaussians": 500, "grid_res": 24, "fuse_size": 32, "extra_views": False},
     "faces": 600,

@@ -61,7 +61,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         "edited_views", "original personalized model edits the six views; their normals",
         upstream=("subject_views",),
         request_fields=("subject", "prompt", "negative_prompt"),
-        preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "normal_steps"),
+        preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "normal_steps", "normal_resolution"),
         models=("personalized", "ip_adapter", "image_encoder", "normal_estimator"),
         code=("make_your_3d.models", "make_your_3d.pipeline.edits", "make_your_3d.pipeline.identity", "make_your_3d.pipeline.preprocess", "make_your_3d.recon.views"),
         uses_segmenter=True,

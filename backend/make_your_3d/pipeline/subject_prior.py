@@ -1,13 +1,47 @@
 """Subject-prior optimisation (paper 3.4): teach the multi-view model what the edited subject looks like.
 
-Only the UNet's cross-domain attention (`attn_joint_mid`, the layers Wonder3D's own second stage
-trains) gets LoRA weights; they learn from the edited views and their estimated normals, in the
-multi-view batch layout [normals(6), colours(6)] with the edited front view as the condition.
-The multi-view self-attention stays frozen, so the views stay consistent with each other.
+The objective is Wonder3D's own second ("joint") training stage, `train_mvdiffusion_joint.py` with
+`configs/train/stage2-joint-6views-lvis.yaml` (xxlong0/Wonder3D d894f82), checked against a run of
+that script in `tests/test_reference_subject_prior.py` (`tests/golden/subject_prior/`):
+
+- batch `[normals(6), colours(6)]` of one sample (views front, front_right, right, back, left,
+  front_left); targets are the views' VAE latents times `scaling_factor`;
+- every row is conditioned on the condition (front) image: its CLIP `image_embeds` as the one
+  cross-attention token, its VAE latent (`latent_dist.mode() * scaling_factor`) concatenated on
+  channels; class labels = camera/domain labels;
+- the target is the noise (`prediction_type` epsilon in the scheduler config; v-prediction is
+  honoured the same way the reference does);
+- condition dropout 'drop_as_a_whole' at rate 0.05: one uniform `p` per sample; `p < 0.10` zeroes
+  the CLIP embedding, `0.05 <= p < 0.15` zeroes the condition latent (so 5% each: CLIP only, both,
+  latent only), which is what lets classifier-free guidance use the tuned model;
+- loss: per-row MSE, weighted by Min-SNR (`snr_gamma` 5: `min(snr, 5) / snr`), averaged.
+
+Deliberate differences (each keeps the objective but fits a one-subject fine-tune):
+
+- **LoRA instead of full layers.** Wonder3D trains `trainable_modules: ['joint_mid']`, i.e. every
+  `attn_joint_mid` (to_q, to_k, to_v, to_out.0) and `norm_joint_mid` fully. We put LoRA on the same
+  four projections of every `attn_joint_mid` and keep `norm_joint_mid` frozen: a few hundred steps
+  on six views would overfit full layers, and LoRA keeps the result a small, cacheable file. With
+  the LoRA at zero the loss and its gradient w.r.t. those layers are the reference's exactly.
+- **One timestep per sample.** The reference draws one timestep per (sample, domain): the normal
+  and colour halves of one object get different noise levels. We draw one per sample, shared by
+  both domains, as at inference, where the cross-domain attention we tune always sees equal
+  levels. `loss` itself takes per-row timesteps, so the reference's layout is reproduced exactly.
+- **Deterministic targets.** The reference encodes targets with `latent_dist.sample()` every
+  step; we encode the six views once and keep `latent_dist.mode()` as one fixed target per view
+  (the VAE runs once instead of every step, and the cached stage is deterministic).
+- **Inference conditioning.** The reference trains with the CLIP input resized as a tensor
+  (`TF.resize` bicubic, no crop), labels from float32 angles of its `nine_views` cameras, and a
+  random white/black/grey background. We condition exactly as `MultiViewPipeline` samples (the CLIP
+  feature extractor, the float16 label table, white), so the LoRA learns the inputs it will see.
+- **Optimiser.** AdamW with weight decay 1e-2 and gradient clipping at norm 1, as the reference;
+  learning rate and step count come from the preset (the reference: 5e-5 for full layers, 20k
+  steps, batch 32 x 2 accumulation, EMA, fp16) because a LoRA on one subject needs far fewer steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,10 +96,69 @@ def adapter_state(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
 
 
+# Wonder3D stage 2 (configs/train/stage2-joint-6views-lvis.yaml)
+CONDITION_DROP_RATE = 0.05
+SNR_GAMMA = 5.0
+WEIGHT_DECAY = 1e-2
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class PriorBatch:
+    """One training sample in the UNet's row layout `[normals(V), colours(V)]` (2V rows)."""
+
+    latents: torch.Tensor  # (2V, 4, h, w) clean target latents, times scaling_factor
+    image_embeds: torch.Tensor  # (2V, 1, D) CLIP image_embeds of the condition image
+    cond_latents: torch.Tensor  # (2V, 4, h, w) condition image latent (mode * scaling_factor)
+    class_labels: torch.Tensor  # (2V, 10) camera/domain labels
+
+
+def condition_keep(p: float, rate: float = CONDITION_DROP_RATE) -> tuple[bool, bool]:
+    """Wonder3D's 'drop_as_a_whole' dropout for one sample's uniform draw `p`:
+    (keep the condition latent, keep the CLIP embedding)."""
+    keep_latent = not (rate <= p < 3.0 * rate)
+    keep_clip = not (p < 2.0 * rate)
+    return keep_latent, keep_clip
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-row Min-SNR loss weights `min(snr, gamma) / snr` (epsilon target), snr = a / (1 - a)."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1.0 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def prior_loss(unet, scheduler, batch: PriorBatch, noise: torch.Tensor, timesteps: torch.Tensor,
+               drop_p: float | None = None, drop_rate: float = CONDITION_DROP_RATE,
+               snr_gamma: float | None = SNR_GAMMA) -> torch.Tensor:
+    """The diffusion loss of one sample (see the module docstring); `timesteps` per row,
+    `drop_p` the sample's dropout draw (None: keep both conditions)."""
+    cond_latents, image_embeds = batch.cond_latents, batch.image_embeds
+    if drop_p is not None:
+        keep_latent, keep_clip = condition_keep(drop_p, drop_rate)
+        cond_latents = cond_latents if keep_latent else torch.zeros_like(cond_latents)
+        image_embeds = image_embeds if keep_clip else torch.zeros_like(image_embeds)
+    noisy = scheduler.add_noise(batch.latents, noise, timesteps)
+    sample = torch.cat([noisy, cond_latents], dim=1)
+    pred = unet(sample, timesteps, encoder_hidden_states=image_embeds, class_labels=batch.class_labels).sample
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = scheduler.get_velocity(batch.latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction!r}")
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_row * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
+
+
 class SubjectPriorTrainer:
     """LoRA fine-tuning of the cross-domain attention on one edited multi-view sample."""
 
-    def __init__(self, mv, colors: list[Image.Image], normals: list[Image.Image], condition: Image.Image, rank: int, lr: float, seed: int):
+    def __init__(self, mv, colors: list[Image.Image], normals: list[Image.Image], condition: Image.Image, rank: int, lr: float, seed: int,
+                 drop_rate: float = CONDITION_DROP_RATE, snr_gamma: float | None = SNR_GAMMA):
         from diffusers import DDPMScheduler
 
         self.mv = mv
@@ -77,19 +170,23 @@ class SubjectPriorTrainer:
         for p in self.params.values():
             p.data = p.data.float()
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
-        self._step = OptimizerStep(self.optimizer, unet.device, unet.dtype)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=WEIGHT_DECAY)
+        self._step = OptimizerStep(self.optimizer, unet.device, unet.dtype, max_grad_norm=MAX_GRAD_NORM)
         self.scheduler = DDPMScheduler.from_config(mv.scheduler.config)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = unet.device
+        self.drop_rate = drop_rate
+        self.snr_gamma = snr_gamma
         with torch.no_grad():
             # [normals(6), colours(6)]: the layout the UNet's attention processors expect
-            self.latents = torch.cat([mv.encode_views(normals), mv.encode_views(colors)])
+            latents = torch.cat([mv.encode_views(normals), mv.encode_views(colors)])
             image_embeds, cond_latents = mv.encode_condition([condition])
-            n = self.latents.shape[0]
-            self.image_embeds = image_embeds.repeat(n, 1, 1)
-            self.cond_latents = cond_latents.repeat(n, 1, 1, 1)
-            self.class_labels = mv.camera_embeddings(1)
+            n = latents.shape[0]
+            self.batch = PriorBatch(latents, image_embeds.repeat(n, 1, 1), cond_latents.repeat(n, 1, 1, 1), mv.camera_embeddings(1))
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.batch.latents
 
     def _autocast(self):
         return training_autocast(self.device, self.mv.unet.dtype)
@@ -99,16 +196,16 @@ class SubjectPriorTrainer:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (1,), generator=self.generator)
         return noise, t.repeat(self.latents.shape[0]).to(self.device)  # one timestep for the whole sample
 
-    def loss(self, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        noisy = self.scheduler.add_noise(self.latents, noise, timesteps)
-        sample = torch.cat([noisy, self.cond_latents], dim=1)
-        with self._autocast():
-            pred = self.mv.unet(sample, timesteps, encoder_hidden_states=self.image_embeds, class_labels=self.class_labels).sample
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(self.latents, noise, timesteps)
-        return F.mse_loss(pred.float(), target.float())
+    def drop_for(self) -> float:
+        """The sample's condition-dropout draw (uniform in [0, 1), from the trainer's generator)."""
+        return float(torch.rand((), generator=self.generator))
 
-    def step(self, noise: torch.Tensor, timesteps: torch.Tensor) -> float:
-        return self._step(self.loss(noise, timesteps))
+    def loss(self, noise: torch.Tensor, timesteps: torch.Tensor, drop_p: float | None = None) -> torch.Tensor:
+        with self._autocast():
+            return prior_loss(self.mv.unet, self.scheduler, self.batch, noise, timesteps, drop_p, self.drop_rate, self.snr_gamma)
+
+    def step(self, noise: torch.Tensor, timesteps: torch.Tensor, drop_p: float | None = None) -> float:
+        return self._step(self.loss(noise, timesteps, drop_p))
 
     def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
         unet = self.mv.unet
@@ -116,7 +213,8 @@ class SubjectPriorTrainer:
         losses: list[float] = []
         try:
             for i in range(steps):
-                losses.append(self.step(*self.noise_for()))
+                noise, timesteps = self.noise_for()
+                losses.append(self.step(noise, timesteps, self.drop_for()))
                 if reporter is not None:
                     reporter.step(i + 1, steps, f"subject-prior loss {losses[-1]:.4f}")
         finally:

@@ -23,17 +23,26 @@ class OptimizerStep:
     """One optimisation step; with fp16 a dynamic loss scale keeps small gradients from flushing to
     zero (bf16 has fp32's range and needs none). Shared by both trainers."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype):
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype, max_grad_norm: float | None = None):
         self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm  # clip the gradient's global norm (None: no clipping)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def __call__(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
+            self._clip()
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
+            self._clip()
             self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
             self.scaler.update()
         return float(loss.detach())
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
