@@ -16,9 +16,9 @@ from make_your_3d.errors import Cancelled, WeightsMissing
 from make_your_3d.models.multiview import load_multiview
 from make_your_3d.models.multiview_attention import JointAttnProcessor, MultiViewAttnProcessor
 from make_your_3d.models.multiview_pipeline import (
+    FRONT_GL_TO_WORLD,
     MultiViewImages,
     front_normals_to_world,
-    to_viewset,
     world_normals_to_front,
 )
 from make_your_3d.models.multiview_tiny import tiny_unet_config, write_tiny_multiview
@@ -31,6 +31,8 @@ from make_your_3d.models.multiview_unet import (
 )
 from make_your_3d.progress import CancelToken, Reporter
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEW_TABLE, WONDER3D_VIEWS
+from make_your_3d.pipeline.multiview_views import to_viewset
+from make_your_3d.recon.cameras import orbit_c2w
 from make_your_3d.recon.views import load_views, save_views
 
 V = 6
@@ -483,3 +485,8 @@ def test_near_white_subject_keeps_its_body():
     # the wrong variant: thresholding the colour's distance from white alone loses the body
     colour_only = np.abs(color - 1.0).max(-1) > 0.08
     assert iou(colour_only, truth) < 0.5
+
+
+def test_front_frame_constant_is_the_contract_front_camera():
+    """models/ states the front camera's frame without importing recon/; it must agree with the pose."""
+    assert np.allclose(FRONT_GL_TO_WORLD, orbit_c2w(0.0)[:3, :3] @ np.diag([1.0, -1.0, -1.0]))

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--guidance", type=float, default=3.0)
     mv.add_argument("--seed", type=int, default=0)
     _device_arg(mv)
-    mv.set_defaults(handler="make_your_3d.models.multiview_pipeline:run_cli")
+    mv.set_defaults(handler="make_your_3d.pipeline.multiview_views:run_cli")
 
     # generate -------------------------------------------------------------------------------
     gen = sub.add_parser("generate", help="subject image + text edit -> subject.glb (the whole method)")

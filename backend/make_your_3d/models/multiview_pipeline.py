@@ -20,8 +20,9 @@ input, which is the same for its DDIM and differs only for sigma-scaled schedule
 
 Output frames: Wonder3D's normals are in the front camera's OpenGL frame (x right, y up, z towards
 the viewer), which for our glTF world (+Y up, subject facing +Z, front camera on +Z) is the world
-frame itself; `front_normals_to_world` derives that rotation from `recon.cameras` rather than
-assuming it. Wonder3D's orthographic frame spans [-1, 1] world units across the image (its
+frame itself (`FRONT_GL_TO_WORLD`; a test checks it against the contract's front camera pose).
+The conversion of generated images into the views contract lives in `pipeline/multiview_views.py`:
+this module imports nothing from `recon/` or `pipeline/`. Wonder3D's orthographic frame spans [-1, 1] world units across the image (its
 reconstruction's ray origins), so views are written with `ortho_size` (2, 2): the ~192 px subject
 in the 256 px frame spans about +-0.75 units.
 """
@@ -38,19 +39,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from make_your_3d.errors import BadViews
-from make_your_3d.progress import Reporter
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEW_TABLE, Wonder3DView, class_labels
-from make_your_3d.recon.cameras import orbit_c2w
-from make_your_3d.recon.views import View, ViewSet, encode_normals
+from make_your_3d.progress import Reporter
 
 WONDER3D_ORTHO_SIZE = 2.0
 BACKGROUND = 1.0  # Wonder3D composites inputs on white and generates white backgrounds
 SCHEDULERS = ("ddim", "dpm", "euler", "euler_a", "unipc")
 
-# The OpenGL front camera (x right, y up, z towards the viewer) expressed in our world: its OpenCV
-# camera-to-world rotation times diag(1, -1, -1). Identity for the contract's glTF world.
-FRONT_GL_TO_WORLD = orbit_c2w(0.0)[:3, :3] @ np.diag([1.0, -1.0, -1.0])
+# The OpenGL front camera (x right, y up, z towards the viewer) expressed in the contract's glTF
+# world (+Y up, subject facing +Z, front camera on +Z looking along -Z): its OpenCV camera-to-world
+# rotation diag(1, -1, -1) times diag(1, -1, -1), i.e. the identity.
+FRONT_GL_TO_WORLD = np.eye(3)
 
 
 def front_normals_to_world(normals: np.ndarray) -> np.ndarray:
@@ -384,65 +383,3 @@ class MultiViewPipeline:
         normals = images[:rows].reshape(batch, self.num_views, 3, size, size)
         colors = images[rows:].reshape(batch, self.num_views, 3, size, size)
         return MultiViewImages(colors=colors, normals=normals, view_names=tuple(v.name for v in self.views), azimuths=tuple(v.azimuth_deg for v in self.views))
-
-
-def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:
-    """One sample of generated views -> the views contract (world normals, masks as alpha)."""
-    views = []
-    for v, (name, azimuth) in enumerate(zip(images.view_names, images.azimuths)):
-        color = images.colors[index, v].permute(1, 2, 0).numpy()
-        normal_rgb = images.normals[index, v].permute(1, 2, 0).numpy()
-        mask = view_mask(color, normal_rgb)
-        if not mask.any():
-            raise BadViews(f"the multi-view model produced an empty {name} view (nothing but background); try another seed.")
-        alpha = np.where(mask, 255, 0).astype(np.uint8)
-        normals_world = front_normals_to_world(normal_rgb.astype(np.float64) * 2.0 - 1.0)
-        views.append(
-            View(
-                name=name,
-                color=np.concatenate([_to_uint8(color), alpha[..., None]], axis=-1),
-                normal=encode_normals(normals_world, alpha),
-                c2w=orbit_c2w(azimuth, 0.0),
-                projection="orthographic",
-                ortho_size=(ortho_size, ortho_size),
-            )
-        )
-    return ViewSet(views=views, extras=dict(extras or {}))
-
-
-def run_cli(args) -> int:
-    """`make-your-3d multiview IMAGE --out VIEWS_DIR [--models DIR] [--steps N] [--guidance G] [--seed N] [--device D]`."""
-    from make_your_3d.device import resolve_device, resolve_dtype
-    from make_your_3d.errors import BadImage
-    from make_your_3d.models.multiview import load_multiview
-    from make_your_3d.models.registry import ROLES, is_tiny
-    from make_your_3d.paths import resolve_models_dir
-    from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
-    from make_your_3d.pipeline.request import load_image_bytes
-    from make_your_3d.recon.views import save_views
-
-    path = Path(args.image)
-    if not path.is_file():
-        raise BadImage(f"{path} does not exist or is not a file.")
-    data = path.read_bytes()
-    models_dir = resolve_models_dir(args.models)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(device)
-    pipe = load_multiview(ROLES["multiview"].path(models_dir), device, dtype)
-    segmenter = None
-    if not has_transparency(load_image_bytes(data)) and ROLES["segmenter"].complete(models_dir):
-        from make_your_3d.models.segmenter import load_segmenter
-
-        segmenter = load_segmenter(ROLES["segmenter"].path(models_dir), device)
-    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter)
-    generator = torch.Generator(device="cpu").manual_seed(int(args.seed))
-
-    def show(p) -> None:
-        print(f"\r{p.stage}: {p.step}/{p.total} {p.message}", end="", flush=True)
-
-    out = pipe(subject, steps=args.steps, guidance=args.guidance, generator=generator, reporter=Reporter("multiview", show))
-    print()
-    extras = {"multiview": {"steps": args.steps, "guidance": args.guidance, "seed": int(args.seed), "scheduler": "ddim", "tiny_models": is_tiny(models_dir)}}
-    folder = save_views(args.out, to_viewset(out, extras=extras))
-    print(f"Wrote {len(out.view_names)} colour + normal views to {folder}.")
-    return 0

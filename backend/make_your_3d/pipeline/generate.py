@@ -40,6 +40,7 @@ from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.stages import STAGE_SPECS, KeyContext, stage_keys
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
+from make_your_3d.pipeline.multiview_views import generate_views
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
@@ -394,19 +395,6 @@ class Generator:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return sorted(files)
-
-
-def generate_views(mv, subject_rgba: Image.Image, preset: Preset, seed: int, reporter: Reporter) -> ViewSet:
-    """Six colour + normal views of a prepared subject image, in the views contract."""
-    from make_your_3d.models.multiview_pipeline import to_viewset
-
-    if mv.image_size != preset.mv_size:
-        raise Make3DError(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
-                          "fix the preset's mv_size.", code="bad_request")
-    images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, eta=preset.mv_eta, scheduler=preset.mv_scheduler,
-                generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
-    settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
-    return to_viewset(images, extras={"multiview": settings})
 
 
 def make_preview(subject: Image.Image, front: Image.Image, views: ViewSet, height: int = 128) -> Image.Image:

@@ -1,0 +1,93 @@
+"""Generated multi-view images -> the views contract, and the `multiview` command.
+
+The multi-view model (`models/multiview_pipeline.py`) knows nothing about the views contract;
+this module places its six images on the ideal Wonder3D poses (orthographic, elevation 0), turns
+its front-frame normals into world normals and its backgrounds into masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from make_your_3d.errors import BadViews, Make3DError
+from make_your_3d.models.multiview_pipeline import WONDER3D_ORTHO_SIZE, MultiViewImages, _to_uint8, front_normals_to_world, view_mask
+from make_your_3d.progress import Reporter
+from make_your_3d.recon.cameras import orbit_c2w
+from make_your_3d.recon.views import View, ViewSet, encode_normals
+
+
+def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:
+    """One sample of generated views -> the views contract (world normals, masks as alpha)."""
+    views = []
+    for v, (name, azimuth) in enumerate(zip(images.view_names, images.azimuths)):
+        color = images.colors[index, v].permute(1, 2, 0).numpy()
+        normal_rgb = images.normals[index, v].permute(1, 2, 0).numpy()
+        mask = view_mask(color, normal_rgb)
+        if not mask.any():
+            raise BadViews(f"the multi-view model produced an empty {name} view (nothing but background); try another seed.")
+        alpha = np.where(mask, 255, 0).astype(np.uint8)
+        normals_world = front_normals_to_world(normal_rgb.astype(np.float64) * 2.0 - 1.0)
+        views.append(
+            View(
+                name=name,
+                color=np.concatenate([_to_uint8(color), alpha[..., None]], axis=-1),
+                normal=encode_normals(normals_world, alpha),
+                c2w=orbit_c2w(azimuth, 0.0),
+                projection="orthographic",
+                ortho_size=(ortho_size, ortho_size),
+            )
+        )
+    return ViewSet(views=views, extras=dict(extras or {}))
+
+
+def generate_views(mv, subject_rgba: Image.Image, preset, seed: int, reporter: Reporter) -> ViewSet:
+    """Six colour + normal views of a prepared subject image, with the preset's sampling settings."""
+    if mv.image_size != preset.mv_size:
+        raise Make3DError(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
+                          "fix the preset's mv_size.", code="bad_request")
+    images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, eta=preset.mv_eta, scheduler=preset.mv_scheduler,
+                generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
+    settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
+    return to_viewset(images, extras={"multiview": settings})
+
+
+def run_cli(args) -> int:
+    """`make-your-3d multiview IMAGE --out VIEWS_DIR [--models DIR] [--steps N] [--guidance G] [--seed N] [--device D]`."""
+    from make_your_3d.device import resolve_device, resolve_dtype
+    from make_your_3d.errors import BadImage
+    from make_your_3d.models.multiview import load_multiview
+    from make_your_3d.models.registry import ROLES, is_tiny
+    from make_your_3d.paths import resolve_models_dir
+    from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
+    from make_your_3d.pipeline.request import load_image_bytes
+    from make_your_3d.recon.views import save_views
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise BadImage(f"{path} does not exist or is not a file.")
+    data = path.read_bytes()
+    models_dir = resolve_models_dir(args.models)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(device)
+    pipe = load_multiview(ROLES["multiview"].path(models_dir), device, dtype)
+    segmenter = None
+    if not has_transparency(load_image_bytes(data)) and ROLES["segmenter"].complete(models_dir):
+        from make_your_3d.models.segmenter import load_segmenter
+
+        segmenter = load_segmenter(ROLES["segmenter"].path(models_dir), device)
+    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter)
+    generator = torch.Generator(device="cpu").manual_seed(int(args.seed))
+
+    def show(p) -> None:
+        print(f"\r{p.stage}: {p.step}/{p.total} {p.message}", end="", flush=True)
+
+    out = pipe(subject, steps=args.steps, guidance=args.guidance, generator=generator, reporter=Reporter("multiview", show))
+    print()
+    extras = {"multiview": {"steps": args.steps, "guidance": args.guidance, "seed": int(args.seed), "scheduler": "ddim", "tiny_models": is_tiny(models_dir)}}
+    folder = save_views(args.out, to_viewset(out, extras=extras))
+    print(f"Wrote {len(out.view_names)} colour + normal views to {folder}.")
+    return 0

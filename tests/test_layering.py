@@ -1,0 +1,47 @@
+"""Lower layers never import higher ones: models/ knows nothing of pipeline/, recon/ or service/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+LOWER_THAN = {
+    "make_your_3d.models": ("make_your_3d.pipeline", "make_your_3d.recon", "make_your_3d.service", "make_your_3d.cli"),
+    "make_your_3d.recon": ("make_your_3d.pipeline", "make_your_3d.service", "make_your_3d.cli"),
+}
+
+
+def _modules_after_import(names: list[str]) -> list[str]:
+    code = "import importlib, json, sys\n" + "".join(f"importlib.import_module({n!r})\n" for n in names) + "print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_models_and_recon_import_no_higher_layer():
+    import pkgutil
+
+    import make_your_3d.models
+    import make_your_3d.recon
+
+    for package, forbidden in LOWER_THAN.items():
+        pkg = sys.modules[package]
+        names = [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+        loaded = _modules_after_import(names)
+        bad = [m for m in loaded if m.startswith(forbidden)]
+        assert not bad, f"importing {package}'s modules pulled in {bad}"
+
+
+def test_no_deferred_import_of_a_higher_layer():
+    """Function-level imports count too: they create the same dependency, only later."""
+    from pathlib import Path
+
+    import make_your_3d
+
+    root = Path(make_your_3d.__file__).parent
+    for package, forbidden in LOWER_THAN.items():
+        folder = root / package.split(".")[-1]
+        for path in folder.rglob("*.py"):
+            text = path.read_text()
+            hits = [f for f in forbidden if f"from {f}" in text or f"import {f}" in text]
+            assert not hits, f"{path.relative_to(root)} imports {hits}"
