@@ -48,13 +48,13 @@ def require_roles(models_dir: Path, *names: str) -> None:
 def load_personalized(models_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, ip_scale: float = 1.0):
     """SD 1.5 pipeline with the IP-Adapter and its CLIP image encoder attached, frozen, in eval mode."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection  # PIL backend: as IP-Adapter ran it, whatever torchvision
 
     models_dir = Path(models_dir)
     require_roles(models_dir, "personalized", "ip_adapter", "image_encoder")
     encoder = CLIPVisionModelWithProjection.from_pretrained(ROLES["image_encoder"].path(models_dir), dtype=dtype)
     size = encoder.config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     pipe = StableDiffusionPipeline.from_pretrained(
         ROLES["personalized"].path(models_dir),
         safety_checker=None,
