@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from make_your_3d import __version__
 from make_your_3d.device import resolve_device, resolve_dtype
-from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory, WeightsBroken
+from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory, WeightsBroken, WeightsMissing
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
@@ -100,10 +100,13 @@ class Generator:
         of that role (a truncated or corrupted file fails deep inside safetensors/diffusers)."""
         try:
             return self._build(name, dtype)
-        except (Make3DError, MemoryError, torch.cuda.OutOfMemoryError):
+        except (WeightsBroken, MemoryError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:
             if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            # a loader's own WeightsMissing while every file is present means a damaged file
+            if isinstance(exc, Make3DError) and not (isinstance(exc, WeightsMissing) and not ROLES[name].missing(self.models_dir)):
                 raise
             raise WeightsBroken(
                 f"The {name} model's weights in {ROLES[name].path(self.models_dir)} could not be loaded ({type(exc).__name__}: "
