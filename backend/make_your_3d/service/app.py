@@ -200,12 +200,15 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def too_long_error(err: dict[str, Any]) -> Make3DError | None:
-    """A text field over its schema length as the same error the full check gives (bad_prompt or
-    bad_image), so a client sees one code for "too long" whichever check caught it."""
-    if err.get("type") != "string_too_long":
-        return None
+def text_field_error(err: dict[str, Any]) -> Make3DError | None:
+    """A text field over its schema length, or not valid Unicode (a lone surrogate), as the same
+    error the full check gives (bad_prompt or bad_image), whichever check caught it."""
+    kind = err.get("type")
     name = _field_name(tuple(err.get("loc", ())))
+    if kind == "string_unicode" and name in _PROMPT_FIELDS:
+        return BadPrompt(f"The {_PROMPT_FIELDS[name]} contains control characters (invalid Unicode); type plain text.")
+    if kind != "string_too_long":
+        return None
     if name in _PROMPT_FIELDS:
         return BadPrompt(f"The {_PROMPT_FIELDS[name]} is over {MAX_RAW_PROMPT_CHARS} characters; keep it under {MAX_PROMPT_CHARS}.")
     if name == "image_png_b64":
@@ -253,7 +256,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         for err in errors:
-            known = too_long_error(err)
+            known = text_field_error(err)
             if known is not None:
                 return error_for(known)
         return error_response("bad_request", validation_message(errors), 422)
