@@ -20,6 +20,7 @@ import asyncio
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -151,9 +152,16 @@ def run_load(port: int, ids: list[str], mode: str, seconds: float, sse: int, pol
 # ---------------------------------------------------------------------------------------------
 # sampler (main)
 # ---------------------------------------------------------------------------------------------
+def _connect(port: int) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle/delayed-ACK stalls in the timing
+    return conn
+
+
 def sample_health(port: int, seconds: float) -> list[float]:
     times = []
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = _connect(port)
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
         t0 = time.perf_counter()
@@ -165,7 +173,10 @@ def sample_health(port: int, seconds: float) -> list[float]:
         except (OSError, http.client.HTTPException):
             ok = False
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn = _connect(port)
+            except OSError:
+                pass
         times.append(time.perf_counter() - t0 if ok else float("nan"))
         time.sleep(0.02)
     conn.close()

@@ -516,3 +516,29 @@ def test_error_codes_are_classes_with_statuses():
         assert code in classes, code
         assert STATUS_FOR_CODE[code] == classes[code].status
     assert all(400 <= c.status < 600 for c in classes.values())
+
+
+def test_accepted_connections_have_nodelay():
+    """The listening socket is made as TCP (proto IPPROTO_TCP) so asyncio sets TCP_NODELAY on each
+    connection; with proto 0 it did not, and a keep-alive client waited ~40 ms (Nagle against a
+    delayed ACK) for the body of every answer."""
+    import socket
+
+    from make_your_3d.service.server import bind_socket
+
+    async def run() -> int:
+        sock = bind_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        async def handler(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handler, sock=sock)
+        _, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        value = await asyncio.wait_for(seen, 10)
+        w.close()
+        server.close()
+        return value
+
+    assert asyncio.run(run()) != 0
