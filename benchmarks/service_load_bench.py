@@ -11,6 +11,7 @@ Three processes, so the clients' own work does not run on the server's event loo
   sampler  this process: GET /v1/health over one keep-alive connection, timing each answer.
 
 Run: PYTHONPATH=backend python benchmarks/service_load_bench.py [--seconds 8]
+(PYTHONPATH pointing at an older tree's backend measures that tree's service the same way.)
 """
 
 from __future__ import annotations
@@ -50,10 +51,18 @@ def run_server(data: Path, port_file: Path, jobs: int) -> None:
 
     from make_your_3d.service.app import create_app
     from make_your_3d.service.inputs import InputStore
-    from make_your_3d.service.server import (HEADER_TIMEOUT_S, MAX_HEAD_BYTES, bind_socket, connection_limit, head_timeout_protocol,
-                                             raise_open_files_limit)
+    from make_your_3d.service.server import bind_socket
     from make_your_3d.service.store import JobSpec, JobStore
     from make_your_3d.service.worker import Worker
+
+    try:
+        from make_your_3d.service.server import (HEADER_TIMEOUT_S, MAX_HEAD_BYTES, connection_limit, head_timeout_protocol,
+                                                 raise_open_files_limit)
+
+        limit = connection_limit(raise_open_files_limit())
+        hardening = dict(limit_concurrency=limit, http=head_timeout_protocol(HEADER_TIMEOUT_S), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+    except ImportError:  # a tree from before issue 15 (for a same-machine baseline): serve's old settings
+        limit, hardening = None, {}
 
     store = JobStore(data / "jobs.sqlite3")
     spec = JobSpec("bench", "", None, 0, "fast", None, None)
@@ -61,9 +70,7 @@ def run_server(data: Path, port_file: Path, jobs: int) -> None:
     running = store.claim_next()
     worker = Worker(store, InputStore(data / "inputs"), data / "jobs", lambda: None)  # never started: no job runs
     app = create_app(store, worker, TOKEN, models_dir=data / "models")
-    limit = connection_limit(raise_open_files_limit())
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none", timeout_keep_alive=30,
-                            limit_concurrency=limit, http=head_timeout_protocol(HEADER_TIMEOUT_S), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none", timeout_keep_alive=30, **hardening)
     sock = bind_socket("127.0.0.1", 0)
 
     def ticker() -> None:
