@@ -26,7 +26,7 @@ from make_your_3d.service.app import create_app
 from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import JobSpec, JobStore
 from make_your_3d.service.worker import Worker
-from test_service import b64, job_body, png_bytes, png_header_only, subject_image
+from test_service import b64, job_body, png_header_only, subject_image
 
 TOKEN = "t" * 43
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -37,7 +37,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
-from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable, Make3DError
+from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
 from make_your_3d.paths import default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
 from make_your_3d.service.app import Activity, create_app
