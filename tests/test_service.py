@@ -172,10 +172,13 @@ def models(tiny_models) -> Path:
     return tiny_models
 
 
+HEAD_TIMEOUT_S = 2.0
+
+
 def service_config() -> dict:
-    """`serve --config` for the tests: the published tiny sizes and unthrottled progress (the cancel
-    test reads every step)."""
-    return {"overrides": tiny_overrides(), "progress_interval_s": 0.0}
+    """`serve --config` for the tests: the published tiny sizes, unthrottled progress (the cancel
+    test reads every step) and a short request-head timeout (the slowloris test waits for it)."""
+    return {"overrides": tiny_overrides(), "progress_interval_s": 0.0, "header_timeout_s": HEAD_TIMEOUT_S}
 
 
 class Harness:
@@ -235,6 +238,10 @@ def test_state_file_health_and_models(server, models):
     assert all(set(r) == {"name", "title", "licence", "complete", "missing"} for r in m["roles"])
     assert m["complete"] is True, m  # the tiny set has every role a job needs
     assert (server.data_dir / "jobs.sqlite3").exists()
+    if os.name != "nt":  # private to the user: the folder, the database and the log
+        assert server.data_dir.stat().st_mode & 0o777 == 0o700
+        for path in (server.data_dir / "jobs.sqlite3", server.data_dir / "logs" / "serve.log"):
+            assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
 
 
 AUTH_ROUTES = [
@@ -324,6 +331,86 @@ def test_parent_pid_exit_and_data_dir_lock(models, tmp_path):
         parent.kill()
 
 
+def _open_files_soft_limit(pid: int) -> tuple[int, int] | None:
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), (10**9 if hard == "unlimited" else int(hard))
+    except OSError:
+        return None
+    return None
+
+
+def test_slow_request_heads_are_cut_off(server):
+    """Slowloris: connections that send nothing, or trickle header lines, are closed once the
+    request head is HEAD_TIMEOUT_S late; the service keeps answering meanwhile."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    socks = []
+    for i in range(6):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        if i % 2:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        socks.append(sock)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < HEAD_TIMEOUT_S + 0.5:  # trickling does not reset the clock
+        for sock in socks[1::2]:
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                pass
+        time.sleep(0.25)
+    assert server.healthy()
+    for sock in socks:
+        sock.settimeout(HEAD_TIMEOUT_S + 10)
+        try:
+            assert sock.recv(1024) == b"", "the server must close the connection, not answer it"
+        except ConnectionResetError:
+            pass  # closed while we were still sending
+        finally:
+            sock.close()
+    assert time.monotonic() - t0 < HEAD_TIMEOUT_S + 10
+    limits = _open_files_soft_limit(server.proc.pid)
+    if limits is not None:  # Linux: the soft open-files limit was raised for many connections
+        soft, hard = limits
+        assert soft >= min(8192, hard), limits
+
+
+def test_second_backend_refuses_a_live_state_file(server, models, tmp_path):
+    """Another data folder but the same state file: taking it over would cut clients off from the
+    running backend (and delete the file on exit), so the second backend refuses with busy."""
+    before = server.state_file.read_text()
+    r = subprocess.run(serve_command(models, tmp_path / "other-data", server.state_file), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "[busy]" in r.stderr and str(server.proc.pid) in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert server.state_file.read_text() == before
+    assert server.healthy()
+
+
+def test_start_with_damaged_database_and_leftovers(models, tmp_path):
+    """A database that is not SQLite is moved aside with a timestamp (and named in the log); the
+    temporary folders of a killed run (job outputs, cache entries) are removed at start."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.sqlite3").write_bytes(b"garbage, not a database " * 100)
+    leftovers = [data / "cache" / "multiview" / ".0123456789ab.k3j2", data / "jobs" / ".partial-out"]
+    for path in leftovers:
+        path.mkdir(parents=True)
+        (path / "half.bin").write_bytes(b"x")
+    srv = start_server(models, data)
+    try:
+        moved = list(data.glob("jobs.sqlite3.corrupt-*"))
+        assert len(moved) == 1 and moved[0].read_bytes().startswith(b"garbage"), moved
+        assert str(moved[0]) in srv.output() and "Traceback" not in srv.output()
+        assert not any(p.exists() for p in leftovers)
+        with srv.client() as c:
+            assert c.get("/v1/jobs").json() == {"jobs": [], "next": None}
+    finally:
+        assert srv.stop() == 0
+
+
 def test_idle_timeout_and_sigterm(models, tmp_path):
     srv = start_server(models, tmp_path / "idle", "--idle-timeout", "1.5")
     t0 = time.monotonic()
@@ -345,7 +432,7 @@ def test_weights_missing_is_a_clear_error(tmp_path):
             assert r.status_code == 503
             err = r.json()["error"]
             assert err["code"] == "weights_missing" and "models fetch" in err["message"]
-            assert c.get("/v1/jobs").json() == {"jobs": []}
+            assert c.get("/v1/jobs").json() == {"jobs": [], "next": None}
             assert c.get("/v1/models").json()["complete"] is False
     finally:
         assert srv.stop() == 0
@@ -376,7 +463,9 @@ def _gif() -> bytes:
 BAD_INPUTS: list[tuple[str, str, str, dict, int, str, str]] = [
     ("broken_png", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_truncated_png()))}, 400, "bad_image", "damaged"),
     ("huge_dimensions", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(png_header_only(9000, 9000)))}, 400, "bad_image", "9000x9000"),
-    ("decompression_bomb", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(png_header_only(100_000, 100_000)))}, 400, "bad_image", "image"),
+    ("decompression_bomb", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(png_header_only(100_000, 100_000)))}, 400, "decompression_bomb", "bomb"),
+    ("huge_prompt_over_schema_limit", "POST", "/v1/jobs", {"json": job_body(prompt="x" * 100_000)}, 400, "bad_prompt", "characters"),
+    ("format_chars_only_prompt", "POST", "/v1/jobs", {"json": job_body(prompt="\u200b\u2066\ufeff")}, 400, "bad_prompt", "empty"),
     ("zero_size_image", "POST", "/v1/jobs", {"json": job_body(image_png_b64="")}, 400, "bad_image", "empty"),
     ("non_image_bytes", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(b"hello, I am a text file\n" * 10))}, 400, "bad_image", "not a readable image"),
     ("gif_format", "POST", "/v1/jobs", {"json": job_body(image_png_b64=b64(_gif()))}, 400, "bad_image", "GIF"),
@@ -429,7 +518,7 @@ BAD_INPUTS: list[tuple[str, str, str, dict, int, str, str]] = [
 @pytest.mark.parametrize("name,method,path,kwargs,status,code,word", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_a_clear_4xx(server, name, method, path, kwargs, status, code, word):
     with server.client() as c:
-        before = len(c.get("/v1/jobs").json()["jobs"])
+        before = len(c.get("/v1/jobs", params={"limit": 500}).json()["jobs"])
         r = c.request(method, path, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text)
         body = r.json()
@@ -438,7 +527,7 @@ def test_bad_input_is_a_clear_4xx(server, name, method, path, kwargs, status, co
         msg = body["error"]["message"]
         assert word.lower() in msg.lower(), msg
         assert "Traceback" not in r.text and 'File "' not in r.text
-        assert len(c.get("/v1/jobs").json()["jobs"]) == before, "a refused request must not queue a job"
+        assert len(c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]) == before, "a refused request must not queue a job"
     assert server.healthy()
 
 
@@ -656,7 +745,7 @@ def test_job_runs_to_done_and_glb_downloads(server):
 @needs_generator
 def test_variants_share_subject_stages(server):
     with server.client() as c:
-        group = [j for j in c.get("/v1/jobs").json()["jobs"] if j["request"]["seed"] in (11, 12, 13) and j["request"]["subject"] == "a toy"]
+        group = [j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["request"]["seed"] in (11, 12, 13) and j["request"]["subject"] == "a toy"]
         assert len(group) == 3
         recs = [wait_for(c, j["id"], {"done", "failed"}, timeout=600) for j in group]
     assert [r["status"] for r in recs] == ["done"] * 3, [r["error"] for r in recs]
@@ -678,7 +767,7 @@ def test_variants_share_subject_stages(server):
 @needs_generator
 def test_rerun_with_new_prompt_reuses_subject_cache(server):
     with server.client() as c:
-        first = next(j for j in c.get("/v1/jobs").json()["jobs"] if j["request"]["seed"] == 11 and j["status"] == "done")
+        first = next(j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["request"]["seed"] == 11 and j["status"] == "done")
         r = c.post(f"/v1/jobs/{first['id']}/rerun", json={"prompt": "wearing a blue hat"})
         assert r.status_code == 201, r.text
         new_id = r.json()["ids"][0]
@@ -736,7 +825,7 @@ def test_hundred_jobs_complete_in_order(server):
             assert r.status_code == 201, r.text
             ids += r.json()["ids"]
         submitted = time.monotonic() - t0
-        states = {j["id"]: j["status"] for j in c.get("/v1/jobs").json()["jobs"]}
+        states = {j["id"]: j["status"] for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         waiting = sum(states[i] == "queued" for i in ids)
         wait_for(c, ids[-1], {"done", "failed", "cancelled"}, timeout=900)
         recs = [c.get(f"/v1/jobs/{i}").json() for i in ids]
@@ -760,7 +849,7 @@ def test_hundred_jobs_complete_in_order(server):
 def test_kill9_during_a_job_then_restart(harness):
     server = harness.server
     with server.client() as c:
-        before = {j["id"]: j for j in c.get("/v1/jobs").json()["jobs"]}
+        before = {j["id"]: j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         ids = c.post("/v1/jobs", json=job_body(**{**GROUP_BODY, "seed": 900}, variants=3)).json()["ids"]
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -773,7 +862,7 @@ def test_kill9_during_a_job_then_restart(harness):
     server.proc.wait(30)
     server = harness.restart()
     with server.client() as c:
-        after = {j["id"]: j for j in c.get("/v1/jobs").json()["jobs"]}
+        after = {j["id"]: j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         assert set(before) | set(ids) == set(after), "no job record lost"
         assert not [p for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")], "partial outputs are cleaned"
         for job_id, old in before.items():

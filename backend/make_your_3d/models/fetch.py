@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from make_your_3d.errors import DiskFull, Make3DError, WeightsMissing
+from make_your_3d.errors import DiskFull, Make3DError, WeightsBroken, WeightsMissing
 from make_your_3d.models.registry import ROLES, ModelRole, is_tiny, role as get_role
 from make_your_3d.paths import resolve_models_dir
 
@@ -391,7 +391,7 @@ def check_weight_files(folder: Path, rels: Iterable[str], role_name: str) -> Non
             with safe_open(str(path), framework="pt") as fh:
                 keys = list(fh.keys())
         except Exception as exc:
-            raise WeightsMissing(
+            raise WeightsBroken(
                 f"The weight file {path} is damaged or truncated ({exc}). "
                 f"Run `make-your-3d models fetch --role {role_name}` again, then `make-your-3d models verify`."
             ) from exc

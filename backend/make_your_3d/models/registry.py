@@ -7,8 +7,11 @@ read this one table.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+CHECKSUMS_FILE = "checksums.json"  # written by models/fetch.py (sha256 and size of every stored file)
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,29 @@ class ModelRole:
         return [rel for rel in self.required if not (root / rel).is_file()]
 
     def complete(self, models_dir: Path) -> bool:
-        return not self.missing(models_dir)
+        """Every required file is there and, where checksums were recorded at fetch time, has the
+        recorded size (a stat per file: catches a truncated download without hashing)."""
+        return not self.missing(models_dir) and not self.damaged(models_dir)
+
+    def damaged(self, models_dir: Path) -> list[str]:
+        """Required files whose size differs from the one recorded in the role's checksums.json."""
+        root = self.path(models_dir)
+        try:
+            record = json.loads((root / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+            files = record["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # nothing recorded (a hand-made folder): only presence can be checked
+        bad = []
+        for rel in self.required:
+            entry = files.get(rel) if isinstance(files, dict) else None
+            if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+                continue
+            try:
+                if (root / rel).stat().st_size != entry["size"]:
+                    bad.append(rel)
+            except OSError:
+                pass  # missing() reports it
+        return bad
 
 
 _SD_FOLDERS = (

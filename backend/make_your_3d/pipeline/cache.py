@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from make_your_3d.models.registry import ROLES
+
+log = logging.getLogger("make_your_3d.cache")
 
 
 def digest(value: Any) -> str:
@@ -42,8 +46,31 @@ def models_fingerprint(models_dir: Path, *roles: str) -> dict[str, str]:
     return result
 
 
+RECORD = ".complete"  # the entry's record: written last, so its presence means the entry is whole
+QUARANTINE = ".quarantine"
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD}
+
+
 class StageCache:
-    """Folders under `root/<stage>/<key>`; `get` returns a finished entry, `build` makes one atomically."""
+    """Folders under `root/<stage>/<key>`; `get` returns a finished, verified entry, `build` makes one
+    atomically.
+
+    The record (`.complete`) lists every file's sha256 and size, taken when the entry was built.
+    `get` re-checks them: a damaged entry (a flipped byte, a truncated or deleted file, or an entry
+    from before records were kept) is moved to `root/.quarantine/` with a log line, and the caller
+    rebuilds it once as for a miss.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -53,7 +80,51 @@ class StageCache:
 
     def get(self, stage: str, key: str) -> Path | None:
         path = self.path(stage, key)
-        return path if (path / ".complete").is_file() else None
+        if not (path / RECORD).is_file():
+            return None
+        problem = self.verify(path)
+        if problem is None:
+            return path
+        self._quarantine(stage, key, path, problem)
+        return None
+
+    def verify(self, path: Path) -> str | None:
+        """None when every file matches the entry's record, else what is wrong (one sentence)."""
+        try:
+            record = json.loads((path / RECORD).read_text(encoding="utf-8"))
+            recorded = record["files"]
+            assert isinstance(recorded, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            return "it has no checksum record (made by an older version, or the record is damaged)"
+        present = _files(path)
+        for rel, entry in recorded.items():
+            file = present.get(rel)
+            if file is None:
+                return f"{rel} is missing"
+            if file.stat().st_size != entry.get("size"):
+                return f"{rel} is {file.stat().st_size} bytes, {entry.get('size')} were written"
+            if _sha256(file) != entry.get("sha256"):
+                return f"{rel} does not match its checksum"
+        extra = sorted(set(present) - set(recorded))
+        if extra:
+            return f"{extra[0]} was not part of the entry"
+        return None
+
+    def _quarantine(self, stage: str, key: str, path: Path, problem: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.root / QUARANTINE / f"{stage}-{key[:16]}-{stamp}-{os.getpid()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{target.name.split('~')[0]}~{n}")
+        try:
+            os.replace(path, target)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("cache entry %s/%s is damaged (%s); removed it (could not move it aside); rebuilding", stage, key[:12], problem)
+            return
+        log.warning("cache entry %s/%s is damaged (%s); moved it to %s; rebuilding", stage, key[:12], problem, target)
 
     def build(self, stage: str, key: str, writer: Callable[[Path], None], inputs: dict | None = None) -> Path:
         """Run `writer(tmp_folder)` and publish the folder as the entry (replacing a broken one)."""
@@ -63,7 +134,8 @@ class StageCache:
         try:
             writer(tmp)
             (tmp / "inputs.json").write_text(json.dumps(inputs or {}, indent=2, sort_keys=True, default=str))
-            (tmp / ".complete").write_text("")
+            files = {rel: {"sha256": _sha256(p), "size": p.stat().st_size} for rel, p in _files(tmp).items()}
+            (tmp / RECORD).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
             if final.exists():  # an incomplete leftover from a killed run
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -71,3 +143,18 @@ class StageCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def remove_partial(self) -> list[Path]:
+        """Delete the temporary folders (`<stage>/.<key>.*`) a killed build left behind; returns them.
+        Only safe while no other process builds here (the service calls it under its data lock)."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for stage in self.root.iterdir():
+            if stage.name.startswith(".") or not stage.is_dir():
+                continue
+            for entry in stage.iterdir():
+                if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from make_your_3d import __version__
 from make_your_3d.device import resolve_device, resolve_dtype
-from make_your_3d.errors import BadRequest, DiskFull, Make3DError, NoSubject, OutOfMemory
+from make_your_3d.errors import BadRequest, DiskFull, Make3DError, NoSubject, OutOfMemory, WeightsBroken, WeightsMissing
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.stages import STAGE_SPECS, KeyContext, stage_keys
@@ -83,7 +83,7 @@ class Generator:
                 del self._loaded[other]  # precision changed between presets
             if offload:
                 self._evict(keep=None)
-            self._loaded[key] = self._build(name, dtype)
+            self._loaded[key] = self._build_checked(name, dtype)
         elif offload:
             self._evict(keep=key)
             self._loaded[key].to(self.device)
@@ -96,6 +96,25 @@ class Generator:
             if key != keep and hasattr(model, "to") and not key.startswith("segmenter:"):
                 model.to("cpu")
         torch.cuda.empty_cache()
+
+    def _build_checked(self, name: str, dtype: torch.dtype):
+        """`_build`, with a loader failure on files that are all present reported as damaged weights
+        of that role (a truncated or corrupted file fails deep inside safetensors/diffusers)."""
+        try:
+            return self._build(name, dtype)
+        except (WeightsBroken, MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            # a loader's own WeightsMissing while every file is present means a damaged file
+            if isinstance(exc, Make3DError) and not (isinstance(exc, WeightsMissing) and not ROLES[name].missing(self.models_dir)):
+                raise
+            raise WeightsBroken(
+                f"The {name} model's weights in {ROLES[name].path(self.models_dir)} could not be loaded ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). Run `make-your-3d models verify` to find the damaged file, then "
+                f"`make-your-3d models fetch --role {name}` to fetch it again."
+            ) from exc
 
     def _build(self, name: str, dtype: torch.dtype):
         if name == "personalized":
@@ -173,7 +192,7 @@ class Generator:
             return Reporter(stage, progress, cancel)
 
         # Stage 1: preprocess (cheap, not cached): mask, crop, recentre, pad, resize for the models.
-        subject_rgba = self._prepare_input(image, request, preset)
+        subject_rgba = self._prepare_input(image, request, preset, cancel)
         subject = request.subject
         context = KeyContext(device_type=self.device.type, dtype=str(dtype).removeprefix("torch."), fingerprints=fingerprints, version=__version__,
                              extra={"reconstruct": recon_options.resolved()})
@@ -231,12 +250,12 @@ class Generator:
 
     # --- stages -------------------------------------------------------------------------------
 
-    def _prepare_input(self, image: Image.Image, request: GenerateRequest, preset: Preset) -> Image.Image:
+    def _prepare_input(self, image: Image.Image, request: GenerateRequest, preset: Preset, cancel: CancelToken | None = None) -> Image.Image:
         from make_your_3d.pipeline.preprocess import foreground_mask, has_transparency, prepare_subject
 
         segmenter = None if has_transparency(image) else self._segmenter()
-        mask = foreground_mask(image, segmenter, request.subject)
-        return prepare_subject(image, preset.mv_size, preset.subject_fill, mask=None if has_transparency(image) else mask)
+        mask = foreground_mask(image, segmenter, request.subject, cancel=cancel)
+        return prepare_subject(image, preset.mv_size, preset.subject_fill, mask=None if has_transparency(image) else mask, cancel=cancel)
 
     def _subject_views(self, subject_rgba: Image.Image, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
         from make_your_3d.pipeline.subject_prior import use_adapter

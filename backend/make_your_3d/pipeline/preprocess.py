@@ -14,6 +14,7 @@ from PIL import Image
 
 from make_your_3d.errors import NoSubject, WeightsMissing
 from make_your_3d.pipeline.request import check_has_subject, load_image_bytes
+from make_your_3d.progress import CancelToken
 
 MIN_SUBJECT_PIXELS = 16  # fewer foreground pixels than this is "no subject"
 WONDER3D_FILL = 0.75
@@ -49,12 +50,18 @@ def _main_components(mask: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def foreground_mask(image: Image.Image, segmenter=None, subject_text: str | None = None) -> np.ndarray:
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+def foreground_mask(image: Image.Image, segmenter=None, subject_text: str | None = None, *, cancel: CancelToken | None = None) -> np.ndarray:
     """Boolean (H, W) foreground mask: alpha if the image has transparency, else the segmenter.
 
     Raises NoSubject for an empty or flat image, WeightsMissing when the image has no transparency
-    and no segmenter is given.
+    and no segmenter is given. `cancel` is checked between the passes.
     """
+    _check(cancel)
     if has_transparency(image):
         rgba = image.convert("RGBA")
         check_has_subject(rgba)
@@ -72,7 +79,9 @@ def foreground_mask(image: Image.Image, segmenter=None, subject_text: str | None
         )
     from make_your_3d.models.segmenter import segment
 
+    _check(cancel)
     prob = segment(segmenter, rgb, subject_text)
+    _check(cancel)
     peak = float(prob.max())
     if peak < SEGMENT_MIN_PEAK:
         raise _no_subject(f"the background remover found nothing matching {subject_text or 'the main object'!r}")
@@ -105,6 +114,8 @@ def prepare_subject(
     fill: float = WONDER3D_FILL,
     mask: np.ndarray | None = None,
     background: tuple[int, int, int] = (255, 255, 255),
+    *,
+    cancel: CancelToken | None = None,
 ) -> Image.Image:
     """RGBA `size` x `size` image: the subject cropped to its bounding box, centred, its longer side
     `fill * size` pixels, alpha = mask (the image's own alpha when `mask` is None), and `background`
@@ -116,22 +127,25 @@ def prepare_subject(
         raise ValueError(f"fill must be in (0, 1], got {fill}")
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
+    _check(cancel)
     if mask is None:
-        mask = foreground_mask(image)  # alpha-based; raises for images without transparency
+        mask = foreground_mask(image, cancel=cancel)  # alpha-based; raises for images without transparency
         alpha = _alpha_from(image, None)
     else:
         alpha = _alpha_from(image, mask)
+    _check(cancel)
     fg = np.asarray(mask) > (0.5 if np.asarray(mask).dtype != bool else 0)
     if fg.sum() < MIN_SUBJECT_PIXELS:
         raise _no_subject("the foreground mask is empty")
     x0, y0, x1, y1 = _bbox(fg)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)[y0:y1, x0:x1] / 255.0
+    rgb = np.asarray(image.convert("RGB"))[y0:y1, x0:x1].astype(np.float32) / 255.0  # crop, then the float copy
     a = np.clip(alpha[y0:y1, x0:x1], 0.0, 1.0)
     h, w = a.shape
     scale = fill * size / max(h, w)
     nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
     # Premultiply, resize, un-premultiply: colour where alpha is 0 must not leak into the edge.
     premul = np.concatenate([rgb * a[..., None], a[..., None]], axis=-1)
+    _check(cancel)
     resized = np.stack(
         [np.asarray(Image.fromarray(np.ascontiguousarray(premul[..., c], dtype=np.float32)).resize((nw, nh), Image.Resampling.BICUBIC)) for c in range(4)],
         axis=-1,
@@ -165,9 +179,10 @@ def subject_from_bytes(
     subject_text: str | None = None,
     fill: float = WONDER3D_FILL,
     background: tuple[int, int, int] = (255, 255, 255),
+    cancel: CancelToken | None = None,
 ) -> Image.Image:
     """Uploaded image bytes -> the framed RGBA subject (decode, mask, crop, recentre, resize)."""
     image = load_image_bytes(data)
-    mask = foreground_mask(image, segmenter, subject_text)
+    mask = foreground_mask(image, segmenter, subject_text, cancel=cancel)
     # With transparency, keep the image's soft alpha (mask=None); otherwise use the segmenter's mask.
-    return prepare_subject(image, size, fill, mask=None if has_transparency(image) else mask, background=background)
+    return prepare_subject(image, size, fill, mask=None if has_transparency(image) else mask, background=background, cancel=cancel)

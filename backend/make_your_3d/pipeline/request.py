@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import io
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from make_your_3d.errors import BadImage, BadPrompt, BadRequest, NoSubject
+from make_your_3d.errors import BadImage, BadPrompt, BadRequest, DecompressionBomb, NoSubject, TooHeavy
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 MIN_IMAGE_SIDE = 16
+# Decoded images are reduced to this longer side at once: every model works at 512 px or less, and
+# an 8192 px image carried through preprocessing as float copies took minutes and gigabytes.
+MAX_WORK_SIDE = 2048
 MAX_PROMPT_CHARS = 500
+# Text longer than this is refused before it is normalised or scanned (those passes are O(n)).
+MAX_RAW_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS
 PRESETS = ("fast", "default", "quality", "lowvram")
 
 
@@ -44,30 +51,61 @@ class GenerateResult:
     timings: dict[str, float]
 
 
-def load_image_bytes(data: bytes) -> Image.Image:
-    """Decode an uploaded image with size limits; raises BadImage with a sentence a user understands."""
+def _bomb(exc: Exception) -> DecompressionBomb:
+    pixels = next((int(w) for w in str(exc).replace("(", " ").split() if w.isdigit()), None)
+    claim = f"claims {pixels / 1e6:,.0f} million pixels" if pixels else "claims far more pixels than any photo"
+    return DecompressionBomb(
+        f"The image {claim}: it looks like a decompression bomb and was not decoded. "
+        f"Use a PNG, JPEG or WebP of at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels."
+    )
+
+
+def load_image_bytes(data: bytes, max_side: int = MAX_WORK_SIDE) -> Image.Image:
+    """Decode an uploaded image with size limits, reduced to at most `max_side` pixels on its longer
+    side; raises BadImage (or DecompressionBomb) with a sentence a user understands.
+
+    The header is checked before any pixel is decoded; a JPEG is then decoded at a reduced scale
+    (`draft`), other formats are reduced straight after decoding, before any copy is made.
+    """
     if not data:
         raise BadImage("The image is empty (0 bytes). Pick a PNG, JPEG or WebP photo of the subject.")
     if len(data) > MAX_IMAGE_BYTES:
         raise BadImage(f"The image is {len(data) / 2**20:.0f} MiB; the limit is {MAX_IMAGE_BYTES // 2**20} MiB. Resize it and try again.")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format
-            width, height = probe.size
-    except Exception:
-        raise BadImage("The file is not a readable image. Pick a PNG, JPEG or WebP photo of the subject.") from None
-    if fmt not in ("PNG", "JPEG", "WEBP"):
-        raise BadImage(f"Images in {fmt} format are not supported. Use PNG, JPEG or WebP.")
-    if max(width, height) > MAX_IMAGE_SIDE:
-        raise BadImage(f"The image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE} on each side. Resize it and try again.")
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise BadImage(f"The image is {width}x{height} pixels; it must be at least {MIN_IMAGE_SIDE} on each side.")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGBA") if ("A" in im.getbands() or "transparency" in im.info) else im.convert("RGB")
-    except Exception:
-        raise BadImage("The image file is damaged (it could not be decoded completely). Re-export it and try again.") from None
+    with warnings.catch_warnings():
+        # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; both are bombs
+        # here (our own side limit is lower), so the warning is an error too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt = probe.format
+                width, height = probe.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(exc) from None
+        except Exception:
+            raise BadImage("The file is not a readable image. Pick a PNG, JPEG or WebP photo of the subject.") from None
+        if fmt not in ("PNG", "JPEG", "WEBP"):
+            raise BadImage(f"Images in {fmt} format are not supported. Use PNG, JPEG or WebP.")
+        if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+            raise BadImage(f"The image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE} on each side. Resize it and try again.")
+        if min(width, height) < MIN_IMAGE_SIDE:
+            raise BadImage(f"The image is {width}x{height} pixels; it must be at least {MIN_IMAGE_SIDE} on each side.")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                alpha = "A" in im.getbands() or "transparency" in im.info
+                target = "RGBA" if alpha else "RGB"
+                if im.format == "JPEG":
+                    im.draft("RGB", (max_side, max_side))  # the decoder scales by 1/2, 1/4 or 1/8
+                im.load()
+                if im.mode in ("RGB", "RGBA", "L", "LA"):
+                    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)  # premultiplied for alpha
+                    return im.convert(target)
+                out = im.convert(target)
+                out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                return out
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(exc) from None
+        except Exception:
+            raise BadImage("The image file is damaged (it could not be decoded completely). Re-export it and try again.") from None
 
 
 def check_has_subject(image: Image.Image) -> None:
@@ -82,17 +120,78 @@ def check_has_subject(image: Image.Image) -> None:
         raise NoSubject("The image is a single flat colour: there is no subject in it. Use a photo of the subject.")
 
 
+_ZWJ = "\u200d"
+_VS16 = "\ufe0f"
+_BLACK_FLAG = "\U0001F3F4"
+
+
+def _emoji_side(ch: str) -> bool:
+    """Whether `ch` can sit next to a zero-width joiner inside an emoji sequence."""
+    return ch == _VS16 or (ord(ch) > 0x2000 and unicodedata.category(ch) in ("So", "Sk"))
+
+
+def strip_format_chars(text: str) -> str:
+    """Drop Unicode format characters (category Cf: zero-width spaces, bidi overrides, soft hyphens,
+    BOMs), which are invisible in the prompt field and change what the text encoder sees. Kept: a
+    zero-width joiner between two emoji (the people, flag and profession emoji need it) and the
+    tag characters of a subdivision flag after its black flag."""
+    if all(unicodedata.category(ch) != "Cf" for ch in text):
+        return text
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) != "Cf":
+            out.append(ch)
+        elif ch == _ZWJ and out and i + 1 < len(text) and _emoji_side(out[-1]) and _emoji_side(text[i + 1]):
+            out.append(ch)
+        elif 0xE0020 <= ord(ch) <= 0xE007F and out and (out[-1] == _BLACK_FLAG or 0xE0020 <= ord(out[-1]) <= 0xE007F):
+            out.append(ch)
+    return "".join(out)
+
+
 def clean_prompt(text: str, field_name: str = "prompt", *, required: bool = True) -> str:
     if not isinstance(text, str):
         raise BadPrompt(f"The {field_name} must be text.")
-    text = unicodedata.normalize("NFC", text).strip()
+    if len(text) > MAX_RAW_PROMPT_CHARS:  # before any O(n) pass over it
+        raise BadPrompt(f"The {field_name} is {len(text)} characters; keep it under {MAX_PROMPT_CHARS}.")
     if any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in "\t\n" for ch in text):
         raise BadPrompt(f"The {field_name} contains control characters; type plain text.")
+    text = unicodedata.normalize("NFC", strip_format_chars(text)).strip()
     if required and not text:
         raise BadPrompt(f"The {field_name} is empty. Describe the change, e.g. \"wearing a red scarf\".")
     if len(text) > MAX_PROMPT_CHARS:
         raise BadPrompt(f"The {field_name} is {len(text)} characters; keep it under {MAX_PROMPT_CHARS}.")
     return text
+
+
+# --- memory a job needs -------------------------------------------------------------------------
+# Peak resident memory of the reconstruction (meshing, UV unwrap, texture bake), by recon preset,
+# plus per texel and per face. Calibrated to one measurement (faces 500000, texture 4096, quality:
+# 4.3 GiB peak RSS on a CPU run): the texel term is the bake's per-texel buffers (positions,
+# barycentrics, accumulators, fill indices ~120 B/texel), the face term xatlas and the fill.
+_RECON_BASE_BYTES = {"fast": int(0.8 * 2**30), "default": int(1.2 * 2**30), "quality": int(1.6 * 2**30)}
+_RECON_DEFAULTS = {"fast": (20000, 1024), "default": (40000, 2048), "quality": (50000, 2048)}  # recon/reconstruct.py PRESETS
+_BYTES_PER_TEXEL = 120
+_BYTES_PER_FACE = 1536
+
+
+def estimate_job_memory(recon_preset: str, faces: int | None, texture_size: int | None) -> int:
+    """Estimated peak bytes of a job's reconstruction (the stage whose memory grows with the request)."""
+    preset = recon_preset if recon_preset in _RECON_BASE_BYTES else "quality"
+    default_faces, default_texture = _RECON_DEFAULTS[preset]
+    faces = faces or default_faces
+    texture_size = texture_size or default_texture
+    return _RECON_BASE_BYTES[preset] + _BYTES_PER_TEXEL * texture_size * texture_size + _BYTES_PER_FACE * faces
+
+
+def check_job_memory(recon_preset: str, faces: int | None, texture_size: int | None, budget_bytes: int) -> None:
+    """Refuse (TooHeavy) a request whose estimated memory is over `budget_bytes`."""
+    need = estimate_job_memory(recon_preset, faces, texture_size)
+    if need > budget_bytes:
+        raise TooHeavy(
+            f"This job would need about {need / 2**30:.1f} GiB of memory (faces {faces or 'default'}, texture {texture_size or 'default'}, "
+            f"{recon_preset} reconstruction); this backend allows {budget_bytes / 2**30:.1f} GiB per job. "
+            "Lower the face count or the texture size (e.g. 2048), or pick the default preset."
+        )
 
 
 def validate_request(request: GenerateRequest) -> Image.Image:

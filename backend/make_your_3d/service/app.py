@@ -3,6 +3,11 @@
 Every error body is `{"error": {"code", "message"}}` with a sentence that says what to do; tracebacks
 only go to the log. Input is checked (body size, JSON shape, image decode, subject, prompts) before
 a job is written to the store, and the store is written before the client is answered.
+
+Order of checks, cheapest first: the `Guard` middleware refuses a foreign Host or Origin (DNS
+rebinding) and a missing token before any body byte is read; field lengths are checked by the
+schema before any text is normalised; the image header before its pixels. Event streams wait on a
+change notification from the store and read it in the thread pool; health touches no lock.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -18,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from make_your_3d import __version__
-from make_your_3d.errors import BadImage, BadRequest, Make3DError, WeightsMissing
+from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, BadPrompt, BadRequest, Make3DError, NotFound,
+                                 Unauthorized, WeightsBroken, WeightsMissing)
 from make_your_3d.models.registry import ROLES, is_tiny
-from make_your_3d.pipeline.request import MAX_IMAGE_BYTES, GenerateRequest, validate_request
+from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
+                                           validate_request)
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import Worker, classify_exception
 
@@ -41,24 +50,14 @@ MAX_VARIANTS = 16
 # The biggest image, base64-encoded, plus room for the prompts and JSON punctuation.
 MAX_IMAGE_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
 MAX_BODY_BYTES = MAX_IMAGE_B64_CHARS + 256 * 1024
+HEARTBEAT_S = 5.0  # an event stream repeats the record this often without changes
 
-STATUS_FOR_CODE = {
-    "bad_request": 400,
-    "bad_image": 400,
-    "no_subject": 400,
-    "bad_prompt": 400,
-    "bad_views": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "input_missing": 409,
-    "too_large": 413,
-    "weights_missing": 503,
-    "out_of_memory": 503,
-    "disk_full": 507,
-    "cancelled": 409,
-    "internal": 500,
-}
+MAX_DATA_URL_PREFIX = 128  # "data:image/png;base64," before the base64 text
+MAX_REPORTED_ERRORS = 20
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+PUBLIC_PATHS = frozenset({"/v1/health"})
+_PROMPT_FIELDS = {"prompt": "prompt", "negative_prompt": "negative prompt", "subject": "subject description"}
 
 _FILE_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".png": "image/png", ".json": "application/json",
                ".jpg": "image/jpeg", ".txt": "text/plain; charset=utf-8", ".obj": "text/plain; charset=utf-8"}
@@ -72,10 +71,11 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    image_png_b64: str = Field(description="base64 of the subject image file (PNG, JPEG or WebP), at most 32 MiB")
-    prompt: str = Field(description='the change, e.g. "wearing a red scarf"')
-    negative_prompt: str = ""
-    subject: str | None = Field(None, description='short description of the subject, e.g. "a toy robot"')
+    image_png_b64: str = Field(description="base64 of the subject image file (PNG, JPEG or WebP), at most 32 MiB",
+                               max_length=MAX_IMAGE_B64_CHARS + MAX_DATA_URL_PREFIX)
+    prompt: str = Field(description='the change, e.g. "wearing a red scarf"', max_length=MAX_RAW_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_RAW_PROMPT_CHARS)
+    subject: str | None = Field(None, description='short description of the subject, e.g. "a toy robot"', max_length=MAX_RAW_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null picks a random seed")
     variants: int = Field(1, ge=1, le=MAX_VARIANTS)
     preset: Preset | None = Field(None, description="null: the server's --preset")
@@ -88,9 +88,9 @@ class JobRerun(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    subject: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
+    subject: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="absent: same seed; null: a random seed")
     preset: Preset | None = None
     faces: int | None = Field(None, ge=500, le=500_000)
@@ -134,7 +134,8 @@ class JobRecord(BaseModel):
 
 
 class JobList(BaseModel):
-    jobs: list[JobRecord]
+    jobs: list[JobRecord] = Field(description="one page of jobs, oldest first")
+    next: int | None = Field(description="pass as `before` for the next older page; null on the last page")
 
 
 class Created(BaseModel):
@@ -171,7 +172,7 @@ class Stopping(BaseModel):
     stopping: bool
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 500)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 500)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +180,12 @@ _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 500)
 # ---------------------------------------------------------------------------------------------
 def error_response(code: str, message: str, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status or STATUS_FOR_CODE.get(code, 400), headers=headers)
+
+
+def error_for(exc: Make3DError) -> JSONResponse:
+    status = exc.status if exc.code == type(exc).code else STATUS_FOR_CODE.get(exc.code, 400)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.code == Unauthorized.code else None
+    return error_response(exc.code, exc.message, status, headers)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -193,12 +200,28 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def text_field_error(err: dict[str, Any]) -> Make3DError | None:
+    """A text field over its schema length, or not valid Unicode (a lone surrogate), as the same
+    error the full check gives (bad_prompt or bad_image), whichever check caught it."""
+    kind = err.get("type")
+    name = _field_name(tuple(err.get("loc", ())))
+    if kind == "string_unicode" and name in _PROMPT_FIELDS:
+        return BadPrompt(f"The {_PROMPT_FIELDS[name]} contains control characters (invalid Unicode); type plain text.")
+    if kind != "string_too_long":
+        return None
+    if name in _PROMPT_FIELDS:
+        return BadPrompt(f"The {_PROMPT_FIELDS[name]} is over {MAX_RAW_PROMPT_CHARS} characters; keep it under {MAX_PROMPT_CHARS}.")
+    if name == "image_png_b64":
+        return BadImage(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MiB. Resize it and try again.")
+    return None
+
+
 def validation_message(errors: list[dict[str, Any]]) -> str:
     """One sentence naming the first bad field and what to do about it."""
     if not errors:
         return "The request is not valid."
-    first = {"json_invalid": 0, "extra_forbidden": 1}  # the most telling problem first
-    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 2))
+    first = {"json_invalid": 0, "extra_forbidden": 1, "string_too_long": 2}  # the most telling problem first
+    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 3))
     err = errors[0]
     kind = err.get("type", "")
     name = _field_name(tuple(err.get("loc", ())))
@@ -214,22 +237,28 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
         text = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
     else:
         text = f"The field {name!r} is invalid: {err.get('msg', 'bad value')}."
-    if len(errors) > 1:
-        text += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the request.)"
+    more = len(errors) - 1
+    if more > MAX_REPORTED_ERRORS:
+        text += f" ({MAX_REPORTED_ERRORS}+ more problems in the request.)"
+    elif more:
+        text += f" ({more} more problem{'s' if more > 1 else ''} in the request.)"
     return text
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Make3DError)
     async def _make3d(request: Request, exc: Make3DError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.code == "unauthorized" else None
         if exc.code == "internal":
             log.error("internal error on %s %s: %s", request.method, request.url.path, exc.message)
-        return error_response(exc.code, exc.message, headers=headers)
+        return error_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
+        for err in errors:
+            known = text_field_error(err)
+            if known is not None:
+                return error_for(known)
         return error_response("bad_request", validation_message(errors), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -264,19 +293,69 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-class Guard:
-    """ASGI middleware: body size limit (header and streamed) and last-activity time for the idle timer."""
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, `127.x.y.z` or `[::1]`, with or without a port (a Host header's value)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return False
+    else:
+        name, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return False
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, app: Any, limit: int, activity: "Activity"):
+
+def is_loopback_origin(origin: str) -> bool:
+    scheme, sep, rest = origin.strip().partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and is_loopback_host(rest)
+
+
+class Guard:
+    """ASGI middleware run before routing, so nothing is read or parsed for a request it refuses:
+    the Host and Origin checks (DNS rebinding: a web page must not reach the backend through a
+    name that resolves to 127.0.0.1), the bearer token (every route but health), the body size
+    limit (header and streamed), and the last-activity time for the idle timer."""
+
+    def __init__(self, app: Any, limit: int, activity: "Activity", token: str = "", check_host: bool = True):
         self.app = app
         self.limit = limit
         self.activity = activity
+        self.token = token.encode("utf-8")
+        self.check_host = check_host
+
+    def _refusal(self, scope: dict) -> Make3DError | None:
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers", ()):
+            headers.setdefault(key, value)
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.check_host and not is_loopback_host(host):
+            return BadHost(f"Requests must be addressed to 127.0.0.1 or localhost, not {host[:100]!r}. "
+                           "Use the URL in the backend's state file.")
+        origin = headers.get(b"origin")
+        if origin is not None and not is_loopback_origin(origin.decode("latin-1")):
+            return BadOrigin("Requests from web pages are refused. Use the Blender add-on or a local client.")
+        if scope.get("path") not in PUBLIC_PATHS and self.token:
+            scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("latin-1"), self.token):
+                return Unauthorized("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.")
+        return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         self.activity.touch()
+        refused = self._refusal(scope)
+        if refused is not None:
+            await error_for(refused)(scope, receive, send)
+            return
         length = None
         for key, value in scope.get("headers", ()):
             if key == b"content-length":
@@ -303,6 +382,36 @@ class Guard:
             await self.app(scope, limited_receive, send)
         finally:
             self.activity.touch()
+
+
+class ChangeFeed:
+    """Wakes event streams when the store changes: the store calls `changed` from whichever thread
+    wrote; the waiters are on the event loop. Each change sets the current asyncio.Event and starts
+    a new one, so a waiter that took the event before reading the store cannot miss a change."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def current(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._event is None:
+            self._loop, self._event = loop, asyncio.Event()
+        return self._event
+
+    def changed(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._fire)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        if event is not None:
+            event.set()
 
 
 class Activity:
@@ -340,10 +449,19 @@ def required_roles() -> tuple[str, ...]:
 
 
 def _check_weights(models_dir: Path, roles: tuple[str, ...]) -> None:
-    missing = [name for name in roles if not ROLES[name].complete(models_dir)]
+    missing = [name for name in roles if ROLES[name].missing(models_dir)]
     if missing:
         raise WeightsMissing(
             f"Model weights are missing in {models_dir} (roles: {', '.join(missing)}). Run 'make-your-3d models fetch' and try again."
+        )
+    damaged = {name: ROLES[name].damaged(models_dir) for name in roles}
+    damaged = {name: files for name, files in damaged.items() if files}
+    if damaged:
+        listed = "; ".join(f"{name}: {', '.join(files[:3])}" for name, files in damaged.items())
+        first = next(iter(damaged))
+        raise WeightsBroken(
+            f"Model weight files have the wrong size (truncated or replaced) in {models_dir} ({listed}). Run "
+            f"'make-your-3d models verify', then 'make-your-3d models fetch --role {first}' for each role named, and try again."
         )
 
 
@@ -377,10 +495,18 @@ def create_app(
     on_shutdown: Callable[[], None] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     activity: Activity | None = None,
+    check_host: bool = True,
+    memory_budget_bytes: int | None = None,
+    overrides: dict | None = None,
 ) -> FastAPI:
-    """Build the API around a job store and its worker; `token` guards every route but health."""
+    """Build the API around a job store and its worker; `token` guards every route but health.
+
+    `check_host` False (a backend started with --allow-remote) accepts any Host header; the token
+    still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger."""
     models_dir = Path(models_dir)
     activity = activity or Activity()
+    feed = ChangeFeed()
+    store.subscribe(feed.changed)
     needed: list[tuple[str, ...]] = []  # filled on first use: importing the generator loads torch
 
     def needed_roles() -> tuple[str, ...]:
@@ -393,8 +519,7 @@ def create_app(
 
     def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if creds is None or not hmac.compare_digest(creds.credentials.encode("utf-8", "surrogateescape"), token_bytes):
-            raise Make3DError("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.",
-                              code="unauthorized")
+            raise Unauthorized("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.")
 
     app = FastAPI(
         title="Make-Your-3D local service",
@@ -405,7 +530,7 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(Guard, limit=max_body_bytes, activity=activity)
+    app.add_middleware(Guard, limit=max_body_bytes, activity=activity, token=token, check_host=check_host)
     app.state.activity = activity
 
     public = APIRouter(prefix="/v1")
@@ -414,7 +539,7 @@ def create_app(
     def get_job(job_id: str) -> Job:
         job = store.get(job_id)
         if job is None:
-            raise Make3DError(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.", code="not_found")
+            raise NotFound(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.")
         return job
 
     def queue(specs: list[JobSpec], image: bytes) -> Created:
@@ -424,8 +549,17 @@ def create_app(
         log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
         return Created(ids=[j.id for j in jobs], group=jobs[0].group)
 
+    def check_memory(spec: JobSpec) -> None:
+        if memory_budget_bytes is None:
+            return
+        from make_your_3d.pipeline.presets import get_preset
+
+        preset = get_preset(spec.preset, overrides)
+        check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, memory_budget_bytes)
+
     @public.get("/health", response_model=Health)
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
+        # async and lock-free: answered on the event loop even when every pool thread is busy
         return {"status": "ok", "version": __version__}
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -450,14 +584,18 @@ def create_app(
             raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
         spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size)
         spec = _clean_spec(spec, image)
+        check_memory(spec)
         _check_weights(models_dir, needed_roles())
         specs = [JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)]
         return queue(specs, image)
 
     @api.get("/jobs", response_model=JobList)
-    def list_jobs() -> dict[str, Any]:
+    def list_jobs(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="jobs per page"),
+                  before: int | None = Query(None, ge=0, description="the `next` cursor of the previous page")) -> dict[str, Any]:
+        """The newest jobs first by page; within a page, oldest first."""
         now = time.time()
-        return {"jobs": [j.record(now) for j in store.list()]}
+        jobs, cursor = store.page(limit, before)
+        return {"jobs": [j.record(now) for j in jobs], "next": cursor}
 
     @api.get("/jobs/{job_id}", response_model=JobRecord)
     def job_record(job_id: str) -> dict[str, Any]:
@@ -468,31 +606,30 @@ def create_app(
         response_class=StreamingResponse,
         responses={200: {"content": {"text/event-stream": {}}, "description": "one `data: <job record>` event per change"}},
     )
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        get_job(job_id)
+    async def job_events(job_id: str) -> StreamingResponse:
+        await run_in_threadpool(get_job, job_id)
 
         async def stream():
             sent_key = None
             sent_at = 0.0
-            seen_version = -1
             while True:
-                version = store.version
-                now = time.monotonic()
-                if version != seen_version or now - sent_at >= 5.0:
-                    seen_version = version
-                    job = store.get(job_id)
-                    if job is None:
-                        return
-                    record = job.record()
-                    key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
-                    if key != sent_key or now - sent_at >= 5.0:
-                        sent_key, sent_at = key, now
-                        yield f"data: {json.dumps(record)}\n\n".encode("utf-8")
-                    if job.terminal:
-                        return
-                if await request.is_disconnected():
+                changed = feed.current()  # taken before the read: a change after it wakes us
+                job = await run_in_threadpool(store.get, job_id)
+                if job is None:
                     return
-                await asyncio.sleep(0.1)
+                record = job.record()
+                key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
+                now = time.monotonic()
+                if key != sent_key or now - sent_at >= HEARTBEAT_S:
+                    sent_key, sent_at = key, now
+                    yield f"data: {json.dumps(record)}\n\n".encode("utf-8")
+                if job.terminal:
+                    return
+                # a client that goes away cancels this generator (Starlette listens for the disconnect)
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=max(0.05, HEARTBEAT_S - (time.monotonic() - sent_at)))
+                except asyncio.TimeoutError:
+                    pass
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -515,6 +652,7 @@ def create_app(
             spec[key] = value
         image = worker.inputs.get(job.image_sha256)
         cleaned = _clean_spec(JobSpec.from_dict(spec), image)
+        check_memory(cleaned)
         _check_weights(models_dir, needed_roles())
         return queue([cleaned], image)
 
@@ -522,12 +660,15 @@ def create_app(
              responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
     def job_file(job_id: str, name: str) -> FileResponse:
         job = get_job(job_id)
-        not_found = Make3DError(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.", code="not_found")
+        not_found = NotFound(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.")
         if name not in job.files:
             raise not_found
-        root = (worker.jobs_dir / job.id).resolve()
+        folder = worker.jobs_dir / job.id
+        if folder.is_symlink():  # a job folder is always a real folder; a link may point anywhere
+            raise not_found
+        root = folder.resolve()
         path = (root / name).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        if root.parent != worker.jobs_dir.resolve() or not path.is_relative_to(root) or not path.is_file():
             raise not_found
         media = _FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
         return FileResponse(path, media_type=media, filename=path.name)

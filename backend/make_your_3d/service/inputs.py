@@ -9,7 +9,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from make_your_3d.errors import DiskFull, Make3DError
+from make_your_3d.errors import DiskFull, InputMissing, Make3DError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -44,5 +44,5 @@ class InputStore:
             raise Make3DError(f"Bad input image reference {digest!r}.")
         path = self.root / digest
         if not path.is_file():
-            raise Make3DError("The job's input image is missing from the data folder; submit the image again.", code="input_missing")
+            raise InputMissing("The job's input image is missing from the data folder; submit the image again.")
         return path.read_bytes()

@@ -3,10 +3,18 @@
 Binds loopback (anything else needs --allow-remote), picks a free port for --port 0, writes the
 state file (url, token, pid, version; mode 0600, atomically) only once it accepts requests, and
 removes it on exit. Exits when --parent-pid is gone or after --idle-timeout idle seconds.
+
+Start-up refuses a data folder it cannot write and a state file that names another live backend
+(`busy`), moves a damaged job database aside, and removes what a killed run left (temporary job
+and cache folders) under the data-folder lock. The data folder is private (0700, umask 077).
+Against slow or idle clients: a request head must arrive within `header_timeout_s`, connections
+are capped (`limit_concurrency`) and the soft open-files limit is raised to allow that many.
 """
 
 from __future__ import annotations
 
+import errno
+import asyncio
 import ipaddress
 import json
 import logging
@@ -24,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
-from make_your_3d.errors import BadRequest, Make3DError
+from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
 from make_your_3d.paths import default_data_dir, resolve_models_dir
+from make_your_3d.pipeline.cache import StageCache
 from make_your_3d.service.app import Activity, create_app
 from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import JobStore
@@ -36,7 +47,12 @@ from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
 
-CONFIG_KEYS = ("overrides", "progress_interval_s")
+CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib")
+HEADER_TIMEOUT_S = 10.0  # a request line and headers must arrive within this (slowloris)
+MAX_CONNECTIONS = 2048  # uvicorn's limit_concurrency, lowered when the open-files limit is lower
+OPEN_FILES_WANTED = 8192
+MAX_HEAD_BYTES = 64 * 1024  # h11's limit on a request line plus headers
+JOB_MEMORY_SHARE = 0.75  # of physical memory, the default per-job memory budget
 
 
 @dataclass
@@ -53,6 +69,8 @@ class ServeOptions:
     device: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
     progress_interval_s: float = 0.5
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    max_job_memory_bytes: int | None = None  # None: JOB_MEMORY_SHARE of physical memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +103,12 @@ def load_config(path: Path) -> dict[str, Any]:
     interval = data.get("progress_interval_s", 0.5)
     if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 <= interval <= 60:
         raise BadRequest(f"'progress_interval_s' in {path} must be a number of seconds from 0 to 60.")
+    timeout = data.get("header_timeout_s", HEADER_TIMEOUT_S)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0.1 <= timeout <= 600:
+        raise BadRequest(f"'header_timeout_s' in {path} must be a number of seconds from 0.1 to 600.")
+    memory = data.get("max_job_memory_gib")
+    if memory is not None and (not isinstance(memory, (int, float)) or isinstance(memory, bool) or memory <= 0):
+        raise BadRequest(f"'max_job_memory_gib' in {path} must be a positive number of GiB.")
     return data
 
 
@@ -109,6 +133,8 @@ def options_from_args(args: Any) -> ServeOptions:
         device=args.device,
         overrides=dict(config.get("overrides", {})),
         progress_interval_s=float(config.get("progress_interval_s", 0.5)),
+        header_timeout_s=float(config.get("header_timeout_s", HEADER_TIMEOUT_S)),
+        max_job_memory_bytes=int(config["max_job_memory_gib"] * 2**30) if config.get("max_job_memory_gib") else None,
     )
 
 
@@ -173,9 +199,132 @@ def remove_partial_outputs(jobs_dir: Path) -> None:
     if not jobs_dir.is_dir():
         return
     for entry in jobs_dir.iterdir():
-        if entry.name.startswith(".") and entry.is_dir():
+        if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
             log.info("removed partial output %s", entry.name)
+
+
+def remove_leftovers(data_dir: Path) -> None:
+    """What a killed run leaves: temporary job output folders and half-built cache entries
+    (`cache/<stage>/.<key>.*`). Call only while holding the data folder lock."""
+    remove_partial_outputs(data_dir / "jobs")
+    for path in StageCache(data_dir / "cache").remove_partial():
+        log.info("removed partial cache entry %s/%s", path.parent.name, path.name)
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data folder private to this user (0700), or raise DataUnwritable saying why."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if os.name != "nt" and data_dir.stat().st_uid == os.geteuid():
+            data_dir.chmod(0o700)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise DataUnwritable(
+            f"The data folder {data_dir} cannot be used ({reason}). Make it writable by you, or pass another --data folder."
+        ) from None
+
+
+def check_state_file_free(path: Path) -> None:
+    """Refuse (busy) when the state file names another backend that is alive and answering: taking
+    the file over would cut Blender off from it, and that backend would delete the file on exit."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        pid, url = int(state["pid"]), str(state["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # absent or unreadable: nobody to protect
+    if pid == os.getpid() or not pid_alive(pid) or not url.startswith("http://"):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=3) as resp:
+            answer = json.loads(resp.read(4096))
+    except (OSError, ValueError):
+        return  # a stale file whose pid was reused
+    if isinstance(answer, dict) and answer.get("status") == "ok":
+        raise Busy(
+            f"Another backend (pid {pid}, {url}) is running with the state file {path}. Stop it first, or pass another --state-file."
+        )
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int | None:
+    """Raise the soft RLIMIT_NOFILE towards `wanted` (within the hard limit); returns the soft limit."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            log.warning("could not raise the open-files limit from %d to %d", soft, target)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(open_files: int | None) -> int:
+    """Connections uvicorn serves at once: below the open-files limit, leaving room for the models,
+    the database and the log."""
+    if open_files is None:
+        return MAX_CONNECTIONS
+    return max(32, min(MAX_CONNECTIONS, open_files - 256))
+
+
+def default_memory_budget() -> int | None:
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return int(total * JOB_MEMORY_SHARE) if total > 0 else None
+
+
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all
+    arrived within `head_timeout_s` of its first byte (or of the connection). uvicorn itself
+    times out only idle keep-alive connections, so a client sending headers a byte at a time, or
+    nothing at all, would hold its connection for ever."""
+
+    head_timeout_s = HEADER_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm()  # (part of) a request head: the clock runs until it is complete
+        else:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def head_timeout_protocol(seconds: float) -> type[HeadTimeoutH11]:
+    return type("HeadTimeoutH11", (HeadTimeoutH11,), {"head_timeout_s": float(seconds)})
 
 
 class DataDirLock:
@@ -205,9 +354,8 @@ class DataDirLock:
                 other = "unknown"
             self._fh.close()
             self._fh = None
-            raise Make3DError(
-                f"Another backend (pid {other}) is already using the data folder {self.path.parent}. Stop it, or pass another --data folder.",
-                code="busy",
+            raise Busy(
+                f"Another backend (pid {other}) is already using the data folder {self.path.parent}. Stop it, or pass another --data folder."
             ) from None
         if os.name != "nt":  # flock is advisory: record who holds it for the error message above
             self._fh.seek(0)
@@ -231,9 +379,16 @@ class _NoTraceback(logging.Formatter):
 
 def setup_logging(data_dir: Path) -> Path:
     log_dir = data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "serve.log"
-    file_handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=5 * 2**20, backupCount=3, encoding="utf-8")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=5 * 2**20, backupCount=3, encoding="utf-8")
+        if os.name != "nt":
+            os.chmod(log_dir, 0o700)
+            os.chmod(log_path, 0o600)
+    except OSError as exc:
+        raise DataUnwritable(f"The log file {log_path} cannot be written ({exc.strerror or exc}). Make the data folder writable by you, "
+                             "or pass another --data folder.") from None
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
@@ -270,7 +425,9 @@ class _Server(uvicorn.Server):
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it a response written as head + body waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         if os.name != "nt":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -279,7 +436,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.set_inheritable(False)
     except OSError as exc:
         sock.close()
-        raise Make3DError(f"Cannot listen on {host}:{port} ({exc.strerror}). Pick another --port, or 0 for a free one.", code="bind_failed") from None
+        raise BindFailed(f"Cannot listen on {host}:{port} ({exc.strerror}). Pick another --port, or 0 for a free one.") from None
     return sock
 
 
@@ -323,17 +480,29 @@ def serve(opts: ServeOptions) -> int:
     """Run the service until shutdown, a signal, the parent's exit or the idle timeout."""
     if not is_loopback(opts.host) and not opts.allow_remote:
         raise BadRequest(f"Refusing to listen on {opts.host}: only loopback is allowed. Add --allow-remote to expose the backend (the token still applies).")
-    opts.data_dir.mkdir(parents=True, exist_ok=True)
+    if os.name != "nt":
+        os.umask(0o077)  # the database, log, inputs and results are this user's alone
+    prepare_data_dir(opts.data_dir)
     log_path = setup_logging(opts.data_dir)
     lock = DataDirLock(opts.data_dir)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise DataUnwritable(f"Cannot create the lock file in {opts.data_dir} ({exc.strerror or exc}). Pass another --data folder.") from None
+    try:
+        check_state_file_free(opts.state_file)
+    except BaseException:
+        lock.release()
+        raise
     store: JobStore | None = None
     worker: Worker | None = None
     token = secrets.token_urlsafe(32)
     stop_watch = threading.Event()
     try:
         store = JobStore(opts.data_dir / "jobs.sqlite3")
-        remove_partial_outputs(opts.data_dir / "jobs")
+        if store.moved_aside is not None:
+            log.warning("started with an empty job list: the damaged database was moved to %s", store.moved_aside)
+        remove_leftovers(opts.data_dir)
         interrupted = store.recover()
         if interrupted:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))
@@ -354,10 +523,18 @@ def serve(opts: ServeOptions) -> int:
         def request_shutdown() -> None:
             server_ref[0].should_exit = True
 
+        budget = opts.max_job_memory_bytes or default_memory_budget()
         app = create_app(store, worker, token, models_dir=opts.models_dir, default_preset=opts.preset,
-                         on_shutdown=request_shutdown, activity=activity)
+                         on_shutdown=request_shutdown, activity=activity, check_host=is_loopback(opts.host),
+                         memory_budget_bytes=budget, overrides=opts.overrides)
+        open_files = raise_open_files_limit()
+        limit = connection_limit(open_files)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=5, timeout_keep_alive=30)
+                                timeout_graceful_shutdown=5, timeout_keep_alive=30, limit_concurrency=limit,
+                                http=head_timeout_protocol(opts.header_timeout_s), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+        log.info("open-files limit %s, at most %d connections, request heads within %.1f s, job memory budget %s",
+                 open_files if open_files is not None else "unlimited", limit, opts.header_timeout_s,
+                 f"{budget / 2**30:.1f} GiB" if budget else "none")
 
         def on_ready() -> None:
             write_state_file(opts.state_file, {"url": url, "token": token, "pid": os.getpid(), "version": __version__})

@@ -2,20 +2,29 @@
 
 Every change is committed before the HTTP client is answered, so a crash or `kill -9` loses no
 job record. On open, jobs that were `running` become `interrupted` (they can be re-run) and queued
-jobs stay queued, in order.
+jobs stay queued, in order. A database that is not readable SQLite is moved aside (with a
+timestamp) and a new one started. A terminal state whose commit fails (a full disk) is kept in
+memory, answered from there, and written when a retry succeeds, so a job never stays `running`.
+Listeners registered with `subscribe` are called after every change (event streams wait on them).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from make_your_3d.errors import DataUnwritable
+
+log = logging.getLogger("make_your_3d.service")
 
 SCHEMA_VERSION = 1
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -174,30 +183,89 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._version = 0
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed job survives power loss as well as a killed process.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._listeners: list[Callable[[], None]] = []
+        self._pending: dict[str, dict[str, Any]] = {}  # terminal states not yet committed, by job id
+        self.moved_aside: Path | None = None
+        try:
+            self._db = self._open()
+        except sqlite3.OperationalError as exc:  # permissions, a folder in its place, a locked file
+            raise DataUnwritable(
+                f"The job database {self.path} cannot be opened ({exc}). Check that the data folder is writable by you, "
+                "or pass another --data folder."
+            ) from None
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+            self.moved_aside = self._move_aside(str(exc))
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            with self._lock:
+                db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed job survives power loss as well as a killed process.
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+                problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError(f"integrity check failed: {'; '.join(problems[:3])}")
+                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        if os.name != "nt":
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+                except OSError:
+                    pass
+        return db
+
+    def _move_aside(self, reason: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, target)
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                os.replace(side, Path(f"{target}{suffix}"))
+        log.warning("the job database %s is damaged (%s); moved it to %s and started an empty one (the old file is kept "
+                    "for recovery)", self.path, reason, target)
+        return target
 
     # -- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
+        if self._pending:
+            self.flush_pending()
         with self._lock:
+            if self._pending:
+                log.error("could not record the final state of job(s) %s (disk full?); they will show as interrupted at the next start",
+                          ", ".join(self._pending))
             self._db.close()
 
     def _tx(self) -> "_Tx":
         return _Tx(self)
 
-    def _bump(self) -> None:
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (from the writing thread, outside the store lock) after every change."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
         self._version += 1
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener must never break a write
+                log.debug("store listener failed", exc_info=True)
 
     @property
     def version(self) -> int:
-        """Increments on every committed change; event streams poll it and read the row only on news."""
+        """Increments on every change."""
         return self._version
 
     def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
@@ -288,41 +356,86 @@ class JobStore:
         error: dict[str, str] | None = None,
         message: str | None = None,
     ) -> None:
+        """Record a terminal state. Never raises for a failing database: the state is then kept in
+        memory (reads answer from it) and written by `flush_pending`."""
         assert status in TERMINAL, status
-        with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET status=?, finished_at=?, eta_s=NULL, files=?, cached_stages=?, error_code=?, error_message=?, message=? "
-                "WHERE id=?",
-                (
-                    status,
-                    time.time(),
-                    json.dumps(files or []),
-                    json.dumps(cached_stages or []),
-                    error["code"] if error else None,
-                    error["message"] if error else None,
-                    message if message is not None else status,
-                    job_id,
-                ),
-            )
-            self._event(job_id, "status", {"status": status, "error": error})
+        update = {"status": status, "finished_at": time.time(), "files": list(files or []), "cached_stages": list(cached_stages or []),
+                  "error": dict(error) if error else None, "message": message if message is not None else status}
+        with self._lock:
+            self._pending[job_id] = update
+        if self._write_final(job_id, update):
+            return
+        log.warning("could not record job %s as %s (the database write failed); kept in memory, retrying", job_id, status)
+        self._notify()
+
+    def _write_final(self, job_id: str, u: dict[str, Any]) -> bool:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "UPDATE jobs SET status=?, finished_at=?, eta_s=NULL, files=?, cached_stages=?, error_code=?, error_message=?, message=? "
+                    "WHERE id=?",
+                    (u["status"], u["finished_at"], json.dumps(u["files"]), json.dumps(u["cached_stages"]),
+                     u["error"]["code"] if u["error"] else None, u["error"]["message"] if u["error"] else None, u["message"], job_id),
+                )
+                self._event(job_id, "status", {"status": u["status"], "error": u["error"]})
+        except (sqlite3.Error, OSError):
+            log.debug("final write of job %s failed", job_id, exc_info=True)
+            return False
+        with self._lock:
+            if self._pending.get(job_id) is u:
+                del self._pending[job_id]
+        return True
+
+    def pending_writes(self) -> int:
+        """How many terminal states are held in memory, not yet in the database."""
+        with self._lock:
+            return len(self._pending)
+
+    def flush_pending(self) -> int:
+        """Retry the terminal states held in memory; returns how many are still unwritten."""
+        with self._lock:
+            todo = list(self._pending.items())
+        for job_id, update in todo:
+            if self._write_final(job_id, update):
+                log.info("recorded job %s as %s after an earlier failed write", job_id, update["status"])
+        return self.pending_writes()
+
+    def _overlay(self, job: Job) -> Job:
+        u = self._pending.get(job.id)
+        if u is None:
+            return job
+        return replace(job, status=u["status"], finished_at=u["finished_at"], eta_s=None, files=list(u["files"]),
+                       cached_stages=list(u["cached_stages"]), error=u["error"], message=u["message"])
 
     # -- reads -----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _row_to_job(row) if row else None
+            return self._overlay(_row_to_job(row)) if row else None
 
     def list(self, status: str | None = None) -> list[Job]:
         with self._lock:
-            if status is None:
-                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+            jobs = [self._overlay(_row_to_job(r)) for r in rows]
+        return jobs if status is None else [j for j in jobs if j.status == status]
+
+    def page(self, limit: int, before: int | None = None) -> tuple[list[Job], int | None]:
+        """The newest `limit` jobs older than cursor `before` (a seq), oldest first, and the cursor
+        of the next older page (None when there is none)."""
+        with self._lock:
+            if before is None:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY seq", (status,)).fetchall()
-        return [_row_to_job(r) for r in rows]
+                rows = self._db.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before, limit + 1)).fetchall()
+            jobs = [self._overlay(_row_to_job(r)) for r in rows[:limit]]
+        jobs.reverse()
+        return jobs, (jobs[0].seq if len(rows) > limit and jobs else None)
 
     def has_pending(self) -> bool:
+        """Whether a job is queued or running (the idle timer waits for them)."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs WHERE status IN ('queued','running') LIMIT 1").fetchone() is not None
+            rows = self._db.execute("SELECT id FROM jobs WHERE status IN ('queued','running')").fetchall()
+            return any(r["id"] not in self._pending for r in rows)
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -346,11 +459,21 @@ class _Tx:
         return self.store._db
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        committed = False
         try:
             if exc_type is None:
-                self.store._db.execute("COMMIT")
-                self.store._bump()
+                try:
+                    self.store._db.execute("COMMIT")
+                except BaseException:
+                    try:
+                        self.store._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise
+                committed = True
             else:
                 self.store._db.execute("ROLLBACK")
         finally:
             self.store._lock.release()
+        if committed:
+            self.store._notify()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import sqlite3
 import sys
 import threading
@@ -24,6 +25,10 @@ from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import Job, JobStore
 
 log = logging.getLogger("make_your_3d.service")
+
+# A job writes stage-cache entries and its outputs: refuse to start one with less free space than
+# this on the data folder's disk (it would fail part-way, or leave the database unable to commit).
+MIN_FREE_BYTES = 512 * 2**20
 
 OOM_MESSAGE = (
     "The GPU ran out of memory during this job. Pick the lowvram preset (or close other programs using the GPU) "
@@ -93,8 +98,10 @@ class Worker:
         factory: GeneratorFactory,
         *,
         progress_interval_s: float = 0.5,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ):
         self.store = store
+        self.min_free_bytes = min_free_bytes
         self.inputs = inputs
         self.jobs_dir = Path(jobs_dir)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -175,17 +182,49 @@ class Worker:
                 _free_accelerator_memory()
             log.info("models unloaded")
 
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.jobs_dir).free
+        except OSError:
+            return None
+
+    def _refuse_for_space(self, free: int) -> bool:
+        """Fail the next queued job with disk_full (without running it); False when none is queued."""
+        job = self.store.claim_next()
+        if job is None:
+            return False
+        err = DiskFull(
+            f"The disk holding {self.jobs_dir.parent} has only {free / 2**20:.0f} MiB free; a job needs at least "
+            f"{self.min_free_bytes / 2**20:.0f} MiB. Free some space and re-run the job."
+        )
+        log.warning("job %s not started: %s", job.id, err.message)
+        self.store.finish(job.id, "failed", error=err.to_dict(), message=err.message)
+        return True
+
     def _loop(self) -> None:
         while True:
             self._wake.clear()
+            if self.store.pending_writes():
+                self.store.flush_pending()
             with self._lock:
                 if self._stopping:
                     return
-                try:
-                    job = self.store.claim_next()
-                except Exception:
-                    log.exception("could not read the job queue")
+                free = self._free_bytes()
+                if free is not None and free < self.min_free_bytes:
+                    try:
+                        refused = self._refuse_for_space(free)
+                    except Exception:
+                        log.exception("could not read the job queue")
+                        refused = False
+                    if refused:
+                        continue
                     job = None
+                else:
+                    try:
+                        job = self.store.claim_next()
+                    except Exception:
+                        log.exception("could not read the job queue")
+                        job = None
                 if job is not None:
                     self._current = _Current(job.id, CancelToken())
                     current = self._current
