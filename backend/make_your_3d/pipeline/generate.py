@@ -39,7 +39,7 @@ from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
-from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset
+from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.views import ViewSet, load_views, save_views
@@ -158,7 +158,7 @@ class Generator:
     def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
         started = time.monotonic()
         image = validate_request(request)
-        preset = get_preset(request.preset, self.overrides)
+        preset = resolve_preset(request.preset, self.models_dir, self.overrides)
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
@@ -445,7 +445,7 @@ def variant_dir(out: Path, prompt: str, seed: int) -> Path:
 
 
 def run_cli(args) -> int:
-    from make_your_3d.paths import resolve_models_dir
+    from make_your_3d.paths import resolve_cache_dir, resolve_models_dir
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -454,8 +454,7 @@ def run_cli(args) -> int:
         raise Make3DError("--variants must be between 1 and 16.", code="bad_request")
     out = Path(args.out)
     models_dir = resolve_models_dir(args.models)
-    generator = Generator(models_dir, Path(args.cache) if args.cache else out / ".cache", args.device,
-                          overrides=TEST_OVERRIDES if is_tiny(models_dir) else None)
+    generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)
     if is_tiny(models_dir):
         print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from make_your_3d.errors import BadRequest
+from make_your_3d.models.registry import is_tiny
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,15 @@ def get_preset(name: str, overrides: dict | None = None) -> Preset:
     if name not in PRESETS:
         raise BadRequest(f"Unknown preset {name!r}; use one of {', '.join(PRESETS)}.")
     return PRESETS[name].with_overrides(overrides)
+
+
+def resolve_preset(name: str, models_dir: str | Path | None, overrides: dict | None = None) -> Preset:
+    """THE rule for what a run uses: the named preset, plus TEST_OVERRIDES when `models_dir` holds a
+    tiny set (its toy models only work at toy sizes: the multi-view model is 64 px, not 256), plus
+    the caller's explicit `overrides` on top. `generate`, `demo` and `serve` all go through here, so
+    a tiny set behaves the same whichever way it is run and needs no config file."""
+    merged: dict = {}
+    if models_dir is not None and is_tiny(Path(models_dir)):
+        merged.update(TEST_OVERRIDES)
+    merged.update(overrides or {})
+    return get_preset(name, merged)
