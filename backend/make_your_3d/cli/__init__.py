@@ -21,7 +21,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default; options without a meaningful default say so in their help."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, "") or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == "" or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -1,0 +1,233 @@
+"""The command line a user meets first: fast, clear errors (no traceback, no torch import), defaults
+in every help text, one rule for the tiny model set, and the per-user stage cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from make_your_3d.cli import build_parser
+from make_your_3d.cli.cache import cache_info, clear_cache
+from make_your_3d.paths import CACHE_ENV, default_cache_dir, resolve_cache_dir
+from make_your_3d.pipeline.cache import StageCache
+from make_your_3d.pipeline.presets import PRESETS, TEST_OVERRIDES, resolve_preset
+
+CLI = [sys.executable, "-m", "make_your_3d"]
+FAST_S = 2.0  # a wrong argument or path is answered before torch/diffusers load (those alone take several s)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    t0 = time.monotonic()
+    res = subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return res, time.monotonic() - t0
+
+
+def assert_clear_error(res: subprocess.CompletedProcess, seconds: float, *needles: str) -> None:
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "Traceback" not in out, out
+    assert seconds < FAST_S, f"took {seconds:.2f} s: {out}"
+    for needle in needles:
+        assert needle in out, (needle, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors in under a second, never a traceback
+# ------------------------------------------------------------------------------------------------
+def test_missing_image_is_answered_fast_without_importing_torch(tmp_path: Path):
+    res, s = run_cli("generate", str(tmp_path / "nope.png"), "--prompt", "wearing a hat")
+    assert_clear_error(res, s, "error [bad_image]", "does not exist")
+    # the check runs before any heavy import: the same process never loaded torch
+    code = ("import sys; from make_your_3d.cli import main; rc = main(['generate', 'nope.png', '--prompt', 'x']); "
+            "print('torch' in sys.modules, rc)")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert probe.stdout.split() == ["False", "2"], probe.stdout + probe.stderr
+
+
+def test_folder_given_as_image(tmp_path: Path):
+    res, s = run_cli("generate", str(tmp_path), "--prompt", "wearing a hat")
+    assert_clear_error(res, s, "is a folder", "one image file")
+    res, s = run_cli("multiview", str(tmp_path), "--out", str(tmp_path / "v"))
+    assert_clear_error(res, s, "is a folder")
+
+
+def test_not_an_image(tmp_path: Path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello")
+    res, s = run_cli("generate", str(bad), "--prompt", "wearing a hat")
+    assert_clear_error(res, s, "not a PNG, JPEG or WebP")
+
+
+def test_bad_numbers_and_choices(tmp_path: Path, example_image: Path):
+    img = str(example_image)
+    res, s = run_cli("multiview", img, "--out", str(tmp_path / "v"), "--steps", "0")
+    assert_clear_error(res, s, "--steps", "from 1")
+    res, s = run_cli("generate", img, "--prompt", "x", "--device", "gpu")
+    assert_clear_error(res, s, "--device", "auto, cpu, cuda")
+    res, s = run_cli("generate", img, "--prompt", "x", "--variants", "0")
+    assert_clear_error(res, s, "--variants")
+    res, s = run_cli("generate", img, "--prompt", "   ")
+    assert_clear_error(res, s, "The prompt is empty")
+    for cmd in (["generate", img, "--prompt", "x"], ["reconstruct", str(tmp_path), "--out", str(tmp_path / "o.glb")]):
+        res, s = run_cli(*cmd, "--faces", "12")
+        assert_clear_error(res, s, "face budget must be from 500")
+        res, s = run_cli(*cmd, "--texture-size", "300")
+        assert_clear_error(res, s, "--texture-size", "1024")
+
+
+def test_cache_on_a_file_and_views_folder_checks(tmp_path: Path, example_image: Path):
+    afile = tmp_path / "cache.txt"
+    afile.write_text("x")
+    res, s = run_cli("generate", str(example_image), "--prompt", "x", "--cache", str(afile))
+    assert_clear_error(res, s, "cache folder", "is a file")
+    res, s = run_cli("reconstruct", str(tmp_path), "--out", str(tmp_path / "o.glb"))
+    assert_clear_error(res, s, "error [bad_views]", "cameras.json")
+    res, s = run_cli("generate", str(example_image), "--prompt", "x", "--models", str(tmp_path / "none"))
+    assert_clear_error(res, s, "error [weights_missing]", "models fetch")
+
+
+def test_device_accepts_the_documented_values():
+    parser = build_parser()
+    for value in ("auto", "cpu", "cuda", "cuda:1", "CUDA"):
+        args = parser.parse_args(["generate", "x.png", "--prompt", "p", "--device", value])
+        assert args.device == value.lower()
+
+
+def test_every_option_has_help_and_a_default_where_one_exists():
+    parser = build_parser()
+
+    def walk(p):
+        yield p
+        for action in p._actions:
+            if action.choices and isinstance(action.choices, dict):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    n = 0
+    for p in walk(parser):
+        helptext = p.format_help()
+        for action in p._actions:
+            if action.dest in ("help", "version") or action.option_strings == [] and action.choices:
+                continue
+            assert action.help, f"{p.prog} {action.option_strings or action.dest} has no help"
+            if action.option_strings and not (action.default is None or action.default is False or action.default == "") \
+                    and action.required is False:
+                n += 1
+                # the help line names the default (argparse's "(default: X)" or the text's own "default")
+                assert "default" in action.help or f"(default: {action.default})" in " ".join(helptext.split()), \
+                    (p.prog, action.option_strings)
+    assert n > 15, n
+
+
+@pytest.mark.parametrize("group", ["models", "cache"])
+def test_group_alone_prints_its_own_help(group: str):
+    res, s = run_cli(group)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"usage: make-your-3d {group}" in res.stdout and "ACTION" in res.stdout, res.stdout
+    assert s < FAST_S
+
+
+# ------------------------------------------------------------------------------------------------
+# one tiny rule for generate, demo and serve
+# ------------------------------------------------------------------------------------------------
+def test_resolve_preset_applies_tiny_sizes_only_for_a_tiny_set(tiny_models: Path, tmp_path: Path):
+    tiny = resolve_preset("default", tiny_models)
+    assert tiny.mv_size == TEST_OVERRIDES["mv_size"] == 64 and tiny.faces == TEST_OVERRIDES["faces"]
+    real = resolve_preset("default", tmp_path)  # no tiny marker: the preset's own sizes
+    assert real == PRESETS["default"] and real.mv_size == 256
+    # explicit overrides win over the tiny sizes
+    assert resolve_preset("fast", tiny_models, {"mv_steps": 5}).mv_steps == 5
+    assert resolve_preset("fast", tiny_models).mv_steps == TEST_OVERRIDES["mv_steps"]
+
+
+def _post(url: str, token: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_serve_on_a_tiny_set_without_config_completes_a_job(tiny_models: Path, tmp_path: Path, example_image: Path):
+    """The add-on pointed at the tiny set `demo` writes: no --config, no overrides; the job runs at the
+    tiny sizes and the models answer says the set is tiny."""
+    state = tmp_path / "state.json"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*CLI, "serve", "--models", str(tiny_models), "--data", str(tmp_path / "data"), "--port", "0",
+                                 "--state-file", str(state), "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while not state.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        st = json.loads(state.read_text())
+        url, token = st["url"], st["token"]
+        assert _post(url, token, "/v1/models")["tiny"] is True
+        body = {"image_png_b64": base64.b64encode(example_image.read_bytes()).decode(), "prompt": "wearing a red scarf", "seed": 3}
+        job_id = _post(url, token, "/v1/jobs", body)["ids"][0]
+        deadline = time.monotonic() + 240
+        while True:
+            rec = _post(url, token, f"/v1/jobs/{job_id}")
+            if rec["status"] not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.3)
+        assert rec["status"] == "done", (rec, log.read_text()[-3000:])
+        record = json.loads((tmp_path / "data" / "jobs" / job_id / "job.json").read_text()) \
+            if (tmp_path / "data" / "jobs" / job_id / "job.json").is_file() else None
+        if record is None:  # the service's files route is the contract; the folder layout is not
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/jobs/{job_id}/files/job.json",
+                                                               headers={"Authorization": f"Bearer {token}"}), timeout=30) as r:
+                record = json.loads(r.read())
+        assert record["tiny_models"] is True and record["preset"]["mv_size"] == 64
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ------------------------------------------------------------------------------------------------
+# one stage cache per user
+# ------------------------------------------------------------------------------------------------
+def test_default_cache_is_per_user_and_overridable(monkeypatch, tmp_path: Path):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert default_cache_dir() == tmp_path / "xdg" / "make-your-3d" / "stages"
+    assert resolve_cache_dir(None) == default_cache_dir()
+    assert resolve_cache_dir(str(tmp_path / "c")) == tmp_path / "c"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert default_cache_dir() == tmp_path / "env"
+
+
+def test_cache_info_and_clear_touch_only_cache_entries(tmp_path: Path):
+    root = tmp_path / "cache"
+    cache = StageCache(root)
+    cache.build("identity", "a" * 64, lambda d: (d / "w.bin").write_bytes(b"x" * 1000), {"k": 1})
+    cache.build("multiview", "b" * 64, lambda d: (d / "v.png").write_bytes(b"y" * 500), {"k": 2})
+    keep = root / "identity" / "notes"  # not a cache entry: no marker, no inputs.json
+    keep.mkdir()
+    (keep / "mine.txt").write_text("keep me")
+    (root / "README.txt").write_text("keep me too")
+
+    info = cache_info(root)
+    assert info.entries == 2 and set(info.stages) == {"identity", "multiview"}
+    assert info.bytes >= 1500 and info.stages["identity"]["bytes"] >= 1000
+
+    res, _ = run_cli("cache", "info", "--cache", str(root), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["entries"] == 2, res.stderr
+    res, _ = run_cli("cache", "clear", "--cache", str(root))
+    assert res.returncode == 0 and "Removed 2" in res.stdout, res.stdout + res.stderr
+    assert cache_info(root).entries == 0 and cache.get("identity", "a" * 64) is None
+    assert (keep / "mine.txt").read_text() == "keep me" and (root / "README.txt").is_file()
+    assert not (root / "multiview").exists()  # emptied stage folders go too
+    assert clear_cache(tmp_path / "nowhere").entries == 0
