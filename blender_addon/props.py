@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, IntProperty, PointerProperty,
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
                        StringProperty)
 
 from .history import MAKE_YOUR_3D_PG_history_item
+from .importer import DEFAULT_HEIGHT
 
 PRESETS = [
     ("fast", "Fast", "Fewer steps and a smaller mesh: a quick look"),
@@ -39,6 +40,8 @@ class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
                        default=0, min=0, max=500_000, soft_max=200_000)
     texture_size: EnumProperty(name="Texture size", items=TEXTURE_SIZES, default="0")
     auto_import: BoolProperty(name="Import when done", default=True)
+    height: FloatProperty(name="Height", default=DEFAULT_HEIGHT, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
+                          description="Height of the imported mesh, standing on the 3D cursor (0: keep the size it comes with, about 2 m)")
     history: CollectionProperty(type=MAKE_YOUR_3D_PG_history_item)
     history_index: IntProperty(name="History index", default=-1)
     last_error: StringProperty(name="Last error")

@@ -231,3 +231,111 @@ def test_cache_info_and_clear_touch_only_cache_entries(tmp_path: Path):
     assert (keep / "mine.txt").read_text() == "keep me" and (root / "README.txt").is_file()
     assert not (root / "multiview").exists()  # emptied stage folders go too
     assert clear_cache(tmp_path / "nowhere").entries == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA without the toolkit: the torch rasterizer on the GPU, said once, shown by doctor
+# ------------------------------------------------------------------------------------------------
+def _choice_with(monkeypatch, cuda: bool, backend):
+    """rasterizer_choice() on a machine with (cuda) a CUDA device, where gsplat's kernel module
+    `backend` is a module object (its _C None: not built, no nvcc) or an exception its import raises."""
+    import types
+
+    import torch
+
+    import gsplat.cuda  # noqa: F401 - the real package; only its kernel module is replaced
+    from make_your_3d.recon import rasterize
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if isinstance(backend, Exception):
+        class Failing(types.ModuleType):
+            def __getattr__(self, name):
+                raise backend
+
+        mod = Failing("gsplat.cuda._backend")
+    else:
+        mod = types.ModuleType("gsplat.cuda._backend")
+        mod._C = backend
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", mod)
+    rasterize.rasterizer_choice.cache_clear()
+    try:
+        return rasterize.rasterizer_choice(), rasterize.cuda_available()
+    finally:
+        rasterize.rasterizer_choice.cache_clear()
+
+
+def test_cuda_without_toolkit_uses_the_torch_rasterizer_and_says_so_once(monkeypatch, caplog):
+    import logging
+
+    from make_your_3d.recon import rasterize
+
+    with caplog.at_level(logging.INFO, logger="make_your_3d.recon.rasterize"):
+        choice, fast = _choice_with(monkeypatch, True, None)
+    assert not fast and not choice.gsplat_cuda and "no CUDA toolkit" in choice.reason and "on the GPU" in choice.reason
+    assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.records
+
+    choice, fast = _choice_with(monkeypatch, True, ImportError("gsplat_cuda.so: cannot open shared object file"))
+    assert not fast and "could not be built" in choice.reason and "cannot open shared object" in choice.reason
+
+    # the wrong variant: kernels that load are used
+    choice, fast = _choice_with(monkeypatch, True, object())
+    assert fast and choice.gsplat_cuda
+    choice, fast = _choice_with(monkeypatch, False, object())
+    assert not fast and "no CUDA device" in choice.reason
+
+    # decided once per process: a second call neither re-imports nor logs again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="make_your_3d.recon.rasterize"):
+        monkeypatch.setattr(__import__("torch").cuda, "is_available", lambda: False)
+        rasterize.rasterizer_choice.cache_clear()
+        rasterize.rasterizer_choice()
+        rasterize.rasterizer_choice()
+    assert len(caplog.records) == 1
+    rasterize.rasterizer_choice.cache_clear()
+
+
+def test_doctor_names_the_rasterizer(tmp_path: Path):
+    res, _ = run_cli("doctor", "--models", str(tmp_path))
+    assert "Rasterizer:" in res.stdout and "Traceback" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# tidy outputs: a quiet console, a GLB that says what made it
+# ------------------------------------------------------------------------------------------------
+def test_generate_on_tiny_set_is_quiet_and_stamps_the_glb(tiny_models: Path, tmp_path: Path, example_image: Path):
+    from make_your_3d.recon.glb import _chunks
+
+    res, _ = run_cli("generate", str(example_image), "--prompt", "wearing a red scarf", "--models", str(tiny_models),
+                     "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--device", "cpu", "--seed", "5",
+                     timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "TINY model set" in out and "Wrote" in out
+    for noise in ("Loading pipeline components", "it/s]", "FutureWarning", "Traceback"):
+        assert noise not in out, (noise, out)
+    (glb,) = (tmp_path / "out").glob("*/subject.glb")
+    doc, _ = _chunks(glb.read_bytes())
+    assert doc["asset"]["generator"].startswith("Make-Your-3D ")
+    extras = doc["asset"]["extras"]
+    assert extras["job"] == glb.parent.name and extras["prompt"] == "wearing a red scarf" and extras["seed"] == 5, extras
+    assert doc["meshes"][0]["name"] == "wearing a red scarf s5"
+    assert doc["materials"][0]["name"] == "wearing a red scarf s5 material" and doc["images"][0]["name"] == "wearing a red scarf s5 texture"
+    assert (tmp_path / "cache").is_dir() and not (tmp_path / "out" / ".cache").exists()  # the cache is not per output folder
+
+
+def test_retag_glb_keeps_the_binary_chunk(tmp_path: Path):
+    import trimesh
+
+    from make_your_3d.recon.glb import _chunks, retag_glb
+
+    data = trimesh.exchange.gltf.export_glb(trimesh.Scene({"box": trimesh.creation.box()}))
+    before, bin_before = _chunks(data)
+    assert not before["asset"].get("generator", "").startswith("Make-Your-3D")  # the wrong variant: trimesh's own tag
+    out = retag_glb(data, name="a hat s1", extras={"job": "j1", "prompt": "a hat", "seed": 1, "subject": None})
+    doc, bin_after = _chunks(out)
+    assert bin_after == bin_before and len(out) % 4 == 0
+    assert doc["asset"]["extras"] == {"job": "j1", "prompt": "a hat", "seed": 1} and doc["asset"]["version"] == "2.0"
+    assert doc["nodes"][0]["name"] == "a hat s1"
+    path = tmp_path / "x.glb"
+    path.write_bytes(out)
+    assert len(trimesh.load(path, force="mesh").faces) == 12  # still a valid GLB

@@ -42,6 +42,7 @@ from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
+from make_your_3d.recon.glb import job_name, stamp_glb
 from make_your_3d.recon.views import ViewSet, load_views, save_views
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,10 @@ class Generator:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            shutil.copy2(recon_dir / "subject.glb", tmp / "subject.glb")
+            inputs = record["inputs"]
+            stamp_glb(recon_dir / "subject.glb", tmp / "subject.glb", name=job_name(inputs["prompt"], inputs["seed"]),
+                      extras={"job": out_dir.name, "prompt": inputs["prompt"], "subject": inputs["subject"], "seed": inputs["seed"],
+                              "preset": record["preset"]["name"], "version": record["version"]})
             shutil.copytree(mv_dir / "views", tmp / "views")
             subject_rgba.save(tmp / "input.png")
             shutil.copy2(front_dir / "front.png", tmp / "front_view.png")
