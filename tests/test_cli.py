@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -149,6 +150,19 @@ def test_resolve_preset_applies_tiny_sizes_only_for_a_tiny_set(tiny_models: Path
     assert resolve_preset("fast", tiny_models).mv_steps == TEST_OVERRIDES["mv_steps"]
 
 
+def test_job_overrides_are_validated():
+    from make_your_3d.errors import BadRequest
+    from make_your_3d.pipeline.presets import validate_job_overrides
+
+    assert validate_job_overrides({"mv_steps": 30, "mv_guidance": 2, "edit_strength": 0.6}) == \
+        {"mv_steps": 30, "mv_guidance": 2.0, "edit_strength": 0.6}
+    assert validate_job_overrides(None) == {}
+    for bad, words in (({"mv_steps": 2.5}, "whole number"), ({"sd_steps": 0}, "from 1 to 200"), ({"ip_scale": True}, "ip_scale"),
+                       ({"edit_strength": 1.5}, "0.05 to 1"), ({"faces": 900}, "Unknown override")):
+        with pytest.raises(BadRequest, match=words):
+            validate_job_overrides(bad)
+
+
 def _post(url: str, token: str, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -173,8 +187,17 @@ def test_serve_on_a_tiny_set_without_config_completes_a_job(tiny_models: Path, t
         st = json.loads(state.read_text())
         url, token = st["url"], st["token"]
         assert _post(url, token, "/v1/models")["tiny"] is True
-        body = {"image_png_b64": base64.b64encode(example_image.read_bytes()).decode(), "prompt": "wearing a red scarf", "seed": 3}
+        body = {"image_png_b64": base64.b64encode(example_image.read_bytes()).decode(), "prompt": "wearing a red scarf", "seed": 3,
+                "overrides": {"mv_steps": 3, "ip_scale": 0.5}}
+        for bad in ({"mv_steps": 0}, {"ip_scale": "high"}, {"lora_rank": 4}):  # out of range, wrong type, not a job setting
+            try:
+                _post(url, token, "/v1/jobs", {**body, "overrides": bad})
+                raise AssertionError(f"override {bad} was accepted")
+            except urllib.error.HTTPError as exc:
+                err = json.loads(exc.read())["error"]
+                assert exc.code in (400, 422) and err["code"] and err["message"], (bad, exc.code, err)
         job_id = _post(url, token, "/v1/jobs", body)["ids"][0]
+        assert _post(url, token, f"/v1/jobs/{job_id}")["request"]["overrides"] == {"mv_steps": 3, "ip_scale": 0.5}
         deadline = time.monotonic() + 240
         while True:
             rec = _post(url, token, f"/v1/jobs/{job_id}")
@@ -190,6 +213,9 @@ def test_serve_on_a_tiny_set_without_config_completes_a_job(tiny_models: Path, t
                                                                headers={"Authorization": f"Bearer {token}"}), timeout=30) as r:
                 record = json.loads(r.read())
         assert record["tiny_models"] is True and record["preset"]["mv_size"] == 64
+        # the job's own overrides went over the tiny sizes and are recorded
+        assert record["preset"]["mv_steps"] == 3 and record["preset"]["ip_scale"] == 0.5
+        assert record["inputs"]["overrides"] == {"mv_steps": 3, "ip_scale": 0.5}
     finally:
         proc.terminate()
         proc.wait(30)

@@ -159,7 +159,7 @@ class Generator:
     def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
         started = time.monotonic()
         image = validate_request(request)
-        preset = resolve_preset(request.preset, self.models_dir, self.overrides)
+        preset = resolve_preset(request.preset, self.models_dir, {**self.overrides, **(request.overrides or {})})
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
@@ -232,6 +232,7 @@ class Generator:
                 "image_sha256": digest(request.image),
                 "image_size": list(image.size),
                 "image_has_alpha": image.mode == "RGBA",
+                "overrides": dict(request.overrides or {}),
             },
             "preset": preset.to_dict(),
             "device": str(self.device),

@@ -67,6 +67,27 @@ _FILE_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".png": 
 # ---------------------------------------------------------------------------------------------
 # Request and response models
 # ---------------------------------------------------------------------------------------------
+class JobOverrides(BaseModel):
+    """A job's own sampling settings on top of its preset (pipeline/presets.py JOB_OVERRIDES)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    mv_steps: int | None = Field(None, ge=1, le=200, description="multi-view diffusion steps")
+    mv_guidance: float | None = Field(None, ge=0.0, le=30.0, description="multi-view guidance scale")
+    sd_steps: int | None = Field(None, ge=1, le=200, description="personalized-model steps")
+    sd_guidance: float | None = Field(None, ge=0.0, le=30.0, description="personalized-model guidance scale")
+    edit_strength: float | None = Field(None, ge=0.05, le=1.0, description="how far an edit may move from the subject's views")
+    ip_scale: float | None = Field(None, ge=0.0, le=2.0, description="weight of the subject image (IP-Adapter scale)")
+
+
+def _overrides(value: Any) -> dict | None:
+    """JobOverrides (or its dict) -> the set values only; None when there are none."""
+    if value is None:
+        return None
+    data = value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else {k: v for k, v in dict(value).items() if v is not None}
+    return data or None
+
+
 class JobCreate(BaseModel):
     """A generation request; one job per variant, seeds seed, seed+1, ..."""
 
@@ -81,6 +102,7 @@ class JobCreate(BaseModel):
     preset: Preset | None = Field(None, description="null: the server's --preset")
     faces: int | None = Field(None, ge=500, le=500_000)
     texture_size: TextureSize | None = None
+    overrides: JobOverrides | None = None
 
 
 class JobRerun(BaseModel):
@@ -95,6 +117,7 @@ class JobRerun(BaseModel):
     preset: Preset | None = None
     faces: int | None = Field(None, ge=500, le=500_000)
     texture_size: TextureSize | None = None
+    overrides: JobOverrides | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -114,6 +137,7 @@ class JobRequestOut(BaseModel):
     preset: str
     faces: int | None
     texture_size: int | None
+    overrides: dict[str, int | float] | None = None
 
 
 class JobRecord(BaseModel):
@@ -362,9 +386,10 @@ def _clean_spec(spec: JobSpec, image: bytes) -> JobSpec:
         preset=spec.preset,
         faces=spec.faces,
         texture_size=spec.texture_size,
+        overrides=spec.overrides,
     )
     validate_request(req)
-    return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size)
+    return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size, req.overrides)
 
 
 def create_app(
@@ -448,7 +473,8 @@ def create_app(
         seed = body.seed if body.seed is not None else _random_seed()
         if seed + body.variants - 1 > MAX_SEED:
             raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
-        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size)
+        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size,
+                       _overrides(body.overrides))
         spec = _clean_spec(spec, image)
         _check_weights(models_dir, needed_roles())
         specs = [JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)]
@@ -512,6 +538,8 @@ def create_app(
                 value = _random_seed()
             if key in ("prompt", "negative_prompt", "preset") and value is None:
                 continue  # null means "keep"
+            if key == "overrides":
+                value = _overrides(value)  # null or {}: back to the preset's settings
             spec[key] = value
         image = worker.inputs.get(job.image_sha256)
         cleaned = _clean_spec(JobSpec.from_dict(spec), image)
