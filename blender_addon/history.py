@@ -7,6 +7,8 @@ after a backend restart the items are refreshed from `GET /v1/jobs`.
 
 from __future__ import annotations
 
+import json
+
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
@@ -49,6 +51,7 @@ class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
     device: StringProperty(name="Device", description="Where the backend ran the job (from its job.json)")
     image_name: StringProperty(name="Reference image", description="The image datablock the job was made from")
     tiny_models: BoolProperty(name="Tiny models", default=False)
+    overrides_json: StringProperty(name="Overrides", description="The job's own sampling settings (JSON)")
 
 
 def find_item(scene: bpy.types.Scene, job_id: str):
@@ -87,6 +90,16 @@ def apply_request(item, request: dict) -> None:
     item.texture_size = int(request.get("texture_size") or 0)
     if request.get("image_name"):
         item.image_name = str(request["image_name"])
+    overrides = request.get("overrides")
+    item.overrides_json = json.dumps(overrides, sort_keys=True) if isinstance(overrides, dict) and overrides else ""
+
+
+def overrides_of(item) -> dict:
+    try:
+        data = json.loads(item.overrides_json) if item.overrides_json else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def apply_record(item, record: dict, stage_seconds: dict | None = None) -> bool:

@@ -14,6 +14,7 @@ from bpy.props import BoolProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from . import history, jobs, runtime
+from .props import OVERRIDE_FIELDS, job_overrides
 from .backend import BackendError
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
@@ -151,6 +152,9 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
             "faces": props.faces or None,
             "texture_size": int(props.texture_size) or None,
         }
+        overrides = job_overrides(props)
+        if overrides:
+            payload["overrides"] = overrides
         try:
             runtime.get().submit(context.scene.name, payload, prefs, local={"image_name": props.image.name})
         except BackendError as exc:
@@ -218,7 +222,8 @@ class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
                 return {"CANCELLED"}
             changes = {"prompt": props.prompt.strip(), "negative_prompt": props.negative_prompt.strip()}
         request = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "subject": item.subject or None,
-                   "seed": item.seed, "preset": item.preset}
+                   "seed": item.seed, "preset": item.preset, "overrides": history.overrides_of(item) or None,
+                   "image_name": item.image_name}
         runtime.get().rerun(context.scene.name, item.job_id, changes, request)
         return {"FINISHED"}
 
@@ -410,6 +415,9 @@ def recall(props, item) -> str:
     props.faces = item.faces
     sizes = {e.identifier for e in props.bl_rna.properties["texture_size"].enum_items}
     props.texture_size = str(item.texture_size) if str(item.texture_size) in sizes else "0"
+    overrides = history.overrides_of(item)
+    for name in OVERRIDE_FIELDS:
+        setattr(props, name, overrides.get(name, 0))
     image = bpy.data.images.get(item.image_name) if item.image_name else None
     where = "its reference image"
     if image is None and item.folder and (Path(item.folder) / "input.png").is_file():

@@ -101,6 +101,31 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
                 box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
 
 
+class VIEW3D_PT_make_your_3d_advanced(bpy.types.Panel):
+    """The job's own sampling settings; 0 keeps the preset's value."""
+
+    bl_label = "Advanced"
+    bl_idname = "VIEW3D_PT_make_your_3d_advanced"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Make-Your-3D"
+    bl_parent_id = "VIEW3D_PT_make_your_3d"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.make_your_3d
+        layout.label(text="0 keeps the preset's value", icon="INFO")
+        col = layout.column(align=True)
+        col.prop(props, "mv_steps")
+        col.prop(props, "mv_guidance")
+        col = layout.column(align=True)
+        col.prop(props, "sd_steps")
+        col.prop(props, "sd_guidance")
+        col.prop(props, "edit_strength")
+        col.prop(props, "ip_scale")
+
+
 class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
     bl_label = "Running"
     bl_idname = "VIEW3D_PT_make_your_3d_jobs"
@@ -200,4 +225,5 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines or [""]
 
 
-CLASSES = (MAKE_YOUR_3D_UL_history, VIEW3D_PT_make_your_3d, VIEW3D_PT_make_your_3d_jobs, VIEW3D_PT_make_your_3d_history)
+CLASSES = (MAKE_YOUR_3D_UL_history, VIEW3D_PT_make_your_3d, VIEW3D_PT_make_your_3d_advanced, VIEW3D_PT_make_your_3d_jobs,
+           VIEW3D_PT_make_your_3d_history)

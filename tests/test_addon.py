@@ -599,15 +599,19 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         h = mod("history")
         img = bpy.data.images["reference"]  # the .blend was reloaded: look the datablock up again
         request = {"prompt": "made of gold", "negative_prompt": "blurry", "subject": "a toy robot", "seed": 1234,
-                   "preset": "quality", "faces": 20000, "texture_size": 2048, "image_name": img.name}
+                   "preset": "quality", "faces": 20000, "texture_size": 2048, "image_name": img.name,
+                   "overrides": {"mv_steps": 35, "ip_scale": 0.5}}
         item = h.add_item(bpy.context.scene, "recall-job", "grp", 0, request)
         p = props()
         p.prompt, p.negative_prompt, p.subject, p.seed_mode, p.seed = "other", "", "", "RANDOM", 1
         p.preset, p.faces, p.texture_size, p.image = "fast", 0, "0", None
+        p.mv_steps, p.sd_steps, p.ip_scale = 3, 7, 1.5
         p.history_index = list(p.history).index(item)
         assert bpy.ops.make_your_3d.recall_job() == {"FINISHED"}
         got = (p.prompt, p.negative_prompt, p.subject, p.seed_mode, p.seed, p.preset, p.faces, p.texture_size, p.image)
         assert got == ("made of gold", "blurry", "a toy robot", "FIXED", 1234, "quality", 20000, "2048", img), got
+        assert (p.mv_steps, p.ip_scale, p.sd_steps) == (35, 0.5, 0), (p.mv_steps, p.ip_scale, p.sd_steps)
+        assert mod("props").job_overrides(p) == {"mv_steps": 35, "ip_scale": 0.5}
         assert "Recalled" in p.last_info, p.last_info
         # the original datablock gone: the job's downloaded input.png stands in
         folder = work / "recall-job"
@@ -625,6 +629,8 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         p.history.remove(list(p.history).index(item))
         p.image = img
         p.prompt = "wearing a red scarf"
+        for name in mod("props").OVERRIDE_FIELDS:
+            setattr(p, name, 0)
         return p.last_info
 
     checks.run("recall_restores_every_field", recall_restores_every_field)
@@ -745,9 +751,16 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         props().image = img
         props().prompt = "wearing a red scarf"
         bpy.context.scene.cursor.location = (0.5, -1.0, 0.0)
+        props().mv_steps = 3  # an Advanced setting: sent as the job's overrides, recorded in job.json
         t0 = time.monotonic()
-        ids = submit_and_wait(1, 7, 240)
+        try:
+            ids = submit_and_wait(1, 7, 240)
+        finally:
+            props().mv_steps = 0
         item = items_of(ids)[0]
+        record = json.loads((Path(item.folder) / "job.json").read_text())
+        assert record["inputs"]["overrides"] == {"mv_steps": 3} and record["preset"]["mv_steps"] == 3, record["inputs"]
+        assert mod("history").overrides_of(item) == {"mv_steps": 3}
         seen = state["progress_seen"]
         running = {stage for status, stage, stepped, totalled in seen if status == "running" and stepped and totalled}
         assert len(running) >= 2, f"progress of a running job never reached the history item: {sorted(seen)}"

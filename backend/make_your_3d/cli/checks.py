@@ -140,8 +140,9 @@ def check_args(args: argparse.Namespace) -> None:
         file_to_write(args.out, "output")
     if command == "models" and getattr(args, "models_command", None) == "tiny":
         folder_to_write(args.out, "output folder")
-    if command == "serve":
-        models_folder(args.models)
+    if command == "serve":  # a missing models folder is fine: the add-on shows it and offers Fetch
+        if args.models and Path(args.models).expanduser().is_file():
+            raise BadRequest(f"The models directory {args.models} is a file, not a folder.")
         if args.config and not Path(args.config).expanduser().is_file():
             raise BadRequest(f"The config file {args.config} does not exist.")
     if command in ("demo", "doctor") and getattr(args, "models", None):

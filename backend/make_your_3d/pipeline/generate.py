@@ -39,7 +39,7 @@ from make_your_3d.errors import DiskFull, Make3DError, NoSubject, OutOfMemory
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
-from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset
+from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset  # noqa: F401 - TEST_OVERRIDES re-exported (benchmarks)
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.glb import job_name, stamp_glb

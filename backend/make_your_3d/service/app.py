@@ -22,12 +22,13 @@ from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from make_your_3d import __version__
 from make_your_3d.errors import BadImage, BadRequest, Make3DError, WeightsMissing
 from make_your_3d.models.registry import ROLES, is_tiny
+from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import MAX_IMAGE_BYTES, GenerateRequest, validate_request
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import Worker, classify_exception
@@ -67,17 +68,13 @@ _FILE_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".png": 
 # ---------------------------------------------------------------------------------------------
 # Request and response models
 # ---------------------------------------------------------------------------------------------
-class JobOverrides(BaseModel):
-    """A job's own sampling settings on top of its preset (pipeline/presets.py JOB_OVERRIDES)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    mv_steps: int | None = Field(None, ge=1, le=200, description="multi-view diffusion steps")
-    mv_guidance: float | None = Field(None, ge=0.0, le=30.0, description="multi-view guidance scale")
-    sd_steps: int | None = Field(None, ge=1, le=200, description="personalized-model steps")
-    sd_guidance: float | None = Field(None, ge=0.0, le=30.0, description="personalized-model guidance scale")
-    edit_strength: float | None = Field(None, ge=0.05, le=1.0, description="how far an edit may move from the subject's views")
-    ip_scale: float | None = Field(None, ge=0.0, le=2.0, description="weight of the subject image (IP-Adapter scale)")
+# A job's own sampling settings on top of its preset: built from pipeline/presets.py JOB_OVERRIDES, the
+# one table of which knobs a job may set and their ranges (validate_job_overrides checks the same).
+JobOverrides = create_model(
+    "JobOverrides",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    **{name: ((int if kind is int else float) | None, Field(None, ge=lo, le=hi)) for name, (kind, lo, hi) in JOB_OVERRIDES.items()},
+)
 
 
 def _overrides(value: Any) -> dict | None:
