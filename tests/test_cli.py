@@ -77,7 +77,7 @@ def test_bad_numbers_and_choices(tmp_path: Path, example_image: Path):
     res, s = run_cli("generate", img, "--prompt", "x", "--variants", "0")
     assert_clear_error(res, s, "--variants")
     res, s = run_cli("generate", img, "--prompt", "   ")
-    assert_clear_error(res, s, "The prompt is empty")
+    assert_clear_error(res, s, "error [bad_prompt]", "The prompt is empty")
     for cmd in (["generate", img, "--prompt", "x"], ["reconstruct", str(tmp_path), "--out", str(tmp_path / "o.glb")]):
         res, s = run_cli(*cmd, "--faces", "12")
         assert_clear_error(res, s, "face budget must be from 500")

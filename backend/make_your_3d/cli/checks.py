@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 
-from make_your_3d.errors import BadImage, BadRequest, BadViews, WeightsMissing
+from make_your_3d.errors import BadImage, BadPrompt, BadRequest, BadViews, WeightsMissing
 
 DEVICES = ("auto", "cpu", "cuda")
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
@@ -132,7 +132,7 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "cache", None):
         folder_to_write(args.cache, "cache folder")
     if command == "generate" and not args.prompt.strip():
-        raise BadRequest('The prompt is empty: say what to change, e.g. --prompt "wearing a red scarf".')
+        raise BadPrompt('The prompt is empty: say what to change, e.g. --prompt "wearing a red scarf".')
     if command == "multiview":
         folder_to_write(args.out, "views folder")
     if command == "reconstruct":
