@@ -20,8 +20,8 @@ class MAKE_YOUR_3D_UL_history(bpy.types.UIList):
             row.label(text="", icon=history.status_icon(item.status))
         row.label(text=f"{item.prompt or '(no prompt)'}  s{item.seed}")
         status = item.status
-        if history.is_active(item) and item.total:
-            status = f"{item.step}/{item.total}"
+        if item.status == "running":
+            status = f"{int(round(item.job_progress * 100))}%"
         row.label(text=status, icon=history.status_icon(item.status) if icon_id else "NONE")
 
 

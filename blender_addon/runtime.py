@@ -77,6 +77,7 @@ class Runtime:
         self.stage_times = StageTimes(base_dir / "stage_times.json")
         self._python_checks: dict[tuple[str, int], str | None] = {}
         self._cache_info: dict | None = None
+        self._last_cfg: BackendConfig | None = None  # what the backend was last started with (read by worker threads)
 
     # -- paths and configuration (main thread) ------------------------------------------------
     @property
@@ -178,7 +179,9 @@ class Runtime:
         problem = self.python_problem(prefs)
         if problem:
             raise BackendError(problem)
-        self.backend.start(self.backend_config(prefs))
+        cfg = self.backend_config(prefs)
+        self.backend.start(cfg)
+        self._last_cfg = cfg
         self._spawn(self._after_ready, "ready")
 
     def stop_backend(self) -> None:
@@ -198,6 +201,8 @@ class Runtime:
             return
         self._load_models(client)
         self._sync_jobs(client)
+        if self._last_cfg is not None:
+            self._cache_run(self._last_cfg, "info")  # the cache size shows without a click
 
     def _load_models(self, client: Client) -> None:
         try:
@@ -380,7 +385,10 @@ class Runtime:
     def cache_command(self, prefs, action: str) -> None:
         """`make-your-3d cache info|clear --json` with the backend's Python (thread); the answer
         (path, bytes, entries) lands in `cache_info`, a failure in the panel's message."""
-        cfg = self.backend_config(prefs)
+        self._cache_run(self.backend_config(prefs), action)
+
+    def _cache_run(self, cfg: BackendConfig, action: str) -> None:
+        """The thread behind cache_command; takes a config, never bpy data (safe off the main thread)."""
         cmd = [cfg.python, "-m", "make_your_3d", "cache", action, "--json"]
         env = build_env(cfg)
 

@@ -563,6 +563,12 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         inst.join(240)
         fetch.join(60)
         st = inst.state()
+        steps = mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=True)
+        torch_step = [st for st in steps if "PyTorch for NVIDIA" in st.title]
+        assert torch_step and torch_step[0].command[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu124"], steps
+        assert steps.index(torch_step[0]) < [st.title for st in steps].index("Install backend and dependencies")
+        assert not any("--index-url" in st.command for st in mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=False))
+        assert steps[-1].title == "Check the PyTorch build"
         nvidia = mod("runtime").has_nvidia_gpu()
         assert not st.running and st.step == (4 if nvidia else 3) and st.total == (5 if nvidia else 4), st
         assert st.error and "Install backend and dependencies failed" in st.error, st.error
@@ -929,7 +935,7 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         prefs().device = old
         assert not rt().restart_needed(prefs())
         assert bpy.ops.make_your_3d.cache_refresh() == {"FINISHED"}
-        assert rt().wait_until(lambda: rt().cache_info is not None, 60), props().last_error
+        assert rt().wait_until(lambda: (rt().cache_info or {}).get("entries", 0) >= 7, 60), (rt().cache_info, props().last_error)
         info = rt().cache_info
         assert info["path"] == str(Path(args["work"]) / "stage_cache") and info["entries"] >= 7 and info["bytes"] > 0, info
         assert bpy.ops.make_your_3d.cache_clear.poll()
