@@ -13,7 +13,10 @@ from make_your_3d.cli import checks
 from make_your_3d.errors import Make3DError
 
 PRESETS = ("fast", "default", "quality", "lowvram")
-MODEL_COMMANDS = ("generate", "demo", "multiview", "serve")  # commands that load diffusion models
+# Commands that load diffusion models at once: quieting diffusers/transformers costs them nothing (they
+# import torch anyway). Not `serve`: it starts in a second and loads models on its first job, and its
+# output goes to the backend log, not the artist's console.
+MODEL_COMMANDS = ("generate", "demo", "multiview")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
