@@ -184,7 +184,7 @@ def validate_zip(zip_path: Path) -> list[str]:
         for required in ("__init__.py", f"{BACKEND_PREFIX}/pyproject.toml",
                          f"{BACKEND_PREFIX}/backend/make_your_3d/__init__.py",
                          f"{BACKEND_PREFIX}/backend/make_your_3d/__main__.py",
-                         f"{BACKEND_PREFIX}/backend/make_your_3d/cli.py"):
+                         f"{BACKEND_PREFIX}/backend/make_your_3d/cli/__init__.py"):
             if required not in names:
                 errors.append(f"zip: missing {required}")
         init = zf.read("__init__.py").decode("utf-8") if "__init__.py" in names else ""

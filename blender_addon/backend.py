@@ -84,6 +84,43 @@ def python_problem(python: str) -> str | None:
     return None
 
 
+# Modules the backend cannot start or run a job without (their import names).
+REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "fastapi", "uvicorn", "platformdirs", "PIL",
+                    "trimesh", "xatlas")
+
+
+def missing_modules(python: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> list[str] | None:
+    """Which of REQUIRED_MODULES `python` cannot find (found by import machinery, not imported, so it
+    takes a fraction of a second). None when the interpreter cannot be run at all."""
+    code = ("import importlib.util as u, json, sys; mods = sys.argv[1:]; "
+            "print(json.dumps([m for m in mods if u.find_spec(m) is None]))")
+    try:
+        out = subprocess.run([python, "-c", code, *REQUIRED_MODULES], capture_output=True, text=True, timeout=timeout,
+                             env=env, stdin=subprocess.DEVNULL, creationflags=0x08000000 if os.name == "nt" else 0)
+        found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return [str(m) for m in found] if isinstance(found, list) else None
+
+
+def packages_problem(python: str, missing: list[str] | None) -> str | None:
+    if missing is None:
+        return f"Backend Python {python} does not run: pick another Python, or press Install Backend in Preferences > Add-ons > Make-Your-3D"
+    if missing:
+        names = ", ".join("pillow" if m == "PIL" else m for m in missing)
+        return (f"Backend Python lacks packages ({names}): press Install Backend in Preferences > Add-ons > Make-Your-3D, "
+                "or pick a Python that has them")
+    return None
+
+
+def missing_module_in_log(text: str) -> str | None:
+    """The package a crashed backend could not import, from its log."""
+    import re
+
+    found = re.findall(r"No module named '([\w.]+)'", text)
+    return found[-1].split(".")[0] if found else None
+
+
 def read_state_file(path: Path) -> BackendInfo | None:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -269,8 +306,18 @@ class BackendProcess:
     def _exit_message(self) -> str:
         code = self._proc.poll() if self._proc is not None else None
         tail = log_tail(self._cfg.log_file, 3) if self._cfg else ""
+        missing = missing_module_in_log(log_tail(self._cfg.log_file, 40)) if self._cfg else None
+        if missing:
+            return (f"Backend stopped unexpectedly (exit code {code}): its Python lacks the package '{missing}'. "
+                    "Press Install Backend in Preferences > Add-ons > Make-Your-3D")
         last = tail.splitlines()[-1] if tail else "no output"
         return f"Backend stopped unexpectedly (exit code {code}): {last}. Start it again or open its log"
+
+    @property
+    def started_config(self) -> BackendConfig | None:
+        """The settings the running backend was started with (None if this add-on did not start it)."""
+        with self._lock:
+            return self._cfg if self._proc is not None and self._proc.poll() is None else None
 
     def wait_ready(self, timeout: float = 120.0, stop: threading.Event | None = None) -> BackendInfo:
         deadline = time.monotonic() + timeout

@@ -7,9 +7,12 @@ after a backend restart the items are refreshed from `GET /v1/jobs`.
 
 from __future__ import annotations
 
+import json
+
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
+from . import progress
 from .client import TERMINAL
 
 ACTIVE = frozenset({"queued", "running"})
@@ -42,6 +45,13 @@ class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
     imported: BoolProperty(name="Imported", default=False)
     object_name: StringProperty(name="Object")
     import_requested: BoolProperty(name="Import when done", default=True)
+    job_progress: FloatProperty(name="Progress", description="The whole job, 0 to 1", default=0.0, min=0.0, max=1.0)
+    stage_label: StringProperty(name="Stage", description="The current stage, in words")
+    job_eta_s: FloatProperty(name="Time left", default=-1.0)
+    device: StringProperty(name="Device", description="Where the backend ran the job (from its job.json)")
+    image_name: StringProperty(name="Reference image", description="The image datablock the job was made from")
+    tiny_models: BoolProperty(name="Tiny models", default=False)
+    overrides_json: StringProperty(name="Overrides", description="The job's own sampling settings (JSON)")
 
 
 def find_item(scene: bpy.types.Scene, job_id: str):
@@ -78,10 +88,23 @@ def apply_request(item, request: dict) -> None:
     item.preset = str(request.get("preset") or "default")
     item.faces = int(request.get("faces") or 0)
     item.texture_size = int(request.get("texture_size") or 0)
+    if request.get("image_name"):
+        item.image_name = str(request["image_name"])
+    overrides = request.get("overrides")
+    item.overrides_json = json.dumps(overrides, sort_keys=True) if isinstance(overrides, dict) and overrides else ""
 
 
-def apply_record(item, record: dict) -> bool:
-    """Copy a service job record into the item; returns True when the status changed."""
+def overrides_of(item) -> dict:
+    try:
+        data = json.loads(item.overrides_json) if item.overrides_json else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def apply_record(item, record: dict, stage_seconds: dict | None = None) -> bool:
+    """Copy a service job record into the item; returns True when the status changed.
+    `stage_seconds`: expected seconds per stage (progress.StageTimes) for the whole-job bar."""
     changed = item.status != record.get("status")
     item.status = str(record.get("status") or item.status)
     item.group = str(record.get("group") or item.group)
@@ -98,7 +121,28 @@ def apply_record(item, record: dict) -> bool:
         item.created_at = str(record["created_at"])
     if isinstance(record.get("request"), dict):
         apply_request(item, record["request"])
+    _apply_job_progress(item, stage_seconds)
     return changed
+
+
+def _apply_job_progress(item, stage_seconds: dict | None) -> None:
+    """One bar for the whole job: never moves backwards while the job runs."""
+    if item.status == "running":
+        jp = progress.job_progress(item.stage, item.step, item.total, item.eta_s if item.eta_s >= 0 else None,
+                                   stage_seconds or progress.estimated_seconds(item.preset))
+        item.job_progress = max(item.job_progress, jp.fraction)
+        item.stage_label = jp.label
+        item.job_eta_s = jp.eta_s if jp.eta_s is not None else -1.0
+    elif item.status == "queued":
+        item.stage_label = "Waiting for the jobs before it"
+        item.job_eta_s = -1.0
+    elif item.status == "done":
+        item.job_progress = 1.0
+        item.stage_label = "Done"
+        item.job_eta_s = 0.0
+    else:
+        item.stage_label = item.status.capitalize()
+        item.job_eta_s = -1.0
 
 
 def is_terminal(item) -> bool:

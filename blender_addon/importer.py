@@ -1,7 +1,9 @@
-"""Import a generated GLB into the scene: one mesh in the "Make-Your-3D" collection at the 3D cursor.
+"""Import a generated GLB into the scene: one mesh in the "Make-Your-3D" collection, standing on the
+3D cursor.
 
 The glTF importer may add empties (node hierarchy); they are removed with their children kept in
-place. Variants of one click go side by side along X. The object is named from prompt and seed and
+place. The origin goes to the mesh's bottom centre and the mesh is scaled to the panel's height.
+Variants and repeated imports go beside what the collection already holds (+X), never on top. The object is named from prompt and seed and
 carries job_id, seed and prompt as custom properties. Its texture is either packed into the .blend
 or written next to the job's files and linked (a preference).
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from pathlib import Path
 
 import bpy
-from mathutils import Vector
+from mathutils import Matrix, Vector
 
 COLLECTION_NAME = "Make-Your-3D"
+DEFAULT_HEIGHT = 0.3  # metres: a figurine on a desk; the panel's Height field (0 keeps the mesh's own size)
 GLB_MAGIC = b"glTF"
 
 
@@ -39,6 +43,55 @@ def check_glb(path: Path) -> None:
         raise ImportProblem(f"{path.name} is glTF version {version}; only version 2 is supported")
     if length != size:
         raise ImportProblem(f"{path.name} is truncated ({size} of {length} bytes); import it again once the download completes")
+
+
+def _local_bounds(mesh: bpy.types.Mesh) -> tuple[Vector, Vector]:
+    n = len(mesh.vertices)
+    if n == 0:
+        return Vector((0.0, 0.0, 0.0)), Vector((0.0, 0.0, 0.0))
+    co = array("f", [0.0]) * (3 * n)
+    mesh.vertices.foreach_get("co", co)
+    xs, ys, zs = co[0::3], co[1::3], co[2::3]
+    return Vector((min(xs), min(ys), min(zs))), Vector((max(xs), max(ys), max(zs)))
+
+
+def stand_on_floor(obj: bpy.types.Object, height: float | None) -> None:
+    """Bake the importer's transform into the mesh, put the origin at the bottom centre (so the object
+    stands on whatever point it is placed at) and scale it uniformly to `height` (None or 0: keep).
+    The backend's meshes are centred on their own origin and about 2 units tall."""
+    mesh = obj.data
+    mesh.transform(obj.matrix_world)
+    obj.matrix_world = Matrix.Identity(4)
+    lo, hi = _local_bounds(mesh)
+    tall = hi.z - lo.z
+    scale = height / tall if height and height > 0 and tall > 1e-9 else 1.0
+    centre = Vector(((lo.x + hi.x) / 2, (lo.y + hi.y) / 2, lo.z))
+    mesh.transform(Matrix.Scale(scale, 4) @ Matrix.Translation(-centre))
+    mesh.update()
+
+
+def world_bounds(obj: bpy.types.Object) -> tuple[Vector, Vector]:
+    corners = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
+    return (Vector((min(c.x for c in corners), min(c.y for c in corners), min(c.z for c in corners))),
+            Vector((max(c.x for c in corners), max(c.y for c in corners), max(c.z for c in corners))))
+
+
+def free_spot(start: Vector, obj: bpy.types.Object, others: list[bpy.types.Object]) -> Vector:
+    """Where to put `obj` (origin at its bottom centre): at `start` unless that overlaps one of `others`,
+    else to the right (+X) of what is there, with a gap of a quarter of its size. Variants and repeated
+    imports line up beside each other instead of on top."""
+    lo, hi = _local_bounds(obj.data)
+    half_x, half_y, tall = (hi.x - lo.x) / 2, (hi.y - lo.y) / 2, hi.z - lo.z
+    gap = 0.25 * max(hi.x - lo.x, hi.y - lo.y, 1e-3)
+    boxes = [world_bounds(o) for o in others if o.type == "MESH"]
+    x = start.x
+    for _ in range(len(boxes) + 1):
+        blocking = [b for b in boxes if b[0].x < x + half_x and b[1].x > x - half_x and b[0].y < start.y + half_y
+                    and b[1].y > start.y - half_y and b[0].z < start.z + tall and b[1].z > start.z]
+        if not blocking:
+            break
+        x = max(b[1].x for b in blocking) + gap + half_x
+    return Vector((x, start.y, start.z))
 
 
 def object_name(prompt: str, seed: int) -> str:
@@ -145,6 +198,7 @@ def import_glb(
     variant_index: int = 0,
     texture_mode: str = "PACK",
     folder: Path | None = None,
+    height: float | None = DEFAULT_HEIGHT,
 ) -> bpy.types.Object:
     """Import one result and return its mesh object (see the module docstring for what happens)."""
     path = Path(path)
@@ -172,13 +226,18 @@ def import_glb(
     obj.name = name
     if obj.data is not None:
         obj.data.name = name
+    for i, slot in enumerate(obj.material_slots):
+        if slot.material is not None:
+            slot.material.name = name if i == 0 else f"{name} {i + 1}"
+    for i, image in enumerate(_images_of(obj)):
+        image.name = f"{name} texture" if i == 0 else f"{name} texture {i + 1}"
     obj["job_id"] = job_id
     obj["seed"] = int(seed)
     obj["prompt"] = prompt
 
+    stand_on_floor(obj, height)
     context.view_layer.update()
-    width = max(max(obj.dimensions), 1e-3)
-    spacing = width * 1.25
-    obj.location = scene.cursor.location + Vector((variant_index * spacing, 0.0, 0.0))
+    obj.location = free_spot(scene.cursor.location, obj, [o for o in coll.objects if o != obj])
+    context.view_layer.update()
     keep_textures(obj, texture_mode, folder)
     return obj

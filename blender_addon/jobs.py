@@ -50,7 +50,7 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
     elif kind in ("record", "sync"):
         record = event.data["record"]
         for scene, item in history.find_items(event.job_id):
-            history.apply_record(item, record)
+            history.apply_record(item, record, rt.stage_times.seconds(item.preset))
             if item.status == "failed" and item.error_message:
                 scene.make_your_3d.last_error = f"Job {item.job_id[:8]} failed: {item.error_message}"
             if kind == "sync":
@@ -64,10 +64,18 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
             break
     elif kind == "files":
         folder = event.data["folder"]
+        record = read_job_record(Path(folder))
+        learned = False
         for scene, item in history.find_items(event.job_id):
             item.folder = folder
+            if record:
+                item.device = str(record.get("device") or "")
+                item.tiny_models = bool(record.get("tiny_models"))
+                if not learned:
+                    learned = rt.stage_times.learn(item.preset, record)
             if event.data.get("import") and not item.imported:
                 import_item(bpy.context, rt, scene, item)
+            scene.make_your_3d.last_info = finished_message(item, record)
     elif kind == "lost":
         for scene, item in history.find_items(event.job_id):
             if history.is_active(item):
@@ -81,6 +89,28 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
             if hasattr(sc, "make_your_3d"):
                 sc.make_your_3d.last_info = event.data.get("message", "")
     # "models": nothing to store in bpy; the redraw shows the new state
+
+
+def read_job_record(folder: Path) -> dict:
+    try:
+        import json
+
+        data = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_message(item, record: dict) -> str:
+    """What the panel says when a job is done: which, where it ran, how long it took, where it went."""
+    where = f" on {item.device}" if item.device else ""
+    took = ""
+    timings = record.get("timings") if isinstance(record, dict) else None
+    if isinstance(timings, dict) and isinstance(timings.get("total"), (int, float)):
+        took = f" in {history.format_seconds(float(timings['total']))}"
+    placed = f", imported as '{item.object_name}'" if item.imported and item.object_name else ""
+    tiny = " (tiny test models: the mesh is noise)" if item.tiny_models else ""
+    return f"Finished '{item.prompt}' seed {item.seed}{where}{took}{placed}{tiny}"
 
 
 def _request_files(rt: "runtime.Runtime", item, then_import: bool, files: list[str] | None = None) -> None:
@@ -97,7 +127,8 @@ def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.ty
     try:
         obj = import_glb(context, glb, job_id=item.job_id, seed=item.seed, prompt=item.prompt,
                          variant_index=item.index_in_group,
-                         texture_mode=prefs.texture_mode if prefs is not None else "PACK", folder=Path(item.folder))
+                         texture_mode=prefs.texture_mode if prefs is not None else "PACK", folder=Path(item.folder),
+                         height=scene.make_your_3d.height)
     except ImportProblem as exc:
         scene.make_your_3d.last_error = str(exc)
         return None

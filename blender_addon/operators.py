@@ -14,7 +14,8 @@ from bpy.props import BoolProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from . import history, jobs, runtime
-from .backend import BackendError, python_problem
+from .props import OVERRIDE_FIELDS, job_overrides
+from .backend import BackendError
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 MAX_SEED = 2**31 - 1 - 16  # room for seed+variants
@@ -31,7 +32,7 @@ def backend_blocker(context: bpy.types.Context) -> str | None:
         return None
     if st.status == "crashed":
         return st.message
-    return python_problem(rt.python_for(runtime.addon_prefs(context)))
+    return rt.python_problem(runtime.addon_prefs(context))
 
 
 def weights_blocker() -> str | None:
@@ -151,8 +152,11 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
             "faces": props.faces or None,
             "texture_size": int(props.texture_size) or None,
         }
+        overrides = job_overrides(props)
+        if overrides:
+            payload["overrides"] = overrides
         try:
-            runtime.get().submit(context.scene.name, payload, prefs)
+            runtime.get().submit(context.scene.name, payload, prefs, local={"image_name": props.image.name})
         except BackendError as exc:
             props.last_error = str(exc)
             self.report({"ERROR"}, str(exc))
@@ -218,7 +222,8 @@ class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
                 return {"CANCELLED"}
             changes = {"prompt": props.prompt.strip(), "negative_prompt": props.negative_prompt.strip()}
         request = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "subject": item.subject or None,
-                   "seed": item.seed, "preset": item.preset}
+                   "seed": item.seed, "preset": item.preset, "overrides": history.overrides_of(item) or None,
+                   "image_name": item.image_name}
         runtime.get().rerun(context.scene.name, item.job_id, changes, request)
         return {"FINISHED"}
 
@@ -373,6 +378,108 @@ class MAKE_YOUR_3D_OT_open_image(bpy.types.Operator, ImportHelper):
         return {"FINISHED"}
 
 
+class MAKE_YOUR_3D_OT_recall_job(bpy.types.Operator):
+    """Load this job's image, prompt, subject, seed and preset back into the panel, to tweak and run again"""
+
+    bl_idname = "make_your_3d.recall_job"
+    bl_label = "Recall Settings"
+    bl_options = {"REGISTER", "UNDO"}
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        if active_item(context) is None:
+            cls.poll_message_set("Select a job in the history")
+            return False
+        return True
+
+    def execute(self, context):
+        item = _item(context, self.job_id)
+        if item is None:
+            return {"CANCELLED"}
+        note = recall(context.scene.make_your_3d, item)
+        self.report({"INFO"}, note)
+        return {"FINISHED"}
+
+
+def recall(props, item) -> str:
+    """Copy a history item's inputs into the panel; returns a sentence saying what was loaded."""
+    props.prompt = item.prompt
+    props.negative_prompt = item.negative_prompt
+    props.subject = item.subject
+    props.seed_mode = "FIXED"
+    props.seed = min(max(int(item.seed), 0), 2**31 - 1)
+    if item.preset in {e.identifier for e in props.bl_rna.properties["preset"].enum_items}:
+        props.preset = item.preset
+    props.faces = item.faces
+    sizes = {e.identifier for e in props.bl_rna.properties["texture_size"].enum_items}
+    props.texture_size = str(item.texture_size) if str(item.texture_size) in sizes else "0"
+    overrides = history.overrides_of(item)
+    for name in OVERRIDE_FIELDS:
+        setattr(props, name, overrides.get(name, 0))
+    image = bpy.data.images.get(item.image_name) if item.image_name else None
+    where = "its reference image"
+    if image is None and item.folder and (Path(item.folder) / "input.png").is_file():
+        image = bpy.data.images.load(str(Path(item.folder) / "input.png"), check_existing=True)
+        image.name = f"{item.prompt[:40] or 'subject'} input"
+        where = "the job's prepared input image (the original image is no longer in this file)"
+    if image is not None:
+        props.image = image
+    else:
+        where = "no image (the original is gone and the result is not downloaded): pick one"
+    props.last_error = ""
+    props.last_info = f"Recalled '{item.prompt}' seed {item.seed}, preset {item.preset}, with {where}"
+    return props.last_info
+
+
+# -- stage cache -----------------------------------------------------------------------------------
+class MAKE_YOUR_3D_OT_cache_refresh(bpy.types.Operator):
+    """Measure the stage cache (one per user: the finished stages a new prompt or seed reuses)"""
+
+    bl_idname = "make_your_3d.cache_refresh"
+    bl_label = "Measure Cache"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def execute(self, context):
+        runtime.get().cache_command(runtime.addon_prefs(context), "info")
+        return {"FINISHED"}
+
+
+class MAKE_YOUR_3D_OT_cache_clear(bpy.types.Operator):
+    """Delete the cached stages (results already imported or downloaded stay); the next job computes every stage"""
+
+    bl_idname = "make_your_3d.cache_clear"
+    bl_label = "Clear Cache"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+        if reason is None and any(history.is_active(i) for sc in bpy.data.scenes if hasattr(sc, "make_your_3d")
+                                  for i in sc.make_your_3d.history):
+            reason = "Jobs are running: clear the cache once they finish"
+        if reason:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context):
+        runtime.get().cache_command(runtime.addon_prefs(context), "clear")
+        return {"FINISHED"}
+
+
 # -- backend and models (preferences) -------------------------------------------------------------
 class MAKE_YOUR_3D_OT_backend_start(bpy.types.Operator):
     """Start the backend service"""
@@ -389,7 +496,7 @@ class MAKE_YOUR_3D_OT_backend_start(bpy.types.Operator):
         if st.status in ("running", "starting"):
             cls.poll_message_set(f"The backend is already {st.status}")
             return False
-        problem = python_problem(rt.python_for(runtime.addon_prefs(context)))
+        problem = rt.python_problem(runtime.addon_prefs(context))
         if problem:
             cls.poll_message_set(problem)
             return False
@@ -500,7 +607,7 @@ class MAKE_YOUR_3D_OT_models_fetch(bpy.types.Operator):
         elif rt.fetch_task is not None and rt.fetch_task.state().running:
             reason = "A download is already running"
         else:
-            reason = python_problem(rt.python_for(runtime.addon_prefs(context)))
+            reason = rt.python_problem(runtime.addon_prefs(context))
         if reason:
             cls.poll_message_set(reason)
             return False
@@ -521,6 +628,9 @@ CLASSES = (
     MAKE_YOUR_3D_OT_refresh_history,
     MAKE_YOUR_3D_OT_reuse_last_seed,
     MAKE_YOUR_3D_OT_open_image,
+    MAKE_YOUR_3D_OT_recall_job,
+    MAKE_YOUR_3D_OT_cache_refresh,
+    MAKE_YOUR_3D_OT_cache_clear,
     MAKE_YOUR_3D_OT_backend_start,
     MAKE_YOUR_3D_OT_backend_stop,
     MAKE_YOUR_3D_OT_backend_open_log,

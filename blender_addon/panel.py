@@ -20,8 +20,8 @@ class MAKE_YOUR_3D_UL_history(bpy.types.UIList):
             row.label(text="", icon=history.status_icon(item.status))
         row.label(text=f"{item.prompt or '(no prompt)'}  s{item.seed}")
         status = item.status
-        if history.is_active(item) and item.total:
-            status = f"{item.step}/{item.total}"
+        if item.status == "running":
+            status = f"{int(round(item.job_progress * 100))}%"
         row.label(text=status, icon=history.status_icon(item.status) if icon_id else "NONE")
 
 
@@ -39,9 +39,12 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
 
         if rt is not None:
             st = rt.backend_state()
+            if st.status == "running" and rt.restart_needed(runtime.addon_prefs(context)):
+                layout.label(text="Preferences changed: restart the backend to apply them", icon="FILE_REFRESH")
             row = layout.row(align=True)
             icon = {"running": "CHECKMARK", "starting": "TIME", "crashed": "ERROR"}.get(st.status, "RADIOBUT_OFF")
-            row.label(text=f"Backend: {st.status}", icon=icon)
+            device = last_device(props)
+            row.label(text=f"Backend: {st.status}" + (f" (last job on {device})" if device and st.status == "running" else ""), icon=icon)
             if st.status in ("running", "starting"):
                 row.operator("make_your_3d.backend_stop", text="", icon="SNAP_FACE")
             else:
@@ -72,6 +75,7 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
         col.prop(props, "preset")
         col.prop(props, "faces")
         col.prop(props, "texture_size")
+        col.prop(props, "height")
         col.prop(props, "auto_import")
 
         col = layout.column()
@@ -82,10 +86,44 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
             layout.label(text=reason, icon="INFO")
         if rt is not None and rt.pending:
             layout.label(text="Submitting (starting the backend if needed)...", icon="TIME")
+        models = rt.models if rt is not None else None
+        if models and models.get("tiny"):
+            box = layout.box()
+            for i, line in enumerate(_wrap(TINY_WARNING, 48)):
+                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
         if props.last_error:
             box = layout.box()
             for i, line in enumerate(_wrap(props.last_error, 48)):
                 box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+        elif props.last_info:
+            box = layout.box()
+            for i, line in enumerate(_wrap(props.last_info, 48)):
+                box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+
+
+class VIEW3D_PT_make_your_3d_advanced(bpy.types.Panel):
+    """The job's own sampling settings; 0 keeps the preset's value."""
+
+    bl_label = "Advanced"
+    bl_idname = "VIEW3D_PT_make_your_3d_advanced"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Make-Your-3D"
+    bl_parent_id = "VIEW3D_PT_make_your_3d"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.make_your_3d
+        layout.label(text="0 keeps the preset's value", icon="INFO")
+        col = layout.column(align=True)
+        col.prop(props, "mv_steps")
+        col.prop(props, "mv_guidance")
+        col = layout.column(align=True)
+        col.prop(props, "sd_steps")
+        col.prop(props, "sd_guidance")
+        col.prop(props, "edit_strength")
+        col.prop(props, "ip_scale")
 
 
 class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
@@ -105,15 +143,12 @@ class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
         for item in active:
             box = layout.box()
             row = box.row(align=True)
-            factor = item.step / item.total if item.total else 0.0
-            stage = item.stage or item.status
-            text = f"{stage} {item.step}/{item.total}" if item.total else stage
-            row.progress(factor=factor, type="BAR", text=text)
+            label = item.stage_label or item.status.capitalize()
+            row.progress(factor=item.job_progress, type="BAR", text=f"{label}  {int(round(item.job_progress * 100))}%")
             op = row.operator("make_your_3d.cancel_job", text="", icon="CANCEL")
             op.job_id = item.job_id
-            box.label(text=f"s{item.seed}  elapsed {history.format_seconds(item.elapsed_s)}  ETA {history.format_seconds(item.eta_s)}")
-            if item.message:
-                box.label(text=item.message[:80])
+            left = f"about {history.format_seconds(item.job_eta_s)} left" if item.job_eta_s >= 0 else "estimating time left"
+            box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(item.elapsed_s)} elapsed, {left}")
 
 
 class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
@@ -141,7 +176,10 @@ class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
             layout.template_icon(icon_value=icon_id, scale=5.0)
         box = layout.box()
         box.label(text=f"{item.status}: {item.prompt}", icon=history.status_icon(item.status))
-        box.label(text=f"seed {item.seed}, preset {item.preset}, job {item.job_id[:8]}")
+        box.label(text=f"seed {item.seed}, preset {item.preset}" + (f", ran on {item.device}" if item.device else "")
+                  + f", job {item.job_id[:8]}")
+        if item.subject:
+            box.label(text=f"subject: {item.subject}")
         if item.error_message:
             for line in _wrap(item.error_message, 48):
                 box.label(text=line)
@@ -151,6 +189,19 @@ class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
         op.use_current_prompt = True
         grid.operator("make_your_3d.import_job", text="Import again", icon="IMPORT")
         grid.operator("make_your_3d.open_job_folder", icon="FILE_FOLDER")
+        grid.operator("make_your_3d.recall_job", icon="RECOVER_LAST")
+
+
+TINY_WARNING = ("Tiny test models in use: the results are noise, not your subject. "
+                "For real results press Fetch Weights in Preferences > Add-ons > Make-Your-3D.")
+
+
+def last_device(props) -> str:
+    """The device the most recent finished job ran on (what the backend really used)."""
+    for item in reversed(list(props.history)):
+        if item.device:
+            return item.device
+    return ""
 
 
 def _text_prop(layout: bpy.types.UILayout, data, name: str, hint: str) -> None:
@@ -174,4 +225,5 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines or [""]
 
 
-CLASSES = (MAKE_YOUR_3D_UL_history, VIEW3D_PT_make_your_3d, VIEW3D_PT_make_your_3d_jobs, VIEW3D_PT_make_your_3d_history)
+CLASSES = (MAKE_YOUR_3D_UL_history, VIEW3D_PT_make_your_3d, VIEW3D_PT_make_your_3d_advanced, VIEW3D_PT_make_your_3d_jobs,
+           VIEW3D_PT_make_your_3d_history)

@@ -50,6 +50,9 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         box = layout.box()
         box.label(text="Backend", icon="CONSOLE")
         box.prop(self, "python_path")
+        problem = rt.python_problem(self) if rt is not None else None
+        if problem:
+            box.label(text=problem[:180], icon="ERROR")
         row = box.row(align=True)
         row.operator("make_your_3d.install_backend", icon="IMPORT")
         if rt is not None:
@@ -61,6 +64,8 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         row.operator("make_your_3d.backend_start", icon="PLAY")
         row.operator("make_your_3d.backend_stop", icon="SNAP_FACE")
         row.operator("make_your_3d.backend_open_log", icon="TEXT")
+        if rt is not None and st.status == "running" and rt.restart_needed(self):
+            box.label(text="Device, precision, port, models or output changed: Stop and Start the backend to apply", icon="FILE_REFRESH")
         col = box.column(align=True)
         col.prop(self, "device")
         col.prop(self, "precision")
@@ -96,6 +101,16 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         box.label(text="Results", icon="OUTPUT")
         box.prop(self, "data_dir")
         box.prop(self, "texture_mode")
+        cache = rt.cache_info if rt is not None else None
+        row = box.row(align=True)
+        if cache:
+            row.label(text=f"Stage cache: {runtime.format_bytes(int(cache.get('bytes', 0)))} "
+                           f"({int(cache.get('entries', 0))} stage results) in {cache.get('path', '')}", icon="DISK_DRIVE")
+        else:
+            row.label(text="Stage cache: press Measure to see its size", icon="DISK_DRIVE")
+        row = box.row(align=True)
+        row.operator("make_your_3d.cache_refresh", icon="FILE_REFRESH")
+        row.operator("make_your_3d.cache_clear", icon="TRASH")
 
 
 def _draw_task(layout: bpy.types.UILayout, task, label: str) -> None:

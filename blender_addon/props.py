@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, IntProperty, PointerProperty,
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
                        StringProperty)
 
 from .history import MAKE_YOUR_3D_PG_history_item
+from .importer import DEFAULT_HEIGHT
 
 PRESETS = [
     ("fast", "Fast", "Fewer steps and a smaller mesh: a quick look"),
@@ -39,10 +40,34 @@ class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
                        default=0, min=0, max=500_000, soft_max=200_000)
     texture_size: EnumProperty(name="Texture size", items=TEXTURE_SIZES, default="0")
     auto_import: BoolProperty(name="Import when done", default=True)
+    height: FloatProperty(name="Height", default=DEFAULT_HEIGHT, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
+                          description="Height of the imported mesh, standing on the 3D cursor (0: keep the size it comes with, about 2 m)")
+    # Advanced: the job's own sampling settings (0: the preset's value); the backend checks the ranges too
+    mv_steps: IntProperty(name="Multi-view steps", description="Diffusion steps of the multi-view model (0: preset)",
+                          default=0, min=0, max=200)
+    mv_guidance: FloatProperty(name="Multi-view guidance", description="Guidance scale of the multi-view model (0: preset)",
+                               default=0.0, min=0.0, max=30.0)
+    sd_steps: IntProperty(name="Edit steps", description="Diffusion steps of the personalized model (0: preset)",
+                          default=0, min=0, max=200)
+    sd_guidance: FloatProperty(name="Edit guidance", description="How strongly the prompt steers the edit (0: preset)",
+                               default=0.0, min=0.0, max=30.0)
+    edit_strength: FloatProperty(name="Edit strength", description="How far an edit may move away from the subject (0: preset)",
+                                 default=0.0, min=0.0, max=1.0)
+    ip_scale: FloatProperty(name="Subject weight", description="How much the subject image counts (IP-Adapter scale; 0: preset)",
+                            default=0.0, min=0.0, max=2.0)
     history: CollectionProperty(type=MAKE_YOUR_3D_PG_history_item)
     history_index: IntProperty(name="History index", default=-1)
     last_error: StringProperty(name="Last error")
     last_info: StringProperty(name="Last info")
+
+
+# Advanced fields sent as the job's `overrides` when set (the service's names); 0 means "the preset's".
+OVERRIDE_FIELDS = ("mv_steps", "mv_guidance", "sd_steps", "sd_guidance", "edit_strength", "ip_scale")
+
+
+def job_overrides(props) -> dict:
+    """The Advanced fields the artist set, as the API's `overrides` object."""
+    return {name: getattr(props, name) for name in OVERRIDE_FIELDS if getattr(props, name) > 0}
 
 
 CLASSES = (MAKE_YOUR_3D_PG_scene,)

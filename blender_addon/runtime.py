@@ -19,11 +19,18 @@ from typing import Callable
 import bpy
 
 from .backend import (BackendConfig, BackendError, BackendProcess, BackendState, build_env, bundled_backend_root,
-                      venv_python)
+                      missing_modules, packages_problem, python_problem, venv_python)
 from .client import ApiError, Client, watch_job
+from .progress import StageTimes
 from .tasks import Step, SubprocessTask
 
 PACKAGE = __package__
+# What the add-on keeps of a finished job: the mesh, its thumbnail, its record (device, timings,
+# inputs) and the prepared input image (History > Recall loads it when the original is gone).
+RESULT_FILES = ("subject.glb", "preview.png", "job.json", "input.png")
+REQUIRED_RESULT_FILES = ("subject.glb",)
+# Preferences the backend reads only when it starts.
+RESTART_FIELDS = ("python", "models_dir", "data_dir", "port", "device", "precision", "config_file")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,10 @@ class Runtime:
         self._previews = None
         self._last_backend_status = ""
         self._adopted = False
+        self.stage_times = StageTimes(base_dir / "stage_times.json")
+        self._python_checks: dict[tuple[str, int], str | None] = {}
+        self._cache_info: dict | None = None
+        self._last_cfg: BackendConfig | None = None  # what the backend was last started with (read by worker threads)
 
     # -- paths and configuration (main thread) ------------------------------------------------
     @property
@@ -110,6 +121,30 @@ class Runtime:
             config_file=bpy.path.abspath(prefs.config_file) if prefs is not None and prefs.config_file else "",
         )
 
+    def python_problem(self, prefs) -> str | None:
+        """Why the backend Python cannot run the backend: missing, not executable, or lacking packages.
+        The package check runs the interpreter once per path and modification time (cached)."""
+        python = self.python_for(prefs)
+        problem = python_problem(python)
+        if problem:
+            return problem
+        try:
+            stamp = (python, os.stat(python).st_mtime_ns)
+        except OSError:
+            stamp = (python, 0)
+        if stamp not in self._python_checks:
+            cfg = self.backend_config(prefs)
+            self._python_checks[stamp] = packages_problem(python, missing_modules(python, build_env(cfg)))
+        return self._python_checks[stamp]
+
+    def restart_needed(self, prefs) -> bool:
+        """True when preferences changed since the running backend started (device, models, port...)."""
+        started = self.backend.started_config
+        if started is None or prefs is None:
+            return False
+        now = self.backend_config(prefs)
+        return any(getattr(started, f) != getattr(now, f) for f in RESTART_FIELDS)
+
     # -- state read by the UI -----------------------------------------------------------------
     def backend_state(self) -> BackendState:
         if not self._adopted:
@@ -141,7 +176,12 @@ class Runtime:
     # -- backend lifecycle ----------------------------------------------------------------------
     def start_backend(self, prefs) -> None:
         """Start the service (returns at once) and, once it answers, load model state and job status."""
-        self.backend.start(self.backend_config(prefs))
+        problem = self.python_problem(prefs)
+        if problem:
+            raise BackendError(problem)
+        cfg = self.backend_config(prefs)
+        self.backend.start(cfg)
+        self._last_cfg = cfg
         self._spawn(self._after_ready, "ready")
 
     def stop_backend(self) -> None:
@@ -161,6 +201,8 @@ class Runtime:
             return
         self._load_models(client)
         self._sync_jobs(client)
+        if self._last_cfg is not None:
+            self._cache_run(self._last_cfg, "info")  # the cache size shows without a click
 
     def _load_models(self, client: Client) -> None:
         try:
@@ -189,19 +231,20 @@ class Runtime:
         self._spawn(lambda: self._sync_jobs(self._ready_client(10.0)), "sync")
 
     # -- jobs -----------------------------------------------------------------------------------
-    def submit(self, scene_name: str, payload: dict, prefs) -> None:
-        """Start the backend if needed, POST the job(s), then follow each one (all in a thread)."""
+    def submit(self, scene_name: str, payload: dict, prefs, local: dict | None = None) -> None:
+        """Start the backend if needed, POST the job(s), then follow each one (all in a thread).
+        `local`: what the history keeps beside the request (e.g. the image datablock's name)."""
         if self.backend.state().status not in ("running", "starting"):
             self.start_backend(prefs)
         with self._lock:
             self._pending += 1
-        self._spawn(lambda: self._submit(scene_name, payload), "submit")
+        self._spawn(lambda: self._submit(scene_name, payload, dict(local or {})), "submit")
 
-    def _submit(self, scene_name: str, payload: dict) -> None:
+    def _submit(self, scene_name: str, payload: dict, local: dict) -> None:
         try:
             client = self._ready_client()
             reply = client.submit(payload)
-            request = {k: v for k, v in payload.items() if k != "image_png_b64"}
+            request = {**{k: v for k, v in payload.items() if k != "image_png_b64"}, **local}
             self.events.put(Event("submitted", scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": request}))
             for job_id in reply["ids"]:
                 self.watch(job_id)
@@ -268,9 +311,13 @@ class Runtime:
             try:
                 client = self.client()
                 got = {}
-                for name in ("subject.glb", "preview.png"):
+                for name in RESULT_FILES:
                     if not files or name in files:
-                        got[name] = str(client.download(job_id, name, folder / name))
+                        try:
+                            got[name] = str(client.download(job_id, name, folder / name))
+                        except ApiError:
+                            if name in REQUIRED_RESULT_FILES:
+                                raise
                 self.events.put(Event("files", job_id=job_id, data={"folder": str(folder), "files": got, "import": then_import}))
             except (ApiError, OSError) as exc:
                 self.events.put(Event("error", job_id=job_id, data={"message": getattr(exc, "message", str(exc))}))
@@ -309,13 +356,14 @@ class Runtime:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
         py = str(venv_python(self.venv_dir))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE")}
-        steps = [
-            Step("Create virtual environment", [base_python, "-m", "venv", str(self.venv_dir)], env),
-            Step("Update pip", [py, "-m", "pip", "install", "--upgrade", "pip"], env),
-            Step("Install backend and dependencies", [py, "-m", "pip", "install", str(staging)], env),
-        ]
-        self.install_task = SubprocessTask("install", steps, self.base_dir / "install.log",
-                                           on_done=lambda st: self.events.put(Event("info", data={"message": st.error or "Backend installed"}))).start()
+        steps = install_steps(base_python, py, str(staging), str(self.venv_dir), env, has_nvidia_gpu())
+
+        def done(st) -> None:
+            # the last step prints which torch build went in (CUDA x.y or CPU)
+            self._python_checks.clear()
+            self.events.put(Event("info", data={"message": st.error or f"Backend installed: {st.line}"}))
+
+        self.install_task = SubprocessTask("install", steps, self.base_dir / "install.log", on_done=done).start()
         return self.install_task
 
     def fetch_models(self, prefs) -> SubprocessTask:
@@ -328,6 +376,42 @@ class Runtime:
         self.fetch_task = SubprocessTask("fetch", [Step("Download model weights", cmd, build_env(cfg))], self.base_dir / "fetch.log",
                                          on_done=self._fetch_done).start()
         return self.fetch_task
+
+    @property
+    def cache_info(self) -> dict | None:
+        with self._lock:
+            return self._cache_info
+
+    def cache_command(self, prefs, action: str) -> None:
+        """`make-your-3d cache info|clear --json` with the backend's Python (thread); the answer
+        (path, bytes, entries) lands in `cache_info`, a failure in the panel's message."""
+        self._cache_run(self.backend_config(prefs), action)
+
+    def _cache_run(self, cfg: BackendConfig, action: str) -> None:
+        """The thread behind cache_command; takes a config, never bpy data (safe off the main thread)."""
+        cmd = [cfg.python, "-m", "make_your_3d", "cache", action, "--json"]
+        env = build_env(cfg)
+
+        def work() -> None:
+            import json
+            import subprocess
+
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
+                                 creationflags=0x08000000 if os.name == "nt" else 0)
+            if out.returncode != 0:
+                last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                self.events.put(Event("error", data={"message": f"Cache {action} failed: {last}"}))
+                return
+            info = json.loads(out.stdout.strip().splitlines()[-1])
+            if action == "clear":
+                message = f"Cleared the stage cache: {info.get('entries', 0)} stage result(s), {format_bytes(int(info.get('bytes', 0)))}"
+                info = {**info, "bytes": 0, "entries": 0, "stages": {}}
+                self.events.put(Event("info", data={"message": message}))
+            with self._lock:
+                self._cache_info = info
+            self.events.put(Event("models"))
+
+        self._spawn(work, f"cache-{action}")
 
     def _fetch_done(self, st) -> None:
         self.events.put(Event("info", data={"message": st.error or "Model weights fetched"}))
@@ -404,6 +488,54 @@ class Runtime:
 
             bpy.utils.previews.remove(self._previews)
             self._previews = None
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# PyTorch's CUDA wheels (pip's default index has CPU-only wheels on Windows, and may pick a CUDA
+# version the driver lacks elsewhere); cu124 runs on any driver from 550 on.
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu124"
+TORCH_SPEC = "torch>=2.4,<2.14"  # pyproject's range
+TORCH_REPORT = ("import importlib; t = importlib.import_module('torch'); print('torch', t.__version__, "
+                "'(CUDA ' + t.version.cuda + ' build)' if t.version.cuda else '(CPU-only build)', "
+                "'- GPU found' if t.cuda.is_available() else '- no GPU in use')")
+
+
+def has_nvidia_gpu() -> bool:
+    """An NVIDIA driver that answers: `nvidia-smi -L` lists at least one GPU."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,
+                             creationflags=0x08000000 if os.name == "nt" else 0)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def install_steps(base_python: str, py: str, source: str, venv: str, env: dict, nvidia: bool) -> list[Step]:
+    """Install Backend, step by step: with an NVIDIA GPU, torch comes from PyTorch's CUDA index first
+    (the backend's own install then keeps it); the last step says which build went in."""
+    steps = [
+        Step("Create virtual environment", [base_python, "-m", "venv", venv], env),
+        Step("Update pip", [py, "-m", "pip", "install", "--upgrade", "pip"], env),
+    ]
+    if nvidia:
+        steps.append(Step("Install PyTorch for NVIDIA GPUs (CUDA 12.4)", [py, "-m", "pip", "install", TORCH_SPEC, "--index-url", TORCH_CUDA_INDEX], env))
+    steps.append(Step("Install backend and dependencies", [py, "-m", "pip", "install", source], env))
+    steps.append(Step("Check the PyTorch build", [py, "-c", TORCH_REPORT], env))
+    return steps
 
 
 # The one live Runtime while the add-on is enabled (set by register, cleared by unregister).

@@ -32,3 +32,16 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def example_image() -> Path:
     return EXAMPLE_IMAGE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_stage_cache(tmp_path_factory):
+    """The stage cache is one per user (paths.default_cache_dir): each test module, and the backend
+    processes it starts, gets a fresh one instead of reading or filling the real one."""
+    old = os.environ.get("MAKE_YOUR_3D_CACHE")
+    os.environ["MAKE_YOUR_3D_CACHE"] = str(tmp_path_factory.mktemp("stage_cache"))
+    yield
+    if old is None:
+        os.environ.pop("MAKE_YOUR_3D_CACHE", None)
+    else:
+        os.environ["MAKE_YOUR_3D_CACHE"] = old

@@ -24,6 +24,10 @@ MODULE = f"bl_ext.user_default.{ADDON_ID}"
 
 BASIC_CHECKS = (
     "installs_and_enables",
+    "importer_import_again_beside_never_on_top",
+    "wrong_backend_python_names_missing_packages",
+    "recall_restores_every_field",
+    "job_progress_one_bar_monotonic",
     "properties_and_operators_exist",
     "ui_layout_calls_match_blender_api",
     "poll_no_backend_python",
@@ -44,6 +48,7 @@ E2E_CHECKS = (
     "e2e_three_variants_side_by_side",
     "e2e_cancel_leaves_no_object",
     "e2e_history_survives_backend_restart",
+    "e2e_restart_notice_and_cache",
     "e2e_dead_backend_reason",
 )
 
@@ -141,21 +146,19 @@ if __name__ != "__main__":
         work = tmp_path_factory.mktemp("addon")
         e2e = _generator_available()
         tiny = str(request.getfixturevalue("tiny_models")) if e2e else ""
-        config = work / "serve_config.json"
-        if e2e:
-            from make_your_3d.pipeline.presets import TEST_OVERRIDES
-
-            config.write_text(json.dumps({"overrides": TEST_OVERRIDES, "progress_interval_s": 0.0}))
+        # No `serve --config`: pointed at a tiny set, the backend picks the tiny sizes by itself
+        # (presets.resolve_preset), as it must for an artist trying the add-on on `demo`'s set.
         args = {
             "zip": str(built_zip),
             "work": str(work),
             "box_glb": str(_textured_glb(work / "box.glb", with_parent=True)),
             "tiny_models": tiny,
-            "config": str(config) if e2e else "",
+            "config": "",
             "e2e": e2e,
             "results": str(work / "results.json"),
         }
         env = dict(os.environ, BLENDER_USER_RESOURCES=str(work / "blender_user"), HF_HUB_OFFLINE="1",
+                   MAKE_YOUR_3D_CACHE=str(work / "stage_cache"),
                    TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
         env.pop("BLENDER_USER_SCRIPTS", None)
         t0 = time.monotonic()
@@ -211,6 +214,11 @@ class Checks:
         self.path.write_text(json.dumps(self.results, indent=1))
         print(f"[{'ok' if ok else 'FAIL'}] {name} ({time.monotonic() - t0:.1f}s) {'' if ok else detail[:300]}", flush=True)
         return ok
+
+
+def _overlap(a, b) -> bool:
+    """Do two world bounding boxes (lo, hi) overlap (touching does not count)?"""
+    return all(a[0][i] < b[1][i] - 1e-6 and b[0][i] < a[1][i] - 1e-6 for i in range(3))
 
 
 def _poll_message(op) -> str | None:
@@ -334,6 +342,26 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         return msg
 
     checks.run("poll_no_backend_python", poll_no_backend_python)
+
+    def wrong_backend_python_names_missing_packages():
+        bare = work / "bare_venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+        prefs().python_path = str(mod("backend").venv_python(bare))
+        msg = _poll_message(bpy.ops.make_your_3d.generate)
+        assert msg and "lacks packages" in msg and "torch" in msg and "Install Backend" in msg, msg
+        start_msg = _poll_message(bpy.ops.make_your_3d.backend_start)
+        assert start_msg and "lacks packages" in start_msg, start_msg
+        try:
+            rt().start_backend(prefs())
+            raise AssertionError("a backend without packages was started")
+        except mod("backend").BackendError as exc:
+            assert "lacks packages" in str(exc), exc
+        # a crashed backend's log naming a missing module says the same in words
+        text = "Traceback (most recent call last):\nModuleNotFoundError: No module named 'fastapi'\n"
+        assert mod("backend").missing_module_in_log(text) == "fastapi"
+        return msg
+
+    checks.run("wrong_backend_python_names_missing_packages", wrong_backend_python_names_missing_packages)
     prefs().python_path = sys.executable
     prefs().data_dir = str(work / "data")
     prefs().config_file = args["config"]
@@ -401,7 +429,16 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         assert a.name == "a red box s11" and b.name == "a red box s12", (a.name, b.name)
         assert (a["job_id"], a["seed"], a["prompt"]) == ("job-a", 11, "a red box!")
         assert tuple(round(v, 4) for v in a.location) == (1.0, 2.0, 3.0), tuple(a.location)
-        assert b.location.x - a.location.x >= max(a.dimensions) * 1.2 and b.location.y == a.location.y
+        # stands on the cursor: origin at the bottom centre, scaled to the default height
+        lo, hi = imp.world_bounds(a)
+        assert abs(lo.z - 3.0) < 1e-4, lo.z
+        assert abs((lo.x + hi.x) / 2 - 1.0) < 1e-4 and abs((lo.y + hi.y) / 2 - 2.0) < 1e-4, (lo, hi)
+        assert abs(a.dimensions.z - imp.DEFAULT_HEIGHT) < 1e-4 and tuple(a.scale) == (1.0, 1.0, 1.0), (a.dimensions, a.scale)
+        assert b.location.y == a.location.y and b.location.x > a.location.x
+        assert not _overlap(imp.world_bounds(a), imp.world_bounds(b)), "variant b sits on top of a"
+        # mesh, material and texture are named after the job
+        assert a.data.name == a.name and a.material_slots[0].material.name == a.name, (a.data.name, a.material_slots[0].material.name)
+        assert imp._images_of(a)[0].name == f"{a.name} texture", imp._images_of(a)[0].name
         imgs = imp.keep_textures(a, "PACK", None)
         assert imgs and all(i.packed_file is not None and tuple(i.size) == (16, 16) for i in imgs), [(i.name, i.size[:]) for i in imgs]
         assert len(a.data.polygons) == 12 or len(a.data.polygons) == 6, len(a.data.polygons)
@@ -424,6 +461,29 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         state["box_objects"].append(c.name)
 
     checks.run("importer_link_mode_writes_texture", importer_link_mode_writes_texture)
+
+    def importer_import_again_beside_never_on_top():
+        """Import again (same job, same cursor) lands beside what is there; height 0 keeps the size."""
+        imp = mod("importer")
+        bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+        again = imp.import_glb(bpy.context, Path(args["box_glb"]), job_id="job-a", seed=11, prompt="a red box!",
+                               texture_mode="PACK", folder=work / "job-a", height=0.0)
+        bpy.context.view_layer.update()
+        others = [bpy.data.objects[n] for n in state["box_objects"]]
+        for other in others:
+            assert not _overlap(imp.world_bounds(again), imp.world_bounds(other)), (again.name, other.name)
+        assert abs(imp.world_bounds(again)[0].z - 3.0) < 1e-4
+        assert abs(again.dimensions.z - 0.6) < 1e-4, again.dimensions  # the box's own height (glTF +Y 0.6)
+        # the wrong variant: placed at the cursor itself it would have overlapped the first import
+        from mathutils import Vector
+
+        cur, d = bpy.context.scene.cursor.location, again.dimensions
+        at_cursor = (cur - Vector((d.x / 2, d.y / 2, 0.0)), cur + Vector((d.x / 2, d.y / 2, d.z)))
+        assert _overlap(imp.world_bounds(others[0]), at_cursor)
+        state["box_objects"].append(again.name)
+        return f"x of imports: {[round(bpy.data.objects[n].location.x, 3) for n in state['box_objects']]}"
+
+    checks.run("importer_import_again_beside_never_on_top", importer_import_again_beside_never_on_top)
 
     def importer_rejects_non_glb():
         imp = mod("importer")
@@ -503,7 +563,14 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         inst.join(240)
         fetch.join(60)
         st = inst.state()
-        assert not st.running and st.step == 3 and st.total == 3, st
+        steps = mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=True)
+        torch_step = [st for st in steps if "PyTorch for NVIDIA" in st.title]
+        assert torch_step and torch_step[0].command[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu124"], steps
+        assert steps.index(torch_step[0]) < [st.title for st in steps].index("Install backend and dependencies")
+        assert not any("--index-url" in st.command for st in mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=False))
+        assert steps[-1].title == "Check the PyTorch build"
+        nvidia = mod("runtime").has_nvidia_gpu()
+        assert not st.running and st.step == (4 if nvidia else 3) and st.total == (5 if nvidia else 4), st
         assert st.error and "Install backend and dependencies failed" in st.error, st.error
         assert Path(rt().venv_dir / ("Scripts" if os.name == "nt" else "bin")).is_dir()
         assert st.factor == 1.0 or st.factor > 0.6, st.factor
@@ -533,6 +600,78 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         return f"{len(got)} history item(s) restored"
 
     checks.run("history_persists_save_reload", history_persists_save_reload)
+
+    def recall_restores_every_field():
+        h = mod("history")
+        img = bpy.data.images["reference"]  # the .blend was reloaded: look the datablock up again
+        request = {"prompt": "made of gold", "negative_prompt": "blurry", "subject": "a toy robot", "seed": 1234,
+                   "preset": "quality", "faces": 20000, "texture_size": 2048, "image_name": img.name,
+                   "overrides": {"mv_steps": 35, "ip_scale": 0.5}}
+        item = h.add_item(bpy.context.scene, "recall-job", "grp", 0, request)
+        p = props()
+        p.prompt, p.negative_prompt, p.subject, p.seed_mode, p.seed = "other", "", "", "RANDOM", 1
+        p.preset, p.faces, p.texture_size, p.image = "fast", 0, "0", None
+        p.mv_steps, p.sd_steps, p.ip_scale = 3, 7, 1.5
+        p.history_index = list(p.history).index(item)
+        assert bpy.ops.make_your_3d.recall_job() == {"FINISHED"}
+        got = (p.prompt, p.negative_prompt, p.subject, p.seed_mode, p.seed, p.preset, p.faces, p.texture_size, p.image)
+        assert got == ("made of gold", "blurry", "a toy robot", "FIXED", 1234, "quality", 20000, "2048", img), got
+        assert (p.mv_steps, p.ip_scale, p.sd_steps) == (35, 0.5, 0), (p.mv_steps, p.ip_scale, p.sd_steps)
+        assert mod("props").job_overrides(p) == {"mv_steps": 35, "ip_scale": 0.5}
+        assert "Recalled" in p.last_info, p.last_info
+        # the original datablock gone: the job's downloaded input.png stands in
+        folder = work / "recall-job"
+        folder.mkdir(exist_ok=True)
+        probe = bpy.data.images.new("probe-input", 8, 8)
+        probe.filepath_raw = str(folder / "input.png")
+        probe.file_format = "PNG"
+        probe.save()
+        bpy.data.images.remove(probe)
+        item.image_name, item.folder = "no-such-image", str(folder)
+        p.image = None
+        assert bpy.ops.make_your_3d.recall_job() == {"FINISHED"}
+        assert p.image is not None and Path(bpy.path.abspath(p.image.filepath)) == folder / "input.png", p.image
+        assert "prepared input image" in p.last_info
+        p.history.remove(list(p.history).index(item))
+        p.image = img
+        p.prompt = "wearing a red scarf"
+        for name in mod("props").OVERRIDE_FIELDS:
+            setattr(p, name, 0)
+        return p.last_info
+
+    checks.run("recall_restores_every_field", recall_restores_every_field)
+
+    def job_progress_one_bar_monotonic():
+        """A job's records, stage by stage (with a cached stage and a sub-stage), make one bar that only
+        moves forward, with human stage names and one ETA that shrinks."""
+        h, progress = mod("history"), mod("progress")
+        item = h.add_item(bpy.context.scene, "progress-job", "grp", 0, {"prompt": "p", "seed": 1, "preset": "default"})
+        seconds = progress.estimated_seconds("default")
+        seq = [("subject_views", 1, 1, None)]  # reused from cache
+        seq += [("identity", s, 4, 3.0 * (4 - s)) for s in range(0, 5)]
+        seq += [("edited_views", s, 2, None) for s in range(3)] + [("edited_normals", s, 2, None) for s in range(3)]
+        seq += [(st, s, 3, None) for st in ("subject_prior", "front_view", "multiview", "reconstruct") for s in range(4)]
+        fractions, labels, etas = [], [], []
+        for stage, step, total, eta in seq:
+            h.apply_record(item, {"status": "running", "stage": stage, "step": step, "total": total, "eta_s": eta}, seconds)
+            fractions.append(item.job_progress)
+            labels.append(item.stage_label)
+            etas.append(item.job_eta_s)
+        assert all(b >= a for a, b in zip(fractions, fractions[1:])), fractions
+        assert 0.0 < fractions[0] < 0.1 and fractions[-1] > 0.99, (fractions[0], fractions[-1])
+        assert len(set(fractions)) > 15, "the bar must move within stages, not only between them"
+        assert "Learning the subject" in labels and "Editing views" in labels and "Building the mesh" in labels, set(labels)
+        assert not any("_" in label for label in labels), set(labels)
+        assert etas[-1] < etas[1] and all(e >= 0 for e in etas), etas
+        # an out-of-order (older) record never moves the bar back
+        h.apply_record(item, {"status": "running", "stage": "identity", "step": 1, "total": 4}, seconds)
+        assert item.job_progress == fractions[-1]
+        h.apply_record(item, {"status": "done", "stage": "reconstruct", "step": 3, "total": 3}, seconds)
+        assert item.job_progress == 1.0 and item.stage_label == "Done"
+        props().history.remove(list(props().history).index(item))
+        return f"{len(seq)} records, {len(set(labels))} stage names"
+
+    checks.run("job_progress_one_bar_monotonic", job_progress_one_bar_monotonic)
 
     # -- disable: nothing left behind ------------------------------------------------------------------
     def unregister_leaves_nothing():
@@ -597,9 +736,12 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert ok, f"jobs were not created: {props().last_error}"
         ids = [i.job_id for i in props().history if i.job_id not in known]
         seen = state.setdefault("progress_seen", set())
+        bars = state.setdefault("bars", {})
 
         def finished() -> bool:
             seen.update((i.status, i.stage, i.step > 0, i.total > 0) for i in items_of(ids))
+            for i in items_of(ids):
+                bars.setdefault(i.job_id, []).append((i.status, i.job_progress, i.stage_label))
             return all(i.status in ("failed", "cancelled", "interrupted") or (i.status == "done" and i.imported)
                        for i in items_of(ids))
 
@@ -615,9 +757,16 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         props().image = img
         props().prompt = "wearing a red scarf"
         bpy.context.scene.cursor.location = (0.5, -1.0, 0.0)
+        props().mv_steps = 3  # an Advanced setting: sent as the job's overrides, recorded in job.json
         t0 = time.monotonic()
-        ids = submit_and_wait(1, 7, 240)
+        try:
+            ids = submit_and_wait(1, 7, 240)
+        finally:
+            props().mv_steps = 0
         item = items_of(ids)[0]
+        record = json.loads((Path(item.folder) / "job.json").read_text())
+        assert record["inputs"]["overrides"] == {"mv_steps": 3} and record["preset"]["mv_steps"] == 3, record["inputs"]
+        assert mod("history").overrides_of(item) == {"mv_steps": 3}
         seen = state["progress_seen"]
         running = {stage for status, stage, stepped, totalled in seen if status == "running" and stepped and totalled}
         assert len(running) >= 2, f"progress of a running job never reached the history item: {sorted(seen)}"
@@ -634,6 +783,20 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert obj.data.uv_layers, "the mesh has no UVs"
         assert (Path(item.folder) / "preview.png").is_file() and (Path(item.folder) / "subject.glb").is_file()
         assert item.total > 0 and item.elapsed_s >= 0, (item.total, item.elapsed_s)
+        # one bar for the whole job: only forward, human stage names, full when done
+        bar = state["bars"][item.job_id]
+        fractions = [f for _, f, _ in bar]
+        assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] == 1.0, bar
+        names = {label for status, _, label in bar if status == "running"}
+        assert names and not any("_" in n for n in names), names
+        # the artist is told: tiny models (results are noise), the job finished, where it ran
+        assert rt().models["tiny"] is True
+        assert item.device == "cpu" and item.tiny_models, (item.device, item.tiny_models)
+        info = props().last_info
+        assert info.startswith("Finished 'wearing a red scarf' seed 7 on cpu") and "noise" in info, info
+        assert mod("panel").last_device(props()) == "cpu"
+        # this machine's stage times now drive the next job's estimate
+        assert rt().stage_times.learned(item.preset), "no stage times learned from job.json"
         state["first"] = (item.job_id, obj.name)
         return f"{len(obj.data.polygons)} faces, texture {images[0].size[:]}, {time.monotonic() - t0:.1f}s, stages seen {sorted(running)}"
 
@@ -730,8 +893,15 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert {i.job_id: i.status for i in props().history} == before
         props().history_index = list(props().history).index(item)
         n = len(coll_objects())
+        before_objs = set(coll_objects())
         assert bpy.ops.make_your_3d.import_job() == {"FINISHED"}, props().last_error
         assert len(coll_objects()) == n + 1
+        bpy.context.view_layer.update()
+        imp = mod("importer")
+        (new_obj,) = set(coll_objects()) - before_objs
+        for other in before_objs:  # Import again lands beside what is there, never on top
+            assert not _overlap(imp.world_bounds(new_obj), imp.world_bounds(other)), (new_obj.name, other.name)
+        assert abs(imp.world_bounds(new_obj)[0].z - bpy.context.scene.cursor.location.z) < 1e-4
         # re-run with the current prompt goes through the restarted backend
         props().prompt = "wearing a blue hat"
         known = {i.job_id for i in props().history}
@@ -755,6 +925,28 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert first_obj in bpy.data.objects
 
     checks.run("e2e_history_survives_backend_restart", e2e_history_survives_backend_restart)
+
+    def e2e_restart_notice_and_cache():
+        """A preference the backend reads at start asks for a restart; the cache shows its size and clears."""
+        assert not rt().restart_needed(prefs())
+        old = prefs().device
+        prefs().device = "cuda" if old != "cuda" else "cpu"
+        assert rt().restart_needed(prefs())
+        prefs().device = old
+        assert not rt().restart_needed(prefs())
+        assert bpy.ops.make_your_3d.cache_refresh() == {"FINISHED"}
+        assert rt().wait_until(lambda: (rt().cache_info or {}).get("entries", 0) >= 7, 60), (rt().cache_info, props().last_error)
+        info = rt().cache_info
+        assert info["path"] == str(Path(args["work"]) / "stage_cache") and info["entries"] >= 7 and info["bytes"] > 0, info
+        assert bpy.ops.make_your_3d.cache_clear.poll()
+        assert bpy.ops.make_your_3d.cache_clear("EXEC_DEFAULT") == {"FINISHED"}
+        assert rt().wait_until(lambda: "Cleared the stage cache" in props().last_info, 60), props().last_error
+        assert rt().cache_info["entries"] == 0
+        left = [p for p in (Path(args["work"]) / "stage_cache").rglob(".complete")]
+        assert not left, left
+        return f"cache was {info['entries']} entries, {info['bytes']} bytes"
+
+    checks.run("e2e_restart_notice_and_cache", e2e_restart_notice_and_cache)
 
     def e2e_dead_backend_reason():
         import signal

@@ -16,13 +16,27 @@ def gpu_report() -> list[str]:
 
     lines = [f"torch {torch.__version__}"]
     if not torch.cuda.is_available():
-        lines.append("CUDA: not available. Jobs run on the CPU (slow; the fast preset is recommended).")
+        if torch.version.cuda is None:
+            lines.append("CUDA: not available: this torch is a CPU-only build. With an NVIDIA GPU, install a CUDA build "
+                         "(pip install torch --index-url https://download.pytorch.org/whl/cu124).")
+        else:
+            lines.append("CUDA: not available (no NVIDIA GPU or driver found). Jobs run on the CPU (slow; the fast preset is recommended).")
+        lines.append(rasterizer_line())
         return lines
     free, total = torch.cuda.mem_get_info()
     lines.append(f"CUDA {torch.version.cuda}: {torch.cuda.get_device_name(0)}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     if total < 12 * 2**30:
         lines.append("  Less than 12 GiB of VRAM: use the lowvram preset.")
+    lines.append(rasterizer_line())
     return lines
+
+
+def rasterizer_line() -> str:
+    """Which Gaussian rasterizer reconstruction uses here, and why (recon.rasterize.rasterizer_choice)."""
+    from make_your_3d.recon.rasterize import rasterizer_choice
+
+    choice = rasterizer_choice()
+    return f"Rasterizer: {'gsplat CUDA kernels' if choice.gsplat_cuda else 'torch'} ({choice.reason})"
 
 
 def models_report(models_dir: Path) -> tuple[list[str], bool]:

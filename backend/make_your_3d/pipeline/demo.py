@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from make_your_3d.models.registry import ROLES
-from make_your_3d.paths import resolve_models_dir
-from make_your_3d.pipeline.generate import REQUIRED_ROLES, TEST_OVERRIDES, Generator, variant_dir
+from make_your_3d.paths import resolve_cache_dir, resolve_models_dir
+from make_your_3d.pipeline.generate import REQUIRED_ROLES, Generator, variant_dir
 from make_your_3d.pipeline.request import GenerateRequest
 
 DEMO_PROMPT = "wearing a red scarf"
@@ -29,20 +29,19 @@ def run_cli(args) -> int:
     out = Path(args.out)
     models_dir = resolve_models_dir(args.models)
     missing = [name for name in REQUIRED_ROLES if not ROLES[name].complete(models_dir)]
-    overrides = None
-    if missing:
+    tiny = bool(missing)
+    if tiny:
         models_dir = out / "tiny-models"
         print(f"The real weights are not installed (missing roles: {', '.join(missing)}).")
         print(f"Writing a TINY model set to {models_dir}: real architectures at toy sizes with random weights.")
         print("The whole chain runs and writes a real GLB, but the result is noise, not a bear in a scarf.")
         print("For real results: `make-your-3d models fetch` (several GB), then run the demo again.")
-        write_tiny_set(models_dir, seed=0)
-        overrides = TEST_OVERRIDES
+        write_tiny_set(models_dir, seed=0)  # the tiny sizes follow from the set itself (presets.resolve_preset)
     else:
         print(f"Using the real weights in {models_dir}.")
-    generator = Generator(models_dir, out / ".cache", args.device, overrides=overrides)
+    generator = Generator(models_dir, resolve_cache_dir(getattr(args, "cache", None)), args.device)
     request = GenerateRequest(image=example_image().read_bytes(), prompt=DEMO_PROMPT, subject=DEMO_SUBJECT, seed=0,
-                              preset="default" if overrides is None else "fast")
+                              preset="fast" if tiny else "default")
     target = variant_dir(out, DEMO_PROMPT, 0)
 
     def show(p) -> None:

@@ -41,9 +41,10 @@ from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.stages import STAGE_SPECS, KeyContext, stage_keys
 from make_your_3d.pipeline.identity import IdentityTrainer, load_ip_state, view_prompt
 from make_your_3d.pipeline.multiview_views import generate_views
-from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, get_preset
+from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset  # noqa: F401 - TEST_OVERRIDES re-exported (benchmarks)
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
+from make_your_3d.recon.glb import job_name, stamp_glb
 from make_your_3d.recon.views import ViewSet, load_views, save_views
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class Generator:
     def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
         started = time.monotonic()
         image = validate_request(request)
-        preset = get_preset(request.preset, self.overrides)
+        preset = resolve_preset(request.preset, self.models_dir, {**self.overrides, **(request.overrides or {})})
         recon_options = self._recon_options(preset, request)
         from make_your_3d.models.personalized import require_roles
 
@@ -232,6 +233,7 @@ class Generator:
                 "image_sha256": digest(request.image),
                 "image_size": list(image.size),
                 "image_has_alpha": image.mode == "RGBA",
+                "overrides": dict(request.overrides or {}),
             },
             "preset": preset.to_dict(),
             "recon": context.extra["reconstruct"],  # the whole resolved reconstruction config
@@ -394,7 +396,10 @@ class Generator:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            shutil.copy2(recon_dir / "subject.glb", tmp / "subject.glb")
+            inputs = record["inputs"]
+            stamp_glb(recon_dir / "subject.glb", tmp / "subject.glb", name=job_name(inputs["prompt"], inputs["seed"]),
+                      extras={"job": out_dir.name, "prompt": inputs["prompt"], "subject": inputs["subject"], "seed": inputs["seed"],
+                              "preset": record["preset"]["name"], "version": record["version"]})
             shutil.copytree(mv_dir / "views", tmp / "views")
             subject_rgba.save(tmp / "input.png")
             shutil.copy2(front_dir / "front.png", tmp / "front_view.png")
@@ -448,7 +453,7 @@ def variant_dir(out: Path, prompt: str, seed: int) -> Path:
 
 
 def run_cli(args) -> int:
-    from make_your_3d.paths import resolve_models_dir
+    from make_your_3d.paths import resolve_cache_dir, resolve_models_dir
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -457,8 +462,7 @@ def run_cli(args) -> int:
         raise Make3DError("--variants must be between 1 and 16.", code="bad_request")
     out = Path(args.out)
     models_dir = resolve_models_dir(args.models)
-    generator = Generator(models_dir, Path(args.cache) if args.cache else out / ".cache", args.device,
-                          overrides=TEST_OVERRIDES if is_tiny(models_dir) else None)
+    generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)
     if is_tiny(models_dir):
         print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from make_your_3d.errors import BadRequest
+from make_your_3d.models.registry import is_tiny
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,47 @@ def get_preset(name: str, overrides: dict | None = None) -> Preset:
     if name not in PRESETS:
         raise BadRequest(f"Unknown preset {name!r}; use one of {', '.join(PRESETS)}.")
     return PRESETS[name].with_overrides(overrides)
+
+
+# The sampling knobs one job may set for itself (the add-on's Advanced panel, the API's `overrides`):
+# key -> (type, lowest, highest). Everything else is the preset's or the server's business.
+JOB_OVERRIDES: dict[str, tuple[type, float, float]] = {
+    "mv_steps": (int, 1, 200),
+    "mv_guidance": (float, 0.0, 30.0),
+    "sd_steps": (int, 1, 200),
+    "sd_guidance": (float, 0.0, 30.0),
+    "edit_strength": (float, 0.05, 1.0),
+    "ip_scale": (float, 0.0, 2.0),
+}
+
+
+def validate_job_overrides(raw: dict | None) -> dict:
+    """A job's own overrides, checked: known keys, right types, in range. Raises BadRequest."""
+    if not raw:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadRequest("overrides must be an object like {\"mv_steps\": 30, \"ip_scale\": 0.6}.")
+    unknown = sorted(set(raw) - set(JOB_OVERRIDES))
+    if unknown:
+        raise BadRequest(f"Unknown override(s): {', '.join(map(str, unknown))}. A job may set {', '.join(JOB_OVERRIDES)}.")
+    clean: dict = {}
+    for key, value in raw.items():
+        kind, lo, hi = JOB_OVERRIDES[key]
+        ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+            what = "a whole number" if kind is int else "a number"
+            raise BadRequest(f"Override {key} must be {what} from {lo:g} to {hi:g}, not {value!r}.")
+        clean[key] = kind(value)
+    return clean
+
+
+def resolve_preset(name: str, models_dir: str | Path | None, overrides: dict | None = None) -> Preset:
+    """THE rule for what a run uses: the named preset, plus TEST_OVERRIDES when `models_dir` holds a
+    tiny set (its toy models only work at toy sizes: the multi-view model is 64 px, not 256), plus
+    the caller's explicit `overrides` on top. `generate`, `demo` and `serve` all go through here, so
+    a tiny set behaves the same whichever way it is run and needs no config file."""
+    merged: dict = {}
+    if models_dir is not None and is_tiny(Path(models_dir)):
+        merged.update(TEST_OVERRIDES)
+    merged.update(overrides or {})
+    return get_preset(name, merged)

@@ -41,6 +41,7 @@ class GenerateRequest:
     faces: int | None = None
     texture_size: int | None = None
     extras: dict = field(default_factory=dict)
+    overrides: dict | None = None  # the job's own sampling settings (presets.JOB_OVERRIDES), on top of the preset
 
 
 @dataclass
@@ -208,6 +209,9 @@ def validate_request(request: GenerateRequest) -> Image.Image:
         raise BadRequest("The face budget must be between 500 and 500000.")
     if request.texture_size is not None and request.texture_size not in (256, 512, 1024, 2048, 4096):
         raise BadRequest("The texture size must be 256, 512, 1024, 2048 or 4096.")
+    from make_your_3d.pipeline.presets import validate_job_overrides
+
+    request.overrides = validate_job_overrides(request.overrides) or None
     image = load_image_bytes(request.image)
     check_has_subject(image)
     return image

@@ -115,6 +115,7 @@ PRESET_FIELDS_OUTSIDE_KEYS: dict[str, str] = {
 REQUEST_FIELDS_OUTSIDE_KEYS: dict[str, str] = {
     "preset": "a name; keyed as the resolved preset's values",
     "extras": "free-form client metadata (not read by any stage)",
+    "overrides": "per-job preset overrides; applied to the preset first, so keyed as its values",
 }
 
 

@@ -13,12 +13,16 @@ fx = W / ortho_w, cx = W / 2 (pixel centres at i + 0.5 in both).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
@@ -61,9 +65,45 @@ def view_K(projection: str, width: int, height: int, ortho_size: tuple[float, fl
     return np.asarray(K, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class RasterizerChoice:
+    gsplat_cuda: bool  # True: gsplat's CUDA kernels; False: the torch path (on the GPU too when there is one)
+    reason: str  # one sentence for logs and `doctor`
+
+
+@functools.lru_cache(maxsize=1)
+def rasterizer_choice() -> RasterizerChoice:
+    """Which rasterizer runs CUDA tensors, decided once per process. gsplat's kernels need a CUDA
+    device and either a prebuilt extension or the CUDA toolkit (nvcc) to build one; a user with a
+    driver but no toolkit gets the torch path on the GPU (slower, same rules) instead of a failed
+    job. Logged once."""
+    if not torch.cuda.is_available():
+        choice = RasterizerChoice(False, "no CUDA device: the torch rasterizer runs on the CPU")
+        log.info("rasterizer: %s", choice.reason)
+        return choice
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from gsplat.cuda._backend import _C  # loads the prebuilt kernels or builds them (needs nvcc)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+        choice = RasterizerChoice(False, f"gsplat's CUDA kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
+                                         "the torch rasterizer runs on the GPU instead (slower)")
+    else:
+        if _C is None:
+            choice = RasterizerChoice(False, "gsplat's CUDA kernels are not built and no CUDA toolkit (nvcc) was found to build "
+                                             "them; the torch rasterizer runs on the GPU instead (slower). Install the CUDA "
+                                             "toolkit for full speed")
+        else:
+            choice = RasterizerChoice(True, "gsplat's CUDA kernels")
+    (log.info if choice.gsplat_cuda else log.warning)("rasterizer: %s", choice.reason)
+    return choice
+
+
 def cuda_available() -> bool:
-    """True when gsplat's CUDA kernels can run (a CUDA device; gsplat compiles or loads on first use)."""
-    return torch.cuda.is_available()
+    """True when gsplat's CUDA kernels can run (see rasterizer_choice)."""
+    return rasterizer_choice().gsplat_cuda
 
 
 def rasterize(

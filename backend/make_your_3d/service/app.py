@@ -29,13 +29,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from make_your_3d import __version__
 from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, BadPrompt, BadRequest, Make3DError, NotFound,
                                  Unauthorized, WeightsBroken, WeightsMissing)
 from make_your_3d.models.registry import ROLES, is_tiny
+from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
                                            validate_request)
 from make_your_3d.service.store import Job, JobSpec, JobStore
@@ -66,6 +67,23 @@ _FILE_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".png": 
 # ---------------------------------------------------------------------------------------------
 # Request and response models
 # ---------------------------------------------------------------------------------------------
+# A job's own sampling settings on top of its preset: built from pipeline/presets.py JOB_OVERRIDES, the
+# one table of which knobs a job may set and their ranges (validate_job_overrides checks the same).
+JobOverrides = create_model(
+    "JobOverrides",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    **{name: ((int if kind is int else float) | None, Field(None, ge=lo, le=hi)) for name, (kind, lo, hi) in JOB_OVERRIDES.items()},
+)
+
+
+def _overrides(value: Any) -> dict | None:
+    """JobOverrides (or its dict) -> the set values only; None when there are none."""
+    if value is None:
+        return None
+    data = value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else {k: v for k, v in dict(value).items() if v is not None}
+    return data or None
+
+
 class JobCreate(BaseModel):
     """A generation request; one job per variant, seeds seed, seed+1, ..."""
 
@@ -81,6 +99,7 @@ class JobCreate(BaseModel):
     preset: Preset | None = Field(None, description="null: the server's --preset")
     faces: int | None = Field(None, ge=500, le=500_000)
     texture_size: TextureSize | None = None
+    overrides: JobOverrides | None = None
 
 
 class JobRerun(BaseModel):
@@ -95,6 +114,7 @@ class JobRerun(BaseModel):
     preset: Preset | None = None
     faces: int | None = Field(None, ge=500, le=500_000)
     texture_size: TextureSize | None = None
+    overrides: JobOverrides | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -114,6 +134,7 @@ class JobRequestOut(BaseModel):
     preset: str
     faces: int | None
     texture_size: int | None
+    overrides: dict[str, int | float] | None = None
 
 
 class JobRecord(BaseModel):
@@ -480,9 +501,10 @@ def _clean_spec(spec: JobSpec, image: bytes) -> JobSpec:
         preset=spec.preset,
         faces=spec.faces,
         texture_size=spec.texture_size,
+        overrides=spec.overrides,
     )
     validate_request(req)
-    return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size)
+    return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size, req.overrides)
 
 
 def create_app(
@@ -582,7 +604,8 @@ def create_app(
         seed = body.seed if body.seed is not None else _random_seed()
         if seed + body.variants - 1 > MAX_SEED:
             raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
-        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size)
+        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size,
+                       _overrides(body.overrides))
         spec = _clean_spec(spec, image)
         check_memory(spec)
         _check_weights(models_dir, needed_roles())
@@ -649,6 +672,8 @@ def create_app(
                 value = _random_seed()
             if key in ("prompt", "negative_prompt", "preset") and value is None:
                 continue  # null means "keep"
+            if key == "overrides":
+                value = _overrides(value)  # null or {}: back to the preset's settings
             spec[key] = value
         image = worker.inputs.get(job.image_sha256)
         cleaned = _clean_spec(JobSpec.from_dict(spec), image)

@@ -466,7 +466,9 @@ def _watch(server: uvicorn.Server, opts: ServeOptions, worker: Worker, store: Jo
 
 
 def make_generator_factory(opts: ServeOptions) -> Callable[[], GeneratorLike]:
-    cache_dir = opts.data_dir / "cache"
+    from make_your_3d.paths import default_cache_dir
+
+    cache_dir = default_cache_dir()  # one stage cache per user, shared with `generate` and `demo`
 
     def factory() -> GeneratorLike:
         from make_your_3d.pipeline.generate import Generator  # heavy (torch); loaded on the first job

@@ -80,6 +80,7 @@ class JobSpec:
     preset: str
     faces: int | None
     texture_size: int | None
+    overrides: dict | None = None  # presets.JOB_OVERRIDES keys
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,11 +91,13 @@ class JobSpec:
             "preset": self.preset,
             "faces": self.faces,
             "texture_size": self.texture_size,
+            "overrides": dict(self.overrides) if self.overrides else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        return cls(**{k: data.get(k) for k in ("prompt", "negative_prompt", "subject", "seed", "preset", "faces", "texture_size")})
+        return cls(**{k: data.get(k) for k in ("prompt", "negative_prompt", "subject", "seed", "preset", "faces", "texture_size",
+                                               "overrides")})
 
 
 @dataclass

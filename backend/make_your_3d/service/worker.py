@@ -281,6 +281,7 @@ class Worker:
                 preset=job.spec.preset,
                 faces=job.spec.faces,
                 texture_size=job.spec.texture_size,
+                overrides=job.spec.overrides,
             )
             cur.token.check()
             gen = self._generator_instance()

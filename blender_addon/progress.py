@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""One progress bar per job: the service reports per-stage steps (`stage`, `step`/`total`, the
+stage's own ETA); this turns them into one fraction for the whole job, a human stage name and one
+ETA for the whole job.
+
+Each stage's share of the job is its expected duration: learned from earlier jobs on this machine
+(their job.json stage timings, per preset) or, the first time, an estimate from the preset's step
+counts. Standard library only (no bpy), so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# The service's stage names in run order, with what the artist reads.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("subject_views", "Seeing the subject from all sides"),
+    ("identity", "Learning the subject"),
+    ("edited_views", "Editing views"),
+    ("subject_prior", "Teaching the 3D model the edit"),
+    ("front_view", "Painting the edited subject"),
+    ("multiview", "Turning it into six views"),
+    ("reconstruct", "Building the mesh"),
+)
+ORDER = [name for name, _ in STAGES]
+LABELS = dict(STAGES)
+PREPARING = "Preparing the image"  # running, before the first stage reports (loading models, masking)
+# Sub-stages reported inside a stage: (parent, where in the parent's share they start).
+SUB_STAGES = {"edited_normals": ("edited_views", 0.8)}
+PARENT_SHARE = {parent: start for parent, start in SUB_STAGES.values()}
+# First-time estimates in seconds on a CUDA GPU for the default preset (they only need the right
+# proportions: after one job the machine's own timings replace them).
+DEFAULT_SECONDS = {"subject_views": 8.0, "identity": 60.0, "edited_views": 45.0, "subject_prior": 60.0,
+                   "front_view": 6.0, "multiview": 8.0, "reconstruct": 60.0}
+# Per preset, how much longer each stage runs than in "default" (from the presets' step counts).
+PRESET_FACTORS = {
+    "fast": {"subject_views": 0.75, "identity": 0.4, "edited_views": 0.67, "subject_prior": 0.4, "front_view": 0.67,
+             "multiview": 0.75, "reconstruct": 0.6},
+    "default": {},
+    "quality": {"subject_views": 1.5, "identity": 2.0, "edited_views": 1.33, "subject_prior": 2.0, "front_view": 1.33,
+                "multiview": 1.5, "reconstruct": 1.5},
+    "lowvram": {name: 1.5 for name in ORDER},
+}
+LEARN_WEIGHT = 0.5  # a new timing moves the learned one halfway (a few jobs settle it)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    fraction: float  # 0..1 for the whole job
+    label: str  # the current stage, in words
+    eta_s: float | None  # seconds left for the whole job (None: unknown)
+
+
+def estimated_seconds(preset: str) -> dict[str, float]:
+    factors = PRESET_FACTORS.get(preset, {})
+    return {name: DEFAULT_SECONDS[name] * factors.get(name, 1.0) for name in ORDER}
+
+
+def job_progress(stage: str, step: int, total: int, stage_eta_s: float | None, seconds: dict[str, float]) -> JobProgress:
+    """Whole-job progress from one service record of a running job. `seconds`: expected duration of
+    each stage (StageTimes.seconds). Later stages never count as done, earlier ones always do."""
+    inner = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
+    if stage in SUB_STAGES:  # the sub-stage fills the last part of its parent's share
+        parent, start = SUB_STAGES[stage]
+        stage, inner = parent, start + (1.0 - start) * inner
+    elif stage in PARENT_SHARE:  # the parent's own steps fill the part before its sub-stage
+        inner *= PARENT_SHARE[stage]
+    if stage not in LABELS:
+        return JobProgress(0.0, PREPARING if not stage else stage.replace("_", " ").capitalize(), None)
+    durations = [max(float(seconds.get(name, DEFAULT_SECONDS[name])), 1e-3) for name in ORDER]
+    whole = sum(durations)
+    i = ORDER.index(stage)
+    done = sum(durations[:i]) + durations[i] * inner
+    later = sum(durations[i + 1:])
+    if stage_eta_s is not None and stage_eta_s >= 0:
+        current_left = float(stage_eta_s)  # the stage's own linear estimate, measured on this run
+    else:
+        current_left = durations[i] * (1.0 - inner)
+    return JobProgress(min(done / whole, 1.0), LABELS[stage], current_left + later)
+
+
+class StageTimes:
+    """Per preset, how long each stage took on this machine (a JSON file in the add-on's user folder)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._data: dict[str, dict[str, float]] = {}
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(raw, dict):
+                self._data = {str(p): {str(k): float(v) for k, v in d.items()} for p, d in raw.items() if isinstance(d, dict)}
+        except (OSError, ValueError, TypeError, AttributeError):
+            self._data = {}
+
+    def seconds(self, preset: str) -> dict[str, float]:
+        """Learned timings where there are some, estimates for the rest."""
+        return {**estimated_seconds(preset), **self._data.get(preset, {})}
+
+    def learned(self, preset: str) -> dict[str, float]:
+        return dict(self._data.get(preset, {}))
+
+    def learn(self, preset: str, job_record: dict) -> bool:
+        """Take the computed (not cached) stages' seconds from a finished job's job.json."""
+        stages = job_record.get("stages") if isinstance(job_record, dict) else None
+        if not isinstance(stages, list):
+            return False
+        mine = self._data.setdefault(preset, {})
+        changed = False
+        for rec in stages:
+            if not isinstance(rec, dict) or rec.get("cached") or rec.get("name") not in LABELS:
+                continue
+            try:
+                secs = float(rec["seconds"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            old = mine.get(rec["name"])
+            mine[rec["name"]] = secs if old is None else old + LEARN_WEIGHT * (secs - old)
+            changed = True
+        if changed:
+            self._save()
+        return changed
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # timings are a nicety; never fail a job over them
