@@ -99,7 +99,7 @@ _TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
 _TINY_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8}
 _TINY_UNET = {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "cross_attention_dim": 32}
 TINY_OVERRIDES: dict[str, dict] = {
-    "personalized/unet": {**_TINY_UNET, "attention_head_dim": 2, "sample_size": 8},
+    "personalized/unet": {**_TINY_UNET, "attention_head_dim": 2},  # sample_size kept: diffusers warns below 64 for SD
     "personalized/vae": dict(_TINY_VAE, sample_size=64),
     "personalized/text_encoder": {**_TINY_CLIP, "projection_dim": 32},
     "image_encoder": {**_TINY_CLIP, "image_size": 32, "patch_size": 8, "projection_dim": 32},
@@ -234,13 +234,10 @@ def ip_adapter_shapes(unet: torch.nn.Module, image_embed_dim: int) -> list[tuple
 
 def parameter_counts(sizes: str = "published") -> dict[str, int]:
     """Every network's parameter count from its meta build (no memory, well under a second each)."""
-    counts = {}
-    for net in NETWORKS:
-        counts[net.name] = parameter_count(build_on_meta(net, network_config(net, sizes)))
-    unet_net, encoder_net = _net("personalized/unet"), _net("image_encoder")
-    unet = build_on_meta(unet_net, network_config(unet_net, sizes))
-    embed_dim = int(network_config(encoder_net, sizes)["projection_dim"])
-    counts["ip_adapter"] = sum(math.prod(shape) for _, shape in ip_adapter_shapes(unet, embed_dim))
+    modules = {net.name: build_on_meta(net, network_config(net, sizes)) for net in NETWORKS}
+    counts = {name: parameter_count(module) for name, module in modules.items()}
+    embed_dim = int(network_config(_net("image_encoder"), sizes)["projection_dim"])
+    counts["ip_adapter"] = sum(math.prod(shape) for _, shape in ip_adapter_shapes(modules["personalized/unet"], embed_dim))
     return counts
 
 
