@@ -103,3 +103,22 @@ def test_whole_script_at_tiny_sizes_on_cpu(tmp_path):
         assert (tmp_path / "work" / "out-default" / name.replace(" ", "_") / "subject.glb").is_file()
     # Cached stages are not extrapolated.
     assert sc["new seed"]["stages"]["identity"]["estimated_s"] == sc["new seed"]["stages"]["identity"]["measured_s"]
+
+
+def test_flop_floor_counts_the_backward_from_the_first_trained_layer_only():
+    spec = importlib.util.spec_from_file_location("flop_floor", REPO / "benchmarks" / "flop_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = floor
+    spec.loader.exec_module(floor)
+    # SD 1.5's PNDM scheduler runs PLMS steps: img2img at strength 0.8 of 30 steps makes 25 UNet calls.
+    assert floor.img2img_unet_calls(30, 0.8) == 25
+    nets = floor.Networks()
+    forward = nets.sd_unet_row(256)
+    trained = nets.sd_unet_row(256, backward=True)
+    assert 1.8 < trained / forward < 2.3  # activation gradients ~ one more forward, weight gradients only at to_v
+    # Wrong variant: every weight trained adds the weight gradients, ~ a third forward.
+    nets.sd_unet.requires_grad_(True)
+    unet = nets.sd_unet
+    everything = floor.count(lambda: unet(torch.empty(1, 4, 32, 32, device="meta"), torch.empty(1, device="meta"),
+                                          encoder_hidden_states=torch.empty(1, 81, 768, device="meta")).sample.float().square().mean().backward())
+    assert everything / forward > 2.6
