@@ -11,7 +11,8 @@
 #   3. gsplat's CUDA kernels: the JIT build (first import) and the first rasterization call, timed
 #   4. benchmarks/gpu_chain_bench.py at published sizes for each preset in PRESETS (one random model
 #      set, written by the first preset's run and reused by the others)
-#   5. benchmarks/multiview_unet_bench.py (one multi-view UNet step, ours vs stock attention)
+#   5. benchmarks/multiview_unet_bench.py (one multi-view UNet step, ours vs stock attention), run
+#      right after the first preset
 # A log of everything goes beside the JSON (gpu_run.log). Environment knobs, with defaults:
 #   PRESETS="default lowvram fast"  STEPS_SCALE=0.1  BUDGET_S=570  WORK=/tmp/mv3d-bench  PY=python3
 #   DEVICE=cuda  SIZES=published  PRECISION=auto  SKIP_GSPLAT=0  SKIP_MV=0
@@ -176,22 +177,32 @@ EOF
   part gsplat_build "$RC" "$TOOK" "$PARTS/gsplat.json"
 fi
 
-# 4. the whole chain, per preset
+# 4. the whole chain, per preset; 5. the multi-view UNet step bench, right after the first preset
+# (cheap, and worth more than the later presets when the budget runs short)
+mv_bench() {
+  if [[ $SKIP_MV == 1 ]]; then
+    log "multiview_unet_bench: skipped (SKIP_MV=1)"
+    return
+  fi
+  run multiview_unet_bench "$(left)" "$PY" "$REPO/benchmarks/multiview_unet_bench.py" --device "$DEVICE" --dtypes fp16,bf16 --repeats 5
+  local rc=$RC took=$TOOK
+  sed -n '/^Multi-view UNet step/,/multiview_unet_bench: rc/p' "$LOG" | grep -v '^\[gpu_run' |
+    "$PY" -c 'import json,sys; print(json.dumps({"table": sys.stdin.read()}))' >"$PARTS/mv.json"
+  part multiview_unet_bench "$rc" "$took" "$PARTS/mv.json"
+}
+first=1
 for preset in $PRESETS; do
   run "chain_$preset" "$(left)" "$PY" "$REPO/benchmarks/gpu_chain_bench.py" --preset "$preset" --sizes "$SIZES" \
     --device "$DEVICE" --steps-scale "$STEPS_SCALE" --precision "$PRECISION" --models "$WORK/models-$SIZES" \
     --work "$WORK/chain-$preset" --json "$PARTS/chain_$preset.json"
   part "chain_$preset" "$RC" "$TOOK" "$PARTS/chain_$preset.json"
+  if ((first)); then
+    mv_bench
+    first=0
+  fi
 done
-
-# 5. one multi-view UNet step
-if [[ $SKIP_MV == 1 ]]; then
-  log "multiview_unet_bench: skipped (SKIP_MV=1)"
-else
-  run multiview_unet_bench "$(left)" "$PY" "$REPO/benchmarks/multiview_unet_bench.py" --device "$DEVICE" --dtypes fp16,bf16 --repeats 5
-  rc=$RC took=$TOOK
-  sed -n '/^Multi-view UNet step/,/multiview_unet_bench: rc/p' "$LOG" | grep -v '^\[gpu_run' | "$PY" -c 'import json,sys; print(json.dumps({"table": sys.stdin.read()}))' >"$PARTS/mv.json"
-  part multiview_unet_bench "$rc" "$took" "$PARTS/mv.json"
+if ((first)); then
+  mv_bench
 fi
 
 log "done in ${SECONDS}s; results in $RESULT"

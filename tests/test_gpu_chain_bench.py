@@ -65,6 +65,15 @@ def test_step_time_ignores_the_stage_marks():
     assert bench.estimate_stage("identity", 0.01, True, [], {"identity": 4}, {"identity": 200})["estimated_s"] == 0.01
 
 
+def test_a_failed_run_keeps_the_stage_spans_its_events_measured():
+    bench = _bench()
+    rec = bench.Recorder(cuda=False)
+    rec.events = [bench.Event("subject_views", 0, 1, 1.0), bench.Event("subject_views", 3, 3, 4.0), bench.Event("identity", 0, 1, 4.5),
+                  bench.Event("identity", 1, 3, 6.0)]
+    out = bench.failed_scenario(RuntimeError("boom"), rec, cuda=False)
+    assert out == {"error": "RuntimeError: boom", "stage_spans_s": {"subject_views": 3.0, "identity": 1.5}, "last_stage": "identity", "peak_gb": None}
+
+
 def test_whole_script_at_tiny_sizes_on_cpu(tmp_path):
     bench = _bench()
     out = tmp_path / "result.json"
