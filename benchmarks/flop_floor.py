@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         scenarios[name] = flops
         print(f"| {name} | {flops / 1e12:.1f} | {flops / H100_BF16_DENSE:.2f} | {flops / H100_BF16_DENSE / UTILISATION:.2f} | {TARGET_S[name]:.0f} |")
     result = {
-        "preset": asdict(preset) if hasattr(preset, "__dataclass_fields__") else preset.to_dict(),
+        "preset": preset.to_dict(),
         "peak_flops": H100_BF16_DENSE,
         "utilisation": UTILISATION,
         "stages": {f.stage: {"flops": f.flops, "peak_s": f.peak_s, "realistic_s": f.realistic_s, "terms": f.terms} for f in floors},

@@ -183,9 +183,9 @@ def run_bench(args) -> dict:
     dtype = resolve_dtype(device, run_preset.precision)
 
     marker = models / RANDOM_MARKER
-    expected = {"sizes": args.sizes, "dtype": str(weights_dtype).removeprefix("torch."), "with_segmenter": not args.no_segmenter}
-    reuse = marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in expected.items() if k != "with_segmenter") \
-        and (models / "segmenter").exists() == expected["with_segmenter"]
+    wanted = {"sizes": args.sizes, "dtype": str(weights_dtype).removeprefix("torch.")}
+    written = json.loads(marker.read_text()) if marker.is_file() else {}
+    reuse = all(written.get(k) == v for k, v in wanted.items()) and ("segmenter" in written.get("roles", [])) == (not args.no_segmenter)
     t0 = time.perf_counter()
     if not reuse:
         # Hashing 8 GB of random weights buys nothing here; without checksums.json the stage cache
