@@ -60,6 +60,7 @@ class StageRecord:
     key: str
     cached: bool
     seconds: float
+    peak_gb: float | None = None  # peak CUDA memory allocated during the stage (None off CUDA)
 
 
 class Generator:
@@ -202,6 +203,8 @@ class Generator:
         def timed_stage(name: str, writer: Callable[[Path, Reporter], None]) -> Path:
             key, inputs = keys[name]
             rep = reporter(name)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.monotonic()
             hit = self.cache.get(name, key)
             if hit is not None:
@@ -209,7 +212,8 @@ class Generator:
             else:
                 rep.step(0, 1, "starting")
             path = hit or self.cache.build(name, key, lambda tmp: writer(tmp, rep), inputs)
-            records.append(StageRecord(name, key, hit is not None, round(time.monotonic() - t0, 3)))
+            peak = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3) if self.device.type == "cuda" else None
+            records.append(StageRecord(name, key, hit is not None, round(time.monotonic() - t0, 3), peak))
             return path
 
         # Stages 2-8, in the order of pipeline/stages.py's graph; each key derives from its declaration there.
