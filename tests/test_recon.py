@@ -240,7 +240,9 @@ def test_texture_two_colours_by_height(sphere_result):
 
 
 def test_glb_imports_in_blender(sphere_result, tmp_path):
-    pytest.importorskip("bpy", reason="bpy (Blender as a module) is not installed")
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("bpy 5.0.1 exists only for Python 3.11")
+    import bpy  # noqa: F401  (a test dependency: fails, never skips, when missing on 3.11)
     script = textwrap.dedent(f"""
         import bpy, json
         bpy.ops.wm.read_factory_settings(use_empty=True)

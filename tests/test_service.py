@@ -36,17 +36,6 @@ def tiny_overrides() -> dict:
     return dict(TEST_OVERRIDES)
 
 
-def generator_ready() -> bool:
-    try:
-        from make_your_3d.pipeline import generate  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(generate, "Generator")
-
-
-needs_generator = pytest.mark.skipif(not generator_ready(), reason="pipeline.generate.Generator is not written yet")
-
-
 # ---------------------------------------------------------------------------------------------
 # A server process
 # ---------------------------------------------------------------------------------------------
@@ -702,7 +691,6 @@ def db_rows(server: Server, sql: str, *params: Any) -> list[sqlite3.Row]:
 GROUP_BODY = dict(prompt="wearing a red scarf", subject="a toy", seed=11)
 
 
-@needs_generator
 def test_job_runs_to_done_and_glb_downloads(server):
     with server.client() as c:
         created = c.post("/v1/jobs", json=job_body(**GROUP_BODY, variants=3))
@@ -742,7 +730,6 @@ def test_job_runs_to_done_and_glb_downloads(server):
         assert not [p for p in (server.data_dir / "jobs").iterdir() if p.name.startswith(".")]
 
 
-@needs_generator
 def test_variants_share_subject_stages(server):
     with server.client() as c:
         group = [j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["request"]["seed"] in (11, 12, 13) and j["request"]["subject"] == "a toy"]
@@ -764,7 +751,6 @@ def test_variants_share_subject_stages(server):
     assert all(g[:4] == b"glTF" for g in glbs)
 
 
-@needs_generator
 def test_rerun_with_new_prompt_reuses_subject_cache(server):
     with server.client() as c:
         first = next(j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["request"]["seed"] == 11 and j["status"] == "done")
@@ -779,7 +765,6 @@ def test_rerun_with_new_prompt_reuses_subject_cache(server):
     assert not {"edited_views", "subject_prior"} & set(rec["cached_stages"]), "the new prompt changes the edit stages"
 
 
-@needs_generator
 def test_cancel_stops_a_running_job_within_one_step(server):
     with server.client() as c:
         for seed in (500, 501, 502):  # a new seed renders; retry only if a tiny job outran the poll
@@ -812,7 +797,6 @@ def test_cancel_stops_a_running_job_within_one_step(server):
         assert c.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
-@needs_generator
 def test_hundred_jobs_complete_in_order(server):
     """100 separate jobs queued at once. The first has a new seed (it renders); the other 99 repeat
     the first job's request, so each is a real Generator run whose stages are all cache hits (tiny):
@@ -845,7 +829,6 @@ def test_hundred_jobs_complete_in_order(server):
     assert server.healthy()
 
 
-@needs_generator
 def test_kill9_during_a_job_then_restart(harness):
     server = harness.server
     with server.client() as c:
