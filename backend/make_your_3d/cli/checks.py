@@ -10,12 +10,9 @@ import os
 from pathlib import Path
 
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, BadViews, WeightsMissing
+from make_your_3d.job_limits import FACES_RANGE, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE  # noqa: F401 - used by the parser
 
 DEVICES = ("auto", "cpu", "cuda")
-TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
-FACES_RANGE = (500, 500_000)
-VARIANTS_RANGE = (1, 16)
-SEED_MAX = 2**32 - 1
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 

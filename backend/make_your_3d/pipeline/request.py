@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from make_your_3d.job_limits import FACES_RANGE, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, DecompressionBomb, NoSubject, TooHeavy
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -27,7 +28,6 @@ MAX_WORK_SIDE = 2048
 MAX_PROMPT_CHARS = 500
 # Text longer than this is refused before it is normalised or scanned (those passes are O(n)).
 MAX_RAW_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS
-PRESETS = ("fast", "default", "quality", "lowvram")
 
 
 @dataclass
@@ -201,14 +201,14 @@ def validate_request(request: GenerateRequest) -> Image.Image:
     request.negative_prompt = clean_prompt(request.negative_prompt or "", "negative prompt", required=False)
     if request.subject is not None:
         request.subject = clean_prompt(request.subject, "subject description", required=False) or None
-    if request.preset not in PRESETS:
-        raise BadRequest(f"Unknown preset {request.preset!r}; use one of {', '.join(PRESETS)}.")
-    if not isinstance(request.seed, int) or not 0 <= request.seed < 2**32:
-        raise BadRequest("The seed must be a whole number from 0 to 4294967295.")
-    if request.faces is not None and not 500 <= request.faces <= 500_000:
-        raise BadRequest("The face budget must be between 500 and 500000.")
-    if request.texture_size is not None and request.texture_size not in (256, 512, 1024, 2048, 4096):
-        raise BadRequest("The texture size must be 256, 512, 1024, 2048 or 4096.")
+    if request.preset not in PRESET_NAMES:
+        raise BadRequest(f"Unknown preset {request.preset!r}; use one of {', '.join(PRESET_NAMES)}.")
+    if not isinstance(request.seed, int) or not 0 <= request.seed <= SEED_MAX:
+        raise BadRequest(f"The seed must be a whole number from 0 to {SEED_MAX}.")
+    if request.faces is not None and not FACES_RANGE[0] <= request.faces <= FACES_RANGE[1]:
+        raise BadRequest(f"The face budget must be between {FACES_RANGE[0]} and {FACES_RANGE[1]}.")
+    if request.texture_size is not None and request.texture_size not in TEXTURE_SIZES:
+        raise BadRequest(f"The texture size must be one of {', '.join(map(str, TEXTURE_SIZES))}.")
     from make_your_3d.pipeline.presets import validate_job_overrides
 
     request.overrides = validate_job_overrides(request.overrides) or None

@@ -39,15 +39,16 @@ from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
                                            validate_request)
+from make_your_3d.job_limits import FACES_RANGE, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import Worker, classify_exception
 
 log = logging.getLogger("make_your_3d.service")
 
-Preset = Literal["fast", "default", "quality", "lowvram"]
-TextureSize = Literal[256, 512, 1024, 2048, 4096]
-MAX_SEED = 2**32 - 1
-MAX_VARIANTS = 16
+Preset = Literal[PRESET_NAMES]  # type: ignore[valid-type]  (Literal of the tuple's values)
+TextureSize = Literal[TEXTURE_SIZES]  # type: ignore[valid-type]
+MAX_SEED = SEED_MAX
+MAX_VARIANTS = VARIANTS_RANGE[1]
 # The biggest image, base64-encoded, plus room for the prompts and JSON punctuation.
 MAX_IMAGE_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
 MAX_BODY_BYTES = MAX_IMAGE_B64_CHARS + 256 * 1024
@@ -95,9 +96,9 @@ class JobCreate(BaseModel):
     negative_prompt: str = Field("", max_length=MAX_RAW_PROMPT_CHARS)
     subject: str | None = Field(None, description='short description of the subject, e.g. "a toy robot"', max_length=MAX_RAW_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null picks a random seed")
-    variants: int = Field(1, ge=1, le=MAX_VARIANTS)
+    variants: int = Field(1, ge=VARIANTS_RANGE[0], le=MAX_VARIANTS)
     preset: Preset | None = Field(None, description="null: the server's --preset")
-    faces: int | None = Field(None, ge=500, le=500_000)
+    faces: int | None = Field(None, ge=FACES_RANGE[0], le=FACES_RANGE[1])
     texture_size: TextureSize | None = None
     overrides: JobOverrides | None = None
 
@@ -112,7 +113,7 @@ class JobRerun(BaseModel):
     subject: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="absent: same seed; null: a random seed")
     preset: Preset | None = None
-    faces: int | None = Field(None, ge=500, le=500_000)
+    faces: int | None = Field(None, ge=FACES_RANGE[0], le=FACES_RANGE[1])
     texture_size: TextureSize | None = None
     overrides: JobOverrides | None = None
 
