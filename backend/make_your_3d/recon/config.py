@@ -39,6 +39,9 @@ class HullConfig:
     mask_upsample: int = knob(4, "upsampling of each mask before its sharp edges are cut at sub-pixel precision "
                               "(edges land to 1/(2u) px); also the silhouette distance maps' resolution", "x",
                               "37305df (bilinear 0.5 threshold moved edges by up to 0.2 px); factor untuned", lo=1)
+    sharp_edge: float = knob(0.05, "a partly covered pixel is a sharp edge (cut at sub-pixel precision) when a "
+                             "neighbour is above 1 - this and one below this; soft mattes keep the bilinear crossing",
+                             "coverage", "39b9d8c (cutting each pixel of a soft ramp combed it); untuned", lo=0)
     bounds_res: int = knob(64, "grid points along the longest side when finding the box around the hull", "points",
                            lo=4)
     bounds_level: float = knob(-0.25, "hull field value (mask - 1/2) counted as inside for the bounds (generous)",

@@ -94,10 +94,10 @@ def quat_from_z(normals: Tensor) -> Tensor:
 
 
 def hull_mesh(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, res: int,
-              device: torch.device, upsample: int = HullConfig.mask_upsample) -> tuple[Tensor, Tensor]:
+              device: torch.device, cfg: HullConfig = HullConfig()) -> tuple[Tensor, Tensor]:
     """Visual hull surface: marching cubes of the mask field (vertices (V,3), faces (F,3), outward winding)."""
     pts, counts = grid_points(lo, hi, res, device)
-    field = HullField(viewset, masks, upsample)(pts).reshape(*[int(c) for c in counts]).cpu().numpy()
+    field = HullField(viewset, masks, cfg)(pts).reshape(*[int(c) for c in counts]).cpu().numpy()
     step = float(np.max(hi - lo)) / (res - 1)
     field = np.pad(field, 1, constant_values=-0.5)
     verts, faces, _, _ = marching_cubes(field, 0.0, spacing=(step, step, step))
@@ -162,12 +162,12 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
     from make_your_3d.recon.lift import lift_view
 
     cfg = config.fit
-    hv, hf = hull_mesh(viewset, masks, lo, hi, hull_mesh_res(config), device, config.hull.mask_upsample)
+    hv, hf = hull_mesh(viewset, masks, lo, hi, hull_mesh_res(config), device, config.hull)
     V = tg.rgb.shape[0]
     depth = torch.full((V, tg.height, tg.width), float("nan"), device=device)
     lifted = []
     if tg.normal is not None:
-        field = HullField(viewset, masks, config.hull.mask_upsample)  # one for every view's marching and contacts
+        field = HullField(viewset, masks, config.hull)  # one for every view's marching and contacts
         for v in range(V):
             if not bool(tg.has_normal[v]):
                 continue

@@ -42,7 +42,7 @@ def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarra
 
     Marching the field itself (not a marching-cubes mesh of it) keeps flat faces exactly flat, which
     the anchoring of integrated normals relies on. `field`: the views' HullField, when the caller has it."""
-    field = HullField(viewset, masks, cfg.mask_upsample) if field is None else field
+    field = HullField(viewset, masks, cfg) if field is None else field
     steps, refine = cfg.march_steps, cfg.march_refine
     H, W = pixels.shape
     front = np.full((H, W), np.inf)
@@ -256,7 +256,7 @@ def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cam
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
     K = cams.Ks[0].cpu().numpy().astype(np.float64)
     mask = alpha > 0.5
-    field = HullField(viewset, masks, hull.mask_upsample) if field is None else field
+    field = HullField(viewset, masks, hull) if field is None else field
     front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field, cfg=hull)
     n_cam = normals_world @ vm[:3, :3].T
     contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field, cfg=cfg)

@@ -39,10 +39,11 @@ class DepthView:
         return self.mask if self.mask is not None else self.alpha
 
 
-def silhouette_distance(mask: Tensor, upsample: int = HullConfig.mask_upsample) -> Tensor:
+def silhouette_distance(mask: Tensor, upsample: int = HullConfig.mask_upsample,
+                        sharp: float = HullConfig.sharp_edge) -> Tensor:
     """Signed distance to the mask's contour in pixels (positive outside), at `upsample` times the
     mask's resolution; the contour is the anti-aliased edges' sub-pixel position (`subpixel_mask`)."""
-    m = subpixel_mask(mask, upsample).cpu().numpy()
+    m = subpixel_mask(mask, upsample, sharp).cpu().numpy()
     if not m.any():
         return torch.full(m.shape, float(max(m.shape)) / upsample, device=mask.device)
     outside = ndimage.distance_transform_edt(~m) - 0.5  # contour half-way between pixel centres
@@ -66,9 +67,10 @@ class Silhouette:
         return sample_image(self.distance[..., None], uv * u, W * u, H * u, outside=float(max(W, H)))[:, 0]
 
 
-def silhouettes(views: list[DepthView], upsample: int = HullConfig.mask_upsample) -> list[Silhouette | None]:
+def silhouettes(views: list[DepthView], cfg: HullConfig = HullConfig()) -> list[Silhouette | None]:
     """Each carving view's Silhouette (None for views that do not carve)."""
-    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, upsample), upsample) if dv.carve else None
+    u = cfg.mask_upsample
+    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, u, cfg.sharp_edge), u) if dv.carve else None
             for dv in views]
 
 

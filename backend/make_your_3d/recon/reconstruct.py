@@ -250,7 +250,7 @@ def _fuse(depth_views: list[DepthView], scene: _Scene, cfg: ReconConfig, device:
     """Step 4: the truncated signed distance on the grid, its voxel size, and the silhouettes it used."""
     res = cfg.fuse.grid_res
     trunc = cfg.fuse.trunc_voxels * scene.size / (res - 1)
-    sils = silhouettes(depth_views, cfg.hull.mask_upsample)
+    sils = silhouettes(depth_views, cfg.hull)
     tsdf, step = tsdf_field(depth_views, scene.lo, scene.hi, res, trunc, device, sils=sils, cfg=cfg.fuse)
     return tsdf, step, sils
 

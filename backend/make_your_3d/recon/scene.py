@@ -69,7 +69,8 @@ def _edge_offset(coverage: Tensor, n: Tensor) -> Tensor:
     return torch.where(coverage < 0.5, mag, -mag)
 
 
-def subpixel_mask(alpha: Tensor, upsample: int = HullConfig.mask_upsample) -> Tensor:
+def subpixel_mask(alpha: Tensor, upsample: int = HullConfig.mask_upsample,
+                  sharp: float = HullConfig.sharp_edge) -> Tensor:
     """Binary foreground (H*u, W*u) at `upsample` times the resolution of an anti-aliased mask (H,W).
 
     A partly covered pixel between a full and an empty one (an anti-aliased sharp edge) is cut by a
@@ -91,7 +92,7 @@ def subpixel_mask(alpha: Tensor, upsample: int = HullConfig.mask_upsample) -> Te
     # a sharp edge: a partly covered pixel with full and empty pixels next to it
     hi = F.max_pool2d(pad, 3, 1)[0, 0]
     lo = -F.max_pool2d(-pad, 3, 1)[0, 0]
-    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6) & (hi > 0.95) & (lo < 0.05)
+    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6) & (hi > 1 - sharp) & (lo < sharp)
     iy, ix = torch.nonzero(part, as_tuple=True)
     if iy.numel() == 0:
         return out
@@ -113,7 +114,7 @@ class HullField:
     All views are sampled in one batched grid_sample through precomputed 3x4 projection matrices.
     Points outside a view's image count as outside (every view must see the whole subject)."""
 
-    def __init__(self, viewset: ViewSet, masks: list[Tensor], upsample: int = HullConfig.mask_upsample):
+    def __init__(self, viewset: ViewSet, masks: list[Tensor], cfg: HullConfig = HullConfig()):
         dev = masks[0].device
         mats = []
         for v in viewset.views:
@@ -122,7 +123,7 @@ class HullField:
             N = np.array([[2.0 / W, 0, -1], [0, 2.0 / H, -1], [0, 0, 1]])
             mats.append(N @ projection_matrix(v))
         self.mats = torch.tensor(np.stack(mats), dtype=torch.float32, device=dev)  # (V,3,4)
-        self.masks = torch.stack([subpixel_mask(m, upsample).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
+        self.masks = torch.stack([subpixel_mask(m, cfg.mask_upsample, cfg.sharp_edge).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
         self.ortho = torch.tensor([v.projection == "orthographic" for v in viewset.views], device=dev)
 
     def __call__(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
@@ -188,7 +189,7 @@ def grid_points(lo: np.ndarray, hi: np.ndarray, res: int, device: torch.device) 
 def scene_bounds(viewset: ViewSet, masks: list[Tensor], device: torch.device,
                  cfg: HullConfig = HullConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned box around the visual hull, padded by a few voxels."""
-    hull = HullField(viewset, masks, cfg.mask_upsample)
+    hull = HullField(viewset, masks, cfg)
     centre, radius = _rough_centre_and_radius(viewset)
     lo, hi = centre - radius, centre + radius
     res = cfg.bounds_res
