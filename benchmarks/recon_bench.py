@@ -17,6 +17,7 @@ Texture ceiling (`--ceiling`): the ground-truth mesh, unwrapped and baked by the
 same six views, scored on the same held-out views: what the texture path gives with perfect geometry.
 
 Run: python benchmarks/recon_bench.py --data bench_data --presets fast,default [--out results.json] [--ceiling]
+     [--set lift.contact_px=1.0 ...]  (any ReconConfig setting by dotted name, to sweep without editing code)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import trimesh
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-from make_your_3d.recon.reconstruct import ReconOptions, reconstruct  # noqa: E402
+from make_your_3d.errors import Make3DError  # noqa: E402
+from make_your_3d.recon.reconstruct import ReconOptions, parse_settings, reconstruct  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles  # noqa: E402
 from make_your_3d.recon.views import load_views  # noqa: E402
 
@@ -122,7 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where GLBs go (default: DATA/<shape>/recon_<preset>.glb)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--ceiling", action="store_true", help="also score the ground-truth mesh baked by our code")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a reconstruction setting (recon/config.py), e.g. lift.contact_px=1.0; repeatable")
     args = ap.parse_args(argv)
+    try:  # a bad name or value stops here, before any run
+        overrides = parse_settings(args.set)
+        for preset in filter(None, args.presets.split(",")):
+            ReconOptions(preset=preset, **overrides).config()
+    except Make3DError as exc:
+        ap.error(exc.message)
     data = Path(args.data)
     shapes = args.shapes.split(",") if args.shapes else sorted(p.name for p in data.iterdir() if (p / "views").is_dir())
     rows = []
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             gt = trimesh.Trimesh(g["vertices"], g["faces"], process=False)
             glb = Path(args.work or d) / f"recon_{shape}_{preset}.glb"
             t = time.perf_counter()
-            res = reconstruct(d / "views", glb, ReconOptions(preset=preset, device=args.device))
+            res = reconstruct(d / "views", glb, ReconOptions(preset=preset, device=args.device, **overrides))
             secs = time.perf_counter() - t
             mesh = trimesh.load(glb, force="mesh")
             row = {"shape": shape, "preset": preset, "faces": res.faces, "seconds": round(secs, 1),

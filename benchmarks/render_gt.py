@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEWS  # noqa: E402
-from make_your_3d.recon.cameras import orbit_c2w  # noqa: E402
+from make_your_3d.recon.camera import orbit_c2w  # noqa: E402
 
 HELDOUT = [("h_az22_el15", 22.5, 15.0), ("h_az112_elm10", 112.5, -10.0), ("h_az202_el25", 202.5, 25.0),
            ("h_azm67_el5", -67.5, 5.0)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEWS
-from make_your_3d.recon.cameras import orbit_c2w
+from make_your_3d.recon.camera import orbit_c2w
 from make_your_3d.recon.views import View, ViewSet, encode_normals
 
 SPHERE_R = 0.8

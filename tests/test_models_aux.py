@@ -31,7 +31,7 @@ from make_your_3d.models.registry import ROLES
 from make_your_3d.models.segmenter import load_segmenter, segment, write_tiny_segmenter
 from make_your_3d.pipeline.preprocess import composite, foreground_mask, prepare_subject, subject_from_bytes
 from make_your_3d.progress import CancelToken, Reporter
-from make_your_3d.recon.cameras import orbit_c2w
+from make_your_3d.recon.camera import orbit_c2w
 
 
 def _tree_hashes(folder: Path) -> dict[str, str]:

@@ -414,7 +414,7 @@ def _disk_mask(W: int, cx: float, cy: float, r: float, ss: int = 8) -> torch.Ten
 
 def test_silhouette_distance_places_the_contour_to_a_fraction_of_a_pixel():
     from make_your_3d.recon.mesh import silhouette_distance
-    from make_your_3d.recon.scene import sample_image
+    from make_your_3d.recon.camera import sample_image
 
     W, cx, cy, r = 64, 31.3, 30.7, 17.6
     sd = silhouette_distance(_disk_mask(W, cx, cy, r), upsample=4)
@@ -429,7 +429,8 @@ def test_subpixel_mask_puts_straight_edges_where_the_coverage_says():
     # edges at 0, 20 and 45 degrees, each at ten phases within a pixel: reading the offset from the
     # partly covered pixel places them to the upsampled grid's resolution; bilinear upsampling with a
     # 0.5 threshold (the previous way) was off by up to 0.2 px at some phases
-    from make_your_3d.recon.scene import sample_image, subpixel_mask
+    from make_your_3d.recon.camera import sample_image
+    from make_your_3d.recon.scene import subpixel_mask
 
     W, ss = 48, 16
     errs = []
@@ -468,7 +469,7 @@ def _bar_view(W: int, half: float, height: float, azimuth: float, with_depth: bo
     """A square bar |x|, |z| < half, |y| < height seen from `azimuth` (orthographic, 2x2 world units): an
     anti-aliased mask (the bar spans half * (|cos| + |sin|) of the image's x) and, for a view square to
     a face (`with_depth`), that face's exact depth."""
-    from make_your_3d.recon.cameras import orbit_c2w
+    from make_your_3d.recon.camera import orbit_c2w
     from make_your_3d.recon.mesh import DepthView
 
     ss = 8
@@ -619,7 +620,7 @@ def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():
     # a square bar seen from the front, the side and at 45 degrees: in the diagonal view its corner
     # edges are the silhouette, which marching cubes and the field's smoothing round off; snapping the
     # contour vertices onto the hull gives back most of the lost width and never goes past it
-    from make_your_3d.recon.cameras import orbit_c2w
+    from make_your_3d.recon.camera import orbit_c2w
     from make_your_3d.recon.mesh import snap_to_silhouettes, tsdf_field
 
     W, half, height = 64, 0.08, 0.6
@@ -679,7 +680,7 @@ def test_fusion_reads_depth_on_the_tangent_plane_so_a_convex_edge_keeps_its_plac
     # the bar seen corner-on: the depth map is a roof whose ridge lies between two pixel centres, so a
     # pixel-centre lookup reads the ridge half a pixel too deep and the fused corner recedes; the
     # normals' slopes (depth_slopes) put every point on its pixel's plane and the corner stays put
-    from make_your_3d.recon.cameras import orbit_c2w
+    from make_your_3d.recon.camera import orbit_c2w
     from make_your_3d.recon.mesh import DepthView, tsdf_field
     from make_your_3d.recon.lift import depth_slopes
 

@@ -33,7 +33,7 @@ from make_your_3d.models.normals import (
     opencv_normals_to_world,
     write_tiny_normal_estimator,
 )
-from make_your_3d.recon.cameras import orbit_c2w, project_orthographic
+from make_your_3d.recon.camera import orbit_c2w
 from make_your_3d.recon.views import View, encode_normals
 
 SIZE = 64
@@ -59,7 +59,8 @@ def render_sphere(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def marigold_prediction_from_image(c2w: np.ndarray) -> torch.Tensor:
     """What a normal estimator in Marigold's documented frame answers for this view of the sphere,
     from the image alone: x grows with the column u, y against the row v, z towards the viewer."""
-    u0, v0, _ = project_orthographic(CENTER[None], c2w, ORTHO, (SIZE, SIZE))[0]
+    cam = np.linalg.inv(c2w) @ np.append(CENTER, 1.0)  # the views contract's orthographic projection
+    u0, v0 = (cam[0] / ORTHO[0] + 0.5) * SIZE, (cam[1] / ORTHO[1] + 0.5) * SIZE
     radius_px = RADIUS / ORTHO[0] * SIZE
     u = (np.arange(SIZE) + 0.5)[None, :].repeat(SIZE, 0)
     v = (np.arange(SIZE) + 0.5)[:, None].repeat(SIZE, 1)

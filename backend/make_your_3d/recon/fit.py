@@ -19,48 +19,23 @@ from skimage.measure import marching_cubes
 from torch import Tensor
 
 from make_your_3d.progress import Reporter
-from make_your_3d.recon.rasterize import Cameras, rasterize
-from make_your_3d.recon.scene import (
-    HullField,
-    ViewTargets,
-    grid_points,
-    hull_field,
-    project,
-    sample_image,
-    view_dir_at,
-)
+from make_your_3d.recon.camera import Cameras, project, sample_image, unproject, view_camera, view_dirs
+from make_your_3d.recon.config import FitConfig, HullConfig, ReconConfig
+from make_your_3d.recon.rasterize import rasterize
+from make_your_3d.recon.scene import HullField, ViewTargets, grid_points
 from make_your_3d.recon.views import ViewSet
 
-THIN = 0.08  # normal-axis scale as a fraction of the smaller in-plane scale
-
-
-@dataclass
-class FitConfig:
-    iterations: int = 300
-    num_gaussians: int = 8000
-    views_per_step: int = 2
-    hull_res: int = 64
-    lr_means: float = 2e-4  # times the scene size
-    lr_scales: float = 1e-2
-    lr_quats: float = 5e-3
-    lr_opacity: float = 5e-2
-    lr_colors: float = 2e-2
-    w_rgb: float = 1.0
-    w_mask: float = 1.0
-    w_normal: float = 0.1
-    w_depth_normal: float = 0.2
-    w_depth: float = 1.0  # vs depth lifted from the normals, in units of the scene size
-    prune_every: int = 100
-    tile_size: int = 8
+__all__ = ["FitConfig", "Gaussians", "fit_gaussians", "init_from_lift", "render"]
 
 
 @dataclass
 class Gaussians:
     means: Tensor  # (N,3)
     quats: Tensor  # (N,4) wxyz, unnormalised
-    log_scales: Tensor  # (N,2) in-plane; the normal axis is THIN of the smaller one
+    log_scales: Tensor  # (N,2) in-plane; the normal axis is `thin` of the smaller one
     opacity_logits: Tensor  # (N,)
     colors: Tensor  # (N,3) in [0,1] after clamp
+    thin: float = FitConfig.thin  # normal-axis scale as a fraction of the smaller in-plane scale
 
     def params(self) -> list[Tensor]:
         return [self.means, self.quats, self.log_scales, self.opacity_logits, self.colors]
@@ -71,7 +46,7 @@ class Gaussians:
 
     def scales(self) -> Tensor:
         s = self.log_scales.exp()
-        return torch.cat([s, THIN * s.min(-1, keepdim=True).values], -1)
+        return torch.cat([s, self.thin * s.min(-1, keepdim=True).values], -1)
 
     def opacities(self) -> Tensor:
         return torch.sigmoid(self.opacity_logits)
@@ -83,10 +58,10 @@ class Gaussians:
         return torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], -1)
 
     def detach_subset(self, keep: Tensor) -> "Gaussians":
-        return Gaussians(*[p.detach()[keep].clone().requires_grad_(True) for p in self.params()])
+        return Gaussians(*[p.detach()[keep].clone().requires_grad_(True) for p in self.params()], thin=self.thin)
 
 
-def render(g: Gaussians, cams: Cameras, background: float | Tensor = 0.0, tile_size: int = 8):
+def render(g: Gaussians, cams: Cameras, background: float | Tensor = 0.0, tile_size: int = FitConfig.tile_size):
     """Render colour (C,H,W,3), world normals facing the camera (C,H,W,3), alpha and expected depth."""
     n = g.normals()
     dirs = cams.c2w[:, :3, 2]  # ortho viewing direction; good enough for orientation of pinhole too
@@ -119,10 +94,10 @@ def quat_from_z(normals: Tensor) -> Tensor:
 
 
 def hull_mesh(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, res: int,
-              device: torch.device) -> tuple[Tensor, Tensor]:
+              device: torch.device, cfg: HullConfig = HullConfig()) -> tuple[Tensor, Tensor]:
     """Visual hull surface: marching cubes of the mask field (vertices (V,3), faces (F,3), outward winding)."""
     pts, counts = grid_points(lo, hi, res, device)
-    field = hull_field(pts, viewset, masks).reshape(*[int(c) for c in counts]).cpu().numpy()
+    field = HullField(viewset, masks, cfg)(pts).reshape(*[int(c) for c in counts]).cpu().numpy()
     step = float(np.max(hi - lo)) / (res - 1)
     field = np.pad(field, 1, constant_values=-0.5)
     verts, faces, _, _ = marching_cubes(field, 0.0, spacing=(step, step, step))
@@ -148,8 +123,9 @@ def _best_view_colors(means: Tensor, normals: Tensor, viewset: ViewSet) -> Tenso
     colors = torch.full((means.shape[0], 3), 0.5, device=means.device)
     best = torch.full((means.shape[0],), -1.0, device=means.device)
     for vi, view in enumerate(viewset.views):
-        uv, _ = project(means, viewset, vi)
-        facing = -(normals * view_dir_at(means, viewset, vi)).sum(-1)
+        cam = view_camera(view, means.device)
+        uv, _ = project(means, cam)
+        facing = -(normals * view_dirs(means, cam)).sum(-1)
         W, H = view.size
         col = sample_image(torch.tensor(view.color[..., :3], dtype=torch.float32, device=means.device) / 255.0, uv, W, H)
         better = facing > best
@@ -157,28 +133,27 @@ def _best_view_colors(means: Tensor, normals: Tensor, viewset: ViewSet) -> Tenso
     return colors
 
 
-def _make_gaussians(means: Tensor, normals: Tensor, colors: Tensor, spacing: float) -> Gaussians:
+def _make_gaussians(means: Tensor, normals: Tensor, colors: Tensor, spacing: float, cfg: FitConfig) -> Gaussians:
     n = means.shape[0]
     dev = means.device
     return Gaussians(
         means.clone().requires_grad_(True),
         quat_from_z(normals).requires_grad_(True),
-        torch.full((n, 2), float(np.log(0.7 * spacing)), device=dev).requires_grad_(True),
-        torch.full((n,), 4.0, device=dev).requires_grad_(True),  # near-opaque: surfels are surfaces
+        torch.full((n, 2), float(np.log(cfg.init_scale * spacing)), device=dev).requires_grad_(True),
+        torch.full((n,), cfg.init_opacity_logit, device=dev).requires_grad_(True),  # near-opaque: surfels are surfaces
         colors.clamp(0, 1).clone().requires_grad_(True),
+        thin=cfg.thin,
     )
 
 
-def init_from_hull(viewset: ViewSet, masks: list[Tensor], lo: np.ndarray, hi: np.ndarray, cfg: FitConfig,
-                   generator: torch.Generator, device: torch.device) -> Gaussians:
-    """Surfels on the visual hull's surface, oriented by its normals, coloured by the best-facing view."""
-    v, f = hull_mesh(viewset, masks, lo, hi, cfg.hull_res, device)
-    means, normals, area = _sample_surface(v, f, cfg.num_gaussians, generator)
-    return _make_gaussians(means, normals, _best_view_colors(means, normals, viewset), float(np.sqrt(area / cfg.num_gaussians)))
+def hull_mesh_res(config: ReconConfig) -> int:
+    """Grid of the hull mesh that seeds surfels: half the fusion grid, within bounds."""
+    h = config.hull
+    return min(h.mesh_res_max, max(h.mesh_res_min, config.fuse.grid_res // h.mesh_res_divisor))
 
 
 def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: np.ndarray, hi: np.ndarray,
-                   cfg: FitConfig, generator: torch.Generator, device: torch.device) -> tuple[Gaussians, Tensor | None]:
+                   config: ReconConfig, generator: torch.Generator, device: torch.device) -> tuple[Gaussians, Tensor | None]:
     """Surfels at pixels lifted by normal integration (orthographic views with normals), plus hull surfels
     wherever no lifted point is near (surfaces all views see edge-on). Also returns the lifted depth maps
     (V,H,W), nan where unknown, for depth supervision; None when nothing could be lifted."""
@@ -186,30 +161,31 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
 
     from make_your_3d.recon.lift import lift_view
 
-    hv, hf = hull_mesh(viewset, masks, lo, hi, cfg.hull_res, device)
+    cfg = config.fit
+    hv, hf = hull_mesh(viewset, masks, lo, hi, hull_mesh_res(config), device, config.hull)
     V = tg.rgb.shape[0]
     depth = torch.full((V, tg.height, tg.width), float("nan"), device=device)
     lifted = []
     if tg.normal is not None:
-        field = HullField(viewset, masks)  # one for every view's hull marching and contacts
+        field = HullField(viewset, masks, config.hull)  # one for every view's marching and contacts
         for v in range(V):
             if not bool(tg.has_normal[v]):
                 continue
             lv = lift_view(tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(), tg.normal[v].cpu().numpy().astype(np.float64),
-                           tg.camera(v), viewset, masks, lo, hi, field=field)
+                           tg.camera(v), viewset, masks, lo, hi, field=field, hull=config.hull, cfg=config.lift)
             if lv is not None and len(lv.points):
                 lifted.append(lv)
                 depth[v] = torch.tensor(lv.depth, dtype=torch.float32, device=device)
     hull_pts, hull_n, hull_area = _sample_surface(hv, hf, cfg.num_gaussians, generator)
     spacing = float(np.sqrt(hull_area / cfg.num_gaussians))
     if not lifted:
-        return _make_gaussians(hull_pts, hull_n, _best_view_colors(hull_pts, hull_n, viewset), spacing), None
+        return _make_gaussians(hull_pts, hull_n, _best_view_colors(hull_pts, hull_n, viewset), spacing, cfg), None
     pts = np.concatenate([lv.points for lv in lifted])
     nrm = np.concatenate([lv.normals for lv in lifted])
     col = np.concatenate([lv.colors for lv in lifted])
     area = np.concatenate([lv.area for lv in lifted])
     # hull surfels only where no lifted point is within a few spacings
-    far = cKDTree(pts).query(hull_pts.cpu().numpy(), k=1)[0] > 2.5 * spacing
+    far = cKDTree(pts).query(hull_pts.cpu().numpy(), k=1)[0] > cfg.hull_gap_spacings * spacing
     n_hull = int(far.sum())
     n_lift = max(1, cfg.num_gaussians - n_hull)
     w = torch.tensor(area / area.sum(), dtype=torch.float64)
@@ -218,23 +194,16 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
     means = torch.cat([torch.tensor(pts[pick], dtype=torch.float32, device=device), hp])
     normals = torch.cat([torch.tensor(nrm[pick], dtype=torch.float32, device=device), hn])
     colors = torch.cat([torch.tensor(col[pick], dtype=torch.float32, device=device), _best_view_colors(hp, hn, viewset)])
-    return _make_gaussians(means, F.normalize(normals, dim=-1), colors, spacing), depth
+    return _make_gaussians(means, F.normalize(normals, dim=-1), colors, spacing, cfg), depth
 
 
 def _pixel_points(depth: Tensor, cams: Cameras) -> Tensor:
     """World points (C,H,W,3) of every pixel at the given camera depth."""
     C, H, W = depth.shape
     dev = depth.device
-    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=depth.dtype) + 0.5,
-                          torch.arange(W, device=dev, dtype=depth.dtype) + 0.5, indexing="ij")
-    K = cams.Ks
-    x = (u[None] - K[:, 0, 2, None, None]) / K[:, 0, 0, None, None]
-    y = (v[None] - K[:, 1, 2, None, None]) / K[:, 1, 1, None, None]
-    if cams.model == "pinhole":
-        x, y = x * depth, y * depth
-    pc = torch.stack([x.expand_as(depth), y.expand_as(depth), depth], -1)
-    c2w = cams.c2w
-    return torch.einsum("cij,chwj->chwi", c2w[:, :3, :3], pc) + c2w[:, None, None, :3, 3]
+    v, u = torch.meshgrid(torch.arange(H, device=dev, dtype=depth.dtype), torch.arange(W, device=dev, dtype=depth.dtype),
+                          indexing="ij")
+    return unproject(u[None], v[None], depth, cams.Ks[:, None, None], cams.c2w, cams.model)
 
 
 def depth_normals(depth: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
@@ -269,7 +238,7 @@ def fit_gaussians(g: Gaussians, tg: ViewTargets, cfg: FitConfig, scene_size: flo
         opt.step()
         losses.append(float(loss.detach()))
         if cfg.prune_every and (it + 1) % cfg.prune_every == 0 and it + 1 < cfg.iterations:
-            keep = g.opacities().detach() > 0.02
+            keep = g.opacities().detach() > cfg.prune_opacity
             if bool((~keep).any()) and int(keep.sum()) > 16:
                 g = g.detach_subset(keep)
                 opt = _make_opt(g, cfg, scene_size)
@@ -294,20 +263,20 @@ def _loss(g: Gaussians, tg: ViewTargets, cams: Cameras, vidx: list[int], cfg: Fi
     loss = cfg.w_rgb * (rgb - tgt).abs().mean() + cfg.w_mask * (alpha - m).abs().mean()
     if depth_targets is not None and cfg.w_depth > 0:
         dt = depth_targets[vidx]
-        ok = torch.isfinite(dt) & (m > 0.99) & (alpha.detach() > 0.5)
+        ok = torch.isfinite(dt) & (m > cfg.core_mask) & (alpha.detach() > cfg.depth_alpha)
         if bool(ok.any()):
             loss = loss + cfg.w_depth * ((depth - dt.nan_to_num(0.0)).abs() * ok).sum() / ok.sum() / scene_size
     if tg.normal is not None and (cfg.w_normal > 0 or cfg.w_depth_normal > 0):
         hn = tg.has_normal[vidx].to(m.dtype)[:, None, None]
         gt = tg.normal[vidx]
-        fg = (m > 0.99).to(m.dtype) * hn
+        fg = (m > cfg.core_mask).to(m.dtype) * hn
         if cfg.w_normal > 0:
             cos = (F.normalize(nrm, dim=-1) * gt).sum(-1)
             loss = loss + cfg.w_normal * ((1 - cos) * fg).sum() / fg.sum().clamp_min(1)
         if cfg.w_depth_normal > 0:
             dn, _ = depth_normals(depth, cams)
             inner = fg[:, 1:-1, 1:-1] * fg[:, 2:, 1:-1] * fg[:, :-2, 1:-1] * fg[:, 1:-1, 2:] * fg[:, 1:-1, :-2]
-            inner = inner * (alpha[:, 1:-1, 1:-1].detach() > 0.9)
+            inner = inner * (alpha[:, 1:-1, 1:-1].detach() > cfg.depth_normal_alpha)
             cos = (dn * gt[:, 1:-1, 1:-1]).sum(-1)
             loss = loss + cfg.w_depth_normal * ((1 - cos) * inner).sum() / inner.sum().clamp_min(1)
     return loss

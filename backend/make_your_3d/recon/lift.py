@@ -20,8 +20,9 @@ import torch
 from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
 
-from make_your_3d.recon.rasterize import Cameras
-from make_your_3d.recon.scene import HullField, view_dir_at
+from make_your_3d.recon.camera import Cameras, pixel_rays, to_world, unproject, view_camera, view_dirs
+from make_your_3d.recon.config import HullConfig, LiftConfig
+from make_your_3d.recon.scene import HullField
 
 
 @dataclass
@@ -34,14 +35,15 @@ class LiftedView:
 
 
 def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarray, hi: np.ndarray,
-                pixels: np.ndarray, steps: int = 96, refine: int = 8,
-                field: HullField | None = None) -> tuple[np.ndarray, np.ndarray]:
+                pixels: np.ndarray, field: HullField | None = None,
+                cfg: HullConfig = HullConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Front and back depth of the visual hull along the orthographic rays of `pixels` (H,W bool),
     found by marching the mask field and refining the crossings by bisection (inf / -inf: missed).
 
     Marching the field itself (not a marching-cubes mesh of it) keeps flat faces exactly flat, which
     the anchoring of integrated normals relies on. `field`: the views' HullField, when the caller has it."""
-    field = HullField(viewset, masks) if field is None else field
+    field = HullField(viewset, masks, cfg) if field is None else field
+    steps, refine = cfg.march_steps, cfg.march_refine
     H, W = pixels.shape
     front = np.full((H, W), np.inf)
     back = np.full((H, W), -np.inf)
@@ -55,13 +57,11 @@ def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarra
     corners = torch.tensor(np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3), dtype=torch.float64, device=dev)
     zc = corners @ vm[2, :3] + vm[2, 3]
     z0, z1 = float(zc.min()), float(zc.max())
-    x = (torch.tensor(u, dtype=torch.float64, device=dev) + 0.5 - K[0, 2]) / K[0, 0]
-    y = (torch.tensor(v, dtype=torch.float64, device=dev) + 0.5 - K[1, 2]) / K[1, 1]
+    x, y = pixel_rays(torch.tensor(u, dtype=torch.float64, device=dev), torch.tensor(v, dtype=torch.float64, device=dev), K)
     zs = torch.linspace(z0, z1, steps, dtype=torch.float64, device=dev)
 
     def world(xx, yy, zz):
-        pc = torch.stack([xx, yy, zz], -1)
-        return (pc @ c2w[:3, :3].T + c2w[:3, 3]).float()
+        return to_world(torch.stack([xx, yy, zz], -1), c2w).float()
 
     R = len(u)
     pts = world(x[:, None].expand(R, steps), y[:, None].expand(R, steps), zs[None].expand(R, steps))
@@ -90,40 +90,51 @@ def hull_depths(viewset, masks: list[torch.Tensor], cams: Cameras, lo: np.ndarra
     return front, back
 
 
-def depth_slopes(normals_cam: np.ndarray, fx: float, fy: float, min_nz: float = 0.3,
-                 max_slope: float = 3.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def depth_slopes(normals_cam: np.ndarray, fx: float, fy: float,
+                 cfg: LiftConfig = LiftConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Depth change per pixel step in x and y of an orthographic view's surface, from its camera-space
     normals (H,W,3), and where the surface faces the camera enough for them to be trusted (0 elsewhere)."""
     nz = normals_cam[..., 2]
-    facing = nz < -min_nz
+    facing = nz < -cfg.min_nz
     with np.errstate(divide="ignore", invalid="ignore"):
-        gx = np.where(facing, np.clip(-normals_cam[..., 0] / nz, -max_slope, max_slope) / fx, 0.0)
-        gy = np.where(facing, np.clip(-normals_cam[..., 1] / nz, -max_slope, max_slope) / fy, 0.0)
+        gx = np.where(facing, np.clip(-normals_cam[..., 0] / nz, -cfg.max_slope, cfg.max_slope) / fx, 0.0)
+        gy = np.where(facing, np.clip(-normals_cam[..., 1] / nz, -cfg.max_slope, cfg.max_slope) / fy, 0.0)
     return gx, gy, facing
 
 
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
-                      fx: float, fy: float, max_slope: float = 3.2, min_nz: float = 0.3,
-                      touch_quantile: float = 0.98, irls: int = 2,
-                      jump_px: float = 1.5, contact: np.ndarray | None = None,
-                      contact_px: float = 1.5) -> np.ndarray:
+                      fx: float, fy: float, contact: np.ndarray | None = None,
+                      cfg: LiftConfig = LiftConfig()) -> np.ndarray:
     """Least-squares depth whose finite differences match the normals' slopes (orthographic camera).
 
     The integral is fixed up to one offset per connected piece: the offset that puts the piece just
     behind the visual hull's front, touching it (robustly: a high quantile of the gap), refined to the
     median gap over the piece's `contact` pixels (where the surface is known to touch the hull) that
-    lie within `contact_px` of that placement. Returns (H,W) depth, nan outside the mask.
+    lie within `cfg.contact_px` of that placement. Returns (H,W) depth, nan outside the mask.
     """
     H, W = mask.shape
-    eps = 0.5 / min(fx, fy)  # residuals below half a pixel's width count fully
-    ok_hull = np.isfinite(front) & np.isfinite(back)
-    m = mask & ok_hull
-    idx = -np.ones((H, W), np.int64)
+    m = mask & np.isfinite(front) & np.isfinite(back)
     n = int(m.sum())
     if n == 0:
         return np.full((H, W), np.nan)
+    A, b, w0, n_grad = _gradient_system(normals_cam, m, front, fx, fy, cfg)
+    z = _solve_irls(A, b, w0, n_grad, 0.5 / min(fx, fy), cfg.irls)
+    z = _anchor_pieces(z, A[:n_grad], m, front, contact, fx, cfg)
+    out = np.full((H, W), np.nan)
+    out[m] = np.clip(z, front[m], back[m])
+    return out
+
+
+def _gradient_system(normals_cam: np.ndarray, m: np.ndarray, front: np.ndarray, fx: float, fy: float,
+                     cfg: LiftConfig) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, int]:
+    """The sparse least-squares system over the pixels of `m`: one row per neighbouring pair whose depth
+    difference must match the normals' mean slope (pairs across an occluding edge cut), then one weak row
+    per pixel pulling it to the hull's front. Returns A, b, the rows' weights and the gradient rows' count."""
+    H, W = m.shape
+    idx = -np.ones((H, W), np.int64)
+    n = int(m.sum())
     idx[m] = np.arange(n)
-    gx, gy, facing = depth_slopes(normals_cam, fx, fy, min_nz, max_slope)
+    gx, gy, facing = depth_slopes(normals_cam, fx, fy, cfg)
     good = m & facing
     rows, cols, vals, rhs, wts = [], [], [], [], []
     r = 0
@@ -137,7 +148,7 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
         # discontinuity) that integration must not smooth over
         fa = front[:, :-1][a] if axis == 1 else front[:-1, :][a]
         fb = front[:, 1:][a] if axis == 1 else front[1:, :][a]
-        keep = np.abs((fb - fa) - 0.5 * (ga + gb)) < jump_px / (fx if axis == 1 else fy)
+        keep = np.abs((fb - fa) - 0.5 * (ga + gb)) < cfg.jump_px / (fx if axis == 1 else fy)
         ia, ib, ga, gb = ia[keep], ib[keep], ga[keep], gb[keep]
         k = len(ia)
         e = np.arange(r, r + k)
@@ -147,92 +158,97 @@ def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarr
         rhs.append(0.5 * (ga + gb))
         wts.append(np.ones(k))
         r += k
-    # a weak pull to the hull's front fixes every piece; then each connected piece is shifted so that it
-    # lies behind the hull's front and touches it (the surface meets the hull on every view's contour)
+    # a weak pull to the hull's front fixes every piece (`_anchor_pieces` then places each piece)
     ids = idx[m]
-    k = len(ids)
-    e = np.arange(r, r + k)
+    e = np.arange(r, r + n)
     rows.append(e)
     cols.append(ids)
-    vals.append(np.ones(k))
+    vals.append(np.ones(n))
     rhs.append(front[m])
-    wts.append(np.full(k, 1e-4))
-    r += k
-    A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n))
-    b = np.concatenate(rhs)
-    w0 = np.concatenate(wts)
-    n_grad = r - k
+    wts.append(np.full(n, cfg.anchor_weight))
+    A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r + n, n))
+    return A, np.concatenate(rhs), np.concatenate(wts), r
+
+
+def _solve_irls(A: sp.csr_matrix, b: np.ndarray, w0: np.ndarray, n_grad: int, eps: float, irls: int) -> np.ndarray:
+    """Weighted least squares, reweighted `irls` times towards an L1 fit of the gradient rows: a depth jump
+    hidden behind an occluding edge then stays a jump along that edge instead of bending the whole
+    surface. Residuals below `eps` (half a pixel's width) count fully."""
     w = w0.copy()
     for it in range(irls + 1):
         AtW = A.T.multiply(w).tocsr()
         z = spla.spsolve((AtW @ A).tocsc(), AtW @ b)
         if it == irls:
             break
-        # reweighting towards an L1 fit: a depth jump hidden behind an occluding edge then stays a
-        # jump along that edge instead of bending the whole surface
         res = np.abs(A[:n_grad] @ z - b[:n_grad])
         w = w0.copy()
         w[:n_grad] = 1.0 / np.maximum(res / eps, 1.0)
-    ncomp, label = connected_components(A[:n_grad].T @ A[:n_grad], directed=False)
+    return z
+
+
+def _anchor_pieces(z: np.ndarray, grad_rows: sp.csr_matrix, m: np.ndarray, front: np.ndarray,
+                   contact: np.ndarray | None, fx: float, cfg: LiftConfig) -> np.ndarray:
+    """Shift each connected piece of the integral so that it lies behind the hull's front and touches it
+    (the surface meets the hull on every view's contour)."""
+    n = len(z)
+    ncomp, label = connected_components(grad_rows.T @ grad_rows, directed=False)
     gap = front[m] - z
     # the hull is least reliable next to this view's own silhouette (partly covered pixels): leave a
-    # two-pixel rim out of the estimate where the piece is big enough
-    core = ndimage.binary_erosion(m, iterations=2, border_value=0)[m]
+    # rim out of the estimate where the piece is big enough
+    core = ndimage.binary_erosion(m, iterations=cfg.rim_px, border_value=0)[m]
     on_hull = contact[m] if contact is not None else np.zeros(n, bool)
+    z = z.copy()
     for c in range(ncomp):
         sel = label == c
-        use = sel & core if (sel & core).sum() > 8 else sel
-        shift = np.quantile(gap[use], touch_quantile) if use.sum() > 4 else gap[use].max()
+        use = sel & core if (sel & core).sum() > cfg.min_core_px else sel
+        shift = np.quantile(gap[use], cfg.touch_quantile) if use.sum() > cfg.min_quantile_px else gap[use].max()
         # contacts that agree with that placement to within `contact_px`: a concave floor lying edge-on
         # under the hull's lid (a tray seen from above) passes the contact test but sits far behind it
-        touch = sel & core & on_hull & (np.abs(gap - shift) < contact_px / fx)
-        if touch.sum() > max(8, 0.02 * sel.sum()):
+        touch = sel & core & on_hull & (np.abs(gap - shift) < cfg.contact_px / fx)
+        if touch.sum() > max(cfg.min_contacts, cfg.contact_fraction * sel.sum()):
             # where the surface is known to touch the hull: the typical gap there, robust to the hull's
             # sub-pixel noise and to the integral's drift between far parts of the piece (the high
             # quantile lets the few points where the hull is cut deepest push the whole piece back)
             shift = np.median(gap[touch])
         z[sel] += shift
-    out = np.full((H, W), np.nan)
-    out[m] = np.clip(z, front[m], back[m])
-    return out
+    return z
 
 
 def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndarray, front: np.ndarray,
-                  normals_world: np.ndarray, max_cos: float = 0.05, field: HullField | None = None) -> np.ndarray:
+                  normals_world: np.ndarray, field: HullField | None = None,
+                  cfg: LiftConfig = LiftConfig()) -> np.ndarray:
     """Pixels (H,W bool) of an orthographic view where the surface touches the visual hull's front: the
     hull there is bounded by another view's silhouette (the point lies on its contour) and the surface
     turns edge-on to that view (its normal is nearly perpendicular to that view's rays), so the point is
     on that view's contour generator, unless the surface lies well behind the hull's front there (a
     concave floor under the hull's lid passes both tests too: `integrate_normals` drops contacts far from
     its placement). Elsewhere the hull's front may lie well in front of the surface.
-    `max_cos` keeps the band narrow on curved surfaces (on a sphere of radius 1, 0.05 is a gap of at most
-    0.0013: about a sixth of a pixel at the benchmark's scale). `field`: the views' HullField, when the
-    caller has it."""
+    `cfg.contact_max_cos` keeps the band narrow on curved surfaces. `field`: the views' HullField, when
+    the caller has it."""
     contact = np.zeros(front.shape, bool)
     v, u = np.nonzero(np.isfinite(front))
     if len(v) == 0:
         return contact
-    x = (u + 0.5 - K[0, 2]) / K[0, 0]
-    y = (v + 0.5 - K[1, 2]) / K[1, 1]
     c2w = np.linalg.inv(vm)
-    pts = np.stack([x, y, front[v, u]], -1) @ c2w[:3, :3].T + c2w[:3, 3]
+    pts = unproject(u, v, front[v, u], K, c2w)
     field = HullField(viewset, masks) if field is None else field
     vals = field.per_view(torch.tensor(pts, dtype=torch.float32, device=masks[0].device)).cpu().numpy()
     n = normals_world[v, u]
     own = c2w[:3, 2] / np.linalg.norm(c2w[:3, 2])
     for k, view in enumerate(viewset.views):
-        d = view_dir_at(torch.tensor(pts), viewset, k).numpy()
+        d = view_dirs(torch.tensor(pts), view_camera(view, torch.device("cpu"), torch.float64)).numpy()
         if view.projection == "orthographic" and abs(float(d[0] @ own)) > 0.99:
             continue  # this view or its opposite: its contour is this view's rim
-        on_contour = np.abs(vals[k] - 0.5) < 0.45  # the sub-pixel mask ramps only across its own edge
-        edge_on = np.abs((n * d).sum(-1)) < max_cos
+        on_contour = np.abs(vals[k] - 0.5) < cfg.contact_ramp  # the sub-pixel mask ramps only across its own edge
+        edge_on = np.abs((n * d).sum(-1)) < cfg.contact_max_cos
         contact[v[on_contour & edge_on], u[on_contour & edge_on]] = True
     return contact
 
 
 def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cams: Cameras,
               viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray,
-              field: HullField | None = None) -> LiftedView | None:
+              field: HullField | None = None, hull: HullConfig = HullConfig(),
+              cfg: LiftConfig = LiftConfig()) -> LiftedView | None:
     """Integrate one orthographic view's normals and lift its masked pixels to world points. `field`:
     the views' HullField, when the caller has it."""
     if cams.model != "ortho":
@@ -240,19 +256,13 @@ def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cam
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
     K = cams.Ks[0].cpu().numpy().astype(np.float64)
     mask = alpha > 0.5
-    field = HullField(viewset, masks) if field is None else field
-    front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field)
+    field = HullField(viewset, masks, hull) if field is None else field
+    front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field, cfg=hull)
     n_cam = normals_world @ vm[:3, :3].T
-    contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field)
-    depth = integrate_normals(n_cam, mask, front, back, K[0, 0], K[1, 1], contact=contact)
-    valid = np.isfinite(depth)
-    H, W = mask.shape
-    v, u = np.nonzero(valid)
-    x = (u + 0.5 - K[0, 2]) / K[0, 0]
-    y = (v + 0.5 - K[1, 2]) / K[1, 1]
-    pc = np.stack([x, y, depth[v, u]], -1)
-    c2w = np.linalg.inv(vm)
-    pts = pc @ c2w[:3, :3].T + c2w[:3, 3]
-    nz = np.clip(-n_cam[v, u, 2], 0.2, 1.0)
+    contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field, cfg=cfg)
+    depth = integrate_normals(n_cam, mask, front, back, K[0, 0], K[1, 1], contact=contact, cfg=cfg)
+    v, u = np.nonzero(np.isfinite(depth))
+    pts = unproject(u, v, depth[v, u], K, np.linalg.inv(vm))
+    nz = np.clip(-n_cam[v, u, 2], cfg.area_min_cos, 1.0)
     area = 1.0 / (K[0, 0] * K[1, 1]) / nz
     return LiftedView(depth, pts, normals_world[v, u], rgb[v, u], area)

@@ -16,9 +16,9 @@ from scipy import ndimage
 from skimage.measure import marching_cubes
 from torch import Tensor
 
-from make_your_3d.recon.rasterize import Cameras
-from make_your_3d.recon.scene import grid_counts, sample_image, subpixel_mask
-from make_your_3d.recon.texture import project_points, view_dirs
+from make_your_3d.recon.camera import Cameras, pixel_size, project, sample_image, view_dirs
+from make_your_3d.recon.config import FuseConfig, HullConfig, MeshConfig
+from make_your_3d.recon.scene import grid_counts, subpixel_mask
 
 
 @dataclass
@@ -39,43 +39,17 @@ class DepthView:
         return self.mask if self.mask is not None else self.alpha
 
 
-def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tuple[float, ...], n_azimuth: int,
-                  device: torch.device) -> Cameras:
-    """Orthographic cameras on rings around the scene (for fusion views that the inputs lack)."""
-    from make_your_3d.recon.cameras import look_at
-
-    vms = []
-    for el in elevations:
-        for k in range(n_azimuth):
-            az = np.radians(360.0 * k / n_azimuth + (0.5 * 360.0 / n_azimuth if el else 0.0))
-            e = np.radians(el)
-            eye = centre + 3.0 * radius * np.array([np.cos(e) * np.sin(az), np.sin(e), np.cos(e) * np.cos(az)])
-            vms.append(np.linalg.inv(look_at(eye, centre)))
-    for el in (90.0, -90.0):
-        eye = centre + 3.0 * radius * np.array([0.0, np.sign(el), 0.0])
-        vms.append(np.linalg.inv(look_at(eye, centre)))
-    span = 2.0 * radius
-    K = np.array([[size / span, 0, size / 2], [0, size / span, size / 2], [0, 0, 1.0]])
-    return Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
-                   torch.tensor(K, dtype=torch.float32, device=device)[None].repeat(len(vms), 1, 1), size, size, "ortho")
-
-
-def silhouette_distance(mask: Tensor, upsample: int = 4) -> Tensor:
+def silhouette_distance(mask: Tensor, upsample: int = HullConfig.mask_upsample,
+                        sharp: float = HullConfig.sharp_edge) -> Tensor:
     """Signed distance to the mask's contour in pixels (positive outside), at `upsample` times the
     mask's resolution; the contour is the anti-aliased edges' sub-pixel position (`subpixel_mask`)."""
-    m = subpixel_mask(mask, upsample).cpu().numpy()
+    m = subpixel_mask(mask, upsample, sharp).cpu().numpy()
     if not m.any():
         return torch.full(m.shape, float(max(m.shape)) / upsample, device=mask.device)
     outside = ndimage.distance_transform_edt(~m) - 0.5  # contour half-way between pixel centres
     inside = ndimage.distance_transform_edt(m) - 0.5
     sd = np.where(m, -inside, outside) / upsample
     return torch.tensor(sd, dtype=torch.float32, device=mask.device)
-
-
-def _pixel_size(cams: Cameras, z: Tensor) -> Tensor:
-    """World size of one pixel at camera depth z (orthographic: constant)."""
-    fx = cams.Ks[0, 0, 0]
-    return torch.ones_like(z) / fx if cams.model == "ortho" else z.clamp_min(1e-6) / fx
 
 
 @dataclass
@@ -93,15 +67,16 @@ class Silhouette:
         return sample_image(self.distance[..., None], uv * u, W * u, H * u, outside=float(max(W, H)))[:, 0]
 
 
-def silhouettes(views: list[DepthView], upsample: int = 4) -> list[Silhouette | None]:
+def silhouettes(views: list[DepthView], cfg: HullConfig = HullConfig()) -> list[Silhouette | None]:
     """Each carving view's Silhouette (None for views that do not carve)."""
-    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, upsample), upsample) if dv.carve else None
+    u = cfg.mask_upsample
+    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, u, cfg.sharp_edge), u) if dv.carve else None
             for dv in views]
 
 
 def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int, trunc: float,
-               device: torch.device, chunk: int = 2_000_000, edge_px: float = 1.0,
-               sils: list[Silhouette | None] | None = None) -> tuple[np.ndarray, float]:
+               device: torch.device, sils: list[Silhouette | None] | None = None,
+               cfg: FuseConfig = FuseConfig()) -> tuple[np.ndarray, float]:
     """Truncated signed distance in units of `trunc` (positive outside) on a grid over [lo, hi].
 
     Two fields meet with a max (a CSG intersection): depths fused the usual way (a weighted mean of
@@ -110,20 +85,21 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
     bound of the distance to the surface, so near the contour it places the surface where the masks do
     instead of pulling it a voxel inwards as a saturated 'free space' vote would (which erodes thin
     parts). Depth within `edge_px` of a view's contour is not fused: it mixes the surface with what lies
-    behind the edge. Voxels are processed in chunks so memory stays flat at fine grids. `sils`: the
-    views' `silhouettes`, when the caller has them already."""
+    behind the edge (`cfg.edge_px`). Voxels are processed in chunks so memory stays flat at fine grids.
+    `sils`: the views' `silhouettes`, when the caller has them already."""
     step = float(np.max(hi - lo)) / (res - 1)
     counts = grid_counts(lo, hi, res)
     origin = torch.tensor(lo, dtype=torch.float32, device=device)
     sils = silhouettes(views) if sils is None else sils
     n = int(np.prod(counts))
     field = torch.empty(n, device=device)
+    chunk = cfg.chunk
     for i in range(0, n, chunk):
         # the grid's points for flat indices [i, i + chunk) in C order (x slowest), made on the fly
         flat = torch.arange(i, min(i + chunk, n), device=device)
         ijk = torch.stack([flat // int(counts[1] * counts[2]), (flat // int(counts[2])) % int(counts[1]),
                            flat % int(counts[2])], -1)
-        field[i : i + chunk] = _fuse_chunk(views, sils, origin + ijk.float() * step, trunc, edge_px)
+        field[i : i + chunk] = _fuse_chunk(views, sils, origin + ijk.float() * step, trunc, cfg.edge_px)
     return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
 
 
@@ -135,7 +111,7 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
     outside = torch.zeros(pts.shape[0], dtype=torch.bool, device=pts.device)
     for dv, sil in zip(views, sils):
         W, H = dv.cams.width, dv.cams.height
-        uv, z = project_points(pts, dv.cams)
+        uv, z = project(pts, dv.cams)
         ix, iy = torch.floor(uv[:, 0]).long(), torch.floor(uv[:, 1]).long()
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
@@ -149,7 +125,7 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
         covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
         if sil is not None:
             sd_px = sil.sample(uv)
-            hull = torch.maximum(hull, (sd_px * _pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
+            hull = torch.maximum(hull, (sd_px * pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
             covered &= sd_px < -edge_px
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
@@ -160,8 +136,7 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
 
 
 def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float,
-                        sils: list[Silhouette | None] | None = None, cos_max: float = 0.3, max_move: float = 0.7,
-                        max_px: float = 0.5, iterations: int = 2) -> trimesh.Trimesh:
+                        sils: list[Silhouette | None] | None = None, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
     """Move vertices on a view's contour generator onto the visual hull (same faces, new positions).
 
     Where a surface turns away from a view (its normal nearly perpendicular to the viewing direction),
@@ -169,7 +144,7 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
     box-like corners that form such contours by a fraction of a voxel, which shows as a missing pixel
     along thin parts seen at an angle. Each such vertex is moved along its normal until it meets the
     first silhouette it would cross (the signed 2D distances to the silhouettes are sub-pixel), if that
-    is less than `max_move` voxels and `max_px` pixels away: further than that the hull is more likely
+    is less than `cfg.snap_max_move` voxels and `cfg.snap_max_px` pixels away: further than that the hull is more likely
     loose than the mesh wrong (larger moves bulged the blob and ring). `sils`: the views' `silhouettes`,
     when the caller has them already."""
     carving = [sil for sil in (silhouettes(views) if sils is None else sils) if sil is not None]
@@ -178,7 +153,7 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
     dev = carving[0].distance.device
     V = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=dev)
     N = torch.tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32, device=dev)
-    for _ in range(iterations):
+    for _ in range(cfg.snap_iterations):
         # how far each vertex may move along its normal before it leaves some view's silhouette: that
         # view's 2D distance over the rate at which the move approaches its contour (the normal's part
         # in its image plane); a contour view's bound is where the vertex meets its silhouette
@@ -186,19 +161,19 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
         pixel = torch.full((V.shape[0],), float("inf"), device=dev)
         on_contour = torch.zeros(V.shape[0], dtype=torch.bool, device=dev)
         for sil in carving:
-            uv, z = project_points(V, sil.cams)
+            uv, z = project(V, sil.cams)
             cos = (N * view_dirs(V, sil.cams)).sum(-1)
-            rate = (1 - cos**2).clamp_min(0).sqrt().clamp_min(0.2)
-            size = _pixel_size(sil.cams, z)
+            rate = (1 - cos**2).clamp_min(0).sqrt().clamp_min(cfg.snap_min_rate)
+            size = pixel_size(sil.cams, z)
             room = torch.minimum(room, -sil.sample(uv) * size / rate)
             pixel = torch.minimum(pixel, size)
-            on_contour |= cos.abs() < cos_max
-        move = on_contour & (room > 0) & (room < torch.clamp(max_px * pixel, max=max_move * step))
+            on_contour |= cos.abs() < cfg.snap_cos_max
+        move = on_contour & (room > 0) & (room < torch.clamp(cfg.snap_max_px * pixel, max=cfg.snap_max_move * step))
         V = torch.where(move[:, None], V + room[:, None] * N, V)
     return trimesh.Trimesh(V.cpu().numpy().astype(np.float64), np.asarray(mesh.faces), process=False)
 
 
-def clean_field(field: np.ndarray, sigma: float = 0.5) -> np.ndarray:
+def clean_field(field: np.ndarray, sigma: float = MeshConfig.smooth_sigma) -> np.ndarray:
     """Light smoothing (fusion noise otherwise leaves tiny handles and bubbles that break decimation into
     non-manifold pieces), then enclosed pockets of 'outside' (cavities nothing could see) filled."""
     f = ndimage.gaussian_filter(field.astype(np.float32), sigma) if sigma > 0 else field.astype(np.float32)
@@ -220,7 +195,7 @@ def field_to_mesh(field: np.ndarray, lo: np.ndarray, step: float) -> trimesh.Tri
     return mesh
 
 
-def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh:
+def keep_largest(mesh: trimesh.Trimesh, min_fraction: float = MeshConfig.keep_fraction) -> trimesh.Trimesh:
     """Drop floaters: keep components with at least `min_fraction` of the largest one's area."""
     parts = mesh.split(only_watertight=False)
     if len(parts) <= 1:
@@ -278,7 +253,7 @@ def _oriented(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return mesh
 
 
-def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh:
+def repair(mesh: trimesh.Trimesh, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
     """Make a decimated surface closed and manifold again.
 
     Decimation pinches thin spots: tiny slivers split off (two back-to-back triangles, a dozen-face
@@ -293,7 +268,7 @@ def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh
     areas = np.array([p.area for p in parts])
     out = []
     for part, area in zip(parts, areas):
-        if area < min_fraction * areas.max():
+        if area < cfg.keep_fraction * areas.max():
             continue
         if not is_closed_manifold(part):
             v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(part.vertices, np.float64),
@@ -301,7 +276,7 @@ def repair(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh
             fixed = trimesh.Trimesh(v, f, process=True)
             # MeshFix only trims around the pinch; if it threw away much of the piece (it can on a
             # decimation far too coarse for the shape), keep the broken piece and let the caller retry
-            if len(fixed.faces) >= 0.9 * len(part.faces) and abs(fixed.area - part.area) <= 0.05 * part.area:
+            if len(fixed.faces) >= cfg.repair_keep_faces * len(part.faces) and abs(fixed.area - part.area) <= cfg.repair_area_change * part.area:
                 part = fixed
         out.append(_oriented(part))
     if not out:
@@ -318,7 +293,7 @@ def _decimate(mesh: trimesh.Trimesh, target: int, agg: float) -> trimesh.Trimesh
     return out
 
 
-def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+def simplify(mesh: trimesh.Trimesh, faces: int, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
     """Quadric decimation down to the face budget (no-op when already under it), closed and manifold.
 
     Collapses occasionally pinch an edge into a non-manifold one; the decimated surface is then
@@ -329,10 +304,10 @@ def simplify(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     if len(mesh.faces) <= faces:
         return mesh
     tries = []
-    for target, agg in ((1.0, 7.0), (0.98, 7.0), (0.95, 7.0), (0.97, 4.0), (0.92, 7.0)):
+    for target, agg in cfg.decimate_tries:
         out = _decimate(mesh, int(faces * target), agg)
         if mesh.is_watertight and not is_closed_manifold(out):
-            out = repair(out)
+            out = repair(out, cfg)
         tries.append(out)
         if len(out.faces) <= faces and (is_closed_manifold(out) or not mesh.is_watertight):
             return out

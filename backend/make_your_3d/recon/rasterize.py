@@ -6,9 +6,8 @@ o * exp(-sigma)), alphas below 1/255 skipped, a ray stops once transmittance wou
 return the same things: features composited over an optional background, accumulated alpha and
 expected depth (gsplat's "ED").
 
-Camera convention: `viewmats` are world-to-camera (OpenCV axes), `Ks` pixel intrinsics. The views
-contract's orthographic camera u = (c.x / ortho_w + 1/2) * W is gsplat's "ortho" model with
-fx = W / ortho_w, cx = W / 2 (pixel centres at i + 0.5 in both).
+Cameras and their conventions: recon/camera.py (the contract's orthographic camera is gsplat's "ortho"
+model). ALPHA_MIN, ALPHA_MAX and T_MIN are gsplat's own constants, not tuned here.
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from make_your_3d.recon.camera import Cameras, view_K  # noqa: F401  (view_K re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -30,39 +30,10 @@ T_MIN = 1e-4
 
 
 @dataclass
-class Cameras:
-    """A batch of cameras sharing one projection model and image size."""
-
-    viewmats: Tensor  # (C, 4, 4) world-to-camera, OpenCV axes
-    Ks: Tensor  # (C, 3, 3)
-    width: int
-    height: int
-    model: str  # "ortho" or "pinhole"
-
-    def __len__(self) -> int:
-        return int(self.viewmats.shape[0])
-
-    def subset(self, idx: list[int] | Tensor) -> "Cameras":
-        return Cameras(self.viewmats[idx], self.Ks[idx], self.width, self.height, self.model)
-
-    @property
-    def c2w(self) -> Tensor:
-        return torch.linalg.inv(self.viewmats)
-
-
-@dataclass
 class RenderOut:
     features: Tensor  # (C, H, W, D) composited features (over `backgrounds` when given)
     alpha: Tensor  # (C, H, W, 1)
     depth: Tensor  # (C, H, W, 1) expected depth (accumulated depth / alpha), 0 where alpha is 0
-
-
-def view_K(projection: str, width: int, height: int, ortho_size: tuple[float, float] | None, K: np.ndarray | None) -> np.ndarray:
-    """Intrinsics for a contract view, in gsplat's convention for its camera model."""
-    if projection == "orthographic":
-        ow, oh = ortho_size
-        return np.array([[width / ow, 0.0, width / 2.0], [0.0, height / oh, height / 2.0], [0.0, 0.0, 1.0]])
-    return np.asarray(K, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Stage 6: views folder -> textured GLB.
+"""Stage 6: views folder -> textured GLB, in numbered steps of one call each (`reconstruct`).
 
 1. visual hull of the masks (bounds, and the anchor for step 2);
 2. each orthographic view's normals integrated into a depth map (recon/lift.py), its pixels lifted
@@ -6,13 +6,16 @@
 3. flat Gaussians fitted to colour, mask, normal and lifted-depth targets (gsplat rasterization on
    CUDA, the torch path otherwise; recon/fit.py, recon/rasterize.py);
 4. TSDF fusion over the input cameras: lifted depth where known, else the Gaussians' depth where they
-   are solid; the masks bound it as a distance to each silhouette (recon/mesh.py); marching cubes;
-   largest components; vertices on a view's contour snapped onto the visual hull; quadric
-   simplification to the face budget;
-5. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
-   from Gaussian renders (`extra_views=True`), then a smooth fill from the colours seen around them;
+   are solid; the masks bound it as a distance to each silhouette (recon/mesh.py);
+5. marching cubes, largest components, vertices on a view's contour snapped onto the visual hull,
+   quadric simplification to the face budget;
+6. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
+   from Gaussian renders (`fuse.extra_views`), then a smooth fill from the colours seen around them;
    dilated islands (recon/texture.py);
-6. GLB written atomically (recon/glb.py) plus a job.json-style record.
+7. GLB written atomically (recon/glb.py) plus a job.json-style record.
+
+Every tuned number comes from one `ReconConfig` (recon/config.py); `ReconOptions` is its front for the
+pipeline and the CLI (a preset name plus flat or dotted overrides).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,54 +34,57 @@ from torch import Tensor
 from make_your_3d.device import resolve_device
 from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
-from make_your_3d.recon.fit import FitConfig, fit_gaussians, init_from_lift, render
+from make_your_3d.recon.camera import Cameras, cameras_for, orbit_cameras
+from make_your_3d.recon.config import PRESETS, ReconConfig, preset_config
+from make_your_3d.recon.fit import Gaussians, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
-from make_your_3d.recon.mesh import (DepthView, clean_field, field_to_mesh, keep_largest, orbit_cameras, simplify,
+from make_your_3d.recon.lift import depth_slopes
+from make_your_3d.recon.mesh import (DepthView, Silhouette, clean_field, field_to_mesh, keep_largest, simplify,
                                      silhouettes, snap_to_silhouettes, tsdf_field)
-from make_your_3d.recon.rasterize import Cameras, cuda_available
-from make_your_3d.recon.scene import mask_tensors, scene_bounds, targets_for
-from make_your_3d.recon.texture import ColorSource, bake, unwrap
+from make_your_3d.recon.rasterize import cuda_available
+from make_your_3d.recon.scene import ViewTargets, mask_tensors, scene_bounds, targets_for
+from make_your_3d.recon.texture import ColorSource, UVMesh, bake, unwrap
 from make_your_3d.recon.views import ViewSet, load_views
 
-# Knobs per preset; explicit ReconOptions fields override them.
-PRESETS: dict[str, dict] = {
-    "fast": dict(iterations=100, render_size=96, num_gaussians=6000, views_per_step=2, grid_res=320,
-                 fuse_size=256, faces=20000, texture_size=1024),
-    "default": dict(iterations=200, render_size=128, num_gaussians=12000, views_per_step=2, grid_res=512,
-                    fuse_size=256, faces=40000, texture_size=2048),
-    "quality": dict(iterations=600, render_size=192, num_gaussians=25000, views_per_step=3, grid_res=576,
-                    fuse_size=512, faces=50000, texture_size=2048),
-}
+__all__ = ["PRESETS", "ReconConfig", "ReconOptions", "ReconResult", "reconstruct"]
 
 
-@dataclass
 class ReconOptions:
-    preset: str = "default"  # fast | default | quality
-    device: str = "auto"
-    faces: int | None = None  # face budget
-    texture_size: int | None = None
-    seed: int = 0
-    iterations: int | None = None  # Gaussian fitting steps
-    render_size: int | None = None  # longest side of the views while fitting
-    num_gaussians: int | None = None  # initial surfels on the visual hull
-    views_per_step: int | None = None
-    grid_res: int | None = None  # TSDF grid cells along the longest side of the box
-    fuse_size: int | None = None  # resolution at which normals are integrated and depths fused
-    extra_views: bool = False  # fill unseen texels from Gaussian renders of extra cameras (else nearest seen)
-    fuse_extra: bool = False  # also fuse their depth (off: expected depth mixes front and back surfels)
+    """The pipeline's and the CLI's front to `ReconConfig`: a preset name, the device, and overrides by
+    flat name (`grid_res`, `fuse_size`, `iterations`, ...: `config.FLAT_ALIASES`) or dotted name
+    (`lift.contact_px`). None means "the preset's value". `config()` resolves and validates them
+    (BadRequest naming a bad key or value); `resolved()` is that config as a JSON-able dict."""
+
+    def __init__(self, preset: str = "default", device: str = "auto", faces: int | None = None,
+                 texture_size: int | None = None, seed: int = 0, overrides: dict[str, Any] | None = None,
+                 **settings: Any):
+        self.preset = preset
+        self.device = device
+        self.faces = faces
+        self.texture_size = texture_size
+        self.seed = seed
+        self.overrides = {**(overrides or {}), **settings}
+
+    def settings(self) -> dict[str, Any]:
+        """Every explicit override (None dropped), the named arguments included."""
+        named = {"faces": self.faces, "texture_size": self.texture_size, "seed": self.seed}
+        return {k: v for k, v in {**named, **self.overrides}.items() if v is not None}
+
+    def config(self) -> ReconConfig:
+        return preset_config(self.preset).with_overrides(self.settings())
 
     def resolved(self) -> dict:
-        if self.preset not in PRESETS:
-            raise BadRequest(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}.")
-        knobs = dict(PRESETS[self.preset])
-        for k in knobs:
-            v = getattr(self, k)
-            if v is not None:
-                knobs[k] = v
-        for k in ("faces", "texture_size", "iterations", "render_size", "num_gaussians", "grid_res", "fuse_size"):
-            if int(knobs[k]) < (0 if k == "iterations" else 8):
-                raise BadRequest(f"option {k} = {knobs[k]} is too small.")
-        return knobs
+        return self.config().to_dict()
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "device": self.device, "faces": self.faces, "texture_size": self.texture_size,
+                "seed": self.seed, "overrides": dict(self.overrides)}
+
+    def __repr__(self) -> str:
+        return f"ReconOptions({self.to_dict()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReconOptions) and self.to_dict() == other.to_dict()
 
 
 @dataclass
@@ -87,6 +94,25 @@ class ReconResult:
     faces: int
     timings: dict[str, float]
     record: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Scene:
+    """What step 1-2 know about the views: masks, bounds, targets at the fusion and fitting sizes, the
+    lifted depth (V,H,W) at the fusion size (None: nothing lifted) and the initial Gaussians."""
+
+    masks: list[Tensor]
+    lo: np.ndarray
+    hi: np.ndarray
+    fuse: ViewTargets
+    fit: ViewTargets
+    lifted: Tensor | None
+    fit_depth: Tensor | None
+    gaussians: Gaussians
+
+    @property
+    def size(self) -> float:
+        return float(np.max(self.hi - self.lo))
 
 
 def _versions() -> dict:
@@ -100,128 +126,159 @@ def _versions() -> dict:
             "trimesh": trimesh.__version__, "scikit-image": skimage.__version__, "python": platform.python_version()}
 
 
-def _view_slopes(normals_world: Tensor, cams: Cameras) -> Tensor:
+def _view_slopes(normals_world: Tensor, cams: Cameras, cfg) -> Tensor:
     """(H,W,2) depth change per pixel step of an orthographic view, for the fusion's sub-pixel lookups."""
-    from make_your_3d.recon.lift import depth_slopes
-
     n_cam = (normals_world @ cams.viewmats[0, :3, :3].T).cpu().numpy()
-    gx, gy, _ = depth_slopes(n_cam, float(cams.Ks[0, 0, 0]), float(cams.Ks[0, 1, 1]))
+    gx, gy, _ = depth_slopes(n_cam, float(cams.Ks[0, 0, 0]), float(cams.Ks[0, 1, 1]), cfg)
     return torch.tensor(np.stack([gx, gy], -1), dtype=torch.float32, device=normals_world.device)
 
 
-def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: ReconOptions | None = None,
+def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: ReconOptions | ReconConfig | None = None,
                 progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> ReconResult:
-    """Reconstruct a textured mesh from a views folder (or a loaded ViewSet) and write it as GLB."""
-    options = options or ReconOptions()
-    knobs = options.resolved()
+    """Reconstruct a textured mesh from a views folder (or a loaded ViewSet) and write it as GLB.
+    `options`: a ReconOptions (preset + overrides + device) or a ReconConfig (run on the auto device)."""
+    options = options if options is not None else ReconOptions()
+    cfg = options if isinstance(options, ReconConfig) else options.config()
+    device = resolve_device("auto" if isinstance(options, ReconConfig) else options.device)
     viewset = load_views(views) if isinstance(views, (str, Path)) else views
     if not viewset.views:
         raise BadViews("the view set is empty; at least one view is needed.")
-    device = resolve_device(options.device)
     reporter = Reporter("reconstruct", progress, cancel)
-    total = int(knobs["iterations"]) + 5
+    total = cfg.fit.iterations + 5
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    torch.manual_seed(options.seed)
-    gen = torch.Generator(device="cpu").manual_seed(options.seed)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
     with _deterministic():
         reporter.step(0, total, "visual hull")
-        t = time.perf_counter()
-        masks = mask_tensors(viewset, device)
-        lo, hi = scene_bounds(viewset, masks, device)
-        scene_size = float(np.max(hi - lo))
-        centre = (lo + hi) / 2
-        cfg = FitConfig(iterations=int(knobs["iterations"]), num_gaussians=int(knobs["num_gaussians"]),
-                        views_per_step=int(knobs["views_per_step"]), hull_res=min(96, max(32, int(knobs["grid_res"]) // 2)))
-        fuse = targets_for(viewset, int(knobs["fuse_size"]), device)
-        g, lifted_depth = init_from_lift(viewset, masks, fuse, lo, hi, cfg, gen, device)
-        tg = targets_for(viewset, int(knobs["render_size"]), device)
-        fit_depth = None
-        if lifted_depth is not None:
-            fit_depth = lifted_depth if (tg.width, tg.height) == (fuse.width, fuse.height) else \
-                torch.nn.functional.interpolate(lifted_depth[:, None], size=(tg.height, tg.width), mode="nearest")[:, 0]
-        timings["init"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        g, losses = fit_gaussians(g, tg, cfg, scene_size, gen, reporter, step_offset=0, total_steps=total,
-                                 depth_targets=fit_depth)
-        timings["fit"] = time.perf_counter() - t
-
-        reporter.step(cfg.iterations + 1, total, "fusing depth")
-        t = time.perf_counter()
-        # input views: depth lifted from their normals where known (sharp, exact planes), else the
-        # Gaussians' depth; their masks carve free space. Extra orbit views (optional): the Gaussians'
-        # depth only, at a lower weight, never carving (a gap between surfels is not free space).
-        fuse_depth = lifted_depth
-        depth_views: list[DepthView] = []
-        extra_sources: list[ColorSource] = []
-        with torch.no_grad():
-            for cams, idx in zip(fuse.cams, fuse.groups):
-                for j, v in enumerate(idx):
-                    cam = cams.subset([j])
-                    _, _, a, d = render(g, cam)
-                    # the Gaussians' expected depth only where they are solid (else it mixes surfaces)
-                    d = torch.where(a[0] > 0.9, d[0], torch.full_like(d[0], float("nan")))
-                    slope = None
-                    if fuse_depth is not None:
-                        d = torch.where(torch.isfinite(fuse_depth[v]), fuse_depth[v], d)
-                        if fuse.normal is not None and bool(fuse.has_normal[v]) and cam.model == "ortho":
-                            slope = _view_slopes(fuse.normal[v], cam) * torch.isfinite(fuse_depth[v])[..., None]
-                    depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v], slope=slope))
-            if options.extra_views:
-                radius = 0.5 * float(np.linalg.norm(hi - lo)) * 1.05
-                orbit = orbit_cameras(centre, radius, min(256, int(knobs["fuse_size"])), (35.0, -35.0), 6, device)
-                for j in range(len(orbit)):
-                    cam = orbit.subset([j])
-                    rgb, _, a, d = render(g, cam)
-                    if options.fuse_extra:
-                        depth_views.append(DepthView(cam, d[0], a[0], None, weight=0.2, carve=False))
-                    extra_sources.append(ColorSource(cam, rgb[0] / a[0, ..., None].clamp_min(1e-4), a[0], 1e-3))
-            res = int(knobs["grid_res"])
-            trunc = 3.0 * scene_size / (res - 1)
-            sils = silhouettes(depth_views)
-            tsdf, step = tsdf_field(depth_views, lo, hi, res, trunc, device, sils=sils)
-        timings["fuse"] = time.perf_counter() - t
-
-        reporter.step(cfg.iterations + 2, total, "extracting surface")
-        t = time.perf_counter()
-        try:
-            mesh = field_to_mesh(clean_field(tsdf), lo, step)
-        except ValueError:
-            raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
-        mesh = snap_to_silhouettes(keep_largest(mesh), depth_views, step, sils=sils)
-        raw_faces = len(mesh.faces)
-        mesh = simplify(mesh, int(knobs["faces"]))
-        timings["mesh"] = time.perf_counter() - t
-
-        reporter.step(cfg.iterations + 3, total, "unwrapping and baking texture")
-        t = time.perf_counter()
-        size = int(knobs["texture_size"])
-        uvm = unwrap(mesh, size)
-        timings["uv"] = time.perf_counter() - t
-        t = time.perf_counter()
-        full, groups = _full_res_sources(viewset, device)
-        texture, tex_stats = bake(uvm, full + extra_sources, size, depth_tol=2.0 * step, device=device)
-        timings["texture"] = time.perf_counter() - t
-
-        reporter.step(cfg.iterations + 4, total, "writing GLB")
-        t = time.perf_counter()
-        out_glb = write_glb(textured_mesh(uvm, texture), out_glb)
-        timings["write"] = time.perf_counter() - t
+        with _timed(timings, "init"):  # 1-2. hull, bounds, lifted normals, initial Gaussians
+            scene = _init_scene(viewset, cfg, gen, device)
+        with _timed(timings, "fit"):  # 3. Gaussians fitted to the views
+            g, losses = fit_gaussians(scene.gaussians, scene.fit, cfg.fit, scene.size, gen, reporter, step_offset=0,
+                                      total_steps=total, depth_targets=scene.fit_depth)
+        reporter.step(cfg.fit.iterations + 1, total, "fusing depth")
+        with _timed(timings, "fuse"):  # 4. depth views fused into a field
+            depth_views, extra_sources = _depth_views(g, scene, cfg, device)
+            tsdf, step, sils = _fuse(depth_views, scene, cfg, device)
+        reporter.step(cfg.fit.iterations + 2, total, "extracting surface")
+        with _timed(timings, "mesh"):  # 5. surface
+            mesh, raw_faces = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
+        reporter.step(cfg.fit.iterations + 3, total, "unwrapping and baking texture")
+        with _timed(timings, "uv"):  # 6a. UVs
+            uvm = unwrap(mesh, cfg.bake.texture_size, cfg.bake)
+        with _timed(timings, "texture"):  # 6b. texture
+            full, _ = _full_res_sources(viewset, device)
+            texture, tex_stats = bake(uvm, full + extra_sources, cfg.bake.texture_size,
+                                      depth_tol=cfg.bake.depth_tol_voxels * step, device=device, cfg=cfg.bake)
+        reporter.step(cfg.fit.iterations + 4, total, "writing GLB")
+        with _timed(timings, "write"):  # 7. GLB
+            out_glb = write_glb(textured_mesh(uvm, texture), out_glb)
     timings["total"] = time.perf_counter() - t_all
     timings = {k: round(v, 3) for k, v in timings.items()}
     reporter.step(total, total, "done")
+    record = _record(options, cfg, device, viewset, scene, g, losses, raw_faces, uvm, mesh, tex_stats, timings)
+    return ReconResult(Path(out_glb), int(len(uvm.vertices)), int(len(uvm.faces)), timings, record)
 
-    record = {
+
+class _timed:
+    """Adds the block's wall seconds to timings[name]."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = time.perf_counter() - self.t
+        return False
+
+
+def _init_scene(viewset: ViewSet, cfg: ReconConfig, gen: torch.Generator, device: torch.device) -> _Scene:
+    """Steps 1-2: masks, the hull's bounds, targets, normals lifted to depth, the initial Gaussians."""
+    masks = mask_tensors(viewset, device)
+    lo, hi = scene_bounds(viewset, masks, device, cfg.hull)
+    fuse = targets_for(viewset, cfg.fuse.view_size, device)
+    g, lifted = init_from_lift(viewset, masks, fuse, lo, hi, cfg, gen, device)
+    tg = targets_for(viewset, cfg.fit.render_size, device)
+    fit_depth = None
+    if lifted is not None:
+        fit_depth = lifted if (tg.width, tg.height) == (fuse.width, fuse.height) else \
+            torch.nn.functional.interpolate(lifted[:, None], size=(tg.height, tg.width), mode="nearest")[:, 0]
+    return _Scene(masks, lo, hi, fuse, tg, lifted, fit_depth, g)
+
+
+@torch.no_grad()
+def _depth_views(g: Gaussians, scene: _Scene, cfg: ReconConfig, device: torch.device
+                 ) -> tuple[list[DepthView], list[ColorSource]]:
+    """Step 4's inputs. Input views: depth lifted from their normals where known (sharp, exact planes),
+    else the Gaussians' depth; their masks carve free space. Extra orbit views (optional): the Gaussians'
+    depth only, at a lower weight, never carving (a gap between surfels is not free space), and their
+    colour as a fill source for the bake."""
+    fuse, lifted, fc = scene.fuse, scene.lifted, cfg.fuse
+    depth_views: list[DepthView] = []
+    for cams, idx in zip(fuse.cams, fuse.groups):
+        for j, v in enumerate(idx):
+            cam = cams.subset([j])
+            _, _, a, d = render(g, cam)
+            # the Gaussians' expected depth only where they are solid (else it mixes surfaces)
+            d = torch.where(a[0] > fc.solid_alpha, d[0], torch.full_like(d[0], float("nan")))
+            slope = None
+            if lifted is not None:
+                d = torch.where(torch.isfinite(lifted[v]), lifted[v], d)
+                if fuse.normal is not None and bool(fuse.has_normal[v]) and cam.model == "ortho":
+                    slope = _view_slopes(fuse.normal[v], cam, cfg.lift) * torch.isfinite(lifted[v])[..., None]
+            depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v], slope=slope))
+    extra_sources: list[ColorSource] = []
+    if fc.extra_views:
+        radius = 0.5 * float(np.linalg.norm(scene.hi - scene.lo)) * fc.extra_margin
+        orbit = orbit_cameras((scene.lo + scene.hi) / 2, radius, min(fc.extra_max_size, fc.view_size),
+                              fc.extra_elevations, fc.extra_azimuths, device)
+        for j in range(len(orbit)):
+            cam = orbit.subset([j])
+            rgb, _, a, d = render(g, cam)
+            if fc.extra_depth:
+                depth_views.append(DepthView(cam, d[0], a[0], None, weight=fc.extra_depth_weight, carve=False))
+            extra_sources.append(ColorSource(cam, rgb[0] / a[0, ..., None].clamp_min(1e-4), a[0], fc.extra_colour_weight))
+    return depth_views, extra_sources
+
+
+@torch.no_grad()
+def _fuse(depth_views: list[DepthView], scene: _Scene, cfg: ReconConfig, device: torch.device
+          ) -> tuple[np.ndarray, float, list[Silhouette | None]]:
+    """Step 4: the truncated signed distance on the grid, its voxel size, and the silhouettes it used."""
+    res = cfg.fuse.grid_res
+    trunc = cfg.fuse.trunc_voxels * scene.size / (res - 1)
+    sils = silhouettes(depth_views, cfg.hull)
+    tsdf, step = tsdf_field(depth_views, scene.lo, scene.hi, res, trunc, device, sils=sils, cfg=cfg.fuse)
+    return tsdf, step, sils
+
+
+def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],
+                  sils: list[Silhouette | None], cfg: ReconConfig):
+    """Step 5: marching cubes, the largest parts, contour snapping, simplification; also the raw face count."""
+    try:
+        mesh = field_to_mesh(clean_field(tsdf, cfg.mesh.smooth_sigma), lo, step)
+    except ValueError:
+        raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
+    mesh = snap_to_silhouettes(keep_largest(mesh, cfg.mesh.keep_fraction), depth_views, step, sils=sils, cfg=cfg.mesh)
+    raw_faces = len(mesh.faces)
+    return simplify(mesh, cfg.mesh.faces, cfg.mesh), raw_faces
+
+
+def _record(options, cfg: ReconConfig, device: torch.device, viewset: ViewSet, scene: _Scene, g: Gaussians,
+            losses: list[float], raw_faces: int, uvm: UVMesh, mesh, tex_stats: dict, timings: dict) -> dict:
+    """The job.json-style record: the options as given, the whole resolved config, what happened."""
+    return {
         "stage": "reconstruct",
-        "options": asdict(options),
-        "resolved": knobs,
+        "options": options.to_dict() if isinstance(options, ReconOptions) else None,
+        "resolved": cfg.to_dict(),
         "device": str(device),
         "rasterizer": "gsplat-cuda" if device.type == "cuda" and cuda_available() else "torch",
         "views": len(viewset.views),
         "image_size": list(viewset.image_size),
-        "bounds": [lo.round(5).tolist(), hi.round(5).tolist()],
+        "bounds": [scene.lo.round(5).tolist(), scene.hi.round(5).tolist()],
         "gaussians": g.n,
         "loss_first": round(losses[0], 6) if losses else None,
         "loss_last": round(float(np.mean(losses[-10:])), 6) if losses else None,
@@ -229,16 +286,15 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
         "vertices": int(len(uvm.vertices)),
         "faces": int(len(uvm.faces)),
         "watertight": bool(mesh.is_watertight),
-        "texture": {"size": size, **{k: round(v, 4) if isinstance(v, float) else v for k, v in tex_stats.items()}},
+        "texture": {"size": cfg.bake.texture_size,
+                    **{k: round(v, 4) if isinstance(v, float) else v for k, v in tex_stats.items()}},
         "timings": timings,
         "versions": _versions(),
     }
-    return ReconResult(Path(out_glb), int(len(uvm.vertices)), int(len(uvm.faces)), timings, record)
 
 
 def _full_res_sources(viewset: ViewSet, device: torch.device) -> tuple[list[ColorSource], list[list[int]]]:
-    from make_your_3d.recon.scene import cameras_for
-
+    """Every view at full resolution as a bake source."""
     W, H = viewset.image_size
     cams, groups = cameras_for(viewset, W, H, device)
     out: list[ColorSource] = []
@@ -267,7 +323,7 @@ def run_cli(args) -> int:
     knobs = {k: getattr(args, k) for k in ("iterations", "render_size", "num_gaussians", "views_per_step", "grid_res",
                                             "fuse_size") if getattr(args, k, None) is not None}
     opts = ReconOptions(preset=args.preset, device=args.device, faces=args.faces, texture_size=args.texture_size,
-                        seed=args.seed, **knobs)
+                        seed=args.seed, **knobs, **parse_settings(getattr(args, "set", None) or []))
 
     def show(p) -> None:
         if p.step == p.total or p.step % 50 == 0 or not p.message.startswith("fitting"):
@@ -281,3 +337,18 @@ def run_cli(args) -> int:
     tmp.replace(rec_path)
     print(f"wrote {result.glb_path} ({result.vertices} vertices, {result.faces} faces) in {result.timings['total']:.1f}s")
     return 0
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`["lift.contact_px=1.0", "fuse.extra_views=true"]` -> overrides (values read as JSON, else kept as
+    text, so the config's validation names a bad one)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise BadRequest(f"Reconstruction setting {item!r} must look like name=value (e.g. lift.contact_px=1.0).")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out

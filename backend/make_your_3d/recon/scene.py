@@ -1,5 +1,5 @@
-"""Views as tensors: camera groups for the rasterizer, per-view targets at a working resolution,
-projection of world points into views, and the scene's bounding box from the masks."""
+"""Views as tensors: per-view targets at a working resolution, the masks' sub-pixel edges, the
+visual hull as a field, and the scene's bounding box from the masks (cameras: recon/camera.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from make_your_3d.recon.rasterize import Cameras, view_K
+from make_your_3d.recon.camera import Cameras, cameras_for, projection_matrix
+from make_your_3d.recon.config import HullConfig
 from make_your_3d.recon.views import ViewSet
 
 
@@ -32,33 +33,6 @@ class ViewTargets:
             if v in idx:
                 return cams.subset([idx.index(v)])
         raise IndexError(v)
-
-
-def _model(projection: str) -> str:
-    return "ortho" if projection == "orthographic" else "pinhole"
-
-
-def cameras_for(viewset: ViewSet, width: int, height: int, device: torch.device) -> tuple[list[Cameras], list[list[int]]]:
-    """Rasterizer cameras for every view, rescaled to (width, height), grouped by camera model."""
-    W0, H0 = viewset.image_size
-    sx, sy = width / W0, height / H0
-    groups: dict[str, list[int]] = {}
-    for i, v in enumerate(viewset.views):
-        groups.setdefault(_model(v.projection), []).append(i)
-    out, idxs = [], []
-    for model, idx in groups.items():
-        vms, Ks = [], []
-        for i in idx:
-            v = viewset.views[i]
-            K = view_K(v.projection, W0, H0, v.ortho_size, v.K).copy()
-            K[0] *= sx
-            K[1] *= sy
-            vms.append(np.linalg.inv(v.c2w))
-            Ks.append(K)
-        out.append(Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
-                           torch.tensor(np.stack(Ks), dtype=torch.float32, device=device), width, height, model))
-        idxs.append(idx)
-    return out, idxs
 
 
 def targets_for(viewset: ViewSet, size: int, device: torch.device) -> ViewTargets:
@@ -84,30 +58,6 @@ def targets_for(viewset: ViewSet, size: int, device: torch.device) -> ViewTarget
                        has_n.to(device), W, H)
 
 
-def project(points: Tensor, viewset: ViewSet, v: int) -> tuple[Tensor, Tensor]:
-    """World points (N,3) -> pixel coordinates (N,2) in the view's full image and camera depth (N,)."""
-    view = viewset.views[v]
-    w2c = torch.tensor(np.linalg.inv(view.c2w), dtype=points.dtype, device=points.device)
-    c = points @ w2c[:3, :3].T + w2c[:3, 3]
-    W, H = view.size
-    K = torch.tensor(view_K(view.projection, W, H, view.ortho_size, view.K), dtype=points.dtype, device=points.device)
-    if view.projection == "orthographic":
-        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + torch.stack([K[0, 2], K[1, 2]])
-    else:
-        z = c[:, 2:3].clamp_min(1e-6)
-        uv = (c[:, :2] / z) @ K[:2, :2].T + K[:2, 2]
-    return uv, c[:, 2]
-
-
-def view_dir_at(points: Tensor, viewset: ViewSet, v: int) -> Tensor:
-    """Unit direction from the camera towards each point (N,3), world frame."""
-    view = viewset.views[v]
-    c2w = torch.tensor(view.c2w, dtype=points.dtype, device=points.device)
-    if view.projection == "orthographic":
-        return c2w[:3, 2].expand_as(points)
-    return F.normalize(points - c2w[:3, 3], dim=-1)
-
-
 def _edge_offset(coverage: Tensor, n: Tensor) -> Tensor:
     """Signed distance (pixels, positive outside) from a pixel's centre to the straight edge with unit
     outward normal n that leaves `coverage` of the pixel inside: the inverse of the area a half-plane cuts
@@ -119,7 +69,8 @@ def _edge_offset(coverage: Tensor, n: Tensor) -> Tensor:
     return torch.where(coverage < 0.5, mag, -mag)
 
 
-def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
+def subpixel_mask(alpha: Tensor, upsample: int = HullConfig.mask_upsample,
+                  sharp: float = HullConfig.sharp_edge) -> Tensor:
     """Binary foreground (H*u, W*u) at `upsample` times the resolution of an anti-aliased mask (H,W).
 
     A partly covered pixel between a full and an empty one (an anti-aliased sharp edge) is cut by a
@@ -141,7 +92,7 @@ def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
     # a sharp edge: a partly covered pixel with full and empty pixels next to it
     hi = F.max_pool2d(pad, 3, 1)[0, 0]
     lo = -F.max_pool2d(-pad, 3, 1)[0, 0]
-    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6) & (hi > 0.95) & (lo < 0.05)
+    part = (a > 1e-3) & (a < 1 - 1e-3) & (norm > 1e-6) & (hi > 1 - sharp) & (lo < sharp)
     iy, ix = torch.nonzero(part, as_tuple=True)
     if iy.numel() == 0:
         return out
@@ -156,15 +107,6 @@ def subpixel_mask(alpha: Tensor, upsample: int = 4) -> Tensor:
     return out
 
 
-def sample_image(img: Tensor, uv: Tensor, W: int, H: int, outside: float = 0.0) -> Tensor:
-    """Bilinear sample of (H,W,D) at pixel coordinates uv (N,2) (pixel centres at i + 0.5)."""
-    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1)[None, None]
-    out = F.grid_sample(img.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out[0, :, 0].T
-    inside = (uv[:, 0] >= 0) & (uv[:, 0] <= W) & (uv[:, 1] >= 0) & (uv[:, 1] <= H)
-    return torch.where(inside[:, None], out, torch.full_like(out, outside))
-
-
 class HullField:
     """The visual hull as a field: min over views of (mask - 1/2) at each point's projection (> 0 inside),
     with each mask's edges placed at sub-pixel precision (`subpixel_mask`).
@@ -172,22 +114,16 @@ class HullField:
     All views are sampled in one batched grid_sample through precomputed 3x4 projection matrices.
     Points outside a view's image count as outside (every view must see the whole subject)."""
 
-    def __init__(self, viewset: ViewSet, masks: list[Tensor]):
+    def __init__(self, viewset: ViewSet, masks: list[Tensor], cfg: HullConfig = HullConfig()):
         dev = masks[0].device
         mats = []
         for v in viewset.views:
             W, H = v.size
-            K = view_K(v.projection, W, H, v.ortho_size, v.K)
-            w2c = np.linalg.inv(v.c2w)[:3]
-            if v.projection == "orthographic":
-                M = np.vstack([K[:2, :2] @ w2c[:2] + np.c_[np.zeros((2, 3)), K[:2, 2]], [0, 0, 0, 1.0]])
-            else:
-                M = K @ w2c
             # to grid_sample's normalised coordinates: x_n = u / W * 2 - 1
             N = np.array([[2.0 / W, 0, -1], [0, 2.0 / H, -1], [0, 0, 1]])
-            mats.append(N @ M if v.projection == "orthographic" else N @ M)
+            mats.append(N @ projection_matrix(v))
         self.mats = torch.tensor(np.stack(mats), dtype=torch.float32, device=dev)  # (V,3,4)
-        self.masks = torch.stack([subpixel_mask(m).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
+        self.masks = torch.stack([subpixel_mask(m, cfg.mask_upsample, cfg.sharp_edge).float() for m in masks])[:, None]  # (V,1,H*u,W*u)
         self.ortho = torch.tensor([v.projection == "orthographic" for v in viewset.views], device=dev)
 
     def __call__(self, points: Tensor, chunk: int = 1_000_000) -> Tensor:
@@ -206,11 +142,6 @@ class HullField:
         val = F.grid_sample(self.masks, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0, 0]
         inside = (grid.abs() <= 1).all(-1)
         return torch.where(inside, val, torch.zeros_like(val))
-
-
-def hull_field(points: Tensor, viewset: ViewSet, masks: list[Tensor]) -> Tensor:
-    """min over views of (mask - 1/2) at each point's projection: > 0 inside the visual hull."""
-    return HullField(viewset, masks)(points)
 
 
 def mask_tensors(viewset: ViewSet, device: torch.device) -> list[Tensor]:
@@ -255,17 +186,19 @@ def grid_points(lo: np.ndarray, hi: np.ndarray, res: int, device: torch.device) 
     return g, counts
 
 
-def scene_bounds(viewset: ViewSet, masks: list[Tensor], device: torch.device, res: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def scene_bounds(viewset: ViewSet, masks: list[Tensor], device: torch.device,
+                 cfg: HullConfig = HullConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned box around the visual hull, padded by a few voxels."""
-    hull = HullField(viewset, masks)
+    hull = HullField(viewset, masks, cfg)
     centre, radius = _rough_centre_and_radius(viewset)
     lo, hi = centre - radius, centre + radius
-    for _ in range(2):
+    res = cfg.bounds_res
+    for _ in range(cfg.bounds_passes):
         pts, counts = grid_points(lo, hi, res, device)
-        inside = hull(pts) > -0.25
+        inside = hull(pts) > cfg.bounds_level
         if not bool(inside.any()):
             break
         p = pts[inside].cpu().numpy()
         step = float(np.max(hi - lo)) / (res - 1)
-        lo, hi = p.min(0) - 2 * step, p.max(0) + 2 * step
+        lo, hi = p.min(0) - cfg.bounds_pad * step, p.max(0) + cfg.bounds_pad * step
     return lo, hi

@@ -20,7 +20,8 @@ import xatlas
 from scipy import ndimage
 from torch import Tensor
 
-from make_your_3d.recon.rasterize import Cameras
+from make_your_3d.recon.camera import Cameras, project, sample_image, view_dirs
+from make_your_3d.recon.config import BakeConfig
 
 
 @dataclass
@@ -40,13 +41,13 @@ class ColorSource:
     weight: float = 1.0
 
 
-def unwrap(mesh: trimesh.Trimesh, texture_size: int) -> UVMesh:
+def unwrap(mesh: trimesh.Trimesh, texture_size: int, cfg: BakeConfig = BakeConfig()) -> UVMesh:
     """xatlas charts packed for `texture_size` texels with a few texels of padding."""
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.uint32))
     pack = xatlas.PackOptions()
     pack.resolution = int(texture_size)
-    pack.padding = max(2, texture_size // 256)
+    pack.padding = max(cfg.padding_min, texture_size // cfg.padding_per)
     pack.bilinear = True
     chart = xatlas.ChartOptions()
     atlas.generate(chart_options=chart, pack_options=pack)
@@ -116,50 +117,24 @@ def raster_triangles(xy: Tensor, z: Tensor | None, W: int, H: int, chunk: int = 
     return fid.reshape(H, W), bary_out.reshape(H, W, 3), best_d.reshape(H, W)
 
 
-def project_points(points: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
-    """World points (N,3) -> pixel coordinates (N,2) and camera depth (N,) for a single camera."""
-    vm, K = cams.viewmats[0], cams.Ks[0]
-    c = points @ vm[:3, :3].T + vm[:3, 3]
-    if cams.model == "ortho":
-        uv = c[:, :2] * torch.stack([K[0, 0], K[1, 1]]) + K[:2, 2]
-    else:
-        uv = (c[:, :2] / c[:, 2:3].clamp_min(1e-6)) @ K[:2, :2].T + K[:2, 2]
-    return uv, c[:, 2]
-
-
-def view_dirs(points: Tensor, cams: Cameras) -> Tensor:
-    c2w = torch.linalg.inv(cams.viewmats[0])
-    if cams.model == "ortho":
-        return c2w[:3, 2].expand_as(points)
-    return torch.nn.functional.normalize(points - c2w[:3, 3], dim=-1)
-
-
 def mesh_depth(vertices: Tensor, faces: Tensor, cams: Cameras) -> Tensor:
     """Z-buffer (H,W) of the mesh in one camera (inf where empty)."""
-    uv, z = project_points(vertices, cams)
+    uv, z = project(vertices, cams)
     _, _, d = raster_triangles(uv[faces], z[faces], cams.width, cams.height)
     return d
 
 
-def silhouette_rim(zbuf: Tensor) -> Tensor:
-    """Pixels within one pixel of the mesh's outline in a view (H,W bool). Their colour mixes the subject
+def silhouette_rim(zbuf: Tensor, px: int = BakeConfig.rim_px) -> Tensor:
+    """Pixels within `px` pixels of the mesh's outline in a view (H,W bool). Their colour mixes the subject
     with the background (and a surface seen edge-on lands on them); the texels there are better taken
     from a view that sees them squarely (measured: +0.6 dB held-out PSNR on the benchmark chair and blob)."""
     empty = (~torch.isfinite(zbuf)).float()[None, None]
-    return torch.nn.functional.max_pool2d(empty, 3, 1, 1)[0, 0] > 0
+    return torch.nn.functional.max_pool2d(empty, 2 * px + 1, 1, px)[0, 0] > 0
 
 
-def _bilinear(img: Tensor, uv: Tensor) -> Tensor:
-    H, W = img.shape[:2]
-    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1)[None, None]
-    out = torch.nn.functional.grid_sample(img.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border",
-                                          align_corners=False)
-    return out[0, :, 0].T
-
-
-def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 6.0,
-         depth_tol: float = 0.01, device: torch.device = torch.device("cpu")) -> tuple[np.ndarray, dict]:
-    """Texture (size,size,3) uint8 plus coverage statistics."""
+def bake(uvm: UVMesh, sources: list[ColorSource], size: int, depth_tol: float = 0.01,
+         device: torch.device = torch.device("cpu"), cfg: BakeConfig = BakeConfig()) -> tuple[np.ndarray, dict]:
+    """Texture (size,size,3) uint8 plus coverage statistics. `depth_tol`: world units."""
     V = torch.tensor(uvm.vertices, dtype=torch.float32, device=device)
     Fc = torch.tensor(uvm.faces, dtype=torch.long, device=device)
     uv = torch.tensor(uvm.uvs, dtype=torch.float32, device=device)
@@ -182,18 +157,18 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
             continue
         Ps, Ns = P[sub], N[sub]
         zbuf = mesh_depth(V, Fc, src.cams)
-        pix, z = project_points(Ps, src.cams)
+        pix, z = project(Ps, src.cams)
         H, W = src.cams.height, src.cams.width
         ix, iy = torch.floor(pix[:, 0]).long(), torch.floor(pix[:, 1]).long()
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         # visible: nothing of the mesh lies clearly in front of the texel's point
-        visible = inside & (z <= zbuf[iyc, ixc] + depth_tol) & ~silhouette_rim(zbuf)[iyc, ixc]
+        visible = inside & (z <= zbuf[iyc, ixc] + depth_tol) & ~silhouette_rim(zbuf, cfg.rim_px)[iyc, ixc]
         cos = -(Ns * view_dirs(Ps, src.cams)).sum(-1)
-        m = _bilinear(src.mask[..., None], pix)[:, 0]
-        w = torch.where(visible & (cos > 0.05) & (m > 0.5), cos.clamp_min(0) ** sharpness * m, torch.zeros_like(cos))
+        m = sample_image(src.mask[..., None], pix, outside=None)[:, 0]
+        w = torch.where(visible & (cos > cfg.min_cos) & (m > 0.5), cos.clamp_min(0) ** cfg.sharpness * m, torch.zeros_like(cos))
         w = w * src.weight
-        col = _bilinear(src.rgb, pix)
+        col = sample_image(src.rgb, pix, outside=None)
         acc.index_add_(0, sub, col * w[:, None])
         wsum.index_add_(0, sub, w)
         if src.weight >= 1.0:
@@ -202,7 +177,7 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
     has = wsum > 0
     if bool(has.any()) and not bool(has.all()):
         vcol = surface_fill(uvm, fsel.cpu().numpy(), b.cpu().numpy(), (acc[has] / wsum[has, None]).cpu().numpy(),
-                            has.cpu().numpy())
+                            has.cpu().numpy(), cfg.fill_smoothness, cfg.fill_pull)
         unseen = (~has).nonzero().squeeze(1)
         corners = Fc[fsel[unseen]]
         acc[unseen] = (torch.as_tensor(vcol, dtype=acc.dtype, device=device)[corners] * b[unseen, :, None]).sum(1)
@@ -229,7 +204,7 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, sharpness: float = 
 
 
 def surface_fill(uvm: UVMesh, face: np.ndarray, bary: np.ndarray, colors: np.ndarray, seen: np.ndarray,
-                 smoothness: float = 1.0) -> np.ndarray:
+                 smoothness: float = BakeConfig.fill_smoothness, pull: float = BakeConfig.fill_pull) -> np.ndarray:
     """Per-vertex colours (V,3) that agree with the seen texels and vary smoothly over the surface.
 
     Seen texels (colors, one row per True in `seen`) are splatted onto their face's corners; every vertex
@@ -254,15 +229,7 @@ def surface_fill(uvm: UVMesh, face: np.ndarray, bary: np.ndarray, colors: np.nda
     adj = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     adj = (adj + adj.T).tocsr()
     lap = diags(np.asarray(adj.sum(1)).ravel()) - adj
-    eps = 1e-6  # a faint pull to mid-grey keeps the system regular on parts with nothing seen at all
-    system = (diags(vw + eps) + smoothness * lap).tocsc()
-    vcol = spsolve(system, target + eps * 0.5)
+    # a faint pull to mid-grey keeps the system regular on parts with nothing seen at all
+    system = (diags(vw + pull) + smoothness * lap).tocsc()
+    vcol = spsolve(system, target + pull * 0.5)
     return np.clip(vcol, 0, 1)[weld]
-
-
-def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Nearest texel colour (N,3) for UVs (OpenGL convention): the bake's own addressing."""
-    s = texture.shape[0]
-    x = np.clip((uv[:, 0] * s).astype(int), 0, s - 1)
-    y = np.clip(((1 - uv[:, 1]) * s).astype(int), 0, s - 1)
-    return texture[y, x, :3]
