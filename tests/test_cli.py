@@ -44,6 +44,16 @@ def assert_clear_error(res: subprocess.CompletedProcess, seconds: float, *needle
 # ------------------------------------------------------------------------------------------------
 # errors in under a second, never a traceback
 # ------------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_settings_are_checked_before_torch_loads(tmp_path: Path):
+    views = tmp_path / "views"
+    views.mkdir()
+    (views / "cameras.json").write_text("{}")
+    res, s = run_cli("reconstruct", str(views), "--out", str(tmp_path / "x.glb"), "--set", "lift.no_such=1")
+    assert_clear_error(res, s, "error [bad_request]", "lift.no_such")
+    res, s = run_cli("reconstruct", str(views), "--out", str(tmp_path / "x.glb"), "--set", "lift.contact_px=oops")
+    assert_clear_error(res, s, "error [bad_request]", "lift.contact_px")
 def test_missing_image_is_answered_fast_without_importing_torch(tmp_path: Path):
     res, s = run_cli("generate", str(tmp_path / "nope.png"), "--prompt", "wearing a hat")
     assert_clear_error(res, s, "error [bad_image]", "does not exist")

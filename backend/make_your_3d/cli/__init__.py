@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(rec)
     _faces_texture_args(rec)
     _seed_arg(rec)
+    rec.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                     help="override one reconstruction setting, e.g. lift.contact_px=1.0 (repeatable; "
+                          "names and units in backend/make_your_3d/recon/config.py)")
     rec.set_defaults(handler="make_your_3d.recon.reconstruct:run_cli")
 
     # multiview ------------------------------------------------------------------------------

@@ -135,6 +135,11 @@ def check_args(args: argparse.Namespace) -> None:
     if command == "reconstruct":
         views_folder(args.views)
         file_to_write(args.out, "output")
+        if args.set:  # names and values checked against the config tree (standard library only)
+            from make_your_3d.recon.config import PRESETS as RECON_PRESETS
+            from make_your_3d.recon.config import parse_settings
+
+            RECON_PRESETS[args.preset].with_overrides(parse_settings(args.set))
     if command == "models" and getattr(args, "models_command", None) == "tiny":
         folder_to_write(args.out, "output folder")
     if command == "serve":  # a missing models folder is fine: the add-on shows it and offers Fetch

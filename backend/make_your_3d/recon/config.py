@@ -20,6 +20,7 @@ constants (recon/rasterize.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -374,3 +375,18 @@ def preset_config(name: str) -> ReconConfig:
     if name not in PRESETS:
         raise BadRequest(f"Unknown reconstruction preset {name!r}; use one of {', '.join(PRESETS)}.")
     return PRESETS[name]
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`["lift.contact_px=1.0", "fuse.extra_views=true"]` -> overrides (values read as JSON, else kept as
+    text, so the config's validation names a bad one)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise BadRequest(f"Reconstruction setting {item!r} must look like name=value (e.g. lift.contact_px=1.0).")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out

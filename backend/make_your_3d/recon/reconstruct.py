@@ -35,7 +35,7 @@ from make_your_3d.device import resolve_device
 from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.camera import Cameras, cameras_for, orbit_cameras
-from make_your_3d.recon.config import PRESETS, ReconConfig, preset_config
+from make_your_3d.recon.config import PRESETS, ReconConfig, parse_settings, preset_config  # noqa: F401 - parse_settings re-exported (benchmarks)
 from make_your_3d.recon.fit import Gaussians, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
 from make_your_3d.recon.lift import depth_slopes
@@ -337,18 +337,3 @@ def run_cli(args) -> int:
     tmp.replace(rec_path)
     print(f"wrote {result.glb_path} ({result.vertices} vertices, {result.faces} faces) in {result.timings['total']:.1f}s")
     return 0
-
-
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """`["lift.contact_px=1.0", "fuse.extra_views=true"]` -> overrides (values read as JSON, else kept as
-    text, so the config's validation names a bad one)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise BadRequest(f"Reconstruction setting {item!r} must look like name=value (e.g. lift.contact_px=1.0).")
-        try:
-            out[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key.strip()] = text
-    return out
