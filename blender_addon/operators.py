@@ -35,6 +35,12 @@ def backend_blocker(context: bpy.types.Context) -> str | None:
     return rt.python_problem(runtime.addon_prefs(context))
 
 
+def python_blocker(context: bpy.types.Context) -> str | None:
+    """Why the backend's Python cannot run a command now (None: it can), whether or not a backend runs."""
+    rt = runtime.get()
+    return "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+
+
 def weights_blocker() -> str | None:
     rt = runtime.get()
     models = rt.models if rt is not None else None
@@ -416,9 +422,7 @@ class MAKE_YOUR_3D_OT_cache_refresh(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
-        return _allow(cls, reason)
+        return _allow(cls, python_blocker(context))
 
     def execute(self, context):
         runtime.get().cache_command(runtime.addon_prefs(context), "info")
@@ -433,8 +437,7 @@ class MAKE_YOUR_3D_OT_cache_clear(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+        reason = python_blocker(context)
         if reason is None and any(history.is_active(i) for sc in bpy.data.scenes if hasattr(sc, "make_your_3d")
                                   for i in sc.make_your_3d.history):
             reason = "Jobs are running: clear the cache once they finish"
@@ -555,15 +558,12 @@ class MAKE_YOUR_3D_OT_models_fetch(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         rt = runtime.get()
-        reason = None
         if not bpy.app.online_access:
             reason = "Online access is off: allow it in Preferences > System > Network"
-        elif rt is None:
-            reason = "Make-Your-3D is not enabled"
-        elif rt.fetch_task is not None and rt.fetch_task.state().running:
+        elif rt is not None and rt.fetch_task is not None and rt.fetch_task.state().running:
             reason = "A download is already running"
         else:
-            reason = rt.python_problem(runtime.addon_prefs(context))
+            reason = python_blocker(context)
         return _allow(cls, reason)
 
     def execute(self, context):
