@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from make_your_3d.models import random_set
+from make_your_3d.models import personalized, random_set
 from make_your_3d.pipeline.presets import get_preset
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM bf16 dense tensor-core peak
 UTILISATION = 0.40
 TEXT_TOKENS = 77
-IP_TOKENS = random_set.IP_ADAPTER_TOKENS
+IP_TOKENS = personalized.IP_ADAPTER_TOKENS
 NUM_VIEWS = 6
 SCENARIO_STAGES = {
     "new subject": ("subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview"),

@@ -35,6 +35,12 @@ def backend_blocker(context: bpy.types.Context) -> str | None:
     return rt.python_problem(runtime.addon_prefs(context))
 
 
+def python_blocker(context: bpy.types.Context) -> str | None:
+    """Why the backend's Python cannot run a command now (None: it can), whether or not a backend runs."""
+    rt = runtime.get()
+    return "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+
+
 def weights_blocker() -> str | None:
     rt = runtime.get()
     models = rt.models if rt is not None else None
@@ -60,13 +66,18 @@ def generate_blocker(context: bpy.types.Context) -> str | None:
     return weights_blocker()
 
 
+def _allow(cls, reason: str | None) -> bool:
+    """A poll's answer: True when nothing blocks the operator, else False with `reason` shown as why."""
+    if reason:
+        cls.poll_message_set(reason)
+        return False
+    return True
+
+
 def _poll_backend_running(cls) -> bool:
     """The poll of operators that talk to the backend: it must be running; else say so."""
     rt = runtime.get()
-    if rt is None or rt.backend_state().status != "running":
-        cls.poll_message_set("The backend is not running")
-        return False
-    return True
+    return _allow(cls, None if rt is not None and rt.backend_state().status == "running" else "The backend is not running")
 
 
 def active_item(context: bpy.types.Context):
@@ -76,8 +87,18 @@ def active_item(context: bpy.types.Context):
     return None
 
 
-def _item(context: bpy.types.Context, job_id: str):
-    return history.find_item(context.scene, job_id) if job_id else active_item(context)
+class _JobOperator:
+    """Mixin of the operators on one history job: `job_id` names it (a row's button), empty means the
+    selected row. Blender registers the annotation of a plain mixin class like the operator's own."""
+
+    job_id: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return _allow(cls, "Select a job in the history" if active_item(context) is None else None)
+
+    def item(self, context: bpy.types.Context):
+        return history.find_item(context.scene, self.job_id) if self.job_id else active_item(context)
 
 
 def image_bytes(image: bpy.types.Image) -> bytes:
@@ -125,11 +146,7 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        reason = generate_blocker(context)
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+        return _allow(cls, generate_blocker(context))
 
     def execute(self, context):
         props = context.scene.make_your_3d
@@ -167,21 +184,19 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_cancel_job(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_cancel_job(_JobOperator, bpy.types.Operator):
     """Cancel this job (it stops within one step)"""
 
     bl_idname = "make_your_3d.cancel_job"
     bl_label = "Cancel"
     bl_options = {"INTERNAL"}
 
-    job_id: StringProperty(options={"SKIP_SAVE"})
-
     @classmethod
     def poll(cls, context):
         return _poll_backend_running(cls)
 
     def execute(self, context):
-        item = _item(context, self.job_id)
+        item = self.item(context)
         if item is None or not history.is_active(item):
             self.report({"WARNING"}, "That job is not running")
             return {"CANCELLED"}
@@ -189,13 +204,11 @@ class MAKE_YOUR_3D_OT_cancel_job(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_rerun_job(_JobOperator, bpy.types.Operator):
     """Run the selected job again (same image, settings and seed), or with the panel's current prompt"""
 
     bl_idname = "make_your_3d.rerun_job"
     bl_label = "Re-run"
-
-    job_id: StringProperty(options={"SKIP_SAVE"})
     use_current_prompt: BoolProperty(name="Use current prompt", default=False, options={"SKIP_SAVE"})
 
     @classmethod
@@ -205,14 +218,11 @@ class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
             reason = "Select a job in the history"
         if reason is None and runtime.get().backend_state().status != "running":
             reason = "Start the backend first (it keeps the jobs' images)"
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+        return _allow(cls, reason)
 
     def execute(self, context):
         props = context.scene.make_your_3d
-        item = _item(context, self.job_id)
+        item = self.item(context)
         if item is None:
             return {"CANCELLED"}
         changes: dict = {}
@@ -228,14 +238,12 @@ class MAKE_YOUR_3D_OT_rerun_job(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_import_job(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_import_job(_JobOperator, bpy.types.Operator):
     """Import the selected job's mesh (again)"""
 
     bl_idname = "make_your_3d.import_job"
     bl_label = "Import"
     bl_options = {"REGISTER", "UNDO"}
-
-    job_id: StringProperty(options={"SKIP_SAVE"})
 
     @classmethod
     def poll(cls, context):
@@ -248,14 +256,11 @@ class MAKE_YOUR_3D_OT_import_job(bpy.types.Operator):
         elif not (item.folder and (Path(item.folder) / "subject.glb").is_file()) and \
                 (runtime.get() is None or runtime.get().backend_state().status != "running"):
             reason = "The result is not downloaded yet: start the backend"
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+        return _allow(cls, reason)
 
     def execute(self, context):
         rt = runtime.get()
-        item = _item(context, self.job_id)
+        item = self.item(context)
         if item is None:
             return {"CANCELLED"}
         if item.folder and (Path(item.folder) / "subject.glb").is_file():
@@ -270,47 +275,34 @@ class MAKE_YOUR_3D_OT_import_job(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_open_job_folder(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_open_job_folder(_JobOperator, bpy.types.Operator):
     """Open the selected job's result folder in the file browser"""
 
     bl_idname = "make_your_3d.open_job_folder"
     bl_label = "Open Folder"
 
-    job_id: StringProperty(options={"SKIP_SAVE"})
-
     @classmethod
     def poll(cls, context):
         item = active_item(context)
-        if item is None or not item.folder or not os.path.isdir(item.folder):
-            cls.poll_message_set("This job has no downloaded results yet")
-            return False
-        return True
+        has_folder = item is not None and item.folder and os.path.isdir(item.folder)
+        return _allow(cls, None if has_folder else "This job has no downloaded results yet")
 
     def execute(self, context):
-        item = _item(context, self.job_id)
+        item = self.item(context)
         bpy.ops.wm.path_open(filepath=item.folder)
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_remove_job(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_remove_job(_JobOperator, bpy.types.Operator):
     """Remove the selected job from this scene's history (the imported object stays)"""
 
     bl_idname = "make_your_3d.remove_job"
     bl_label = "Remove"
     bl_options = {"REGISTER", "UNDO"}
 
-    job_id: StringProperty(options={"SKIP_SAVE"})
-
-    @classmethod
-    def poll(cls, context):
-        if active_item(context) is None:
-            cls.poll_message_set("Select a job in the history")
-            return False
-        return True
-
     def execute(self, context):
         props = context.scene.make_your_3d
-        item = _item(context, self.job_id)
+        item = self.item(context)
         if item is None:
             return {"CANCELLED"}
         index = next(i for i, it in enumerate(props.history) if it.job_id == item.job_id)
@@ -347,10 +339,7 @@ class MAKE_YOUR_3D_OT_reuse_last_seed(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if context.scene.make_your_3d.last_seed < 0:
-            cls.poll_message_set("No job has run yet")
-            return False
-        return True
+        return _allow(cls, "No job has run yet" if context.scene.make_your_3d.last_seed < 0 else None)
 
     def execute(self, context):
         props = context.scene.make_your_3d
@@ -378,24 +367,15 @@ class MAKE_YOUR_3D_OT_open_image(bpy.types.Operator, ImportHelper):
         return {"FINISHED"}
 
 
-class MAKE_YOUR_3D_OT_recall_job(bpy.types.Operator):
+class MAKE_YOUR_3D_OT_recall_job(_JobOperator, bpy.types.Operator):
     """Load this job's image, prompt, subject, seed and preset back into the panel, to tweak and run again"""
 
     bl_idname = "make_your_3d.recall_job"
     bl_label = "Recall Settings"
     bl_options = {"REGISTER", "UNDO"}
 
-    job_id: StringProperty(options={"SKIP_SAVE"})
-
-    @classmethod
-    def poll(cls, context):
-        if active_item(context) is None:
-            cls.poll_message_set("Select a job in the history")
-            return False
-        return True
-
     def execute(self, context):
-        item = _item(context, self.job_id)
+        item = self.item(context)
         if item is None:
             return {"CANCELLED"}
         note = recall(context.scene.make_your_3d, item)
@@ -442,12 +422,7 @@ class MAKE_YOUR_3D_OT_cache_refresh(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+        return _allow(cls, python_blocker(context))
 
     def execute(self, context):
         runtime.get().cache_command(runtime.addon_prefs(context), "info")
@@ -462,15 +437,11 @@ class MAKE_YOUR_3D_OT_cache_clear(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        rt = runtime.get()
-        reason = "Make-Your-3D is not enabled" if rt is None else rt.python_problem(runtime.addon_prefs(context))
+        reason = python_blocker(context)
         if reason is None and any(history.is_active(i) for sc in bpy.data.scenes if hasattr(sc, "make_your_3d")
                                   for i in sc.make_your_3d.history):
             reason = "Jobs are running: clear the cache once they finish"
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+        return _allow(cls, reason)
 
     def invoke(self, context, event):
         return context.window_manager.invoke_confirm(self, event)
@@ -494,13 +465,8 @@ class MAKE_YOUR_3D_OT_backend_start(bpy.types.Operator):
             return False
         st = rt.backend_state()
         if st.status in ("running", "starting"):
-            cls.poll_message_set(f"The backend is already {st.status}")
-            return False
-        problem = rt.python_problem(runtime.addon_prefs(context))
-        if problem:
-            cls.poll_message_set(problem)
-            return False
-        return True
+            return _allow(cls, f"The backend is already {st.status}")
+        return _allow(cls, rt.python_problem(runtime.addon_prefs(context)))
 
     def execute(self, context):
         try:
@@ -520,10 +486,8 @@ class MAKE_YOUR_3D_OT_backend_stop(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         rt = runtime.get()
-        if rt is None or rt.backend_state().status not in ("running", "starting"):
-            cls.poll_message_set("The backend is not running")
-            return False
-        return True
+        running = rt is not None and rt.backend_state().status in ("running", "starting")
+        return _allow(cls, None if running else "The backend is not running")
 
     def execute(self, context):
         runtime.get().stop_backend()
@@ -539,10 +503,8 @@ class MAKE_YOUR_3D_OT_backend_open_log(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         rt = runtime.get()
-        if rt is None or not rt.log_file.is_file():
-            cls.poll_message_set("No log yet: the backend has not been started")
-            return False
-        return True
+        has_log = rt is not None and rt.log_file.is_file()
+        return _allow(cls, None if has_log else "No log yet: the backend has not been started")
 
     def execute(self, context):
         bpy.ops.wm.path_open(filepath=str(runtime.get().log_file))
@@ -559,12 +521,9 @@ class MAKE_YOUR_3D_OT_install_backend(bpy.types.Operator):
     def poll(cls, context):
         rt = runtime.get()
         if not bpy.app.online_access:
-            cls.poll_message_set("Online access is off: allow it in Preferences > System > Network")
-            return False
-        if rt is None or (rt.install_task is not None and rt.install_task.state().running):
-            cls.poll_message_set("An installation is already running")
-            return False
-        return True
+            return _allow(cls, "Online access is off: allow it in Preferences > System > Network")
+        installing = rt is None or (rt.install_task is not None and rt.install_task.state().running)
+        return _allow(cls, "An installation is already running" if installing else None)
 
     def execute(self, context):
         try:
@@ -599,19 +558,13 @@ class MAKE_YOUR_3D_OT_models_fetch(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         rt = runtime.get()
-        reason = None
         if not bpy.app.online_access:
             reason = "Online access is off: allow it in Preferences > System > Network"
-        elif rt is None:
-            reason = "Make-Your-3D is not enabled"
-        elif rt.fetch_task is not None and rt.fetch_task.state().running:
+        elif rt is not None and rt.fetch_task is not None and rt.fetch_task.state().running:
             reason = "A download is already running"
         else:
-            reason = rt.python_problem(runtime.addon_prefs(context))
-        if reason:
-            cls.poll_message_set(reason)
-            return False
-        return True
+            reason = python_blocker(context)
+        return _allow(cls, reason)
 
     def execute(self, context):
         runtime.get().fetch_models(runtime.addon_prefs(context))

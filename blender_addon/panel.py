@@ -25,12 +25,17 @@ class MAKE_YOUR_3D_UL_history(bpy.types.UIList):
         row.label(text=status, icon=history.status_icon(item.status) if icon_id else "NONE")
 
 
-class VIEW3D_PT_make_your_3d(bpy.types.Panel):
-    bl_label = "Make-Your-3D"
-    bl_idname = "VIEW3D_PT_make_your_3d"
+class _SidebarPanel:
+    """Mixin: where every panel of the add-on sits (the 3D viewport's sidebar, its own tab)."""
+
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "Make-Your-3D"
+
+
+class VIEW3D_PT_make_your_3d(_SidebarPanel, bpy.types.Panel):
+    bl_label = "Make-Your-3D"
+    bl_idname = "VIEW3D_PT_make_your_3d"
 
     def draw(self, context):
         layout = self.layout
@@ -88,27 +93,18 @@ class VIEW3D_PT_make_your_3d(bpy.types.Panel):
             layout.label(text="Submitting (starting the backend if needed)...", icon="TIME")
         models = rt.models if rt is not None else None
         if models and models.get("tiny"):
-            box = layout.box()
-            for i, line in enumerate(_wrap(TINY_WARNING, 48)):
-                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+            _message_box(layout, TINY_WARNING, "ERROR")
         if props.last_error:
-            box = layout.box()
-            for i, line in enumerate(_wrap(props.last_error, 48)):
-                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+            _message_box(layout, props.last_error, "ERROR")
         elif props.last_info:
-            box = layout.box()
-            for i, line in enumerate(_wrap(props.last_info, 48)):
-                box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+            _message_box(layout, props.last_info, "INFO")
 
 
-class VIEW3D_PT_make_your_3d_advanced(bpy.types.Panel):
+class VIEW3D_PT_make_your_3d_advanced(_SidebarPanel, bpy.types.Panel):
     """The job's own sampling settings; 0 keeps the preset's value."""
 
     bl_label = "Advanced"
     bl_idname = "VIEW3D_PT_make_your_3d_advanced"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Make-Your-3D"
     bl_parent_id = "VIEW3D_PT_make_your_3d"
     bl_options = {"DEFAULT_CLOSED"}
 
@@ -126,12 +122,9 @@ class VIEW3D_PT_make_your_3d_advanced(bpy.types.Panel):
         col.prop(props, "ip_scale")
 
 
-class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
+class VIEW3D_PT_make_your_3d_jobs(_SidebarPanel, bpy.types.Panel):
     bl_label = "Running"
     bl_idname = "VIEW3D_PT_make_your_3d_jobs"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Make-Your-3D"
     bl_parent_id = "VIEW3D_PT_make_your_3d"
 
     def draw(self, context):
@@ -151,12 +144,9 @@ class VIEW3D_PT_make_your_3d_jobs(bpy.types.Panel):
             box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(item.elapsed_s)} elapsed, {left}")
 
 
-class VIEW3D_PT_make_your_3d_history(bpy.types.Panel):
+class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):
     bl_label = "History"
     bl_idname = "VIEW3D_PT_make_your_3d_history"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Make-Your-3D"
     bl_parent_id = "VIEW3D_PT_make_your_3d"
 
     def draw(self, context):
@@ -210,6 +200,13 @@ def _text_prop(layout: bpy.types.UILayout, data, name: str, hint: str) -> None:
         layout.prop(data, name, placeholder=hint)
     else:
         layout.prop(data, name)
+
+
+def _message_box(layout: bpy.types.UILayout, text: str, icon: str) -> None:
+    """A box with `text` wrapped to the sidebar's width, `icon` on its first line."""
+    box = layout.box()
+    for i, line in enumerate(_wrap(text, 48)):
+        box.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -491,6 +491,8 @@ class Runtime:
 
 
 def format_bytes(n: int) -> str:
+    """`n` bytes for the panel, as the backend's `make_your_3d.files.human_bytes` writes them. A copy on
+    purpose: the add-on runs in Blender's Python (bpy + standard library) and never imports the backend."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -15,7 +15,6 @@ Deliberate differences (LoRA instead of full layers, one timestep per sample, ..
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from golden_utils import weights_digest
 from make_your_3d.models.multiview import load_multiview
 from make_your_3d.models.multiview_tiny import write_tiny_multiview
 from make_your_3d.models.multiview_unet import read_checkpoint
@@ -31,19 +31,6 @@ from make_your_3d.pipeline.subject_prior import PriorBatch, SubjectPriorTrainer,
 GOLDEN = Path(__file__).resolve().parent / "golden" / "subject_prior"
 RTOL_LOSS = 1e-5  # |loss| ~ 1
 ATOL_GRAD, RTOL_GRAD = 1e-6, 1e-4
-
-
-def _weights_digest(path: Path) -> str:
-    """sha256 over a safetensors file's tensors (sorted names, dtype, shape, bytes): the weights,
-    independent of the file's header and metadata."""
-    state = read_checkpoint(path)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        for part in (name, str(t.dtype), str(tuple(t.shape))):
-            h.update(part.encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def trainer(tmp_path_factory, golden):
     folder = tmp_path_factory.mktemp("tiny_mv")
     write_tiny_multiview(folder, seed=0)
     for rel, digest in golden[1]["tiny_weights_content_sha256"].items():
-        got = _weights_digest(folder / rel)
+        got = weights_digest(folder / rel)
         assert got == digest, f"{rel}: the tiny multi-view writer changed; regenerate tests/golden/subject_prior (README)"
     mv = load_multiview(folder, "cpu", torch.float32)
     size = mv.image_size

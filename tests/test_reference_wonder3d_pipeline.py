@@ -13,7 +13,6 @@ timesteps, DDIM stepping with eta and its noise, guidance, VAE decode and the no
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from golden_utils import weights_digest
 from make_your_3d.models.multiview import load_multiview
 from make_your_3d.models.multiview_tiny import write_tiny_multiview
 from make_your_3d.models.multiview_unet import read_checkpoint
@@ -31,19 +31,6 @@ CASES = ("g1", "g3", "readme")
 ATOL_COND = 2e-5  # CLIP embeds and condition latents (reference encodes 12 rows, we encode 1)
 ATOL_LATENTS = 6e-5  # guidance 3 amplifies float32 noise 3x; |latents| <= ~4
 ATOL_IMAGES = 2e-5  # decoded views in [0, 1]
-
-
-def _weights_digest(path: Path) -> str:
-    """sha256 over a safetensors file's tensors (sorted names, dtype, shape, bytes): the weights,
-    independent of the file's header and metadata."""
-    state = read_checkpoint(path)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        for part in (name, str(t.dtype), str(tuple(t.shape))):
-            h.update(part.encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,7 @@ def pipe(tmp_path_factory, golden):
     write_tiny_multiview(folder, seed=0)
     _, meta = golden
     for rel, digest in meta["tiny_weights_content_sha256"].items():
-        got = _weights_digest(folder / rel)
+        got = weights_digest(folder / rel)
         assert got == digest, f"{rel}: the tiny multi-view writer changed; regenerate tests/golden/wonder3d_pipeline (README)"
     return load_multiview(folder, "cpu", torch.float32)
 

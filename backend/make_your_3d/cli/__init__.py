@@ -57,6 +57,14 @@ def _cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", metavar="DIR", help="stage cache (default: $MAKE_YOUR_3D_CACHE or the user cache folder)")
 
 
+def _role_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", action="append", help="only this role (repeatable; default: every role)")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object (for the Blender add-on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="make-your-3d", description="Subject image + text edit -> textured 3D mesh (Make-Your-3D).",
                                      formatter_class=_Formatter)
@@ -75,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler="make_your_3d.models.tiny:run_cli")
     fetch = _sub(msub, "fetch", help="download the published weights (the only command that downloads)")
     _models_arg(fetch)
-    fetch.add_argument("--role", action="append", help="only this role (repeatable; default: every role)")
+    _role_arg(fetch)
     fetch.add_argument("--token", help="Hugging Face token for gated repositories")
     fetch.set_defaults(handler="make_your_3d.models.fetch:run_fetch_cli")
     verify = _sub(msub, "verify", help="check the files against the checksums recorded at fetch time")
     _models_arg(verify)
-    verify.add_argument("--role", action="append", help="only this role (repeatable; default: every role)")
+    _role_arg(verify)
     verify.set_defaults(handler="make_your_3d.models.fetch:run_verify_cli")
     mlist = _sub(msub, "list", help="show each role's state")
     _models_arg(mlist)
@@ -157,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
     info = _sub(csub, "info", help="where the cache is and how much it holds")
     _cache_arg(info)
-    info.add_argument("--json", action="store_true", help="print one JSON object (for the Blender add-on)")
+    _json_arg(info)
     info.set_defaults(handler="make_your_3d.cli.cache:run_info")
     clear = _sub(csub, "clear", help="delete every cached stage (results already written stay)")
     _cache_arg(clear)
-    clear.add_argument("--json", action="store_true", help="print one JSON object (for the Blender add-on)")
+    _json_arg(clear)
     clear.set_defaults(handler="make_your_3d.cli.cache:run_clear")
 
     # doctor ---------------------------------------------------------------------------------

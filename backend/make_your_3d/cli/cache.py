@@ -11,6 +11,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from make_your_3d.files import human_bytes
 from make_your_3d.paths import resolve_cache_dir
 
 
@@ -75,15 +76,6 @@ def clear_cache(root: Path) -> CacheInfo:
             if stage.is_dir() and not stage.is_symlink() and not any(stage.iterdir()):
                 stage.rmdir()
     return removed
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def run_info(args) -> int:

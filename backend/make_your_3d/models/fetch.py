@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from make_your_3d.errors import DiskFull, Make3DError, WeightsBroken, WeightsMissing
+from make_your_3d.files import human_bytes, sha256_file
 from make_your_3d.models.registry import ROLES, ModelRole, is_tiny, role as get_role
 from make_your_3d.paths import resolve_models_dir
 
@@ -115,14 +115,6 @@ def plan_role(role: ModelRole, repo_files: Iterable[str]) -> list[PlannedFile]:
 
 
 # --- storing -----------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_pickle_to_safetensors(src: Path, dst: Path) -> int:
@@ -411,14 +403,6 @@ def _selected(names: list[str] | None) -> list[ModelRole]:
         raise Make3DError(str(exc.args[0]), code="bad_request") from None
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def run_fetch_cli(args) -> int:
     models_dir = resolve_models_dir(args.models)
     roles = _selected(args.role)
@@ -461,7 +445,7 @@ def run_list_cli(args) -> int:
     for s in role_status(models_dir):
         state = "complete" if s["complete"] else "incomplete"
         kind = "tiny" if s["tiny"] else ("real" if s["size_bytes"] else "-")
-        print(f"{s['name']:<17} {state:<10}  {kind:<4}  {_human(s['size_bytes']):>10}  {s['licence']}  ({s['repo_id']})")
+        print(f"{s['name']:<17} {state:<10}  {kind:<4}  {human_bytes(s['size_bytes']):>10}  {s['licence']}  ({s['repo_id']})")
         if s["missing"]:
             shown = ", ".join(s["missing"][:4]) + (f" ... ({len(s['missing'])} files)" if len(s["missing"]) > 4 else "")
             print(f"{'':<19}missing: {shown}")

@@ -81,6 +81,29 @@ def ip_adapter_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return params
 
 
+def ip_adapter_shapes(unet: torch.nn.Module, image_embed_dim: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of `ip-adapter_sd15.safetensors` for a UNet, in the published key layout:
+    `image_proj.proj` / `image_proj.norm` (one CLIP embedding -> 4 context tokens) and
+    `ip_adapter.{k}.to_k_ip` / `to_v_ip`, k counting every attention processor (cross-attention
+    ones are 1, 3, 5, ...). The tiny writer below and `models/random_set.py` both draw these."""
+    cross = int(unet.config.cross_attention_dim)
+    shapes = [
+        ("image_proj.proj.weight", (cross * IP_ADAPTER_TOKENS, image_embed_dim)),
+        ("image_proj.proj.bias", (cross * IP_ADAPTER_TOKENS,)),
+        ("image_proj.norm.weight", (cross,)),
+        ("image_proj.norm.bias", (cross,)),
+    ]
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
+        for proj in ("to_k_ip", "to_v_ip"):
+            shapes.append((f"ip_adapter.{key_id}.{proj}.weight", tuple(to_k.weight.shape)))
+        key_id += 2
+    return shapes
+
+
 # --- tiny model set ----------------------------------------------------------------------------
 
 TINY_CROSS_DIM = TINY_DIM
@@ -149,19 +172,13 @@ def write_tiny_ip_adapter(folder: Path, seed: int, personalized_folder: Path) ->
 
     unet = UNet2DConditionModel.from_pretrained(Path(personalized_folder) / "unet")
     gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {
-        "image_proj.proj.weight": torch.randn(TINY_CROSS_DIM * IP_ADAPTER_TOKENS, TINY_IMAGE_EMBED_DIM, generator=gen) * 0.05,
-        "image_proj.proj.bias": torch.zeros(TINY_CROSS_DIM * IP_ADAPTER_TOKENS),
-        "image_proj.norm.weight": torch.ones(TINY_CROSS_DIM),
-        "image_proj.norm.bias": torch.zeros(TINY_CROSS_DIM),
-    }
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
-        for proj in ("to_k_ip", "to_v_ip"):
-            tensors[f"ip_adapter.{key_id}.{proj}.weight"] = torch.randn(to_k.weight.shape, generator=gen) * 0.05
-        key_id += 2
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in ip_adapter_shapes(unet, TINY_IMAGE_EMBED_DIM):  # the layout's order fixes the draws
+        if name.endswith(".bias"):
+            tensors[name] = torch.zeros(shape)
+        elif name == "image_proj.norm.weight":
+            tensors[name] = torch.ones(shape)
+        else:
+            tensors[name] = torch.randn(shape, generator=gen) * 0.05
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(folder) / IP_ADAPTER_WEIGHTS))

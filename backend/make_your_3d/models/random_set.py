@@ -30,14 +30,13 @@ from typing import Iterable
 import torch
 from safetensors.torch import save_file
 
+from make_your_3d.models.personalized import IP_ADAPTER_WEIGHTS, ip_adapter_shapes
 from make_your_3d.models.registry import ROLES, TINY_MARKER
 from make_your_3d.models.tokenizer import write_tiny_clip_tokenizer
 
 PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs")
 RANDOM_MARKER = "RANDOM_MODEL_SET"
 SIZES = ("published", "tiny")
-IP_ADAPTER_WEIGHTS = "ip-adapter_sd15.safetensors"
-IP_ADAPTER_TOKENS = 4  # IP-Adapter's ImageProjModel: one CLIP image embedding -> 4 context tokens (SD 1.5)
 ROLE_ORDER = ("personalized", "image_encoder", "ip_adapter", "multiview", "normal_estimator", "segmenter")
 
 
@@ -207,29 +206,6 @@ def _state_shapes(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def ip_adapter_shapes(unet: torch.nn.Module, image_embed_dim: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors of `ip-adapter_sd15.safetensors` for a UNet, in the published key layout:
-    `image_proj.proj` / `image_proj.norm` (one CLIP embedding -> 4 context tokens) and
-    `ip_adapter.{k}.to_k_ip` / `to_v_ip`, k counting every attention processor (cross-attention
-    ones are 1, 3, 5, ...), as `models/personalized.py`'s tiny writer lays them out."""
-    cross = int(unet.config.cross_attention_dim)
-    shapes = [
-        ("image_proj.proj.weight", (cross * IP_ADAPTER_TOKENS, image_embed_dim)),
-        ("image_proj.proj.bias", (cross * IP_ADAPTER_TOKENS,)),
-        ("image_proj.norm.weight", (cross,)),
-        ("image_proj.norm.bias", (cross,)),
-    ]
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
-        for proj in ("to_k_ip", "to_v_ip"):
-            shapes.append((f"ip_adapter.{key_id}.{proj}.weight", tuple(to_k.weight.shape)))
-        key_id += 2
-    return shapes
 
 
 def parameter_counts(sizes: str = "published") -> dict[str, int]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from make_your_3d.files import sha256_file
 from make_your_3d.models.registry import ROLES
 
 log = logging.getLogger("make_your_3d.cache")
@@ -48,14 +49,6 @@ def models_fingerprint(models_dir: Path, *roles: str) -> dict[str, str]:
 
 RECORD = ".complete"  # the entry's record: written last, so its presence means the entry is whole
 QUARANTINE = ".quarantine"
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> dict[str, Path]:
@@ -103,7 +96,7 @@ class StageCache:
                 return f"{rel} is missing"
             if file.stat().st_size != entry.get("size"):
                 return f"{rel} is {file.stat().st_size} bytes, {entry.get('size')} were written"
-            if _sha256(file) != entry.get("sha256"):
+            if sha256_file(file) != entry.get("sha256"):
                 return f"{rel} does not match its checksum"
         extra = sorted(set(present) - set(recorded))
         if extra:
@@ -134,7 +127,7 @@ class StageCache:
         try:
             writer(tmp)
             (tmp / "inputs.json").write_text(json.dumps(inputs or {}, indent=2, sort_keys=True, default=str))
-            files = {rel: {"sha256": _sha256(p), "size": p.stat().st_size} for rel, p in _files(tmp).items()}
+            files = {rel: {"sha256": sha256_file(p), "size": p.stat().st_size} for rel, p in _files(tmp).items()}
             (tmp / RECORD).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
             if final.exists():  # an incomplete leftover from a killed run
                 shutil.rmtree(final)
