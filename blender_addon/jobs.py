@@ -11,6 +11,7 @@ from pathlib import Path
 import bpy
 
 from . import history, runtime
+from .runtime import EventKind
 from .importer import ImportProblem, import_glb
 
 TICK_SECONDS = 0.2
@@ -30,7 +31,7 @@ def _set_error(scene: bpy.types.Scene | None, message: str) -> None:
 
 def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
     kind = event.kind
-    if kind == "submitted":
+    if kind == EventKind.SUBMITTED:
         scene = _scene(event.scene)
         if scene is None:
             return
@@ -47,22 +48,22 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
         if base_seed is not None:
             props.last_seed = int(base_seed)
         props.last_error = ""
-    elif kind in ("record", "sync"):
+    elif kind in (EventKind.RECORD, EventKind.SYNC):
         record = event.data["record"]
         for scene, item in history.find_items(event.job_id):
             history.apply_record(item, record, rt.stage_times.seconds(item.preset))
             if item.status == "failed" and item.error_message:
                 scene.make_your_3d.last_error = f"Job {item.job_id[:8]} failed: {item.error_message}"
-            if kind == "sync":
+            if kind == EventKind.SYNC:
                 if history.is_active(item):
                     rt.watch(item.job_id)
                 elif item.status == "done" and not item.folder:
                     _request_files(rt, item, then_import=item.import_requested and not item.imported)
-    elif kind == "want_files":
+    elif kind == EventKind.WANT_FILES:
         for _scene_, item in history.find_items(event.job_id):
             _request_files(rt, item, then_import=item.import_requested and not item.imported, files=event.data.get("files"))
             break
-    elif kind == "files":
+    elif kind == EventKind.FILES:
         folder = event.data["folder"]
         record = read_job_record(Path(folder))
         learned = False
@@ -76,19 +77,19 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
             if event.data.get("import") and not item.imported:
                 import_item(bpy.context, rt, scene, item)
             scene.make_your_3d.last_info = finished_message(item, record)
-    elif kind == "lost":
+    elif kind == EventKind.LOST:
         for scene, item in history.find_items(event.job_id):
             if history.is_active(item):
                 item.message = event.data.get("message", "")
             scene.make_your_3d.last_error = event.data.get("message", "")
-    elif kind == "error":
+    elif kind == EventKind.ERROR:
         scene = _scene(event.scene) if event.scene else None
         _set_error(scene, event.data.get("message", "Unknown error"))
-    elif kind == "info":
+    elif kind == EventKind.INFO:
         for sc in bpy.data.scenes:
             if hasattr(sc, "make_your_3d"):
                 sc.make_your_3d.last_info = event.data.get("message", "")
-    # "models": nothing to store in bpy; the redraw shows the new state
+    # EventKind.MODELS: nothing to store in bpy; the redraw shows the new state
 
 
 def read_job_record(folder: Path) -> dict:

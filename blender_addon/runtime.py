@@ -8,6 +8,7 @@ There is exactly one Runtime, created by register() and shut down by unregister(
 
 from __future__ import annotations
 
+import enum
 import os
 import queue
 import threading
@@ -33,11 +34,25 @@ REQUIRED_RESULT_FILES = ("subject.glb",)
 RESTART_FIELDS = ("python", "models_dir", "data_dir", "port", "device", "precision", "config_file")
 
 
+class EventKind(str, enum.Enum):
+    """What a worker thread tells the main thread."""
+
+    SUBMITTED = "submitted"  # the backend accepted jobs: data {ids, group, request}
+    RECORD = "record"  # a job's progress record: data {record}
+    SYNC = "sync"  # a job record found at (re)connection: data {record}; watch or fetch it
+    WANT_FILES = "want_files"  # a job finished: data {files}; the main thread decides to fetch
+    FILES = "files"  # a job's files are on disk: data {folder, files, import}
+    LOST = "lost"  # contact with a watched job was lost: data {message}
+    ERROR = "error"  # a failure to show: data {message, code?}
+    INFO = "info"  # a message to show: data {message}
+    MODELS = "models"  # the model state changed; redraw
+
+
 @dataclass(frozen=True)
 class Event:
-    """A message from a worker thread to the main thread."""
+    """A message from a worker thread to the main thread (`jobs.apply_event` handles each kind)."""
 
-    kind: str  # submitted | record | files | error | lost | models | info
+    kind: "EventKind"
     job_id: str = ""
     scene: str = ""
     data: dict = field(default_factory=dict)
@@ -197,7 +212,7 @@ class Runtime:
         try:
             client = self._ready_client()
         except BackendError as exc:
-            self.events.put(Event("info", data={"message": str(exc)}))
+            self.events.put(Event(EventKind.INFO, data={"message": str(exc)}))
             return
         self._load_models(client)
         self._sync_jobs(client)
@@ -212,7 +227,7 @@ class Runtime:
             models, err = None, exc.message
         with self._lock:
             self._models, self._models_error = models, err
-        self.events.put(Event("models"))
+        self.events.put(Event(EventKind.MODELS))
 
     def refresh_models(self) -> None:
         self._spawn(lambda: self._load_models(self._ready_client(10.0)), "models")
@@ -222,10 +237,10 @@ class Runtime:
         try:
             records = client.jobs()
         except ApiError as exc:
-            self.events.put(Event("info", data={"message": exc.message}))
+            self.events.put(Event(EventKind.INFO, data={"message": exc.message}))
             return
         for record in records:
-            self.events.put(Event("sync", job_id=str(record.get("id")), data={"record": record}))
+            self.events.put(Event(EventKind.SYNC, job_id=str(record.get("id")), data={"record": record}))
 
     def sync(self) -> None:
         self._spawn(lambda: self._sync_jobs(self._ready_client(10.0)), "sync")
@@ -245,11 +260,11 @@ class Runtime:
             client = self._ready_client()
             reply = client.submit(payload)
             request = {**{k: v for k, v in payload.items() if k != "image_png_b64"}, **local}
-            self.events.put(Event("submitted", scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": request}))
+            self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": request}))
             for job_id in reply["ids"]:
                 self.watch(job_id)
         except (ApiError, BackendError) as exc:
-            self.events.put(Event("error", scene=scene_name, data={"message": getattr(exc, "message", str(exc)), "code": getattr(exc, "code", "backend")}))
+            self.events.put(Event(EventKind.ERROR, scene=scene_name, data={"message": getattr(exc, "message", str(exc)), "code": getattr(exc, "code", "backend")}))
         finally:
             with self._lock:
                 self._pending -= 1
@@ -261,11 +276,11 @@ class Runtime:
         def work() -> None:
             try:
                 reply = self._ready_client(10.0).rerun(job_id, changes)
-                self.events.put(Event("submitted", scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": {**request, **changes}}))
+                self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": {**request, **changes}}))
                 for new_id in reply["ids"]:
                     self.watch(new_id)
             except (ApiError, BackendError) as exc:
-                self.events.put(Event("error", scene=scene_name, data={"message": getattr(exc, "message", str(exc))}))
+                self.events.put(Event(EventKind.ERROR, scene=scene_name, data={"message": getattr(exc, "message", str(exc))}))
             finally:
                 with self._lock:
                     self._pending -= 1
@@ -275,9 +290,9 @@ class Runtime:
     def cancel(self, job_id: str) -> None:
         def work() -> None:
             try:
-                self.events.put(Event("record", job_id=job_id, data={"record": self.client().cancel(job_id)}))
+                self.events.put(Event(EventKind.RECORD, job_id=job_id, data={"record": self.client().cancel(job_id)}))
             except ApiError as exc:
-                self.events.put(Event("error", data={"message": exc.message}))
+                self.events.put(Event(EventKind.ERROR, data={"message": exc.message}))
 
         self._spawn(work, "cancel")
 
@@ -293,16 +308,16 @@ class Runtime:
     def _watch(self, job_id: str) -> None:
         try:
             client = self.client()
-            final = watch_job(client, job_id, lambda r: self.events.put(Event("record", job_id=job_id, data={"record": r})), self._stop)
+            final = watch_job(client, job_id, lambda r: self.events.put(Event(EventKind.RECORD, job_id=job_id, data={"record": r})), self._stop)
         except ApiError as exc:
-            self.events.put(Event("lost", job_id=job_id, data={"message": exc.message}))
+            self.events.put(Event(EventKind.LOST, job_id=job_id, data={"message": exc.message}))
             return
         if final is None:
             if not self._stop.is_set():
-                self.events.put(Event("lost", job_id=job_id, data={"message": "Lost contact with the backend; the job continues there, refresh once it is back"}))
+                self.events.put(Event(EventKind.LOST, job_id=job_id, data={"message": "Lost contact with the backend; the job continues there, refresh once it is back"}))
             return
         if final.get("status") == "done":
-            self.events.put(Event("want_files", job_id=job_id, data={"files": list(final.get("files") or [])}))
+            self.events.put(Event(EventKind.WANT_FILES, job_id=job_id, data={"files": list(final.get("files") or [])}))
 
     def download(self, job_id: str, folder: Path, files: list[str], then_import: bool) -> None:
         """Fetch subject.glb and preview.png into `folder` (thread), then tell the main thread."""
@@ -318,9 +333,9 @@ class Runtime:
                         except ApiError:
                             if name in REQUIRED_RESULT_FILES:
                                 raise
-                self.events.put(Event("files", job_id=job_id, data={"folder": str(folder), "files": got, "import": then_import}))
+                self.events.put(Event(EventKind.FILES, job_id=job_id, data={"folder": str(folder), "files": got, "import": then_import}))
             except (ApiError, OSError) as exc:
-                self.events.put(Event("error", job_id=job_id, data={"message": getattr(exc, "message", str(exc))}))
+                self.events.put(Event(EventKind.ERROR, job_id=job_id, data={"message": getattr(exc, "message", str(exc))}))
 
         self._spawn(work, "download")
 
@@ -329,9 +344,9 @@ class Runtime:
             try:
                 fn()
             except (ApiError, BackendError) as exc:
-                self.events.put(Event("error", data={"message": getattr(exc, "message", str(exc))}))
+                self.events.put(Event(EventKind.ERROR, data={"message": getattr(exc, "message", str(exc))}))
             except Exception as exc:  # a worker must never die silently
-                self.events.put(Event("error", data={"message": f"Internal error in {name}: {exc!r}"}))
+                self.events.put(Event(EventKind.ERROR, data={"message": f"Internal error in {name}: {exc!r}"}))
 
         thread = threading.Thread(target=guarded, name=f"make_your_3d:{name}", daemon=True)
         thread.start()
@@ -361,7 +376,7 @@ class Runtime:
         def done(st) -> None:
             # the last step prints which torch build went in (CUDA x.y or CPU)
             self._python_checks.clear()
-            self.events.put(Event("info", data={"message": st.error or f"Backend installed: {st.line}"}))
+            self.events.put(Event(EventKind.INFO, data={"message": st.error or f"Backend installed: {st.line}"}))
 
         self.install_task = SubprocessTask("install", steps, self.base_dir / "install.log", on_done=done).start()
         return self.install_task
@@ -400,21 +415,21 @@ class Runtime:
                                  creationflags=0x08000000 if os.name == "nt" else 0)
             if out.returncode != 0:
                 last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-                self.events.put(Event("error", data={"message": f"Cache {action} failed: {last}"}))
+                self.events.put(Event(EventKind.ERROR, data={"message": f"Cache {action} failed: {last}"}))
                 return
             info = json.loads(out.stdout.strip().splitlines()[-1])
             if action == "clear":
                 message = f"Cleared the stage cache: {info.get('entries', 0)} stage result(s), {format_bytes(int(info.get('bytes', 0)))}"
                 info = {**info, "bytes": 0, "entries": 0, "stages": {}}
-                self.events.put(Event("info", data={"message": message}))
+                self.events.put(Event(EventKind.INFO, data={"message": message}))
             with self._lock:
                 self._cache_info = info
-            self.events.put(Event("models"))
+            self.events.put(Event(EventKind.MODELS))
 
         self._spawn(work, f"cache-{action}")
 
     def _fetch_done(self, st) -> None:
-        self.events.put(Event("info", data={"message": st.error or "Model weights fetched"}))
+        self.events.put(Event(EventKind.INFO, data={"message": st.error or "Model weights fetched"}))
         if self.backend.state().status == "running":
             self._load_models(self.client())
 

@@ -45,3 +45,20 @@ def test_no_deferred_import_of_a_higher_layer():
             text = path.read_text()
             hits = [f for f in forbidden if f"from {f}" in text or f"import {f}" in text]
             assert not hits, f"{path.relative_to(root)} imports {hits}"
+
+
+def test_command_handlers_live_in_cli():
+    """Library modules hold no command-line code; `cli/commands.py` turns arguments into calls.
+    The one exception is `service/server.py`, the service's own entry point."""
+    import re
+    from pathlib import Path
+
+    import make_your_3d
+
+    root = Path(make_your_3d.__file__).parent
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("cli/") or rel == "service/server.py":
+            continue
+        assert not re.search(r"^def run_\w*cli\(", path.read_text(), re.M), f"{rel} defines a command handler"
+        assert not re.search(r"\bargs\.\w", path.read_text()), f"{rel} reads parsed arguments"

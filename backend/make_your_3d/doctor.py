@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import platform
-import sys
 from pathlib import Path
 
 from make_your_3d import __version__
 from make_your_3d.models.registry import ROLES, is_tiny
-from make_your_3d.paths import resolve_models_dir
 
 
 def gpu_report() -> list[str]:
@@ -60,13 +57,3 @@ def models_report(models_dir: Path) -> tuple[list[str], bool]:
     else:
         lines.append("Some model roles are incomplete: run `make-your-3d models fetch` (add --role NAME for one role).")
     return lines, all_complete
-
-
-def run_cli(args) -> int:
-    print(f"make-your-3d {__version__} on Python {sys.version.split()[0]} ({platform.system()} {platform.machine()})")
-    for line in gpu_report():
-        print(line)
-    lines, complete = models_report(resolve_models_dir(args.models))
-    for line in lines:
-        print(line)
-    return 0 if complete else 1

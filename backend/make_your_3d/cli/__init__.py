@@ -80,19 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = _sub(msub, "tiny", help="write a tiny random-weight model set in the published formats")
     tiny.add_argument("--out", required=True, metavar="DIR", help="folder to write the set into")
     tiny.add_argument("--seed", type=checks.int_range(0, checks.SEED_MAX, "seed"), default=0, help="seed of the random weights")
-    tiny.set_defaults(handler="make_your_3d.models.tiny:run_cli")
+    tiny.set_defaults(handler="make_your_3d.cli.commands:models_tiny")
     fetch = _sub(msub, "fetch", help="download the published weights (the only command that downloads)")
     _models_arg(fetch)
     _role_arg(fetch)
     fetch.add_argument("--token", help="Hugging Face token for gated repositories")
-    fetch.set_defaults(handler="make_your_3d.models.fetch:run_fetch_cli")
+    fetch.set_defaults(handler="make_your_3d.cli.commands:models_fetch")
     verify = _sub(msub, "verify", help="check the files against the checksums recorded at fetch time")
     _models_arg(verify)
     _role_arg(verify)
-    verify.set_defaults(handler="make_your_3d.models.fetch:run_verify_cli")
+    verify.set_defaults(handler="make_your_3d.cli.commands:models_verify")
     mlist = _sub(msub, "list", help="show each role's state")
     _models_arg(mlist)
-    mlist.set_defaults(handler="make_your_3d.models.fetch:run_list_cli")
+    mlist.set_defaults(handler="make_your_3d.cli.commands:models_list")
 
     # reconstruct ----------------------------------------------------------------------------
     rec = _sub(sub, "reconstruct", help="views folder (cameras.json + PNGs) -> textured GLB")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override one reconstruction setting, e.g. lift.contact_px=1.0 (repeatable; "
                           "names and units in backend/make_your_3d/recon/config.py)")
-    rec.set_defaults(handler="make_your_3d.recon.reconstruct:run_cli")
+    rec.set_defaults(handler="make_your_3d.cli.commands:reconstruct")
 
     # multiview ------------------------------------------------------------------------------
     mv = _sub(sub, "multiview", help="subject image -> six colour + normal views (views folder)")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--guidance", type=checks.non_negative_float, default=1.0, help="classifier-free guidance scale (the default preset's)")
     _seed_arg(mv)
     _device_arg(mv)
-    mv.set_defaults(handler="make_your_3d.pipeline.multiview_views:run_cli")
+    mv.set_defaults(handler="make_your_3d.cli.commands:multiview")
 
     # generate -------------------------------------------------------------------------------
     gen = _sub(sub, "generate", help="subject image + text edit -> subject.glb (the whole method)")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", choices=PRESETS, default="default", help="speed and quality settings")
     _device_arg(gen)
     _faces_texture_args(gen)
-    gen.set_defaults(handler="make_your_3d.pipeline.generate:run_cli")
+    gen.set_defaults(handler="make_your_3d.cli.commands:generate")
 
     # demo -----------------------------------------------------------------------------------
     demo = _sub(sub, "demo", help="run generate on the bundled example (real weights if present, else a tiny set)")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", metavar="DIR", help="output folder")
     _cache_arg(demo)
     _device_arg(demo)
-    demo.set_defaults(handler="make_your_3d.pipeline.demo:run_cli")
+    demo.set_defaults(handler="make_your_3d.cli.commands:demo")
 
     # serve ----------------------------------------------------------------------------------
     serve = _sub(sub, "serve", help="run the local HTTP service the Blender add-on talks to")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     # doctor ---------------------------------------------------------------------------------
     doctor = _sub(sub, "doctor", help="what this machine has and which model sets are complete")
     _models_arg(doctor)
-    doctor.set_defaults(handler="make_your_3d.doctor:run_cli")
+    doctor.set_defaults(handler="make_your_3d.cli.commands:doctor")
     return parser
 
 
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing left to say
+        sys.stderr.close()
+        return 141
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if not missing or missing == "make_your_3d":

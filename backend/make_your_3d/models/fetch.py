@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from make_your_3d.errors import DiskFull, Make3DError, WeightsBroken, WeightsMissing
-from make_your_3d.files import human_bytes, sha256_file
+from make_your_3d.files import sha256_file
 from make_your_3d.models.registry import ROLES, ModelRole, is_tiny, role as get_role
-from make_your_3d.paths import resolve_models_dir
 
 CHECKSUMS = "checksums.json"
 PICKLE_SUFFIXES = (".bin",)
@@ -394,7 +393,7 @@ def check_weight_files(folder: Path, rels: Iterable[str], role_name: str) -> Non
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def _selected(names: list[str] | None) -> list[ModelRole]:
+def selected_roles(names: list[str] | None) -> list[ModelRole]:
     if not names:
         return list(ROLES.values())
     try:
@@ -403,50 +402,6 @@ def _selected(names: list[str] | None) -> list[ModelRole]:
         raise Make3DError(str(exc.args[0]), code="bad_request") from None
 
 
-def run_fetch_cli(args) -> int:
-    models_dir = resolve_models_dir(args.models)
-    roles = _selected(args.role)
-    if is_tiny(models_dir):
-        raise Make3DError(
-            f"{models_dir} holds a tiny test set; fetch the real weights into another folder (--models DIR).", code="bad_request"
-        )
-    for r in roles:
-        print(f"{r.name}: {r.title} from {r.repo_id} (licence: {r.licence})")
-        record = fetch_from_hub(r, models_dir, token=args.token)
-        print(f"{r.name}: {len(record['files'])} files stored in {r.path(models_dir)} at revision {record['revision']}")
-    print("Done. Check them any time with `make-your-3d models verify`.")
-    return 0
-
-
-def run_verify_cli(args) -> int:
-    models_dir = resolve_models_dir(args.models)
-    tiny = is_tiny(models_dir)
-    failed = False
-    for r in _selected(args.role):
-        problems = verify_role(r, models_dir)
-        if tiny and problems and r.complete(models_dir) and not _read_record(r.path(models_dir)).get("files"):
-            print(f"{r.name}: tiny set, no checksums recorded (nothing to verify)")
-            continue
-        if problems:
-            failed = True
-            print(f"{r.name}: PROBLEMS")
-            for p in problems:
-                print(f"  - {p}")
-        else:
-            print(f"{r.name}: ok")
-    if failed:
-        print("Fix with `make-your-3d models fetch --role ROLE` (it re-downloads damaged files).")
-    return 1 if failed else 0
-
-
-def run_list_cli(args) -> int:
-    models_dir = resolve_models_dir(args.models)
-    print(f"models directory: {models_dir}" + ("  (tiny test set: random weights)" if is_tiny(models_dir) else ""))
-    for s in role_status(models_dir):
-        state = "complete" if s["complete"] else "incomplete"
-        kind = "tiny" if s["tiny"] else ("real" if s["size_bytes"] else "-")
-        print(f"{s['name']:<17} {state:<10}  {kind:<4}  {human_bytes(s['size_bytes']):>10}  {s['licence']}  ({s['repo_id']})")
-        if s["missing"]:
-            shown = ", ".join(s["missing"][:4]) + (f" ... ({len(s['missing'])} files)" if len(s["missing"]) > 4 else "")
-            print(f"{'':<19}missing: {shown}")
-    return 0
+def has_recorded_files(role: ModelRole, models_dir: Path) -> bool:
+    """Whether the role's fetch record lists files (a tiny set records none, so there is nothing to verify)."""
+    return bool(_read_record(role.path(models_dir)).get("files"))

@@ -62,10 +62,3 @@ def write_tiny_set(out: str | Path, seed: int = 0) -> Path:
         roles.append(name)
     (out / TINY_MARKER).write_text(json.dumps({"seed": seed, "roles": roles}, indent=2) + "\n")
     return out
-
-
-def run_cli(args) -> int:
-    out = write_tiny_set(args.out, seed=args.seed)
-    print(f"Wrote a tiny model set (random weights, seed {args.seed}) to {out}.")
-    print("It exercises the real code paths but produces noise, not a real subject.")
-    return 0

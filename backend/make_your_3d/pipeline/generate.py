@@ -454,34 +454,3 @@ def variant_dir(out: Path, prompt: str, seed: int) -> Path:
     words = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")
     slug = "-".join(w for w in words.split("-") if w)[:40] or "subject"
     return out / f"{slug}-seed{seed}"
-
-
-def run_cli(args) -> int:
-    from make_your_3d.paths import resolve_cache_dir, resolve_models_dir
-
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise Make3DError(f"The image {image_path} does not exist.", code="bad_image")
-    if not 1 <= args.variants <= 16:
-        raise Make3DError("--variants must be between 1 and 16.", code="bad_request")
-    out = Path(args.out)
-    models_dir = resolve_models_dir(args.models)
-    generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)
-    if is_tiny(models_dir):
-        print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
-
-    def show(p) -> None:
-        if p.step in (0, p.total) or p.step % 10 == 0:
-            eta = f", eta {p.eta_s:.0f}s" if p.eta_s else ""
-            print(f"  [{p.stage}] {p.step}/{p.total} {p.message}{eta}", flush=True)
-
-    data = image_path.read_bytes()
-    for k in range(args.variants):
-        seed = args.seed + k
-        request = GenerateRequest(image=data, prompt=args.prompt, subject=args.subject, negative_prompt=args.negative_prompt,
-                                  seed=seed, preset=args.preset, faces=args.faces, texture_size=args.texture_size)
-        target = variant_dir(out, request.prompt, seed)
-        result = generator.run(request, target, progress=show)
-        reused = ", ".join(result.cached_stages) or "none"
-        print(f"Wrote {target / 'subject.glb'} in {result.timings['total']:.1f}s (reused stages: {reused}).")
-    return 0

@@ -7,7 +7,6 @@ its front-frame normals into world normals and its backgrounds into masks.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,41 +52,3 @@ def generate_views(mv, subject_rgba: Image.Image, preset, seed: int, reporter: R
                 generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
     settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
     return to_viewset(images, extras={"multiview": settings})
-
-
-def run_cli(args) -> int:
-    """`make-your-3d multiview IMAGE --out VIEWS_DIR [--models DIR] [--steps N] [--guidance G] [--seed N] [--device D]`."""
-    from make_your_3d.device import resolve_device, resolve_dtype
-    from make_your_3d.errors import BadImage
-    from make_your_3d.models.multiview import load_multiview
-    from make_your_3d.models.registry import ROLES, is_tiny
-    from make_your_3d.paths import resolve_models_dir
-    from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
-    from make_your_3d.pipeline.request import load_image_bytes
-    from make_your_3d.recon.views import save_views
-
-    path = Path(args.image)
-    if not path.is_file():
-        raise BadImage(f"{path} does not exist or is not a file.")
-    data = path.read_bytes()
-    models_dir = resolve_models_dir(args.models)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(device)
-    pipe = load_multiview(ROLES["multiview"].path(models_dir), device, dtype)
-    segmenter = None
-    if not has_transparency(load_image_bytes(data)) and ROLES["segmenter"].complete(models_dir):
-        from make_your_3d.models.segmenter import load_segmenter
-
-        segmenter = load_segmenter(ROLES["segmenter"].path(models_dir), device)
-    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter)
-    generator = torch.Generator(device="cpu").manual_seed(int(args.seed))
-
-    def show(p) -> None:
-        print(f"\r{p.stage}: {p.step}/{p.total} {p.message}", end="", flush=True)
-
-    out = pipe(subject, steps=args.steps, guidance=args.guidance, generator=generator, reporter=Reporter("multiview", show))
-    print()
-    extras = {"multiview": {"steps": args.steps, "guidance": args.guidance, "seed": int(args.seed), "scheduler": "ddim", "tiny_models": is_tiny(models_dir)}}
-    folder = save_views(args.out, to_viewset(out, extras=extras))
-    print(f"Wrote {len(out.view_names)} colour + normal views to {folder}.")
-    return 0

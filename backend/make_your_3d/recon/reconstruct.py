@@ -316,24 +316,3 @@ class _deterministic:
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self._prev)
         return False
-
-
-def run_cli(args) -> int:
-    """`make-your-3d reconstruct VIEWS_DIR --out OUT.glb ...`: writes OUT.glb and OUT.json."""
-    knobs = {k: getattr(args, k) for k in ("iterations", "render_size", "num_gaussians", "views_per_step", "grid_res",
-                                            "fuse_size") if getattr(args, k, None) is not None}
-    opts = ReconOptions(preset=args.preset, device=args.device, faces=args.faces, texture_size=args.texture_size,
-                        seed=args.seed, **knobs, **parse_settings(getattr(args, "set", None) or []))
-
-    def show(p) -> None:
-        if p.step == p.total or p.step % 50 == 0 or not p.message.startswith("fitting"):
-            eta = f", eta {p.eta_s:.0f}s" if p.eta_s is not None else ""
-            print(f"[{p.stage}] {p.step}/{p.total} {p.message} ({p.elapsed_s:.1f}s{eta})", flush=True)
-
-    result = reconstruct(args.views, args.out, opts, progress=show)
-    rec_path = Path(args.out).with_suffix(".json")
-    tmp = rec_path.with_name(f".{rec_path.name}.tmp")
-    tmp.write_text(json.dumps(result.record, indent=2))
-    tmp.replace(rec_path)
-    print(f"wrote {result.glb_path} ({result.vertices} vertices, {result.faces} faces) in {result.timings['total']:.1f}s")
-    return 0
