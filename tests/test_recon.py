@@ -25,7 +25,7 @@ from make_your_3d.recon.glb import textured_mesh, write_glb  # noqa: E402
 from make_your_3d.recon.mesh import (  # noqa: E402
     clean_field, field_to_mesh, keep_largest, non_manifold_edges, non_manifold_vertices, simplify)
 from make_your_3d.recon.rasterize import Cameras, cuda_available, rasterize, view_K  # noqa: E402
-from make_your_3d.recon.reconstruct import ReconOptions, reconstruct, run_cli  # noqa: E402
+from make_your_3d.recon.reconstruct import ReconOptions, reconstruct  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles, unwrap  # noqa: E402
 from make_your_3d.recon.views import load_views, save_views  # noqa: E402
 
@@ -294,11 +294,17 @@ def test_progress_steps_and_cancellation(sphere_views, tmp_path):
 def test_cli_writes_glb_and_record(sphere_views, tmp_path, capsys):
     folder = save_views(tmp_path / "views", sphere_views)
     out = tmp_path / "cli.glb"
-    args = Namespace(views=str(folder), out=str(out), preset="fast", device="cpu", faces=3000, texture_size=128,
-                     seed=1, iterations=5, render_size=48, num_gaussians=1000, grid_res=48, fuse_size=48)
-    assert run_cli(args) == 0
+    from make_your_3d.cli import build_parser
+    from make_your_3d.cli.commands import reconstruct as reconstruct_command
+
+    # through the real parser: only arguments it can produce
+    args = build_parser().parse_args(["reconstruct", str(folder), "--out", str(out), "--preset", "fast", "--device", "cpu",
+                                      "--faces", "3000", "--texture-size", "256", "--seed", "1", "--set", "iterations=5",
+                                      "--set", "render_size=48", "--set", "num_gaussians=1000", "--set", "grid_res=48",
+                                      "--set", "fuse_size=48"])
+    assert reconstruct_command(args) == 0
     rec = json.loads(out.with_suffix(".json").read_text())
-    assert rec["faces"] <= 3000 and rec["texture"]["size"] == 128 and rec["options"]["seed"] == 1
+    assert rec["faces"] <= 3000 and rec["texture"]["size"] == 256 and rec["options"]["seed"] == 1
     assert _load(out).faces.shape[0] == rec["faces"]
     assert "wrote" in capsys.readouterr().out
 
