@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 from make_your_3d.errors import Make3DError  # noqa: E402
 from make_your_3d.recon.reconstruct import ReconOptions, parse_settings, reconstruct  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles  # noqa: E402
-from make_your_3d.recon.views import load_views  # noqa: E402
+from make_your_3d.views import load_views  # noqa: E402
 
 
 def _samples(mesh: trimesh.Trimesh, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEWS
 from make_your_3d.recon.camera import orbit_c2w
-from make_your_3d.recon.views import View, ViewSet, encode_normals
+from make_your_3d.views import View, ViewSet, encode_normals
 
 SPHERE_R = 0.8
 # box frame: outer half sizes (x, y, z), square hole of half size HOLE through z

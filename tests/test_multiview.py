@@ -33,7 +33,7 @@ from make_your_3d.progress import CancelToken, Reporter
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEW_TABLE, WONDER3D_VIEWS
 from make_your_3d.pipeline.multiview_views import to_viewset
 from make_your_3d.recon.camera import orbit_c2w
-from make_your_3d.recon.views import load_views, save_views
+from make_your_3d.views import load_views, save_views
 
 V = 6
 

@@ -27,7 +27,7 @@ from make_your_3d.recon.mesh import (  # noqa: E402
 from make_your_3d.recon.rasterize import Cameras, cuda_available, rasterize, view_K  # noqa: E402
 from make_your_3d.recon.reconstruct import ReconOptions, reconstruct  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles, unwrap  # noqa: E402
-from make_your_3d.recon.views import load_views, save_views  # noqa: E402
+from make_your_3d.views import load_views, save_views  # noqa: E402
 
 TINY = dict(preset="fast", device="cpu", iterations=12, render_size=64, num_gaussians=2000, grid_res=64,
             fuse_size=64, texture_size=256, faces=4000)

@@ -34,7 +34,7 @@ from make_your_3d.models.normals import (
     write_tiny_normal_estimator,
 )
 from make_your_3d.recon.camera import orbit_c2w
-from make_your_3d.recon.views import View, encode_normals
+from make_your_3d.views import View, encode_normals
 
 SIZE = 64
 ORTHO = (2.0, 2.0)

@@ -133,7 +133,7 @@ def multiview(args) -> int:
     from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
     from make_your_3d.pipeline.request import load_image_bytes
     from make_your_3d.progress import Reporter
-    from make_your_3d.recon.views import save_views
+    from make_your_3d.views import save_views
 
     data = Path(args.image).read_bytes()
     models_dir = resolve_models_dir(args.models)

@@ -45,7 +45,7 @@ from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult, validate_request
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.glb import job_name, stamp_glb
-from make_your_3d.recon.views import ViewSet, load_views, save_views
+from make_your_3d.views import ViewSet, load_views, save_views
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class Generator:
         from make_your_3d.models.normals import camera_normals_to_world, estimate_normals
         from make_your_3d.pipeline.edits import edit_images
         from make_your_3d.pipeline.preprocess import composite
-        from make_your_3d.recon.views import View, encode_normals
+        from make_your_3d.views import View, encode_normals
 
         source = load_views(views_dir / "views")
         pipe = self._personalized(preset, dtype)

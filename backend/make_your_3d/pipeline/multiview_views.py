@@ -16,7 +16,7 @@ from make_your_3d.errors import BadViews, Make3DError
 from make_your_3d.models.multiview_pipeline import WONDER3D_ORTHO_SIZE, MultiViewImages, _to_uint8, front_normals_to_world, view_mask
 from make_your_3d.progress import Reporter
 from make_your_3d.recon.camera import orbit_c2w
-from make_your_3d.recon.views import View, ViewSet, encode_normals
+from make_your_3d.views import View, ViewSet, encode_normals
 
 
 def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:

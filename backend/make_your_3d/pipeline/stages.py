@@ -46,7 +46,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         request_fields=("image",),
         preset_fields=("mv_size", "mv_steps", "mv_guidance", "mv_eta", "mv_scheduler", "subject_fill"),
         models=("multiview",),
-        code=("make_your_3d.models", "make_your_3d.pipeline.preprocess", "make_your_3d.pipeline.multiview_views", "make_your_3d.recon.views"),
+        code=("make_your_3d.models", "make_your_3d.pipeline.preprocess", "make_your_3d.pipeline.multiview_views", "make_your_3d.views"),
         uses_segmenter=True,
     ),
     StageSpec(
@@ -63,7 +63,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         request_fields=("subject", "prompt", "negative_prompt"),
         preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "normal_steps", "normal_resolution"),
         models=("personalized", "ip_adapter", "image_encoder", "normal_estimator"),
-        code=("make_your_3d.models", "make_your_3d.pipeline.edits", "make_your_3d.pipeline.identity", "make_your_3d.pipeline.preprocess", "make_your_3d.recon.views"),
+        code=("make_your_3d.models", "make_your_3d.pipeline.edits", "make_your_3d.pipeline.identity", "make_your_3d.pipeline.preprocess", "make_your_3d.views"),
         uses_segmenter=True,
     ),
     StageSpec(
@@ -88,7 +88,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         request_fields=("seed",),
         preset_fields=("mv_size", "mv_steps", "mv_guidance", "mv_eta", "mv_scheduler", "lora_rank"),
         models=("multiview",),
-        code=("make_your_3d.models", "make_your_3d.pipeline.subject_prior", "make_your_3d.pipeline.multiview_views", "make_your_3d.recon.views"),
+        code=("make_your_3d.models", "make_your_3d.pipeline.subject_prior", "make_your_3d.pipeline.multiview_views", "make_your_3d.views"),
     ),
     StageSpec(
         "reconstruct", "3D Gaussians -> mesh -> UVs -> texture -> GLB",

@@ -23,7 +23,7 @@ from make_your_3d.recon.camera import Cameras, project, sample_image, unproject,
 from make_your_3d.recon.config import FitConfig, HullConfig, ReconConfig
 from make_your_3d.recon.rasterize import rasterize
 from make_your_3d.recon.scene import HullField, ViewTargets, grid_points
-from make_your_3d.recon.views import ViewSet
+from make_your_3d.views import ViewSet
 
 __all__ = ["FitConfig", "Gaussians", "fit_gaussians", "init_from_lift", "render"]
 

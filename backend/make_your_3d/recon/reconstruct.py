@@ -44,7 +44,7 @@ from make_your_3d.recon.mesh import (DepthView, Silhouette, clean_field, field_t
 from make_your_3d.recon.rasterize import cuda_available
 from make_your_3d.recon.scene import ViewTargets, mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, UVMesh, bake, unwrap
-from make_your_3d.recon.views import ViewSet, load_views
+from make_your_3d.views import ViewSet, load_views
 
 __all__ = ["PRESETS", "ReconConfig", "ReconOptions", "ReconResult", "reconstruct"]
 

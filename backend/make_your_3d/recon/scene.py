@@ -12,7 +12,7 @@ from torch import Tensor
 
 from make_your_3d.recon.camera import Cameras, cameras_for, projection_matrix
 from make_your_3d.recon.config import HullConfig
-from make_your_3d.recon.views import ViewSet
+from make_your_3d.views import ViewSet
 
 
 @dataclass
