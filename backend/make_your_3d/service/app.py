@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -508,6 +509,189 @@ def _clean_spec(spec: JobSpec, image: bytes) -> JobSpec:
     return JobSpec(req.prompt, req.negative_prompt, req.subject, req.seed, req.preset, req.faces, req.texture_size, req.overrides)
 
 
+@dataclass
+class ServiceContext:
+    """What the routes share: the job store and worker, the models folder and the request policy."""
+
+    store: JobStore
+    worker: Worker
+    models_dir: Path
+    default_preset: str
+    feed: ChangeFeed
+    memory_budget_bytes: int | None
+    overrides: dict | None
+    _needed: list[tuple[str, ...]] = field(default_factory=list)
+
+    def needed_roles(self) -> tuple[str, ...]:
+        """Filled on first use: importing the generator loads torch."""
+        if not self._needed:
+            self._needed.append(required_roles())
+        return self._needed[0]
+
+    def get_job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.")
+        return job
+
+    def check_memory(self, spec: JobSpec) -> None:
+        if self.memory_budget_bytes is None:
+            return
+        from make_your_3d.pipeline.presets import get_preset
+
+        preset = get_preset(spec.preset, self.overrides)
+        check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, self.memory_budget_bytes)
+
+    def queue(self, specs: list[JobSpec], image: bytes) -> Created:
+        """Check the first job's memory and the weights, then store every job and wake the worker."""
+        self.check_memory(specs[0])
+        _check_weights(self.models_dir, self.needed_roles())
+        digest = self.worker.inputs.put(image)
+        jobs = self.store.add_jobs(specs, digest)
+        self.worker.wake()
+        log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
+        return Created(ids=[j.id for j in jobs], group=jobs[0].group)
+
+
+def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
+    """/v1/jobs...: create, list, read, follow, cancel, re-run jobs and fetch their files."""
+    api = APIRouter(**router_args)
+
+    @api.post("/jobs", status_code=201, response_model=Created)
+    def create_jobs(body: JobCreate) -> Created:
+        image = _decode_image(body.image_png_b64)
+        seed = body.seed if body.seed is not None else _random_seed()
+        if seed + body.variants - 1 > MAX_SEED:
+            raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
+        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or ctx.default_preset, body.faces, body.texture_size,
+                       _overrides(body.overrides))
+        spec = _clean_spec(spec, image)
+        return ctx.queue([JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)], image)
+
+    @api.get("/jobs", response_model=JobList)
+    def list_jobs(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="jobs per page"),
+                  before: int | None = Query(None, ge=0, description="the `next` cursor of the previous page")) -> dict[str, Any]:
+        """The newest jobs first by page; within a page, oldest first."""
+        now = time.time()
+        jobs, cursor = ctx.store.page(limit, before)
+        return {"jobs": [j.record(now) for j in jobs], "next": cursor}
+
+    @api.get("/jobs/{job_id}", response_model=JobRecord)
+    def job_record(job_id: str) -> dict[str, Any]:
+        return ctx.get_job(job_id).record()
+
+    @api.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "one `data: <job record>` event per change"}},
+    )
+    async def job_events(job_id: str) -> StreamingResponse:
+        await run_in_threadpool(ctx.get_job, job_id)
+        return StreamingResponse(_job_stream(ctx, job_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/jobs/{job_id}/cancel", response_model=JobRecord)
+    def cancel(job_id: str) -> dict[str, Any]:
+        ctx.get_job(job_id)
+        ctx.worker.cancel(job_id)
+        return ctx.get_job(job_id).record()
+
+    @api.post("/jobs/{job_id}/rerun", status_code=201, response_model=Created)
+    def rerun(job_id: str, body: JobRerun | None = None) -> Created:
+        job = ctx.get_job(job_id)
+        changes = body.model_dump(exclude_unset=True) if body is not None else {}
+        spec = job.spec.to_dict()
+        for key, value in changes.items():
+            if key == "seed" and value is None:
+                value = _random_seed()
+            if key in ("prompt", "negative_prompt", "preset") and value is None:
+                continue  # null means "keep"
+            if key == "overrides":
+                value = _overrides(value)  # null or {}: back to the preset's settings
+            spec[key] = value
+        image = ctx.worker.inputs.get(job.image_sha256)
+        return ctx.queue([_clean_spec(JobSpec.from_dict(spec), image)], image)
+
+    @api.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse,
+             responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
+    def job_file(job_id: str, name: str) -> FileResponse:
+        job = ctx.get_job(job_id)
+        not_found = NotFound(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.")
+        if name not in job.files:
+            raise not_found
+        jobs_dir = ctx.worker.jobs_dir
+        folder = jobs_dir / job.id
+        if folder.is_symlink():  # a job folder is always a real folder; a link may point anywhere
+            raise not_found
+        root = folder.resolve()
+        path = (root / name).resolve()
+        if root.parent != jobs_dir.resolve() or not path.is_relative_to(root) or not path.is_file():
+            raise not_found
+        media = _FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return FileResponse(path, media_type=media, filename=path.name)
+
+    return api
+
+
+async def _job_stream(ctx: ServiceContext, job_id: str):
+    """Server-sent events of one job's record: on every change (a store notification, no polling)
+    and at least every HEARTBEAT_S; ends with the terminal record."""
+    sent_key = None
+    sent_at = 0.0
+    while True:
+        changed = ctx.feed.current()  # taken before the read: a change after it wakes us
+        job = await run_in_threadpool(ctx.store.get, job_id)
+        if job is None:
+            return
+        record = job.record()
+        key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
+        now = time.monotonic()
+        if key != sent_key or now - sent_at >= HEARTBEAT_S:
+            sent_key, sent_at = key, now
+            yield f"data: {json.dumps(record)}\n\n".encode("utf-8")
+        if job.terminal:
+            return
+        # a client that goes away cancels this generator (Starlette listens for the disconnect)
+        try:
+            await asyncio.wait_for(changed.wait(), timeout=max(0.05, HEARTBEAT_S - (time.monotonic() - sent_at)))
+        except asyncio.TimeoutError:
+            pass
+
+
+def system_router(ctx: ServiceContext, app: FastAPI, on_shutdown: Callable[[], None] | None, **router_args: Any) -> APIRouter:
+    """/v1/models, /v1/unload, /v1/shutdown and the OpenAPI document (all behind the token)."""
+    api = APIRouter(**router_args)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @api.get("/models", response_model=ModelsState)
+    def models() -> dict[str, Any]:
+        models_dir = ctx.models_dir
+        roles = [
+            {"name": r.name, "title": r.title, "licence": r.licence, "complete": r.complete(models_dir), "missing": r.missing(models_dir)}
+            for r in ROLES.values()
+        ]
+        need = ctx.needed_roles()
+        complete = all(r["complete"] for r in roles if r["name"] in need)
+        return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": complete, "roles": roles}
+
+    @api.post("/unload", response_model=Unloaded)
+    def unload() -> dict[str, bool]:
+        immediate = ctx.worker.unload()
+        return {"unloaded": True, "deferred": not immediate}
+
+    @api.post("/shutdown", response_model=Stopping)
+    def shutdown(background: BackgroundTasks) -> dict[str, bool]:
+        log.info("shutdown requested over the API")
+        if on_shutdown is not None:
+            background.add_task(on_shutdown)
+        return {"stopping": True}
+
+    return api
+
+
 def create_app(
     store: JobStore,
     worker: Worker,
@@ -526,16 +710,9 @@ def create_app(
 
     `check_host` False (a backend started with --allow-remote) accepts any Host header; the token
     still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger."""
-    models_dir = Path(models_dir)
     activity = activity or Activity()
-    feed = ChangeFeed()
-    store.subscribe(feed.changed)
-    needed: list[tuple[str, ...]] = []  # filled on first use: importing the generator loads torch
-
-    def needed_roles() -> tuple[str, ...]:
-        if not needed:
-            needed.append(required_roles())
-        return needed[0]
+    ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides)
+    store.subscribe(ctx.feed.changed)
 
     token_bytes = token.encode("utf-8")
     bearer = HTTPBearer(auto_error=False, description="the token from the state file")
@@ -557,160 +734,14 @@ def create_app(
     app.state.activity = activity
 
     public = APIRouter(prefix="/v1")
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
-
-    def get_job(job_id: str) -> Job:
-        job = store.get(job_id)
-        if job is None:
-            raise NotFound(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.")
-        return job
-
-    def queue(specs: list[JobSpec], image: bytes) -> Created:
-        digest = worker.inputs.put(image)
-        jobs = store.add_jobs(specs, digest)
-        worker.wake()
-        log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
-        return Created(ids=[j.id for j in jobs], group=jobs[0].group)
-
-    def check_memory(spec: JobSpec) -> None:
-        if memory_budget_bytes is None:
-            return
-        from make_your_3d.pipeline.presets import get_preset
-
-        preset = get_preset(spec.preset, overrides)
-        check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, memory_budget_bytes)
 
     @public.get("/health", response_model=Health)
     async def health() -> dict[str, str]:
         # async and lock-free: answered on the event loop even when every pool thread is busy
         return {"status": "ok", "version": __version__}
 
-    @api.get("/openapi.json", include_in_schema=False)
-    def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
-
-    @api.get("/models", response_model=ModelsState)
-    def models() -> dict[str, Any]:
-        roles = [
-            {"name": r.name, "title": r.title, "licence": r.licence, "complete": r.complete(models_dir), "missing": r.missing(models_dir)}
-            for r in ROLES.values()
-        ]
-        need = needed_roles()
-        complete = all(r["complete"] for r in roles if r["name"] in need)
-        return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": complete, "roles": roles}
-
-    @api.post("/jobs", status_code=201, response_model=Created)
-    def create_jobs(body: JobCreate) -> Created:
-        image = _decode_image(body.image_png_b64)
-        seed = body.seed if body.seed is not None else _random_seed()
-        if seed + body.variants - 1 > MAX_SEED:
-            raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
-        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or default_preset, body.faces, body.texture_size,
-                       _overrides(body.overrides))
-        spec = _clean_spec(spec, image)
-        check_memory(spec)
-        _check_weights(models_dir, needed_roles())
-        specs = [JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)]
-        return queue(specs, image)
-
-    @api.get("/jobs", response_model=JobList)
-    def list_jobs(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="jobs per page"),
-                  before: int | None = Query(None, ge=0, description="the `next` cursor of the previous page")) -> dict[str, Any]:
-        """The newest jobs first by page; within a page, oldest first."""
-        now = time.time()
-        jobs, cursor = store.page(limit, before)
-        return {"jobs": [j.record(now) for j in jobs], "next": cursor}
-
-    @api.get("/jobs/{job_id}", response_model=JobRecord)
-    def job_record(job_id: str) -> dict[str, Any]:
-        return get_job(job_id).record()
-
-    @api.get(
-        "/jobs/{job_id}/events",
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "one `data: <job record>` event per change"}},
-    )
-    async def job_events(job_id: str) -> StreamingResponse:
-        await run_in_threadpool(get_job, job_id)
-
-        async def stream():
-            sent_key = None
-            sent_at = 0.0
-            while True:
-                changed = feed.current()  # taken before the read: a change after it wakes us
-                job = await run_in_threadpool(store.get, job_id)
-                if job is None:
-                    return
-                record = job.record()
-                key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
-                now = time.monotonic()
-                if key != sent_key or now - sent_at >= HEARTBEAT_S:
-                    sent_key, sent_at = key, now
-                    yield f"data: {json.dumps(record)}\n\n".encode("utf-8")
-                if job.terminal:
-                    return
-                # a client that goes away cancels this generator (Starlette listens for the disconnect)
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout=max(0.05, HEARTBEAT_S - (time.monotonic() - sent_at)))
-                except asyncio.TimeoutError:
-                    pass
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @api.post("/jobs/{job_id}/cancel", response_model=JobRecord)
-    def cancel(job_id: str) -> dict[str, Any]:
-        get_job(job_id)
-        worker.cancel(job_id)
-        return get_job(job_id).record()
-
-    @api.post("/jobs/{job_id}/rerun", status_code=201, response_model=Created)
-    def rerun(job_id: str, body: JobRerun | None = None) -> Created:
-        job = get_job(job_id)
-        changes = body.model_dump(exclude_unset=True) if body is not None else {}
-        spec = job.spec.to_dict()
-        for key, value in changes.items():
-            if key == "seed" and value is None:
-                value = _random_seed()
-            if key in ("prompt", "negative_prompt", "preset") and value is None:
-                continue  # null means "keep"
-            if key == "overrides":
-                value = _overrides(value)  # null or {}: back to the preset's settings
-            spec[key] = value
-        image = worker.inputs.get(job.image_sha256)
-        cleaned = _clean_spec(JobSpec.from_dict(spec), image)
-        check_memory(cleaned)
-        _check_weights(models_dir, needed_roles())
-        return queue([cleaned], image)
-
-    @api.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse,
-             responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
-    def job_file(job_id: str, name: str) -> FileResponse:
-        job = get_job(job_id)
-        not_found = NotFound(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.")
-        if name not in job.files:
-            raise not_found
-        folder = worker.jobs_dir / job.id
-        if folder.is_symlink():  # a job folder is always a real folder; a link may point anywhere
-            raise not_found
-        root = folder.resolve()
-        path = (root / name).resolve()
-        if root.parent != worker.jobs_dir.resolve() or not path.is_relative_to(root) or not path.is_file():
-            raise not_found
-        media = _FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        return FileResponse(path, media_type=media, filename=path.name)
-
-    @api.post("/unload", response_model=Unloaded)
-    def unload() -> dict[str, bool]:
-        immediate = worker.unload()
-        return {"unloaded": True, "deferred": not immediate}
-
-    @api.post("/shutdown", response_model=Stopping)
-    def shutdown(background: BackgroundTasks) -> dict[str, bool]:
-        log.info("shutdown requested over the API")
-        if on_shutdown is not None:
-            background.add_task(on_shutdown)
-        return {"stopping": True}
-
+    guarded = {"prefix": "/v1", "dependencies": [Depends(require_token)], "responses": _ERRORS}
     app.include_router(public)
-    app.include_router(api)
+    app.include_router(jobs_router(ctx, **guarded))
+    app.include_router(system_router(ctx, app, on_shutdown, **guarded))
     return app
