@@ -225,14 +225,22 @@ class Generator:
         mv_dir = timed_stage("multiview", lambda tmp, rep: self._multiview(front_dir, prior_dir, request.seed, preset, dtype, tmp, rep))
         recon_dir = timed_stage("reconstruct", lambda tmp, rep: self._reconstruct(mv_dir, recon_options, tmp, progress, cancel))
 
-        cached = [r.name for r in records if r.cached]
-        record = {
+        # Step 9: the job record and the outputs, published in one rename.
+        record = self._job_record(request, image, preset, context, dtype, records, recon_dir)
+        files = self._write_outputs(out_dir, image, subject_rgba, front_dir, mv_dir, recon_dir, record, started)
+        return GenerateResult(out_dir=out_dir, files=files, cached_stages=record["cached_stages"], timings=record["timings"])
+
+    def _job_record(self, request: GenerateRequest, image: Image.Image, preset: Preset, context: KeyContext, dtype: torch.dtype,
+                    records: list[StageRecord], recon_dir: Path) -> dict:
+        """job.json: the inputs, every setting (preset, resolved reconstruction config, device,
+        dtype), the weights' fingerprints, each stage's key, timing and cache hit, versions."""
+        return {
             "version": __version__,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": {
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
-                "subject": subject,
+                "subject": request.subject,
                 "seed": request.seed,
                 "image_sha256": digest(request.image),
                 "image_size": list(image.size),
@@ -243,16 +251,14 @@ class Generator:
             "recon": context.extra["reconstruct"],  # the whole resolved reconstruction config
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
-            "models": {name: {"repo_id": ROLES[name].repo_id, "fingerprint": fp} for name, fp in fingerprints.items()},
+            "models": {name: {"repo_id": ROLES[name].repo_id, "fingerprint": fp} for name, fp in context.fingerprints.items()},
             "tiny_models": is_tiny(self.models_dir),
             "stages": [r.__dict__ for r in records],
-            "cached_stages": cached,
+            "cached_stages": [r.name for r in records if r.cached],
             "timings": {r.name: r.seconds for r in records},
             "mesh": json.loads((recon_dir / "recon.json").read_text()).get("mesh", {}),
             "versions": _versions(),
         }
-        files = self._write_outputs(out_dir, image, subject_rgba, front_dir, mv_dir, recon_dir, record, started)
-        return GenerateResult(out_dir=out_dir, files=files, cached_stages=cached, timings=record["timings"])
 
     # --- stages -------------------------------------------------------------------------------
 
