@@ -201,7 +201,8 @@ def _degrade_view(view: View, d: Degradation, rng: np.random.Generator, shift: t
         if d.normal_bias_deg:
             n = n @ _rotation(bias_axis, math.radians(d.normal_bias_deg)).T
             rec["normal_bias_axis"] = [float(x) for x in bias_axis]
-        normal = encode_normals(n, normal[..., 3])
+        enc = encode_normals(n, normal[..., 3])
+        normal = np.where(normal[..., 3:] > 0, enc, normal)  # background pixels keep their stored values
     if d.mask_px:
         color, normal = morph_alpha(color, normal, d.mask_px, dilate)
         rec["mask"] = ("dilate" if dilate else "erode", d.mask_px)
