@@ -129,7 +129,7 @@ def test_mask_moves_by_one_pixel(sphere):
 
 
 def test_shift_moves_an_edge_by_the_sub_pixel_amount():
-    img = np.zeros((16, 32, 4), np.uint8)
+    img = np.full((16, 32, 4), (255, 255, 255, 0), np.uint8)  # transparent white: must not bleed in
     img[:, :12] = (200, 100, 50, 255)  # a vertical edge at x = 12
     for dx in (0.7, -0.5, 1.0):
         out = shift_image(img, dx, 0.0)
