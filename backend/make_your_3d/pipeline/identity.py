@@ -36,7 +36,7 @@ from PIL import Image
 
 from make_your_3d.models.personalized import ip_adapter_parameters
 from make_your_3d.pipeline.augment import augment, to_tensor
-from make_your_3d.pipeline.training import OptimizerStep, training_autocast
+from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, training_autocast
 from make_your_3d.progress import Reporter
 
 DIRECTION_WORDS = {
@@ -80,8 +80,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, 
     """The standard epsilon (or v) prediction loss of a diffusion model at given noise and timesteps."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, **unet_kwargs).sample
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, timesteps).float())
 
 
 class IdentityTrainer:

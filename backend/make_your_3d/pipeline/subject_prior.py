@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from make_your_3d.models.multiview_unet import cross_domain_module_names
-from make_your_3d.pipeline.training import OptimizerStep, training_autocast
+from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, training_autocast
 from make_your_3d.progress import Reporter
 
 ADAPTER = "subject_prior"
@@ -141,13 +141,7 @@ def prior_loss(unet, scheduler, batch: PriorBatch, noise: torch.Tensor, timestep
     noisy = scheduler.add_noise(batch.latents, noise, timesteps)
     sample = torch.cat([noisy, cond_latents], dim=1)
     pred = unet(sample, timesteps, encoder_hidden_states=image_embeds, class_labels=batch.class_labels).sample
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        target = noise
-    elif prediction == "v_prediction":
-        target = scheduler.get_velocity(batch.latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction!r}")
+    target = diffusion_target(scheduler, batch.latents, noise, timesteps)
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
     per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))

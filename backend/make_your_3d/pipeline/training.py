@@ -12,6 +12,17 @@ import contextlib
 import torch
 
 
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What a diffusion UNet learns to predict, from the scheduler's `prediction_type`: the noise
+    (epsilon, SD 1.5 and Wonder3D) or the velocity. Shared by both trainers' losses."""
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction!r}")
+
+
 def training_autocast(device: torch.device, dtype: torch.dtype):
     """The autocast context for a forward of a `dtype` network with fp32 trained parameters."""
     if dtype == torch.float32:
