@@ -183,6 +183,7 @@ class Generator:
         image = validate_request(request)
         preset = resolve_preset(request.preset, self.models_dir, {**self.overrides, **(request.overrides or {})})
         recon_options = self._recon_options(preset, request)
+        recon_config = recon_options.resolved()  # validated here, before any model loads (a BadRequest)
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
@@ -197,7 +198,7 @@ class Generator:
         subject_rgba = self._prepare_input(image, request, preset, cancel)
         subject = request.subject
         context = KeyContext(device_type=self.device.type, dtype=str(dtype).removeprefix("torch."), fingerprints=fingerprints, version=__version__,
-                             extra={"reconstruct": recon_options.resolved()})
+                             extra={"reconstruct": recon_config})
         keys = stage_keys(request, preset, context)
 
         def timed_stage(name: str, writer: Callable[[Path, Reporter], None]) -> Path:
@@ -365,17 +366,15 @@ class Generator:
         save_views(tmp / "views", viewset)
 
     def _recon_options(self, preset: Preset, request: GenerateRequest):
-        """The reconstruction's options, validated before any model loads (a bad `recon` key is a
-        bad request, not a failure at the last stage)."""
+        """The reconstruction's options; `resolved()` validates them (a bad `recon` key is a bad
+        request before any model loads, not a failure at the last stage)."""
         from make_your_3d.recon.reconstruct import ReconOptions
 
         try:
-            options = ReconOptions(preset=preset.recon_preset, device=str(self.device), faces=request.faces or preset.faces,
-                                   texture_size=request.texture_size or preset.texture_size, seed=request.seed, **preset.recon)
-        except TypeError as exc:
+            return ReconOptions(preset=preset.recon_preset, device=str(self.device), faces=request.faces or preset.faces,
+                                texture_size=request.texture_size or preset.texture_size, seed=request.seed, **preset.recon)
+        except TypeError as exc:  # a recon key that repeats a named argument (preset, device, ...)
             raise BadRequest(f"Unknown reconstruction setting in the preset's recon overrides ({exc}).") from None
-        options.resolved()  # raises BadRequest for out-of-range values
-        return options
 
     def _reconstruct(self, mv_dir: Path, options, tmp: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> None:
         from make_your_3d.recon.reconstruct import reconstruct

@@ -537,9 +537,10 @@ class ServiceContext:
     def check_memory(self, spec: JobSpec) -> None:
         if self.memory_budget_bytes is None:
             return
-        from make_your_3d.pipeline.presets import get_preset
+        from make_your_3d.pipeline.presets import resolve_preset
 
-        preset = get_preset(spec.preset, self.overrides)
+        # the preset the job will run with: the generator's rule (tiny sizes, server and job overrides)
+        preset = resolve_preset(spec.preset, self.models_dir, {**(self.overrides or {}), **(spec.overrides or {})})
         check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, self.memory_budget_bytes)
 
     def queue(self, specs: list[JobSpec], image: bytes) -> Created:
