@@ -376,3 +376,20 @@ def test_retag_glb_keeps_the_binary_chunk(tmp_path: Path):
     path = tmp_path / "x.glb"
     path.write_bytes(out)
     assert len(trimesh.load(path, force="mesh").faces) == 12  # still a valid GLB
+
+
+def test_multiview_command_writes_views_with_the_given_settings(tiny_models: Path, example_image: Path, tmp_path: Path):
+    """The command goes through the same view generation as the pipeline: the views contract,
+    with the steps and guidance asked for and the default preset's eta and scheduler."""
+    from make_your_3d.pipeline.presets import PRESETS
+    from make_your_3d.views import load_views
+
+    out = tmp_path / "views"
+    res, _ = run_cli("multiview", str(example_image), "--out", str(out), "--models", str(tiny_models), "--steps", "2",
+                     "--guidance", "3", "--device", "cpu", "--seed", "5", timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    views = load_views(out)
+    assert [v.name for v in views.views] == ["front", "front_right", "right", "back", "left", "front_left"]
+    default = PRESETS["default"]
+    assert views.extras["multiview"] == {"steps": 2, "guidance": 3.0, "eta": default.mv_eta, "scheduler": default.mv_scheduler,
+                                         "seed": 5, "tiny_models": True}

@@ -122,15 +122,15 @@ def reconstruct(args) -> int:
 
 
 def multiview(args) -> int:
-    """`make-your-3d multiview IMAGE --out VIEWS_DIR`: the frozen multi-view model on one image."""
-    import torch
-
+    """`make-your-3d multiview IMAGE --out VIEWS_DIR`: the frozen multi-view model on one image, with
+    the default preset's sampling settings except the steps and guidance given."""
     from make_your_3d.device import resolve_device, resolve_dtype
     from make_your_3d.models.multiview import load_multiview
     from make_your_3d.models.registry import ROLES, is_tiny
     from make_your_3d.paths import resolve_models_dir
-    from make_your_3d.pipeline.multiview_views import to_viewset
+    from make_your_3d.pipeline.multiview_views import generate_views
     from make_your_3d.pipeline.preprocess import has_transparency, subject_from_bytes
+    from make_your_3d.pipeline.presets import get_preset
     from make_your_3d.pipeline.request import load_image_bytes
     from make_your_3d.progress import Reporter
     from make_your_3d.views import save_views
@@ -144,18 +144,17 @@ def multiview(args) -> int:
         from make_your_3d.models.segmenter import load_segmenter
 
         segmenter = load_segmenter(ROLES["segmenter"].path(models_dir), device)
-    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter)
-    generator = torch.Generator(device="cpu").manual_seed(int(args.seed))
+    preset = get_preset("default", {"mv_size": pipe.image_size, "mv_steps": args.steps, "mv_guidance": args.guidance})
+    subject = subject_from_bytes(data, pipe.image_size, segmenter=segmenter, fill=preset.subject_fill)
 
     def show(p) -> None:
         print(f"\r{p.stage}: {p.step}/{p.total} {p.message}", end="", flush=True)
 
-    out = pipe(subject, steps=args.steps, guidance=args.guidance, generator=generator, reporter=Reporter("multiview", show))
+    views = generate_views(pipe, subject, preset, int(args.seed), Reporter("multiview", show))
     print()
-    extras = {"multiview": {"steps": args.steps, "guidance": args.guidance, "seed": int(args.seed), "scheduler": "ddim",
-                            "eta": 1.0, "tiny_models": is_tiny(models_dir)}}
-    folder = save_views(args.out, to_viewset(out, extras=extras))
-    print(f"Wrote {len(out.view_names)} colour + normal views to {folder}.")
+    views.extras["multiview"]["tiny_models"] = is_tiny(models_dir)
+    folder = save_views(args.out, views)
+    print(f"Wrote {len(views.views)} colour + normal views to {folder}.")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Generated multi-view images -> the views contract, and the `multiview` command.
+"""Generated multi-view images -> the views contract.
 
 The multi-view model (`models/multiview_pipeline.py`) knows nothing about the views contract;
 this module places its six images on the ideal Wonder3D poses (orthographic, elevation 0), turns
@@ -7,12 +7,11 @@ its front-frame normals into world normals and its backgrounds into masks.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from PIL import Image
 
-from make_your_3d.errors import BadViews, Make3DError
+from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.models.multiview_pipeline import WONDER3D_ORTHO_SIZE, MultiViewImages, _to_uint8, front_normals_to_world, view_mask
 from make_your_3d.progress import Reporter
 from make_your_3d.recon.camera import orbit_c2w
@@ -46,8 +45,8 @@ def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WOND
 def generate_views(mv, subject_rgba: Image.Image, preset, seed: int, reporter: Reporter) -> ViewSet:
     """Six colour + normal views of a prepared subject image, with the preset's sampling settings."""
     if mv.image_size != preset.mv_size:
-        raise Make3DError(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
-                          "fix the preset's mv_size.", code="bad_request")
+        raise BadRequest(f"The multi-view model works at {mv.image_size} px but the preset asks for {preset.mv_size} px; "
+                         "fix the preset's mv_size.")
     images = mv(subject_rgba, steps=preset.mv_steps, guidance=preset.mv_guidance, eta=preset.mv_eta, scheduler=preset.mv_scheduler,
                 generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
     settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
