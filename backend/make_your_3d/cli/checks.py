@@ -106,13 +106,18 @@ def views_folder(path_arg: str) -> Path:
     return path
 
 
+def models_folder_not_a_file(path_arg: str | None) -> None:
+    """A models folder that is given may be missing (fetch or the add-on makes it), but not a file."""
+    if path_arg and Path(path_arg).expanduser().is_file():
+        raise BadRequest(f"The models directory {Path(path_arg).expanduser()} is a file, not a folder.")
+
+
 def models_folder(path_arg: str | None) -> None:
     """An explicitly given models folder must exist (the default may not exist yet: fetch makes it)."""
     if not path_arg:
         return
+    models_folder_not_a_file(path_arg)
     path = Path(path_arg).expanduser()
-    if path.exists() and not path.is_dir():
-        raise BadRequest(f"The models directory {path} is a file, not a folder.")
     if not path.exists():
         raise WeightsMissing(f"The models directory {path} does not exist. Run `make-your-3d models fetch --models {path}` "
                              "(or `make-your-3d models tiny --out DIR` for a test set).")
@@ -136,21 +141,16 @@ def check_args(args: argparse.Namespace) -> None:
         views_folder(args.views)
         file_to_write(args.out, "output")
         if args.set:  # names and values checked against the config tree (standard library only)
-            from make_your_3d.recon.config import PRESETS as RECON_PRESETS
-            from make_your_3d.recon.config import parse_settings
+            from make_your_3d.recon.config import parse_settings, preset_config
 
-            RECON_PRESETS[args.preset].with_overrides(parse_settings(args.set))
+            preset_config(args.preset).with_overrides(parse_settings(args.set))
     if command == "models" and getattr(args, "models_command", None) == "tiny":
         folder_to_write(args.out, "output folder")
-    if command == "serve":  # a missing models folder is fine: the add-on shows it and offers Fetch
-        if args.models and Path(args.models).expanduser().is_file():
-            raise BadRequest(f"The models directory {args.models} is a file, not a folder.")
+    if command in ("serve", "demo", "doctor"):  # a missing models folder is fine: serve's add-on offers Fetch, demo writes a tiny set
+        models_folder_not_a_file(getattr(args, "models", None))
+    if command == "serve":
         if args.config and not Path(args.config).expanduser().is_file():
             raise BadRequest(f"The config file {args.config} does not exist.")
-    if command in ("demo", "doctor") and getattr(args, "models", None):
-        path = Path(args.models).expanduser()
-        if path.exists() and not path.is_dir():
-            raise BadRequest(f"The models directory {path} is a file, not a folder.")
 
 
 def is_writable_dir(path: Path) -> bool:
