@@ -2,7 +2,7 @@
 the algorithm's knobs are one declared, documented object; the functions take the section they need).
 
 `ReconConfig` has one section per step: `hull` (visual hull and scene bounds), `lift` (normal
-integration), `fit` (Gaussian surfels), `fuse` (TSDF fusion), `mesh` (surface extraction, snapping,
+integration), `joint` (all views' depths solved as one surface), `fit` (Gaussian surfels), `fuse` (TSDF fusion), `mesh` (surface extraction, snapping,
 decimation) and `bake` (UVs and texture). Each field is declared with `knob(...)`, which records its
 meaning, unit and why it has the value it has (the commit or benchmarks/BENCHMARKS.md entry that
 measured it, or "untuned"); `tests/test_recon_config.py` fails on a field without them.
@@ -96,6 +96,38 @@ class LiftConfig:
                                "mask ramps only across its own edge)", "mask value", "4e79384; untuned", lo=0)
     area_min_cos: float = knob(0.2, "cosine floor when weighting a lifted pixel by the surface area it stands for "
                                "(initial surfel sampling)", "cosine", lo=1e-6)
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Every view's depth solved as one surface (recon/joint_depth.py): the views' normal-integration
+    equations, matches between views that see the same surface, and the hull contacts, jointly."""
+
+    enabled: bool = knob(True, "solve the views' depths jointly (False: each view's integral placed on the hull "
+                         "alone)", "", "issue 17: BENCHMARKS 'joint depth' (tuning set)")
+    rounds: int = knob(3, "rounds of matching pixels across views and re-solving", "rounds",
+                       "issue 17 tuning sweep: 2 -> 3 with the wider first gate", lo=0)
+    irls: int = knob(3, "reweighted solves per round (towards an L1 fit of the matches)", "passes", lo=0)
+    gate_px: float = knob(6.0, "in the first round, matches farther apart than this along the normal are dropped "
+                          "(an occluded or another surface)", "px",
+                          "issue 17 tuning sweep: 6 beat 2 on chair/table/plant strong", lo=0)
+    gate_final_px: float = knob(2.0, "the same gate in the last round (it shrinks linearly)", "px", lo=0)
+    robust_px: float = knob(0.5, "matches farther apart than this count as L1 (one inconsistent view cannot drag "
+                            "the surface)", "px", lo=1e-6)
+    min_facing: float = knob(0.3, "a match needs the surface to face both views by at least this cosine", "cosine",
+                             lo=0)
+    min_agree: float = knob(0.8, "... and the two views' normals to agree to this cosine (the same surface)",
+                            "cosine", lo=-1)
+    stride: int = knob(2, "every stride-th pixel (in x and y) of a view is matched against the other views", "px",
+                       lo=1)
+    match_weight: float = knob(4.0, "weight of a match", "relative to one normal-integration equation",
+                               "issue 17 tuning sweep: 4 beat 1 on kettlebell/ring strong", lo=0)
+    contact_weight: float = knob(1.0, "weight holding a contact pixel on the hull's front",
+                                 "relative to one normal-integration equation", "issue 17 tuning sweep: 4 changed "
+                                 "nothing measurable", lo=0)
+    prior_weight: float = knob(1e-3, "faint pull of every pixel to its hull-placed integral",
+                               "relative to one normal-integration equation", lo=0)
+    cg_iters: int = knob(300, "conjugate-gradient iterations per solve", "iterations", lo=1)
 
 
 @dataclass(frozen=True)
@@ -208,7 +240,7 @@ class BakeConfig:
     fill_pull: float = knob(1e-6, "faint pull to mid-grey keeping the fill's system regular", "weight", lo=0)
 
 
-SECTIONS = ("hull", "lift", "fit", "fuse", "mesh", "bake")
+SECTIONS = ("hull", "lift", "joint", "fit", "fuse", "mesh", "bake")
 
 # ReconOptions' flat names (the CLI, presets' `recon` dicts) -> dotted names
 FLAT_ALIASES = {
@@ -226,6 +258,7 @@ class ReconConfig:
     seed: int = knob(0, "seed of the surfel sampling and the fit's view batches", "", "not a tuned number", lo=0)
     hull: HullConfig = field(default_factory=HullConfig)
     lift: LiftConfig = field(default_factory=LiftConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -159,7 +159,8 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
     (V,H,W), nan where unknown, for depth supervision; None when nothing could be lifted."""
     from scipy.spatial import cKDTree
 
-    from make_your_3d.recon.lift import lift_view
+    from make_your_3d.recon.lift import integrate_view, lift_points
+    from make_your_3d.recon.joint_depth import joint_depths
 
     cfg = config.fit
     hv, hf = hull_mesh(viewset, masks, lo, hi, hull_mesh_res(config), device, config.hull)
@@ -168,14 +169,20 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
     lifted = []
     if tg.normal is not None:
         field = HullField(viewset, masks, config.hull)  # one for every view's marching and contacts
+        integrated = []
         for v in range(V):
             if not bool(tg.has_normal[v]):
                 continue
-            lv = lift_view(tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(), tg.normal[v].cpu().numpy().astype(np.float64),
-                           tg.camera(v), viewset, masks, lo, hi, field=field, hull=config.hull, cfg=config.lift)
-            if lv is not None and len(lv.points):
+            iv = integrate_view(v, tg.rgb[v].cpu().numpy(), tg.mask[v].cpu().numpy(),
+                                tg.normal[v].cpu().numpy().astype(np.float64), tg.camera(v), viewset, masks, lo, hi,
+                                field=field, hull=config.hull, cfg=config.lift)
+            if iv is not None and len(iv.pieces.z):
+                integrated.append(iv)
+        for iv, z in zip(integrated, joint_depths(integrated, config.joint)):  # all views as one surface
+            lv = lift_points(iv, z - iv.pieces.z, config.lift)
+            if len(lv.points):
                 lifted.append(lv)
-                depth[v] = torch.tensor(lv.depth, dtype=torch.float32, device=device)
+                depth[iv.index] = torch.tensor(lv.depth, dtype=torch.float32, device=device)
     hull_pts, hull_n, hull_area = _sample_surface(hv, hf, cfg.num_gaussians, generator)
     spacing = float(np.sqrt(hull_area / cfg.num_gaussians))
     if not lifted:

@@ -102,27 +102,59 @@ def depth_slopes(normals_cam: np.ndarray, fx: float, fy: float,
     return gx, gy, facing
 
 
+@dataclass
+class ViewPieces:
+    """One view's normals integrated into pieces, each known up to an offset along the view's rays.
+
+    The hull's placement of each piece (`shift`: contacts, else the quantile) is kept apart from the
+    integral, and the integral's equations are kept, so that recon/joint_depth.py can solve all views
+    together."""
+
+    mask: np.ndarray  # (H,W) the solved pixels
+    z: np.ndarray  # (n,) the integral at each solved pixel (row-major order of `mask`)
+    label: np.ndarray  # (n,) the piece of each solved pixel
+    shift: np.ndarray  # (P,) the hull's placement of each piece (added to z)
+    front: np.ndarray  # (H,W) the hull's front depth
+    back: np.ndarray  # (H,W) the hull's back depth
+    contact: np.ndarray  # (n,) the solved pixels where the surface touches the hull (used for placing)
+    grad: sp.csr_matrix | None = None  # the integral's gradient equations over the solved pixels,
+    grad_rhs: np.ndarray | None = None  # their right-hand sides (slopes)
+    grad_weight: np.ndarray | None = None  # and their final reweighting (occluding edges count less)
+
+    def depth(self, offset: np.ndarray | None = None) -> np.ndarray:
+        """(H,W) depth with each solved pixel moved by `offset` (default: its piece's hull placement),
+        inside the hull; nan outside the solved pixels."""
+        s = self.shift[self.label] if offset is None else offset
+        out = np.full(self.mask.shape, np.nan)
+        if len(self.z):
+            out[self.mask] = np.clip(self.z + s, self.front[self.mask], self.back[self.mask])
+        return out
+
+
 def integrate_normals(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
                       fx: float, fy: float, contact: np.ndarray | None = None,
                       cfg: LiftConfig = LiftConfig()) -> np.ndarray:
-    """Least-squares depth whose finite differences match the normals' slopes (orthographic camera).
+    """Least-squares depth whose finite differences match the normals' slopes (orthographic camera),
+    each piece at the hull's placement (`integrate_pieces`). Returns (H,W) depth, nan outside the mask."""
+    return integrate_pieces(normals_cam, mask, front, back, fx, fy, contact, cfg).depth()
 
-    The integral is fixed up to one offset per connected piece: the offset that puts the piece just
-    behind the visual hull's front, touching it (robustly: a high quantile of the gap), refined to the
-    median gap over the piece's `contact` pixels (where the surface is known to touch the hull) that
-    lie within `cfg.contact_px` of that placement. Returns (H,W) depth, nan outside the mask.
-    """
-    H, W = mask.shape
+
+def integrate_pieces(normals_cam: np.ndarray, mask: np.ndarray, front: np.ndarray, back: np.ndarray,
+                     fx: float, fy: float, contact: np.ndarray | None = None,
+                     cfg: LiftConfig = LiftConfig()) -> ViewPieces:
+    """The normals' integral, fixed up to one offset per connected piece, and the hull's placement of
+    each piece: just behind the visual hull's front, touching it (robustly: a high quantile of the gap),
+    refined to the median gap over the piece's `contact` pixels (where the surface is known to touch the
+    hull) that lie within `cfg.contact_px` of that placement."""
     m = mask & np.isfinite(front) & np.isfinite(back)
     n = int(m.sum())
     if n == 0:
-        return np.full((H, W), np.nan)
+        empty = np.zeros(0)
+        return ViewPieces(m, empty, np.zeros(0, np.int64), empty, front, back, np.zeros(0, bool))
     A, b, w0, n_grad = _gradient_system(normals_cam, m, front, fx, fy, cfg)
-    z = _solve_irls(A, b, w0, n_grad, 0.5 / min(fx, fy), cfg.irls)
-    z = _anchor_pieces(z, A[:n_grad], m, front, contact, fx, cfg)
-    out = np.full((H, W), np.nan)
-    out[m] = np.clip(z, front[m], back[m])
-    return out
+    z, w = _solve_irls(A, b, w0, n_grad, 0.5 / min(fx, fy), cfg.irls)
+    label, shift, used = _anchor_pieces(z, A[:n_grad], m, front, contact, fx, cfg)
+    return ViewPieces(m, z, label, shift, front, back, used, A[:n_grad].tocsr(), b[:n_grad], w[:n_grad])
 
 
 def _gradient_system(normals_cam: np.ndarray, m: np.ndarray, front: np.ndarray, fx: float, fy: float,
@@ -170,10 +202,12 @@ def _gradient_system(normals_cam: np.ndarray, m: np.ndarray, front: np.ndarray, 
     return A, np.concatenate(rhs), np.concatenate(wts), r
 
 
-def _solve_irls(A: sp.csr_matrix, b: np.ndarray, w0: np.ndarray, n_grad: int, eps: float, irls: int) -> np.ndarray:
+def _solve_irls(A: sp.csr_matrix, b: np.ndarray, w0: np.ndarray, n_grad: int, eps: float, irls: int
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least squares, reweighted `irls` times towards an L1 fit of the gradient rows: a depth jump
     hidden behind an occluding edge then stays a jump along that edge instead of bending the whole
-    surface. Residuals below `eps` (half a pixel's width) count fully."""
+    surface. Residuals below `eps` (half a pixel's width) count fully. Returns the solution and the
+    rows' final weights."""
     w = w0.copy()
     for it in range(irls + 1):
         AtW = A.T.multiply(w).tocsr()
@@ -183,13 +217,15 @@ def _solve_irls(A: sp.csr_matrix, b: np.ndarray, w0: np.ndarray, n_grad: int, ep
         res = np.abs(A[:n_grad] @ z - b[:n_grad])
         w = w0.copy()
         w[:n_grad] = 1.0 / np.maximum(res / eps, 1.0)
-    return z
+    return z, w
 
 
 def _anchor_pieces(z: np.ndarray, grad_rows: sp.csr_matrix, m: np.ndarray, front: np.ndarray,
-                   contact: np.ndarray | None, fx: float, cfg: LiftConfig) -> np.ndarray:
-    """Shift each connected piece of the integral so that it lies behind the hull's front and touches it
-    (the surface meets the hull on every view's contour)."""
+                   contact: np.ndarray | None, fx: float, cfg: LiftConfig
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each connected piece of the integral placed so that it lies behind the hull's front and touches it
+    (the surface meets the hull on every view's contour). Returns the pieces' labels, their placements
+    and the contact pixels the placements used."""
     n = len(z)
     ncomp, label = connected_components(grad_rows.T @ grad_rows, directed=False)
     gap = front[m] - z
@@ -197,7 +233,7 @@ def _anchor_pieces(z: np.ndarray, grad_rows: sp.csr_matrix, m: np.ndarray, front
     # rim out of the estimate where the piece is big enough
     core = ndimage.binary_erosion(m, iterations=cfg.rim_px, border_value=0)[m]
     on_hull = contact[m] if contact is not None else np.zeros(n, bool)
-    z = z.copy()
+    shifts, used = np.zeros(ncomp), np.zeros(n, bool)
     for c in range(ncomp):
         sel = label == c
         use = sel & core if (sel & core).sum() > cfg.min_core_px else sel
@@ -210,8 +246,9 @@ def _anchor_pieces(z: np.ndarray, grad_rows: sp.csr_matrix, m: np.ndarray, front
             # sub-pixel noise and to the integral's drift between far parts of the piece (the high
             # quantile lets the few points where the hull is cut deepest push the whole piece back)
             shift = np.median(gap[touch])
-        z[sel] += shift
-    return z
+            used |= touch
+        shifts[c] = shift
+    return label, shifts, used
 
 
 def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndarray, front: np.ndarray,
@@ -245,12 +282,24 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
     return contact
 
 
-def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cams: Cameras,
-              viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray,
-              field: HullField | None = None, hull: HullConfig = HullConfig(),
-              cfg: LiftConfig = LiftConfig()) -> LiftedView | None:
-    """Integrate one orthographic view's normals and lift its masked pixels to world points. `field`:
-    the views' HullField, when the caller has it."""
+@dataclass
+class IntegratedView:
+    """One orthographic view's pieces with what placing and lifting them needs."""
+
+    index: int  # the view's index in the view set
+    pieces: ViewPieces
+    vm: np.ndarray  # (4,4) world -> camera
+    K: np.ndarray  # (3,3) intrinsics (orthographic)
+    normals_world: np.ndarray  # (H,W,3)
+    rgb: np.ndarray  # (H,W,3) straight colours in [0,1]
+
+
+def integrate_view(index: int, rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cams: Cameras,
+                   viewset, masks: list[torch.Tensor], lo: np.ndarray, hi: np.ndarray,
+                   field: HullField | None = None, hull: HullConfig = HullConfig(),
+                   cfg: LiftConfig = LiftConfig()) -> IntegratedView | None:
+    """Integrate one orthographic view's normals into pieces placed on the visual hull (None for a
+    perspective view). `field`: the views' HullField, when the caller has it."""
     if cams.model != "ortho":
         return None
     vm = cams.viewmats[0].cpu().numpy().astype(np.float64)
@@ -260,9 +309,17 @@ def lift_view(rgb: np.ndarray, alpha: np.ndarray, normals_world: np.ndarray, cam
     front, back = hull_depths(viewset, masks, cams, lo, hi, mask, field=field, cfg=hull)
     n_cam = normals_world @ vm[:3, :3].T
     contact = hull_contacts(viewset, masks, vm, K, front, normals_world, field=field, cfg=cfg)
-    depth = integrate_normals(n_cam, mask, front, back, K[0, 0], K[1, 1], contact=contact, cfg=cfg)
+    pieces = integrate_pieces(n_cam, mask, front, back, K[0, 0], K[1, 1], contact=contact, cfg=cfg)
+    return IntegratedView(index, pieces, vm, K, normals_world, rgb)
+
+
+def lift_points(iv: IntegratedView, offset: np.ndarray | None = None, cfg: LiftConfig = LiftConfig()) -> LiftedView:
+    """The view's solved pixels, moved by `offset` (per solved pixel; default: the hull's placement of
+    their pieces), as world points with normals, colours and the surface area each stands for."""
+    depth = iv.pieces.depth(offset)
     v, u = np.nonzero(np.isfinite(depth))
-    pts = unproject(u, v, depth[v, u], K, np.linalg.inv(vm))
-    nz = np.clip(-n_cam[v, u, 2], cfg.area_min_cos, 1.0)
-    area = 1.0 / (K[0, 0] * K[1, 1]) / nz
-    return LiftedView(depth, pts, normals_world[v, u], rgb[v, u], area)
+    pts = unproject(u, v, depth[v, u], iv.K, np.linalg.inv(iv.vm))
+    n_cam = iv.normals_world[v, u] @ iv.vm[:3, :3].T
+    nz = np.clip(-n_cam[:, 2], cfg.area_min_cos, 1.0)
+    area = 1.0 / (iv.K[0, 0] * iv.K[1, 1]) / nz
+    return LiftedView(depth, pts, iv.normals_world[v, u], iv.rgb[v, u], area)
