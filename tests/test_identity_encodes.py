@@ -225,3 +225,37 @@ def test_marigold_batches_give_the_same_normals(tiny_models: Path, views):
         np.testing.assert_allclose(runs[b], runs[1], rtol=0, atol=1e-4)  # float summation order only (seen 1.9e-5)
     with pytest.raises(ValueError, match="batch"):
         estimate_normals(marigold, images, steps=1, batch=0)
+
+
+def test_lr_schedules_decay_over_the_run(pipe, views):
+    from make_your_3d.errors import BadRequest
+    from make_your_3d.pipeline.presets import get_preset
+    from make_your_3d.pipeline.training import lr_scheduler
+
+    def rates(kind: str, steps: int = 4) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = lr_scheduler(opt, kind, steps)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if sched is not None:
+                sched.step()
+        return out
+
+    assert rates("constant") == [2.0] * 4
+    assert rates("linear") == pytest.approx([2.0, 1.5, 1.0, 0.5])
+    assert rates("cosine") == pytest.approx([2.0, 2.0 * 0.5 * (1 + np.cos(np.pi / 4)), 1.0, 2.0 * 0.5 * (1 + np.cos(3 * np.pi / 4))])
+    with pytest.raises(ValueError, match="schedule"):
+        rates("step")
+    with pytest.raises(BadRequest):
+        get_preset("default", {"lr_schedule": "exponential"})
+    # The trainer applies it: after a 3-step cosine run the rate has decayed to 0 (constant: unchanged).
+    original = {k: v.detach().clone() for k, v in ip_adapter_parameters(pipe.unet).items()}
+    try:
+        for kind, end in (("cosine", 0.0), ("constant", 1e-3)):
+            trainer = IdentityTrainer(pipe, views, None, size=32, lr=1e-3, batch_size=1, seed=0, augment_pool=1, lr_schedule=kind)
+            trainer.train(3)
+            assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(end, abs=1e-12)
+    finally:
+        load_ip_state(pipe.unet, original)

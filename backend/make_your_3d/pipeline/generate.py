@@ -281,7 +281,7 @@ class Generator:
         pipe = self._personalized(preset, dtype)
         views = [(v.name, Image.fromarray(v.color, "RGBA")) for v in load_views(views_dir / "views").views]
         trainer = IdentityTrainer(pipe, views, subject, preset.sd_size, preset.identity_lr, preset.identity_batch, SUBJECT_SEED,
-                                  augment_pool=preset.identity_augment_pool)
+                                  augment_pool=preset.identity_augment_pool, lr_schedule=preset.lr_schedule)
         try:
             losses = trainer.train(preset.identity_steps, rep)
             save_file(trainer.state_dict(), str(tmp / "ip_adapter.safetensors"))
@@ -329,7 +329,8 @@ class Generator:
         colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
         normals = [encode_normal_image(world_normals_to_front(v.normals_world()), v.mask) for v in edited.views]
         front = next((v for v in edited.views if v.name == "front"), edited.views[0])
-        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED)
+        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED,
+                                      lr_schedule=preset.lr_schedule)
         try:
             losses = trainer.train(preset.prior_steps, rep)
             save_file(adapter_state(mv.unet), str(tmp / "lora.safetensors"))

@@ -46,7 +46,7 @@ from PIL import Image
 
 from make_your_3d.models.personalized import ip_adapter_parameters
 from make_your_3d.pipeline.augment import augment, to_tensor
-from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, training_autocast
+from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, lr_scheduler, training_autocast
 from make_your_3d.progress import Reporter
 
 DIRECTION_WORDS = {
@@ -119,7 +119,7 @@ class IdentityTrainer:
     """Fine-tunes exactly `ip_adapter_parameters(pipe.unet)` on the subject's views."""
 
     def __init__(self, pipe, views: list[tuple[str, Image.Image]], subject: str | None, size: int, lr: float, batch_size: int, seed: int,
-                 augment_pool: int = 0, cache_encodes: bool = True):
+                 augment_pool: int = 0, cache_encodes: bool = True, lr_schedule: str = "constant"):
         """`augment_pool` K > 0: K augmentations per view, drawn (and, with `cache_encodes`, encoded)
         once here; 0: a fresh augmentation per draw, encoded every step. `cache_encodes=False` with a
         pool re-encodes the picked pool images every step: the slow path the cached one must equal."""
@@ -139,6 +139,8 @@ class IdentityTrainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
         self._step = OptimizerStep(self.optimizer, pipe.unet.device, pipe.unet.dtype)
+        lr_scheduler(self.optimizer, lr_schedule, 1)  # an unknown schedule fails here, before any work
+        self.lr_schedule = lr_schedule
         self.prompt_embeds = {name: encode_prompts(pipe, [view_prompt(subject, name)]) for name, _ in views}
         if augment_pool < 0:
             raise ValueError(f"augment_pool must be 0 or more, got {augment_pool}")
@@ -229,10 +231,13 @@ class IdentityTrainer:
     def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
         self.pipe.unet.train()
         losses = []
+        schedule = lr_scheduler(self.optimizer, self.lr_schedule, steps)
         try:
             for i in range(steps):
                 batch = self.make_batch()
                 losses.append(self.step(batch, *self.noise_for(batch)))
+                if schedule is not None:
+                    schedule.step()
                 if reporter is not None:
                     reporter.step(i + 1, steps, f"identity loss {losses[-1]:.4f}")
         finally:

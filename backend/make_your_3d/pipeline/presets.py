@@ -9,6 +9,9 @@ from make_your_3d.errors import BadRequest
 from make_your_3d.models.registry import is_tiny
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules of both optimisations (pipeline/training.py)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -36,6 +39,7 @@ class Preset:
     prior_steps: int = 200
     prior_lr: float = 1e-4
     lora_rank: int = 8
+    lr_schedule: str = "constant"  # both optimisations' learning rate over their steps: constant, cosine or linear (to 0)
     # normal estimator
     normal_steps: int = 4
     normal_resolution: int | None = None  # Marigold processing size; None: the model's default (768 px for v1-1), 0: native
@@ -54,6 +58,8 @@ class Preset:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise BadRequest(f"Preset setting {name} must be a whole number of at least {least}, not {value!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BadRequest(f"Preset setting lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}.")
 
     def with_overrides(self, overrides: dict | None) -> "Preset":
         if not overrides:
