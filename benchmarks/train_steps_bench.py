@@ -185,13 +185,14 @@ def bench(args) -> dict:
                 print(f"{stage} lr {lr:g} {schedule}: eval " + ", ".join(f"{n}: {v:.5f}" for n, v in row["eval"].items())
                       + f" ({row['seconds']} s, load {os.getloadavg()[0]:.2f})", flush=True)
         reference = next(r for r in rows if r["lr"] == default_lr and r["schedule"] == "constant")
-        target = reference["eval"][default_steps]
-        ref_smooth = reference["smoothed"][default_steps - 1]
+        ref_steps = default_steps if default_steps in args.steps else max(args.steps)  # the preset's count, if it was run
+        target = reference["eval"][ref_steps]
+        ref_smooth = reference["smoothed"][ref_steps - 1]
         for r in rows:
             r["reaches_default_at"] = next((n for n in sorted(r["eval"]) if r["eval"][n] <= target), None)
             if "smoothed" in r:
                 r["smoothed_reaches_default_at"] = next((i + 1 for i, v in enumerate(r["smoothed"]) if v <= ref_smooth), None)
-        out["stages"][stage] = {"default_lr": default_lr, "default_steps": default_steps, "reference_eval": target,
+        out["stages"][stage] = {"default_lr": default_lr, "default_steps": ref_steps, "reference_eval": target,
                                 "reference_smoothed": ref_smooth, "untrained_eval": start, "runs": rows}
     return out
 
