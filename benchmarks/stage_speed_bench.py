@@ -98,12 +98,11 @@ def bench_identity(repeats: int, size: int, work: Path, pool: int) -> dict:
 
     from make_your_3d.models.personalized import load_personalized
     from make_your_3d.models.random_set import _write_role
+    from make_your_3d.models.registry import ROLES
     from make_your_3d.pipeline.identity import IdentityTrainer
 
     models = work / "published"
     for role in ("personalized", "image_encoder", "ip_adapter"):
-        from make_your_3d.models.registry import ROLES
-
         target = ROLES[role].path(models)
         if not target.exists():
             t0 = time.perf_counter()
