@@ -30,8 +30,8 @@ FLOPs at the default preset, benchmarks/flop_floor.py). With `augment_pool` K > 
 `identity_augment_pool`) each view instead gets K augmentations drawn once before the loop, each
 encoded once (VAE posterior mean and std, CLIP embedding); a step picks a target and a different
 condition framing from its view's pool and draws the VAE sample `mean + std * eps` with exactly the
-generator call `latent_dist.sample` makes, so it equals encoding the picked images every step (a
-test checks it, and counts the encoder calls). What changes against K = 0 is the augmentation's
+generator call `latent_dist.sample` makes, so it equals encoding the picked images every step
+(tests/test_identity_encodes.py checks it bit for bit, and counts the encoder calls). What changes against K = 0 is the augmentation's
 variety: K framings per view (K * (K - 1) target/condition pairs) instead of a fresh one per draw.
 """
 
