@@ -13,9 +13,11 @@ What each stage runs (pipeline/generate.py and the modules it calls):
 
     subject_views  ViT-L/14 on the input, VAE encode (256 px), mv_steps x multi-view UNet on 12 rows
                    (6 views x 2 domains; 24 when mv_guidance != 1), VAE decode of 12 views
-    identity       identity_steps x [VAE encode + ViT-H/14 of identity_batch views, SD UNet forward and
-                   backward at sd_size]; the backward runs from the loss to the first trained layer
-                   (to_k_ip/to_v_ip of the first cross-attention), weight gradients only there
+    identity       VAE encode + ViT-H/14 of each augmented view: 6 x identity_augment_pool once, or
+                   identity_steps x identity_batch (a fresh augmentation per draw) when the pool is 0;
+                   identity_steps x [SD UNet forward and backward of identity_batch rows at sd_size];
+                   the backward runs from the loss to the first trained layer (to_k_ip/to_v_ip of the
+                   first cross-attention), weight gradients only there
     edited_views   img2img of the 6 views: prompt encodes, ViT-H x6, VAE encode x6, (strength x sd_steps
                    [+1 for PNDM]) SD UNet calls on 12 rows (guidance doubles 6), VAE decode x6; then
                    Marigold normals: normal_steps x UNet on 6 rows at 256 px, VAE encode/decode x6
@@ -212,11 +214,12 @@ def stage_floors(preset, nets: Networks | None = None) -> list[StageFloor]:
         }
 
     b = p.identity_batch
+    encodes = NUM_VIEWS * p.identity_augment_pool if p.identity_augment_pool else p.identity_steps * b
     stages = {
         "subject_views": views("subject views"),
         "identity": {
             "text encoder x6 (view prompts)": NUM_VIEWS * sd_text,
-            f"{p.identity_steps} steps x [VAE encode + ViT-H] x{b}": p.identity_steps * b * (enc_sd + vit_h),
+            f"[VAE encode + ViT-H] x{encodes}": encodes * (enc_sd + vit_h),
             f"{p.identity_steps} steps x SD UNet fwd+bwd x{b}": p.identity_steps * b * sd_train,
         },
         "edited_views": {

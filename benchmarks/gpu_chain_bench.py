@@ -57,7 +57,6 @@ TINY_KEYS = ("mv_size", "sd_size", "lora_rank", "recon_preset", "recon", "faces"
 WARMUP_STEPS = {"identity_steps": 1, "prior_steps": 1, "sd_steps": 2, "mv_steps": 1, "normal_steps": 1}
 SUBSTAGES = {"edited_normals": "edited_views"}  # a child reporter's stage -> the job stage it runs in
 NUM_VIEWS = 6
-NORMALS_BATCH = 4  # estimate_normals denoises the six views in batches of at most 4
 
 
 def step_totals(preset) -> dict[str, int]:
@@ -66,8 +65,8 @@ def step_totals(preset) -> dict[str, int]:
     return {
         "subject_views": preset.mv_steps,
         "identity": preset.identity_steps,
-        "edited_views": edits,
-        "edited_normals": math.ceil(NUM_VIEWS / NORMALS_BATCH) * preset.normal_steps,
+        "edited_views": math.ceil(NUM_VIEWS / preset.edit_batch) * edits,  # one img2img call per edit_batch views
+        "edited_normals": math.ceil(NUM_VIEWS / preset.normal_batch) * preset.normal_steps,
         "subject_prior": preset.prior_steps,
         "front_view": edits,
         "multiview": preset.mv_steps,

@@ -16,9 +16,9 @@ numerically on an analytic sphere seen from several poses (front, side, back, el
 the pipeline's own output steps, and that our call equals the reference usage of the pipeline.
 
 Deliberate differences from the reference usage (`pipe(images, ...)` with defaults):
-- `batch_size` is up to 4 instead of 1 (fewer UNet calls); the result is the same up to float
-  reassociation (measured 2e-5 on the tiny weights), since the initial latents are drawn before
-  batching and the DDIM steps draw no noise;
+- `batch_size` is up to `batch` (6 by default: the six edited views in one UNet call) instead
+  of 1; the result is the same up to float reassociation (measured 2e-5 on the tiny weights),
+  since the initial latents are drawn before batching and the DDIM steps draw no noise;
 - the per-step progress bar is replaced by a reporter (progress and cancellation), which the
   pipeline lacks a callback for;
 - the returned normals are renormalised once more (a no-op on the pipeline's unit normals that
@@ -122,23 +122,27 @@ def estimate_normals(
     ensemble: int = 1,
     generator: torch.Generator | None = None,
     processing_resolution: int | None = None,
+    batch: int = 6,
     reporter: Reporter | None = None,
 ) -> np.ndarray:
     """Unit normals (N, H, W, 3) float32 in Marigold's camera frame (+x right, +y up, +z to the viewer).
 
     `steps`/`processing_resolution` default to the model's published defaults (4 steps, 768 px for
-    v1-1). All images must share one size. `reporter.step` runs once per denoising step (progress and
-    cancellation). Use `camera_normals_to_world(normals[i], c2w)` for world-space normals.
+    v1-1). All images must share one size. `batch` caps the rows per UNet call (the lowvram preset
+    uses 1). `reporter.step` runs once per denoising step (progress and cancellation). Use
+    `camera_normals_to_world(normals[i], c2w)` for world-space normals.
     """
     if not images:
         raise ValueError("estimate_normals needs at least one image")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     rgb = [im.convert("RGB") for im in images]
     sizes = {im.size for im in rgb}
     if len(sizes) != 1:
         raise ValueError(f"estimate_normals needs images of one size, got {sorted(sizes)}")
     n_steps = int(steps if steps is not None else pipe.default_denoising_steps or 0)
     members = len(rgb) * max(1, ensemble)
-    batch = max(1, min(members, 4))
+    batch = max(1, min(members, batch))
     total = -(-members // batch) * n_steps  # the pipeline denoises ceil(members / batch) batches
     with _step_reports(pipe, reporter, total, "estimating normals"):
         out = pipe(

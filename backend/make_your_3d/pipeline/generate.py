@@ -280,7 +280,8 @@ class Generator:
     def _identity(self, views_dir: Path, subject: str | None, preset: Preset, dtype: torch.dtype, tmp: Path, rep: Reporter) -> None:
         pipe = self._personalized(preset, dtype)
         views = [(v.name, Image.fromarray(v.color, "RGBA")) for v in load_views(views_dir / "views").views]
-        trainer = IdentityTrainer(pipe, views, subject, preset.sd_size, preset.identity_lr, preset.identity_batch, SUBJECT_SEED)
+        trainer = IdentityTrainer(pipe, views, subject, preset.sd_size, preset.identity_lr, preset.identity_batch, SUBJECT_SEED,
+                                  augment_pool=preset.identity_augment_pool, lr_schedule=preset.lr_schedule)
         try:
             losses = trainer.train(preset.identity_steps, rep)
             save_file(trainer.state_dict(), str(tmp / "ip_adapter.safetensors"))
@@ -301,7 +302,7 @@ class Generator:
         inputs = [composite(Image.fromarray(v.color, "RGBA")) for v in source.views]
         prompts = [view_prompt(request.subject, v.name, request.prompt) for v in source.views]
         edited = edit_images(pipe, inputs, prompts, request.negative_prompt, size=preset.sd_size, steps=preset.sd_steps,
-                             guidance=preset.sd_guidance, strength=preset.edit_strength, seed=SUBJECT_SEED, reporter=rep)
+                             guidance=preset.sd_guidance, strength=preset.edit_strength, seed=SUBJECT_SEED, batch=preset.edit_batch, reporter=rep)
         size = source.image_size
         edited = [im.resize(size, Image.BICUBIC) for im in edited]
         masks = [self._mask_of(im, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
@@ -309,7 +310,7 @@ class Generator:
         # Marigold at its published processing resolution (768 px for v1-1), as its reference usage:
         # the views are smaller, and the pipeline resizes its output back to their size.
         normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(SUBJECT_SEED),
-                                   processing_resolution=preset.normal_resolution, reporter=rep.child("edited_normals"))
+                                   processing_resolution=preset.normal_resolution, batch=preset.normal_batch, reporter=rep.child("edited_normals"))
         views = []
         for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
             alpha = (mask * 255).astype(np.uint8)
@@ -328,7 +329,8 @@ class Generator:
         colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
         normals = [encode_normal_image(world_normals_to_front(v.normals_world()), v.mask) for v in edited.views]
         front = next((v for v in edited.views if v.name == "front"), edited.views[0])
-        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED)
+        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, SUBJECT_SEED,
+                                      lr_schedule=preset.lr_schedule)
         try:
             losses = trainer.train(preset.prior_steps, rep)
             save_file(adapter_state(mv.unet), str(tmp / "lora.safetensors"))

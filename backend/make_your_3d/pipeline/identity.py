@@ -23,11 +23,21 @@ recording of that step. Deliberate differences from that script:
   itself, so the adapter learns identity rather than pixel positions;
 - prompts are view-direction prompts from the subject description, keyed on the subject so the
   stage is cached per subject and a new edit prompt reuses it.
+
+Encodes. Their script runs the VAE and the CLIP image encoder on every training image at every step;
+with our random augmentation each step's images are new, so the same held here (47% of the stage's
+FLOPs at the default preset, benchmarks/flop_floor.py). With `augment_pool` K > 0 (the presets'
+`identity_augment_pool`) each view instead gets K augmentations drawn once before the loop, each
+encoded once (VAE posterior mean and std, CLIP embedding); a step picks a target and a different
+condition framing from its view's pool and draws the VAE sample `mean + std * eps` with exactly the
+generator call `latent_dist.sample` makes, so it equals encoding the picked images every step
+(tests/test_identity_encodes.py checks it bit for bit, and counts the encoder calls). What changes against K = 0 is the augmentation's
+variety: K framings per view (K * (K - 1) target/condition pairs) instead of a fresh one per draw.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +46,7 @@ from PIL import Image
 
 from make_your_3d.models.personalized import ip_adapter_parameters
 from make_your_3d.pipeline.augment import augment, to_tensor
-from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, training_autocast
+from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, lr_scheduler, training_autocast
 from make_your_3d.progress import Reporter
 
 DIRECTION_WORDS = {
@@ -76,6 +86,28 @@ class Batch:
     image_embeds: torch.Tensor
 
 
+@dataclass
+class Encoded:
+    """One augmented view, encoded once: the VAE posterior (unscaled mean and std, as diffusers'
+    `DiagonalGaussianDistribution` holds them) and the CLIP image embedding."""
+
+    mean: torch.Tensor  # (1, 4, h, w)
+    std: torch.Tensor  # (1, 4, h, w)
+    image_embeds: torch.Tensor  # (1, 1, D)
+
+
+@dataclass
+class AugmentPool:
+    """K augmentations of each view, drawn once; `encoded[v][k]` is filled when encodes are cached."""
+
+    images: list[list[Image.Image]]
+    encoded: list[list[Encoded]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.images[0]) if self.images else 0
+
+
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, **unet_kwargs) -> torch.Tensor:
     """The standard epsilon (or v) prediction loss of a diffusion model at given noise and timesteps."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -86,7 +118,11 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, 
 class IdentityTrainer:
     """Fine-tunes exactly `ip_adapter_parameters(pipe.unet)` on the subject's views."""
 
-    def __init__(self, pipe, views: list[tuple[str, Image.Image]], subject: str | None, size: int, lr: float, batch_size: int, seed: int):
+    def __init__(self, pipe, views: list[tuple[str, Image.Image]], subject: str | None, size: int, lr: float, batch_size: int, seed: int,
+                 augment_pool: int = 0, cache_encodes: bool = True, lr_schedule: str = "constant"):
+        """`augment_pool` K > 0: K augmentations per view, drawn (and, with `cache_encodes`, encoded)
+        once here; 0: a fresh augmentation per draw, encoded every step. `cache_encodes=False` with a
+        pool re-encodes the picked pool images every step: the slow path the cached one must equal."""
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
@@ -103,13 +139,68 @@ class IdentityTrainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=0.0)
         self._step = OptimizerStep(self.optimizer, pipe.unet.device, pipe.unet.dtype)
+        lr_scheduler(self.optimizer, lr_schedule, 1)  # an unknown schedule fails here, before any work
+        self.lr_schedule = lr_schedule
         self.prompt_embeds = {name: encode_prompts(pipe, [view_prompt(subject, name)]) for name, _ in views}
+        if augment_pool < 0:
+            raise ValueError(f"augment_pool must be 0 or more, got {augment_pool}")
+        self.pool: AugmentPool | None = None
+        if augment_pool:
+            self.pool = AugmentPool([[augment(image, self.rng, size) for _ in range(augment_pool)] for _, image in views])
+            if cache_encodes:
+                self.pool.encoded = [[self._encode_one(im) for im in images] for images in self.pool.images]
 
     def _autocast(self):
         return training_autocast(self.device, self.pipe.unet.dtype)
 
+    # One image per encoder call in both the cached and the per-step pool paths: a batched call
+    # differs from a single one in the last bits (measured ~1e-6 on the CPU), and the two must agree.
+    @torch.no_grad()
+    def _posterior(self, image: Image.Image):
+        """The VAE posterior (diffusers' `DiagonalGaussianDistribution`) of one image."""
+        vae = self.pipe.vae
+        return vae.encode(to_tensor([image]).to(self.device, vae.dtype)).latent_dist
+
+    def _encode_one(self, image: Image.Image) -> Encoded:
+        dist = self._posterior(image)
+        return Encoded(mean=dist.mean, std=dist.std, image_embeds=clip_image_embeds(self.pipe, [image]))
+
+    def _pool_picks(self) -> list[tuple[int, int, int]]:
+        """(view, target framing, condition framing) per batch row; the condition is another framing
+        of the same view whenever the pool has two or more."""
+        k = self.pool.size
+        picks = self.rng.choice(len(self.views), size=self.batch_size, replace=len(self.views) < self.batch_size)
+        out = []
+        for i in picks:
+            target = int(self.rng.integers(k))
+            condition = (target + 1 + int(self.rng.integers(k - 1))) % k if k > 1 else target
+            out.append((int(i), target, condition))
+        return out
+
+    @torch.no_grad()
+    def _pool_batch(self) -> Batch:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.utils.torch_utils import randn_tensor
+
+        picks = self._pool_picks()
+        generator = self.generator.manual_seed(int(self.rng.integers(2**31)))
+        if self.pool.encoded:
+            mean = torch.cat([self.pool.encoded[v][t].mean for v, t, _ in picks])
+            std = torch.cat([self.pool.encoded[v][t].std for v, t, _ in picks])
+            # exactly DiagonalGaussianDistribution.sample(generator): one randn_tensor of the batch's shape
+            latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            embeds = [self.pool.encoded[v][c].image_embeds for v, _, c in picks]
+        else:  # the per-step path: encode the picked images again and sample their posterior
+            params = torch.cat([self._posterior(self.pool.images[v][t]).parameters for v, t, _ in picks])
+            latents = DiagonalGaussianDistribution(params).sample(generator)
+            embeds = [clip_image_embeds(self.pipe, [self.pool.images[v][c]]) for v, _, c in picks]
+        texts = [self.prompt_embeds[self.views[v][0]] for v, _, _ in picks]
+        return Batch(latents=latents * self.pipe.vae.config.scaling_factor, text_embeds=torch.cat(texts), image_embeds=torch.cat(embeds))
+
     @torch.no_grad()
     def make_batch(self) -> Batch:
+        if self.pool is not None:
+            return self._pool_batch()
         picks = self.rng.choice(len(self.views), size=self.batch_size, replace=len(self.views) < self.batch_size)
         targets, conditions, texts = [], [], []
         for i in picks:
@@ -140,10 +231,13 @@ class IdentityTrainer:
     def train(self, steps: int, reporter: Reporter | None = None) -> list[float]:
         self.pipe.unet.train()
         losses = []
+        schedule = lr_scheduler(self.optimizer, self.lr_schedule, steps)
         try:
             for i in range(steps):
                 batch = self.make_batch()
                 losses.append(self.step(batch, *self.noise_for(batch)))
+                if schedule is not None:
+                    schedule.step()
                 if reporter is not None:
                     reporter.step(i + 1, steps, f"identity loss {losses[-1]:.4f}")
         finally:

@@ -9,6 +9,9 @@ from make_your_3d.errors import BadRequest
 from make_your_3d.models.registry import is_tiny
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules of both optimisations (pipeline/training.py)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -26,17 +29,21 @@ class Preset:
     sd_guidance: float = 7.5
     edit_strength: float = 0.8  # img2img strength: keeps the view's pose, lets the edit through
     ip_scale: float = 0.7
+    edit_batch: int = 6  # the six views' img2img: images per call (each view keeps its own seeded noise)
     # identity-aware optimisation (IP-Adapter to_k_ip / to_v_ip)
     identity_steps: int = 200
     identity_lr: float = 1e-4
     identity_batch: int = 2
+    identity_augment_pool: int = 8  # augmentations per view, each VAE/CLIP-encoded once; 0: a fresh one per draw, encoded every step
     # subject-prior optimisation (LoRA on the cross-domain attention)
     prior_steps: int = 200
     prior_lr: float = 1e-4
     lora_rank: int = 8
+    lr_schedule: str = "constant"  # both optimisations' learning rate over their steps: constant, cosine or linear (to 0)
     # normal estimator
     normal_steps: int = 4
     normal_resolution: int | None = None  # Marigold processing size; None: the model's default (768 px for v1-1), 0: native
+    normal_batch: int = 6  # Marigold rows per UNet call (the six edited views in one)
     # reconstruction
     recon_preset: str = "default"
     recon: dict = field(default_factory=dict)  # explicit ReconOptions overrides
@@ -45,6 +52,14 @@ class Preset:
     # device
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16
     offload: bool = False  # keep only the model in use on the GPU
+
+    def __post_init__(self) -> None:
+        for name, least in (("edit_batch", 1), ("normal_batch", 1), ("identity_augment_pool", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BadRequest(f"Preset setting {name} must be a whole number of at least {least}, not {value!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BadRequest(f"Preset setting lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}.")
 
     def with_overrides(self, overrides: dict | None) -> "Preset":
         if not overrides:
@@ -74,7 +89,7 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset("fast", mv_steps=20, mv_guidance=1.0, mv_eta=0.0, sd_steps=20, identity_steps=80, prior_steps=80, recon_preset="fast"),
     "default": Preset("default"),
     "quality": Preset("quality", mv_steps=50, mv_guidance=3.0, sd_steps=40, identity_steps=400, prior_steps=400, lora_rank=16, recon_preset="quality"),
-    "lowvram": Preset("lowvram", identity_batch=1, offload=True, recon_preset="fast"),  # auto precision: fp16 on CUDA
+    "lowvram": Preset("lowvram", identity_batch=1, edit_batch=1, normal_batch=1, offload=True, recon_preset="fast"),  # auto precision: fp16 on CUDA
 }
 
 # Tiny sizes for the tiny model set: the whole chain in seconds on a CPU (tests, CI, the service's
@@ -87,6 +102,7 @@ TEST_OVERRIDES: dict = {
     "sd_steps": 2,
     "identity_steps": 3,
     "identity_batch": 2,
+    "identity_augment_pool": 2,  # the pool path runs in the chain tests, at no more encodes than 3 steps x batch 2
     "prior_steps": 3,
     "lora_rank": 2,
     "normal_steps": 1,

@@ -53,7 +53,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         "identity", "IP-Adapter to_k_ip/to_v_ip fine-tuned on the subject views",
         upstream=("subject_views",),
         request_fields=("subject",),
-        preset_fields=("sd_size", "identity_steps", "identity_lr", "identity_batch"),
+        preset_fields=("sd_size", "identity_steps", "identity_lr", "identity_batch", "identity_augment_pool", "lr_schedule"),
         models=("personalized", "ip_adapter", "image_encoder"),
         code=("make_your_3d.models", "make_your_3d.pipeline.identity", "make_your_3d.pipeline.augment"),
     ),
@@ -61,7 +61,8 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         "edited_views", "original personalized model edits the six views; their normals",
         upstream=("subject_views",),
         request_fields=("subject", "prompt", "negative_prompt"),
-        preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "normal_steps", "normal_resolution"),
+        preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "normal_steps", "normal_resolution",
+                       "edit_batch", "normal_batch"),  # batch sizes change the floats' summation order (last bits)
         models=("personalized", "ip_adapter", "image_encoder", "normal_estimator"),
         code=("make_your_3d.models", "make_your_3d.pipeline.edits", "make_your_3d.pipeline.identity", "make_your_3d.pipeline.preprocess", "make_your_3d.views"),
         uses_segmenter=True,
@@ -69,7 +70,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
     StageSpec(
         "subject_prior", "LoRA on the multi-view cross-domain attention",
         upstream=("edited_views",),
-        preset_fields=("mv_size", "prior_steps", "prior_lr", "lora_rank"),
+        preset_fields=("mv_size", "prior_steps", "prior_lr", "lora_rank", "lr_schedule"),
         models=("multiview",),
         code=("make_your_3d.models", "make_your_3d.pipeline.subject_prior", "make_your_3d.pipeline.preprocess"),
     ),

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from make_your_3d.models.multiview_unet import cross_domain_module_names
-from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, training_autocast
+from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, lr_scheduler, training_autocast
 from make_your_3d.progress import Reporter
 
 ADAPTER = "subject_prior"
@@ -152,7 +152,7 @@ class SubjectPriorTrainer:
     """LoRA fine-tuning of the cross-domain attention on one edited multi-view sample."""
 
     def __init__(self, mv, colors: list[Image.Image], normals: list[Image.Image], condition: Image.Image, rank: int, lr: float, seed: int,
-                 drop_rate: float = CONDITION_DROP_RATE, snr_gamma: float | None = SNR_GAMMA):
+                 drop_rate: float = CONDITION_DROP_RATE, snr_gamma: float | None = SNR_GAMMA, lr_schedule: str = "constant"):
         from diffusers import DDPMScheduler
 
         self.mv = mv
@@ -166,6 +166,8 @@ class SubjectPriorTrainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=WEIGHT_DECAY)
         self._step = OptimizerStep(self.optimizer, unet.device, unet.dtype, max_grad_norm=MAX_GRAD_NORM)
+        lr_scheduler(self.optimizer, lr_schedule, 1)  # an unknown schedule fails here, before any work
+        self.lr_schedule = lr_schedule
         self.scheduler = DDPMScheduler.from_config(mv.scheduler.config)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.device = unet.device
@@ -205,10 +207,13 @@ class SubjectPriorTrainer:
         unet = self.mv.unet
         unet.train()
         losses: list[float] = []
+        schedule = lr_scheduler(self.optimizer, self.lr_schedule, steps)
         try:
             for i in range(steps):
                 noise, timesteps = self.noise_for()
                 losses.append(self.step(noise, timesteps, self.drop_for()))
+                if schedule is not None:
+                    schedule.step()
                 if reporter is not None:
                     reporter.step(i + 1, steps, f"subject-prior loss {losses[-1]:.4f}")
         finally:

@@ -8,8 +8,11 @@ mix the two: on CUDA for fp16/bf16, and on the CPU for bf16/fp16 (how the tests 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+
+from make_your_3d.pipeline.presets import LR_SCHEDULES
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -57,3 +60,19 @@ class OptimizerStep:
         if self.max_grad_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int):
+    """The learning-rate schedule of a run of `steps` optimiser steps (None for "constant"): step i
+    uses lr x f(i / steps), f = (1 + cos(pi x))/2 for "cosine", 1 - x for "linear", so the first
+    step has the full rate and the last a small one. Shared by both trainers' `train`."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {kind!r}; use one of {', '.join(LR_SCHEDULES)}")
+    if kind == "constant":
+        return None
+
+    def factor(i: int) -> float:
+        x = min(i / max(1, steps), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * x)) if kind == "cosine" else 1.0 - x
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
