@@ -170,6 +170,14 @@ def project(points: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
     return uv, c[:, 2]
 
 
+def ortho_pixel(points: np.ndarray, w2c: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel (column, row indices) in which an orthographic view sees each world point (N,3):
+    pixel centres at i + 0.5, so the index is the floor of the pixel coordinate."""
+    c = to_camera(points, w2c)
+    return (np.floor(c[:, 0] * K[0, 0] + K[0, 2]).astype(np.int64),
+            np.floor(c[:, 1] * K[1, 1] + K[1, 2]).astype(np.int64))
+
+
 def pixel_rays(u, v, K):
     """Camera-plane coordinates (x, y) of pixel indices u, v (centres at i + 0.5): orthographic, the
     ray's lateral position; pinhole, its direction over depth. K (3,3) or broadcastable (..., 3, 3)."""

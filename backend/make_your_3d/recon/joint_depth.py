@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from make_your_3d.recon.camera import unproject
+from make_your_3d.recon.camera import ortho_pixel, unproject
 from make_your_3d.recon.config import JointConfig
 from make_your_3d.recon.lift import IntegratedView
 
@@ -89,15 +89,17 @@ def joint_depths(views: list[IntegratedView], cfg: JointConfig = JointConfig()) 
 def _cg(A: sp.csr_matrix, b: np.ndarray, x0: np.ndarray, iters: int) -> np.ndarray:
     """Conjugate gradients on the symmetric positive definite normal equations, from the previous
     solution (a direct factorisation of six coupled views costs ten times more on a CPU)."""
-    pre = spla.LinearOperator(A.shape, matvec=lambda r: r / A.diagonal())
+    d = A.diagonal()
+    pre = spla.LinearOperator(A.shape, matvec=lambda r: r / d)  # Jacobi
     x, _ = spla.cg(A, b, x0=x0, rtol=1e-8, maxiter=iters, M=pre)
     return x
 
 
 @dataclass
 class _Match:
-    """Equations r0 + ca * dz_a[ka] + cb * dz_b[kb] = 0: a point of view a and one of view b that are the
-    same surface must coincide along its normal (dz: a change of the views' depths, world units)."""
+    """Pixels ka of view a and kb of view b that are the same surface, which must coincide along its
+    normal: r0 (the distance at the current depths, world units) + ca * (change of z_a[ka]) + cb *
+    (change of z_b[kb]) = 0."""
 
     ka: np.ndarray
     kb: np.ndarray
@@ -112,9 +114,7 @@ def _match(va: IntegratedView, sa: "_Samples", depth_a: np.ndarray, vb: Integrat
     surface: the surface faces both views, their normals agree and the points lie within `gate`."""
     ka = sa.k
     p = _points(va, sa.u, sa.v, depth_a[ka])
-    c = p @ vb.vm[:3, :3].T + vb.vm[:3, 3]
-    ub = np.floor(c[:, 0] * vb.K[0, 0] + vb.K[0, 2]).astype(np.int64)
-    vv = np.floor(c[:, 1] * vb.K[1, 1] + vb.K[1, 2]).astype(np.int64)
+    ub, vv = ortho_pixel(p, vb.vm, vb.K)
     H, W = vb.pieces.mask.shape
     inside = (ub >= 0) & (ub < W) & (vv >= 0) & (vv < H)
     kb = np.full(len(p), -1)
