@@ -52,7 +52,7 @@ def lift_errors(folder: Path, noise: str, cfg, seed: int = 0) -> dict:
     secs = time.perf_counter() - t
     out = {"joint_seconds": round(secs, 2)}
     for name, depths in (("hull", [None] * len(views)), ("joint", joint)):
-        d = np.concatenate([tree.query(lift_points(iv, None if z is None else z - iv.pieces.z, cfg.lift).points)[0]
+        d = np.concatenate([tree.query(lift_points(iv, z, cfg.lift).points)[0]
                             * iv.K[0, 0] for iv, z in zip(views, depths)])
         out[name] = {"mean_px": round(float(d.mean()), 3), "under_1px": round(float((d < 1).mean()), 3)}
     return out

@@ -51,7 +51,7 @@ def _error_px(views, depths, truths) -> float:
 
 
 def _hull_placed(views):
-    return [iv.pieces.z + iv.pieces.shift[iv.pieces.label] for iv in views]
+    return [iv.pieces.placed for iv in views]
 
 
 @pytest.mark.parametrize("shape", ["sphere", "frame"])

@@ -179,7 +179,7 @@ def init_from_lift(viewset: ViewSet, masks: list[Tensor], tg: ViewTargets, lo: n
             if iv is not None and len(iv.pieces.z):
                 integrated.append(iv)
         for iv, z in zip(integrated, joint_depths(integrated, config.joint)):  # all views as one surface
-            lv = lift_points(iv, z - iv.pieces.z, config.lift)
+            lv = lift_points(iv, z, config.lift)
             if len(lv.points):
                 lifted.append(lv)
                 depth[iv.index] = torch.tensor(lv.depth, dtype=torch.float32, device=device)

@@ -37,7 +37,7 @@ from make_your_3d.recon.lift import IntegratedView
 def joint_depths(views: list[IntegratedView], cfg: JointConfig = JointConfig()) -> list[np.ndarray]:
     """Every view's depth of its solved pixels (one array per view, parallel to its `pieces.z`), solved
     jointly; the hull-placed integrals when `cfg.enabled` is off or fewer than two views have normals."""
-    placed = [iv.pieces.z + iv.pieces.shift[iv.pieces.label] for iv in views]
+    placed = [iv.pieces.placed for iv in views]
     if not cfg.enabled or len(views) < 2 or cfg.rounds == 0:
         return placed
     base = np.cumsum([0] + [len(z) for z in placed])  # each view's first unknown

@@ -121,13 +121,18 @@ class ViewPieces:
     grad_rhs: np.ndarray | None = None  # their right-hand sides (slopes)
     grad_weight: np.ndarray | None = None  # and their final reweighting (occluding edges count less)
 
-    def depth(self, offset: np.ndarray | None = None) -> np.ndarray:
-        """(H,W) depth with each solved pixel moved by `offset` (default: its piece's hull placement),
-        inside the hull; nan outside the solved pixels."""
-        s = self.shift[self.label] if offset is None else offset
+    @property
+    def placed(self) -> np.ndarray:
+        """(n,) each solved pixel's depth with its piece at the hull's placement."""
+        return self.z + self.shift[self.label]
+
+    def depth(self, values: np.ndarray | None = None) -> np.ndarray:
+        """(H,W) depth of the solved pixels (`values`, one per solved pixel; default: `placed`), inside
+        the hull; nan outside the solved pixels."""
         out = np.full(self.mask.shape, np.nan)
         if len(self.z):
-            out[self.mask] = np.clip(self.z + s, self.front[self.mask], self.back[self.mask])
+            out[self.mask] = np.clip(self.placed if values is None else values, self.front[self.mask],
+                                     self.back[self.mask])
         return out
 
 
@@ -313,10 +318,10 @@ def integrate_view(index: int, rgb: np.ndarray, alpha: np.ndarray, normals_world
     return IntegratedView(index, pieces, vm, K, normals_world, rgb)
 
 
-def lift_points(iv: IntegratedView, offset: np.ndarray | None = None, cfg: LiftConfig = LiftConfig()) -> LiftedView:
-    """The view's solved pixels, moved by `offset` (per solved pixel; default: the hull's placement of
-    their pieces), as world points with normals, colours and the surface area each stands for."""
-    depth = iv.pieces.depth(offset)
+def lift_points(iv: IntegratedView, depth: np.ndarray | None = None, cfg: LiftConfig = LiftConfig()) -> LiftedView:
+    """The view's solved pixels at `depth` (one per solved pixel; default: the hull's placement of their
+    pieces), as world points with normals, colours and the surface area each stands for."""
+    depth = iv.pieces.depth(depth)
     v, u = np.nonzero(np.isfinite(depth))
     pts = unproject(u, v, depth[v, u], iv.K, np.linalg.inv(iv.vm))
     n_cam = iv.normals_world[v, u] @ iv.vm[:3, :3].T
