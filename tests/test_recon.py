@@ -620,6 +620,18 @@ def test_normal_integration_keeps_a_dishs_floor_down():
         floor = h.mask & ((h.true - h.front) * h.K[0, 0] > 5)  # well under the lid
     assert floor.sum() > 500 and (h.contact & floor).sum() > 100  # the trap is there
     assert np.nanmedian(np.abs(depth - h.true)[floor]) * h.K[0, 0] < 1.0
+    from make_your_3d.recon.config import LiftConfig
+
+    def floor_error_px(cfg: LiftConfig) -> float:
+        d = integrate_normals(h.normals @ h.vm[:3, :3].T, h.mask, h.front, h.back, h.K[0, 0], h.K[1, 1],
+                              contact=h.contact, cfg=cfg)
+        return float(np.nanmedian(np.abs(d - h.true)[floor]) * h.K[0, 0])
+
+    # the wrong variant: every contact trusted (no gate) lifts the floor onto the lid
+    assert floor_error_px(LiftConfig(contact_px=1e9)) > 5.0
+    # the fallback for pieces none of whose contacts agree with the quantile (issue 17's figurine) leaves
+    # the dish alone: its rim's contacts agree
+    assert floor_error_px(LiftConfig(contacts_own_median=True, contact_slope_px=0.5)) < 1.0
 
 
 def test_contour_vertices_snap_onto_the_hull_of_a_bar_seen_corner_on():

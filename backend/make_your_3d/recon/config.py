@@ -85,6 +85,12 @@ class LiftConfig:
     contact_px: float = knob(1.5, "contacts count only within this of the quantile placement", "px",
                              "641f3e5 / BENCHMARKS change 12 (dish floor lifted 18 px without it; within 0.05 dB)",
                              lo=0)
+    contacts_own_median: bool = knob(False, "when too few contacts agree with a piece's quantile placement, those "
+                                     "within contact_px of the contacts' own median place it", "",
+                                     "issue 17, BENCHMARKS 'closing analysis': with contact_slope_px 0.5 it places the "
+                                     "figurine's torso right (depth step 2.66 -> 0.94 px) and helps every degraded "
+                                     "tuning row, but the fish's tail gets worse (4.43 -> 6.01 px) and the figurine "
+                                     "is held-out: not the default until a fresh held-out set says so")
     min_contacts: int = knob(8, "fewest contact pixels for a piece to be anchored on their median gap", "pixels",
                              "4e79384; untuned", lo=0)
     contact_fraction: float = knob(0.02, "... and at least this fraction of the piece's pixels", "fraction",
@@ -92,6 +98,10 @@ class LiftConfig:
     contact_max_cos: float = knob(0.05, "a contact's normal is this close to perpendicular to the other view's rays",
                                   "cosine", "4e79384: a gap of at most 0.0013 on a unit sphere (1/6 px at the "
                                   "benchmark's scale)", lo=0)
+    contact_slope_px: float = knob(0.0, "a contact's hull front must have the normals' slope to within this (the "
+                                   "surface is tangent to the hull where it touches it); 0: not tested", "px per px",
+                                   "issue 17, BENCHMARKS 'closing analysis': 0.5 changes nothing with contacts_own_median "
+                                   "off; it is what makes contacts_own_median help the tuning set", lo=0)
     contact_ramp: float = knob(0.45, "|mask - 1/2| below this counts as on the other view's contour (the sub-pixel "
                                "mask ramps only across its own edge)", "mask value", "4e79384; untuned", lo=0)
     area_min_cos: float = knob(0.2, "cosine floor when weighting a lifted pixel by the surface area it stands for "
