@@ -3,30 +3,18 @@ meta device, tiny sizes written and loaded by the real loaders) and the whole sc
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_script
 from safetensors import safe_open
 
 from make_your_3d.models import random_set
 from make_your_3d.models.registry import ROLES
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def _bench():
-    """benchmarks/ is no package: load the script as a module (registered, for its dataclasses)."""
-    if "gpu_chain_bench" in sys.modules:
-        return sys.modules["gpu_chain_bench"]
-    spec = importlib.util.spec_from_file_location("gpu_chain_bench", REPO / "benchmarks" / "gpu_chain_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_chain_bench")
 
 
 def test_published_configs_build_on_meta_with_published_parameter_counts():
@@ -115,10 +103,7 @@ def test_whole_script_at_tiny_sizes_on_cpu(tmp_path):
 
 
 def test_flop_floor_counts_the_backward_from_the_first_trained_layer_only():
-    spec = importlib.util.spec_from_file_location("flop_floor", REPO / "benchmarks" / "flop_floor.py")
-    floor = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = floor
-    spec.loader.exec_module(floor)
+    floor = load_script("flop_floor")
     # SD 1.5's PNDM scheduler runs PLMS steps: img2img at strength 0.8 of 30 steps makes 25 UNet calls.
     assert floor.img2img_unet_calls(30, 0.8) == 25
     nets = floor.Networks()

@@ -5,26 +5,14 @@ its top and bottom (a third of its area), and nothing of a body hidden inside an
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import trimesh
+from bench_scripts import load_script
 from recon_shapes import render_views
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    """benchmarks/ is no package: load the script as a module."""
-    if "unseen_surface" in sys.modules:
-        return sys.modules["unseen_surface"]
-    spec = importlib.util.spec_from_file_location("unseen_surface", REPO / "benchmarks" / "unseen_surface.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("unseen_surface")
 
 
 def test_six_side_views_see_a_cubes_sides_and_not_its_top_or_a_hidden_core():
