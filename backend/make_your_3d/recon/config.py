@@ -190,7 +190,9 @@ class FuseConfig:
     edge_px: float = knob(1.0, "depth within this of a view's contour is not fused", "px",
                           "a85efa3 / BENCHMARKS earlier change 1", lo=0)
     edge_carves: bool = knob(False, "depth within edge_px of a contour still votes for the empty space well in "
-                             "front of it (never for a surface)", "", "issue 17 closing analysis: experiment")
+                             "front of it (never for a surface)", "",
+                             "issue 17, BENCHMARKS 'closing analysis': held-out fish 0.0086 -> 0.0049, vase -> "
+                             "0.0075, but every degraded tuning row but one a little worse; not the default")
     chunk: int = knob(2_000_000, "voxels fused at once (memory only, not the result)", "voxels", "memory", lo=1)
     extra_views: bool = knob(False, "render the Gaussians from extra orbit cameras; their colour fills texels no "
                              "view sees", "flag", "BENCHMARKS: chair 14.0 vs 21.7 dB without (unsupervised colour)")
