@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
 from recon_bench import _samples, load_split  # noqa: E402
 
-from make_your_3d.recon.camera import view_camera  # noqa: E402
+from make_your_3d.recon.camera import project, view_camera  # noqa: E402
 from make_your_3d.recon.texture import raster_triangles  # noqa: E402
 from make_your_3d.views import load_views  # noqa: E402
 
@@ -43,25 +43,18 @@ def seen_by_views(gt: trimesh.Trimesh, points: np.ndarray, viewset, tol_px: floa
     faces = torch.tensor(np.asarray(gt.faces))
     for view in viewset.views:
         cam = view_camera(view, torch.device("cpu"), torch.float64)
-        vm, K = cam.viewmats[0].numpy(), cam.Ks[0].numpy()
         W, H = view.size
-
-        def pix(p: np.ndarray) -> np.ndarray:
-            c = p @ vm[:3, :3].T + vm[:3, 3]
-            return np.stack([c[:, 0] * K[0, 0] + K[0, 2], c[:, 1] * K[1, 1] + K[1, 2], c[:, 2]], -1)
-
-        v = pix(np.asarray(gt.vertices))
-        _, _, zbuf = raster_triangles(torch.tensor(v[:, :2])[faces], torch.tensor(v[:, 2])[faces], W, H)
-        zbuf = zbuf.numpy()
+        uv, z = project(torch.as_tensor(np.asarray(gt.vertices, dtype=np.float64)), cam)
+        zbuf = raster_triangles(uv[faces], z[faces], W, H)[2].numpy()
         # a surface seen edge-on projects onto the outline, where no triangle covers a pixel centre: take
         # the nearest covered pixel's depth there, or every edge-on face would count as seen
         zbuf = np.where(np.isfinite(zbuf), zbuf, ndimage.minimum_filter(zbuf, size=3, mode="constant", cval=np.inf))
-        q = pix(points)
-        u, r = np.floor(q[:, 0]).astype(int), np.floor(q[:, 1]).astype(int)
+        uv, z = (t.numpy() for t in project(torch.as_tensor(points, dtype=torch.float64), cam))
+        u, r = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
         inside = (u >= 0) & (u < W) & (r >= 0) & (r < H)
         front = np.full(len(points), np.inf)
         front[inside] = zbuf[r[inside], u[inside]]
-        seen |= inside & (q[:, 2] <= front + tol_px / K[0, 0])
+        seen |= inside & (z <= front + tol_px / float(cam.Ks[0][0, 0]))
     return seen
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from make_your_3d.models import random_set
 from make_your_3d.models.registry import ROLES
 
+
 def _bench():
     return load_script("gpu_chain_bench")
 

@@ -124,15 +124,16 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
             d = d + g[:, 0] * (uv[:, 0] - ixc - 0.5) + g[:, 1] * (uv[:, 1] - iyc - 0.5)
         outside |= ~inside  # every view is assumed to see the whole subject
         covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
-        rim = torch.zeros_like(covered)
+        rim = None
         if sil is not None:
             sd_px = sil.sample(uv)
             hull = torch.maximum(hull, (sd_px * pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
-            rim = covered & (sd_px >= -edge_px)
+            if edge_carves:
+                rim = covered & (sd_px >= -edge_px)
             covered &= sd_px < -edge_px
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
-        if edge_carves:
+        if rim is not None:
             # a contour pixel's depth mixes the surface with what lies behind the edge, so it places no
             # surface; but the space well in front of it is empty (a thin part seen edge-on beside a
             # notch leaves a sheet there that only this view could carve)
