@@ -471,7 +471,7 @@ def test_damaged_weights_load_as_weights_broken(tmp_path, tiny_models):
     assert ROLES["multiview"].complete(models)  # the cheap check cannot see this
     gen = Generator(models, tmp_path / "cache", device="cpu")
     with pytest.raises(Make3DError) as info:
-        gen._load("multiview", torch.float32)
+        gen.host.load("multiview", torch.float32)
     assert info.value.code == "weights_broken"
     assert "multiview" in info.value.message and "models verify" in info.value.message and "--role multiview" in info.value.message
 

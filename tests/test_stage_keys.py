@@ -7,7 +7,6 @@ change; these tests change every declared input one at a time.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,12 @@ from make_your_3d.pipeline.stages import (
     STAGE_SPECS,
     STAGES,
     KeyContext,
-    code_fingerprint,
+    import_closure,
+    stage_code_modules,
     stage_keys,
 )
+
+PACKAGE_DIR = Path(import_closure(("make_your_3d",))[0]).parent
 
 ROLES = ("personalized", "ip_adapter", "image_encoder", "multiview", "normal_estimator")
 
@@ -135,20 +137,91 @@ def test_a_resolved_reconstruction_threshold_misses_only_the_reconstruction():
     assert {n for n in base if base[n] != changed[n]} == {"reconstruct"}
 
 
-def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
-    pkg = tmp_path / "stagecode_probe"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "step.py").write_text("THRESHOLD = 0.3\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = code_fingerprint(("stagecode_probe",))
-    code_fingerprint.cache_clear()
-    (pkg / "step.py").write_text("THRESHOLD = 0.31\n")
-    after = code_fingerprint(("stagecode_probe",))
-    code_fingerprint.cache_clear()
-    assert before != after
-    assert code_fingerprint(("make_your_3d.recon",)) != code_fingerprint(("make_your_3d.models",))
-    sys.modules.pop("stagecode_probe", None)
+def test_code_fingerprint_is_the_import_closure_of_the_stage_module():
+    """Found from the imports, not listed by hand: both trainers' loop (pipeline/training.py) is in
+    the trained stages' code, and the reconstruction's code holds no model or training code."""
+    closure = {s.name: {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure(stage_code_modules(s))} for s in STAGE_SPECS}
+    for stage in ("identity", "subject_prior"):
+        assert "pipeline/training.py" in closure[stage], stage
+    assert "pipeline/preprocess.py" in closure["subject_views"]
+    assert {"recon/reconstruct.py", "recon/mesh.py", "views.py"} <= closure["reconstruct"]
+    assert not any(f.startswith(("models/", "service/")) or f == "pipeline/training.py" for f in closure["reconstruct"])
+    assert not any(f.startswith(("service/", "cli/")) for files in closure.values() for f in files)
+
+
+def test_changing_any_source_file_misses_exactly_the_stages_whose_code_imports_it(monkeypatch):
+    """Every file of the package, one at a time, changed by one byte (through `code_fingerprint`'s
+    reader, the tree stays as it is): the stages whose import closure holds it miss, with everything
+    downstream of them, and no other stage."""
+    import make_your_3d.pipeline.stages as stages
+
+    base = _keys()
+    closure = {s.name: set(import_closure(stage_code_modules(s))) for s in STAGE_SPECS}
+    original = stages.code_fingerprint
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+    assert len(files) > 50
+    touched_any = 0
+    for path in files:
+        def mutated(modules, read=None, path=path):
+            return original(modules, read=lambda p: p.read_bytes() + (b"#" if p == path else b""))
+
+        monkeypatch.setattr(stages, "code_fingerprint", mutated)
+        changed = _keys()
+        readers = {name for name, files_ in closure.items() if path in files_}
+        touched_any += bool(readers)
+        assert {n for n in base if base[n] != changed[n]} == _downstream(readers), path
+    assert touched_any > 30
+
+
+def test_a_stage_reads_only_what_it_declares(tiny_models: Path):
+    """`StageInputs` gives a stage its declared request and preset fields, upstream folders and
+    models; anything else raises, so a stage cannot read what its key leaves out."""
+    import torch
+
+    from make_your_3d.pipeline.model_host import ModelHost, StageModels, UndeclaredInput
+    from make_your_3d.pipeline.stages import build_stage_inputs
+    from make_your_3d.progress import Reporter
+
+    request, preset = _request(), get_preset("default")
+    host = ModelHost(tiny_models, torch.device("cpu"))
+    for spec in STAGE_SPECS:
+        models = StageModels(host, spec.name, spec.models, spec.uses_segmenter, torch.float32, False)
+        dirs = {s.name: Path(s.name) for s in STAGE_SPECS}
+        inputs = build_stage_inputs(spec, request, "decoded-image", preset, models, dirs, torch.device("cpu"), Reporter(spec.name))
+        for f in spec.request_fields:
+            assert getattr(inputs.request, f) == ("decoded-image" if f == "image" else getattr(request, f))
+        for f in spec.preset_fields:
+            assert getattr(inputs.preset, f) == getattr(preset, f)
+        for f in {f.name for f in dataclasses.fields(GenerateRequest)} - set(spec.request_fields):
+            with pytest.raises(UndeclaredInput, match=f"{spec.name} reads request.{f}"):
+                getattr(inputs.request, f)
+        for f in {f.name for f in dataclasses.fields(Preset)} - set(spec.preset_fields):
+            with pytest.raises(UndeclaredInput, match=f"{spec.name} reads preset.{f}"):
+                getattr(inputs.preset, f)
+        for other in STAGE_SPECS:
+            if other.name in spec.upstream:
+                assert inputs.upstream(other.name) == Path(other.name)
+            else:
+                with pytest.raises(UndeclaredInput):
+                    inputs.upstream(other.name)
+        if "multiview" not in spec.models:
+            with pytest.raises(UndeclaredInput):
+                with models.multiview():
+                    pass
+        if "personalized" not in spec.models:
+            with pytest.raises(UndeclaredInput):
+                with models.personalized():
+                    pass
+        if not spec.uses_segmenter:
+            with pytest.raises(UndeclaredInput):
+                models.segmenter()
+
+
+def test_the_subject_description_misses_the_subject_views_it_masks():
+    """The background remover is prompted with the subject description, so a new description must
+    recompute the subject views (the key left it out before)."""
+    base, changed = _keys(), _keys(request=_request(subject="a plush dog"))
+    assert base["subject_views"] != changed["subject_views"]
 
 
 def test_generator_misses_the_cache_after_an_upgrade_and_rejects_a_bad_recon_key_first(tiny_models: Path, tmp_path, example_image, monkeypatch):

@@ -8,11 +8,20 @@ which the multi-view model and the normal estimator rely on.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from PIL import Image
 
-from make_your_3d.pipeline.identity import clip_image_embeds
+from make_your_3d.pipeline.identity import clip_image_embeds, view_prompt
+from make_your_3d.pipeline.preprocess import composite, generated_mask, prepare_subject
 from make_your_3d.progress import Reporter
+from make_your_3d.views import View, ViewSet, encode_normals, load_views, save_views
+
+if TYPE_CHECKING:
+    from make_your_3d.pipeline.stages import StageInputs
 
 
 def _per_image_img2img(pipe):
@@ -32,6 +41,7 @@ def _per_image_img2img(pipe):
             return [e.to(device) for e in ip_adapter_image_embeds]
 
     img2img = PerImageAdapterImg2Img.from_pipe(pipe)
+    img2img.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own: schedulers keep stepping state
     img2img.set_progress_bar_config(disable=True)
     return img2img
 
@@ -94,3 +104,52 @@ def edit_images(
         )
         out.extend(result.images)
     return out
+
+
+def run_edited_views(inputs: "StageInputs", out: Path) -> None:
+    """Stage edited_views: the ORIGINAL personalized model edits each subject view (at the preset's
+    IP-Adapter scale); the normal estimator gives their normals, turned to world space."""
+    from make_your_3d.models.normals import camera_normals_to_world, estimate_normals
+
+    request, preset = inputs.request, inputs.preset
+    source = load_views(inputs.upstream("subject_views") / "views")
+    images = [composite(Image.fromarray(v.color, "RGBA")) for v in source.views]
+    prompts = [view_prompt(request.subject, v.name, request.prompt) for v in source.views]
+    with inputs.models.personalized(ip_scale=preset.ip_scale) as pipe:
+        edited = edit_images(pipe, images, prompts, request.negative_prompt, size=preset.sd_size, steps=preset.sd_steps,
+                             guidance=preset.sd_guidance, strength=preset.edit_strength, seed=inputs.seed, batch=preset.edit_batch,
+                             reporter=inputs.reporter)
+    edited = [im.resize(source.image_size, Image.BICUBIC) for im in edited]
+    segmenter = inputs.models.segmenter()
+    masks = [generated_mask(im, segmenter, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
+    # Marigold at its published processing resolution (768 px for v1-1), as its reference usage:
+    # the views are smaller, and the pipeline resizes its output back to their size.
+    with inputs.models.normal_estimator() as normal_pipe:
+        normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(inputs.seed),
+                                   processing_resolution=preset.normal_resolution, batch=preset.normal_batch,
+                                   reporter=inputs.reporter.child("edited_normals"))
+    views = []
+    for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
+        alpha = (mask * 255).astype(np.uint8)
+        color = np.concatenate([np.asarray(im.convert("RGB")), alpha[..., None]], axis=-1)
+        world = camera_normals_to_world(n_cam, v.c2w)
+        views.append(View(v.name, color, v.c2w, encode_normals(world, alpha), v.projection, v.ortho_size, v.K))
+    save_views(out / "views", ViewSet(views))
+
+
+def run_front_view(inputs: "StageInputs", out: Path) -> None:
+    """Stage front_view: the identity-tuned personalized model renders the edited front view of the
+    subject image, framed for the multi-view model."""
+    from safetensors.torch import load_file
+
+    request, preset = inputs.request, inputs.preset
+    with Image.open(inputs.upstream("subject_views") / "input.png") as im:
+        subject = im.convert("RGBA")
+    ip_state = load_file(str(inputs.upstream("identity") / "ip_adapter.safetensors"))
+    with inputs.models.personalized(ip_state=ip_state, ip_scale=preset.ip_scale) as pipe:
+        [front] = edit_images(pipe, [composite(subject)], [view_prompt(request.subject, "front", request.prompt)], request.negative_prompt,
+                              size=preset.sd_size, steps=preset.sd_steps, guidance=preset.sd_guidance, strength=preset.edit_strength,
+                              seed=inputs.seed, reporter=inputs.reporter)
+    front = front.resize(subject.size, Image.BICUBIC)
+    mask = generated_mask(front, inputs.models.segmenter(), request.subject, fallback=np.asarray(subject)[..., 3] >= 128)
+    prepare_subject(front, preset.mv_size, preset.subject_fill, mask=mask).save(out / "front.png")

@@ -37,7 +37,10 @@ variety: K framings per view (K * (K - 1) target/condition pairs) instead of a f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,6 +51,10 @@ from make_your_3d.models.personalized import ip_adapter_parameters
 from make_your_3d.pipeline.augment import augment, to_tensor
 from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, lr_scheduler, training_autocast
 from make_your_3d.progress import Reporter
+from make_your_3d.views import load_views
+
+if TYPE_CHECKING:
+    from make_your_3d.pipeline.stages import StageInputs
 
 DIRECTION_WORDS = {
     "front": "front view",
@@ -260,3 +267,18 @@ def load_ip_state(unet, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.data = state[name].to(p.device, unet.dtype).clone()
+
+
+def run_identity(inputs: "StageInputs", out: Path) -> None:
+    """Stage identity: the adapter's projections fine-tuned on the subject views, at IP-Adapter scale
+    1.0 (as the adapter was trained and as tutorial_train.py trains it)."""
+    from safetensors.torch import save_file
+
+    preset = inputs.preset
+    views = [(v.name, Image.fromarray(v.color, "RGBA")) for v in load_views(inputs.upstream("subject_views") / "views").views]
+    with inputs.models.personalized(ip_scale=1.0) as pipe:
+        trainer = IdentityTrainer(pipe, views, inputs.request.subject, preset.sd_size, preset.identity_lr, preset.identity_batch, inputs.seed,
+                                  augment_pool=preset.identity_augment_pool, lr_schedule=preset.lr_schedule)
+        losses = trainer.train(preset.identity_steps, inputs.reporter)
+        save_file(trainer.state_dict(), str(out / "ip_adapter.safetensors"))
+    (out / "losses.json").write_text(json.dumps(losses))

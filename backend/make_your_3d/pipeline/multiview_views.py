@@ -7,6 +7,9 @@ its front-frame normals into world normals and its backgrounds into masks.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
@@ -15,7 +18,10 @@ from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.models.multiview_pipeline import WONDER3D_ORTHO_SIZE, MultiViewImages, _to_uint8, front_normals_to_world, view_mask
 from make_your_3d.progress import Reporter
 from make_your_3d.recon.camera import orbit_c2w
-from make_your_3d.views import View, ViewSet, encode_normals
+from make_your_3d.views import View, ViewSet, encode_normals, save_views
+
+if TYPE_CHECKING:
+    from make_your_3d.pipeline.stages import StageInputs
 
 
 def to_viewset(images: MultiViewImages, index: int = 0, ortho_size: float = WONDER3D_ORTHO_SIZE, extras: dict | None = None) -> ViewSet:
@@ -51,3 +57,28 @@ def generate_views(mv, subject_rgba: Image.Image, preset, seed: int, reporter: R
                 generator=torch.Generator(device="cpu").manual_seed(seed), reporter=reporter)
     settings = {"steps": preset.mv_steps, "guidance": preset.mv_guidance, "eta": preset.mv_eta, "scheduler": preset.mv_scheduler, "seed": seed}
     return to_viewset(images, extras={"multiview": settings})
+
+
+def run_subject_views(inputs: "StageInputs", out: Path) -> None:
+    """Stage subject_views: the subject cut out and framed (`input.png`), then the frozen
+    multi-view model's six views of it (`views/`)."""
+    from make_your_3d.pipeline.preprocess import has_transparency, subject_image
+
+    request, preset = inputs.request, inputs.preset
+    segmenter = None if has_transparency(request.image) else inputs.models.segmenter()
+    subject = subject_image(request.image, segmenter, request.subject, preset.mv_size, preset.subject_fill, inputs.cancel)
+    subject.save(out / "input.png")
+    with inputs.models.multiview(lora=None) as mv:
+        save_views(out / "views", generate_views(mv, subject, preset, inputs.seed, inputs.reporter))
+
+
+def run_multiview(inputs: "StageInputs", out: Path) -> None:
+    """Stage multiview: the subject-prior-tuned multi-view model's six views of the edited front view."""
+    from safetensors.torch import load_file
+
+    lora = load_file(str(inputs.upstream("subject_prior") / "lora.safetensors"))
+    with Image.open(inputs.upstream("front_view") / "front.png") as im:
+        front = im.convert("RGBA")
+    with inputs.models.multiview(lora=lora, rank=inputs.preset.lora_rank) as mv:
+        viewset = generate_views(mv, front, inputs.preset, inputs.seed, inputs.reporter)
+    save_views(out / "views", viewset)

@@ -186,3 +186,25 @@ def subject_from_bytes(
     mask = foreground_mask(image, segmenter, subject_text, cancel=cancel)
     # With transparency, keep the image's soft alpha (mask=None); otherwise use the segmenter's mask.
     return prepare_subject(image, size, fill, mask=None if has_transparency(image) else mask, background=background, cancel=cancel)
+
+
+def subject_image(image: Image.Image, segmenter, subject_text: str | None, size: int, fill: float,
+                  cancel: CancelToken | None = None) -> Image.Image:
+    """The job's input as every model sees it: masked (alpha, else the segmenter prompted with the
+    subject description), cropped, centred at `fill` of a `size` square."""
+    transparent = has_transparency(image)
+    mask = foreground_mask(image, None if transparent else segmenter, subject_text, cancel=cancel)
+    return prepare_subject(image, size, fill, mask=None if transparent else mask, cancel=cancel)
+
+
+def generated_mask(image: Image.Image, segmenter, subject_text: str | None, fallback: np.ndarray) -> np.ndarray:
+    """Foreground of a generated image: the segmenter when installed and confident, else `fallback`
+    (img2img keeps the layout, so the source view's mask is a sound stand-in)."""
+    if segmenter is not None:
+        try:
+            mask = foreground_mask(image.convert("RGB"), segmenter, subject_text)
+            if 0.01 < mask.mean() < 0.95:
+                return mask
+        except NoSubject:
+            pass
+    return np.asarray(fallback, dtype=bool)

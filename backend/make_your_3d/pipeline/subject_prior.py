@@ -41,7 +41,11 @@ Deliberate differences (each keeps the objective but fits a one-subject fine-tun
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,6 +55,11 @@ from PIL import Image
 from make_your_3d.models.multiview_unet import cross_domain_module_names
 from make_your_3d.pipeline.training import OptimizerStep, diffusion_target, lr_scheduler, training_autocast
 from make_your_3d.progress import Reporter
+from make_your_3d.seeds import derive_seed
+from make_your_3d.views import load_views
+
+if TYPE_CHECKING:
+    from make_your_3d.pipeline.stages import StageInputs
 
 ADAPTER = "subject_prior"
 
@@ -71,6 +80,21 @@ def ensure_adapter(unet, rank: int) -> None:
     targets = cross_domain_module_names(unet)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True), adapter_name=ADAPTER)
     unet.requires_grad_(False)
+
+
+@torch.no_grad()
+def init_adapter(unet, generator: torch.Generator) -> None:
+    """Draw the adapter's starting weights from `generator`, as peft's default initialisation does
+    (lora_A kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); lora_B zero, so
+    the adapted model starts as the original). peft draws lora_A from torch's global generator, whose
+    state depends on whatever ran before in the process, and a reused adapter slot would start from
+    the previous job's weights: either way the same seed gave a different LoRA."""
+    for name, p in sorted(lora_parameters(unet).items()):
+        if ".lora_A." in name:
+            bound = 1.0 / math.sqrt(p.shape[1])
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
+        else:
+            p.zero_()
 
 
 def use_adapter(unet, state: dict[str, torch.Tensor] | None, rank: int) -> None:
@@ -158,6 +182,7 @@ class SubjectPriorTrainer:
         self.mv = mv
         unet = mv.unet
         ensure_adapter(unet, rank)
+        init_adapter(unet, torch.Generator(device="cpu").manual_seed(derive_seed(seed, "lora_init")))
         unet.set_adapters(ADAPTER)
         unet.enable_adapters()
         self.params = lora_parameters(unet)
@@ -229,3 +254,24 @@ def encode_normal_image(normals: np.ndarray, mask: np.ndarray, background: float
     rgb = (normals + 1.0) * 0.5
     rgb = np.where(mask[..., None], rgb, background)
     return Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def run_subject_prior(inputs: "StageInputs", out: Path) -> None:
+    """Stage subject_prior: a fresh LoRA on the multi-view model's cross-domain attention, trained on
+    the edited views (conditioned on the edited front view)."""
+    from safetensors.torch import save_file
+
+    from make_your_3d.models.multiview_pipeline import world_normals_to_front
+    from make_your_3d.pipeline.preprocess import composite
+
+    preset = inputs.preset
+    edited = load_views(inputs.upstream("edited_views") / "views")
+    colors = [composite(Image.fromarray(v.color, "RGBA")) for v in edited.views]
+    normals = [encode_normal_image(world_normals_to_front(v.normals_world()), v.mask) for v in edited.views]
+    front = next((v for v in edited.views if v.name == "front"), edited.views[0])
+    with inputs.models.multiview(lora=None) as mv:
+        trainer = SubjectPriorTrainer(mv, colors, normals, Image.fromarray(front.color, "RGBA"), preset.lora_rank, preset.prior_lr, inputs.seed,
+                                      lr_schedule=preset.lr_schedule)
+        losses = trainer.train(preset.prior_steps, inputs.reporter)
+        save_file(adapter_state(mv.unet), str(out / "lora.safetensors"))
+    (out / "losses.json").write_text(json.dumps(losses))
