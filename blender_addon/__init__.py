@@ -27,7 +27,7 @@ def register() -> None:
     for cls in _CLASSES:
         bpy.utils.register_class(cls)
     props.register()
-    runtime.set_current(runtime.Runtime(runtime.user_dir()))
+    runtime.set_current(runtime.Runtime(runtime.user_dir(), jobs.apply_event))
     bpy.app.timers.register(jobs.tick, first_interval=jobs.TICK_SECONDS, persistent=True)
     bpy.app.handlers.load_post.append(_on_load_post)
 

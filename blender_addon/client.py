@@ -72,6 +72,10 @@ class Client:
     def health(self, timeout: float = 2.0) -> dict:
         return self._json("GET", "/v1/health", timeout=timeout)
 
+    def schema(self) -> dict:
+        """The request schema, the stage list with labels and the presets (GET /v1/schema)."""
+        return self._json("GET", "/v1/schema")
+
     def models(self) -> dict:
         return self._json("GET", "/v1/models")
 

@@ -102,9 +102,10 @@ def overrides_of(item) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def apply_record(item, record: dict, stage_seconds: dict | None = None) -> bool:
+def apply_record(item, record: dict, stage_seconds: dict | None = None, plan: progress.StagePlan = progress.FALLBACK_PLAN) -> bool:
     """Copy a service job record into the item; returns True when the status changed.
-    `stage_seconds`: expected seconds per stage (progress.StageTimes) for the whole-job bar."""
+    `stage_seconds`: expected seconds per stage (progress.StageTimes) for the whole-job bar;
+    `plan`: the backend's stage list."""
     changed = item.status != record.get("status")
     item.status = str(record.get("status") or item.status)
     item.group = str(record.get("group") or item.group)
@@ -121,15 +122,15 @@ def apply_record(item, record: dict, stage_seconds: dict | None = None) -> bool:
         item.created_at = str(record["created_at"])
     if isinstance(record.get("request"), dict):
         apply_request(item, record["request"])
-    _apply_job_progress(item, stage_seconds)
+    _apply_job_progress(item, stage_seconds, plan)
     return changed
 
 
-def _apply_job_progress(item, stage_seconds: dict | None) -> None:
+def _apply_job_progress(item, stage_seconds: dict | None, plan: progress.StagePlan) -> None:
     """One bar for the whole job: never moves backwards while the job runs."""
     if item.status == "running":
         jp = progress.job_progress(item.stage, item.step, item.total, item.eta_s if item.eta_s >= 0 else None,
-                                   stage_seconds or progress.estimated_seconds(item.preset))
+                                   stage_seconds or progress.estimated_seconds(item.preset), plan)
         item.job_progress = max(item.job_progress, jp.fraction)
         item.stage_label = jp.label
         item.job_eta_s = jp.eta_s if jp.eta_s is not None else -1.0

@@ -37,21 +37,21 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
             return
         props = scene.make_your_3d
         request = dict(event.data["request"])
-        base_seed = request.get("seed")
+        seeds = [int(s) for s in event.data.get("seeds") or []]  # drawn by the backend, one per job
         for i, job_id in enumerate(event.data["ids"]):
-            req = dict(request)
-            if base_seed is not None:
-                req["seed"] = int(base_seed) + i
+            req = {**request, "seed": seeds[i]} if i < len(seeds) else dict(request)
             if history.find_item(scene, job_id) is None:
                 item = history.add_item(scene, job_id, event.data.get("group", ""), i, req)
                 item.import_requested = props.auto_import
-        if base_seed is not None:
-            props.last_seed = int(base_seed)
+        if seeds:
+            props.last_seed = seeds[0]
+            span = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+            props.last_info = f"Submitted {len(seeds)} job(s), {span}"
         props.last_error = ""
     elif kind in (EventKind.RECORD, EventKind.SYNC):
         record = event.data["record"]
         for scene, item in history.find_items(event.job_id):
-            history.apply_record(item, record, rt.stage_times.seconds(item.preset))
+            history.apply_record(item, record, rt.stage_times.seconds(item.preset), rt.stage_plan())
             if item.status == "failed" and item.error_message:
                 scene.make_your_3d.last_error = f"Job {item.job_id[:8]} failed: {item.error_message}"
             if kind == EventKind.SYNC:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,6 @@ from .props import OVERRIDE_FIELDS, job_overrides
 from .backend import BackendError
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-MAX_SEED = 2**31 - 1 - 16  # room for seed+variants
 
 
 # -- why a button cannot run --------------------------------------------------------------------
@@ -157,7 +155,7 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
             props.last_error = str(exc)
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        seed = props.seed if props.seed_mode == "FIXED" else random.randrange(0, MAX_SEED)
+        seed = props.seed if props.seed_mode == "FIXED" else None  # None: the backend draws it (and reports it back)
         payload = {
             "image_png_b64": base64.b64encode(data).decode("ascii"),
             "prompt": props.prompt.strip(),
@@ -179,8 +177,7 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         props.last_error = ""
-        props.last_seed = seed
-        props.last_info = f"Submitted {props.variants} job(s), seed {seed}"
+        props.last_info = f"Submitting {props.variants} job(s)..."  # the seeds follow when the backend accepts them
         return {"FINISHED"}
 
 

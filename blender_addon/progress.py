@@ -15,8 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# The service's stage names in run order, with what the artist reads.
+# The stage list the backend publishes (GET /v1/schema: names in run order, labels, sub-stages)
+# is what the bar uses; these are the fallbacks for a backend too old to publish it.
+# tests/test_job_params.py checks them against the backend's declaration.
 STAGES: tuple[tuple[str, str], ...] = (
+    ("subject", "Cutting out the subject"),
     ("subject_views", "Seeing the subject from all sides"),
     ("identity", "Learning the subject"),
     ("edited_views", "Editing views"),
@@ -25,15 +28,38 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("multiview", "Turning it into six views"),
     ("reconstruct", "Building the mesh"),
 )
+SUBSTAGES: dict[str, str] = {"edited_normals": "edited_views"}  # sub-stage -> the stage it reports inside
 ORDER = [name for name, _ in STAGES]
-LABELS = dict(STAGES)
 PREPARING = "Preparing the image"  # running, before the first stage reports (loading models, masking)
-# Sub-stages reported inside a stage: (parent, where in the parent's share they start).
-SUB_STAGES = {"edited_normals": ("edited_views", 0.8)}
-PARENT_SHARE = {parent: start for parent, start in SUB_STAGES.values()}
+SUBSTAGE_START = 0.8  # a sub-stage fills its parent's share from here on; the parent's own steps fill the part before
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages of a job in run order, what the artist reads for each, and their sub-stages."""
+
+    order: tuple[str, ...]
+    labels: dict[str, str]
+    parent_of: dict[str, str]  # sub-stage -> its stage
+
+    @classmethod
+    def from_schema(cls, stages: object) -> "StagePlan | None":
+        """The plan from the backend's published list (None when it is not a usable list)."""
+        if not isinstance(stages, list) or not stages:
+            return None
+        try:
+            order = tuple(str(s["name"]) for s in stages)
+            labels = {str(s["name"]): str(s.get("label") or s["name"]) for s in stages}
+            parents = {str(sub): str(s["name"]) for s in stages for sub in (s.get("substages") or ())}
+        except (KeyError, TypeError, AttributeError):
+            return None
+        return cls(order, labels, parents)
+
+
+FALLBACK_PLAN = StagePlan(tuple(ORDER), dict(STAGES), dict(SUBSTAGES))
 # First-time estimates in seconds on a CUDA GPU for the default preset (they only need the right
 # proportions: after one job the machine's own timings replace them).
-DEFAULT_SECONDS = {"subject_views": 8.0, "identity": 60.0, "edited_views": 45.0, "subject_prior": 60.0,
+DEFAULT_SECONDS = {"subject": 1.0, "subject_views": 8.0, "identity": 60.0, "edited_views": 45.0, "subject_prior": 60.0,
                    "front_view": 6.0, "multiview": 8.0, "reconstruct": 60.0}
 # Per preset, how much longer each stage runs than in "default" (from the presets' step counts).
 PRESET_FACTORS = {
@@ -44,6 +70,7 @@ PRESET_FACTORS = {
                 "multiview": 1.5, "reconstruct": 1.5},
     "lowvram": {name: 1.5 for name in ORDER},
 }
+UNKNOWN_STAGE_SECONDS = 30.0  # first guess for a stage the backend lists and these tables do not
 LEARN_WEIGHT = 0.5  # a new timing moves the learned one halfway (a few jobs settle it)
 
 
@@ -59,27 +86,28 @@ def estimated_seconds(preset: str) -> dict[str, float]:
     return {name: DEFAULT_SECONDS[name] * factors.get(name, 1.0) for name in ORDER}
 
 
-def job_progress(stage: str, step: int, total: int, stage_eta_s: float | None, seconds: dict[str, float]) -> JobProgress:
+def job_progress(stage: str, step: int, total: int, stage_eta_s: float | None, seconds: dict[str, float],
+                 plan: StagePlan = FALLBACK_PLAN) -> JobProgress:
     """Whole-job progress from one service record of a running job. `seconds`: expected duration of
-    each stage (StageTimes.seconds). Later stages never count as done, earlier ones always do."""
+    each stage (StageTimes.seconds); `plan`: the backend's stage list. Later stages never count as
+    done, earlier ones always do."""
     inner = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
-    if stage in SUB_STAGES:  # the sub-stage fills the last part of its parent's share
-        parent, start = SUB_STAGES[stage]
-        stage, inner = parent, start + (1.0 - start) * inner
-    elif stage in PARENT_SHARE:  # the parent's own steps fill the part before its sub-stage
-        inner *= PARENT_SHARE[stage]
-    if stage not in LABELS:
+    if stage in plan.parent_of:  # the sub-stage fills the last part of its parent's share
+        stage, inner = plan.parent_of[stage], SUBSTAGE_START + (1.0 - SUBSTAGE_START) * inner
+    elif stage in plan.parent_of.values():  # the parent's own steps fill the part before its sub-stage
+        inner *= SUBSTAGE_START
+    if stage not in plan.labels:
         return JobProgress(0.0, PREPARING if not stage else stage.replace("_", " ").capitalize(), None)
-    durations = [max(float(seconds.get(name, DEFAULT_SECONDS[name])), 1e-3) for name in ORDER]
+    durations = [max(float(seconds.get(name, DEFAULT_SECONDS.get(name, UNKNOWN_STAGE_SECONDS))), 1e-3) for name in plan.order]
     whole = sum(durations)
-    i = ORDER.index(stage)
+    i = plan.order.index(stage)
     done = sum(durations[:i]) + durations[i] * inner
     later = sum(durations[i + 1:])
     if stage_eta_s is not None and stage_eta_s >= 0:
         current_left = float(stage_eta_s)  # the stage's own linear estimate, measured on this run
     else:
         current_left = durations[i] * (1.0 - inner)
-    return JobProgress(min(done / whole, 1.0), LABELS[stage], current_left + later)
+    return JobProgress(min(done / whole, 1.0), plan.labels[stage], current_left + later)
 
 
 class StageTimes:
@@ -110,7 +138,7 @@ class StageTimes:
         mine = self._data.setdefault(preset, {})
         changed = False
         for rec in stages:
-            if not isinstance(rec, dict) or rec.get("cached") or rec.get("name") not in LABELS:
+            if not isinstance(rec, dict) or rec.get("cached") or not isinstance(rec.get("name"), str):
                 continue
             try:
                 secs = float(rec["seconds"])

@@ -22,7 +22,7 @@ import bpy
 from .backend import (BackendConfig, BackendError, BackendProcess, BackendState, build_env, bundled_backend_root,
                       missing_modules, packages_problem, python_problem, venv_python)
 from .client import ApiError, Client, watch_job
-from .progress import StageTimes
+from .progress import FALLBACK_PLAN, StagePlan, StageTimes
 from .tasks import Step, SubprocessTask
 
 PACKAGE = __package__
@@ -74,8 +74,14 @@ def user_dir() -> Path:
 
 
 class Runtime:
-    def __init__(self, base_dir: Path):
+    """The add-on's link to its backend: the process, worker threads and the queue of their events.
+    `apply_event` (jobs.apply_event) applies one event to bpy data on the main thread; it is handed
+    in, so this module never imports the job flow that uses it."""
+
+    def __init__(self, base_dir: Path, apply_event: Callable[["Runtime", Event], None]):
         self.base_dir = base_dir
+        self._apply_event = apply_event
+        self._stage_plan: StagePlan = FALLBACK_PLAN
         self.backend = BackendProcess()
         self.events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
@@ -214,6 +220,7 @@ class Runtime:
         except BackendError as exc:
             self.events.put(Event(EventKind.INFO, data={"message": str(exc)}))
             return
+        self._load_schema(client)
         self._load_models(client)
         self._sync_jobs(client)
         if self._last_cfg is not None:
@@ -228,6 +235,20 @@ class Runtime:
         with self._lock:
             self._models, self._models_error = models, err
         self.events.put(Event(EventKind.MODELS))
+
+    def _load_schema(self, client: Client) -> None:
+        """The backend's stage list (names, labels, sub-stages) for the progress bars; a backend that
+        does not publish one keeps the fallback."""
+        try:
+            plan = StagePlan.from_schema(client.schema().get("stages"))
+        except (ApiError, AttributeError):
+            plan = None
+        with self._lock:
+            self._stage_plan = plan or FALLBACK_PLAN
+
+    def stage_plan(self) -> StagePlan:
+        with self._lock:
+            return self._stage_plan
 
     def refresh_models(self) -> None:
         self._spawn(lambda: self._load_models(self._ready_client(10.0)), "models")
@@ -260,7 +281,8 @@ class Runtime:
             client = self._ready_client()
             reply = client.submit(payload)
             request = {**{k: v for k, v in payload.items() if k != "image_png_b64"}, **local}
-            self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": request}))
+            self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""),
+                                                                              "seeds": list(reply.get("seeds") or []), "request": request}))
             for job_id in reply["ids"]:
                 self.watch(job_id)
         except (ApiError, BackendError) as exc:
@@ -276,7 +298,8 @@ class Runtime:
         def work() -> None:
             try:
                 reply = self._ready_client(10.0).rerun(job_id, changes)
-                self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""), "request": {**request, **changes}}))
+                self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""),
+                                                                                  "seeds": list(reply.get("seeds") or []), "request": {**request, **changes}}))
                 for new_id in reply["ids"]:
                     self.watch(new_id)
             except (ApiError, BackendError) as exc:
@@ -459,15 +482,13 @@ class Runtime:
 
     def drain(self, max_items: int | None = None) -> int:
         """Apply queued worker events to bpy data; main thread only. Returns how many were applied."""
-        from .jobs import apply_event
-
         n = 0
         while max_items is None or n < max_items:
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
                 break
-            apply_event(self, event)
+            self._apply_event(self, event)
             n += 1
         return n
 

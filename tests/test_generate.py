@@ -20,8 +20,8 @@ from make_your_3d.pipeline.presets import TEST_OVERRIDES
 from make_your_3d.pipeline.request import GenerateRequest
 from make_your_3d.progress import CancelToken
 
-SUBJECT_STAGES = ["subject_views", "identity"]
-SEED_FREE_STAGES = ["subject_views", "identity", "edited_views", "subject_prior"]
+SUBJECT_STAGES = ["subject", "subject_views", "identity"]
+SEED_FREE_STAGES = ["subject", "subject_views", "identity", "edited_views", "subject_prior"]
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,8 @@ def test_whole_script_at_tiny_sizes_on_cpu(tmp_path):
     assert res["full_steps"] == {"identity_steps": 200, "prior_steps": 200, "sd_steps": 30, "mv_steps": 50, "normal_steps": 4}
     sc = res["scenarios"]
     assert sc["new subject"]["cached_stages"] == []
-    assert sc["new prompt"]["cached_stages"] == ["subject_views", "identity"]
-    assert sc["new seed"]["cached_stages"] == ["subject_views", "identity", "edited_views", "subject_prior"]
+    assert sc["new prompt"]["cached_stages"] == ["subject", "subject_views", "identity"]
+    assert sc["new seed"]["cached_stages"] == ["subject", "subject_views", "identity", "edited_views", "subject_prior"]
     first = sc["new subject"]["stages"]
     for stage in ("subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview"):
         parts = first[stage]["parts"]

@@ -235,6 +235,7 @@ def test_state_file_health_and_models(server, models):
 
 AUTH_ROUTES = [
     ("GET", "/v1/models"),
+    ("GET", "/v1/schema"),
     ("GET", "/v1/jobs"),
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs/abc"),
@@ -286,6 +287,28 @@ def test_openapi_schema_published(server):
     assert create["additionalProperties"] is False
     assert set(create["required"]) == {"image_png_b64", "prompt"}
     assert any("HTTPBearer" in s for s in schema["components"]["securitySchemes"])
+
+
+def test_schema_route_publishes_request_fields_and_stages(server):
+    """What the add-on reads instead of spelling it: the request schema, the stages with labels."""
+    from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES
+    from make_your_3d.pipeline.stages import published_stages
+
+    with server.client() as c:
+        published = c.get("/v1/schema").json()
+    assert set(published["job_params"]["properties"]) == {p.name for p in JOB_PARAMS} | {"image_png_b64", "overrides"}
+    assert published["stages"] == published_stages() and published["presets"] == list(PRESET_NAMES)
+
+
+def test_the_backend_draws_the_seeds_and_returns_them(server):
+    """A request without a seed gets one drawn here, once; the reply lists every variant's seed, as the
+    jobs carry them (the add-on takes them from the reply instead of computing them)."""
+    with server.client() as c:
+        created = c.post("/v1/jobs", json=job_body(seed=None, variants=2)).json()
+        for job_id in created["ids"]:
+            c.post(f"/v1/jobs/{job_id}/cancel")
+        seeds = [c.get(f"/v1/jobs/{i}").json()["request"]["seed"] for i in created["ids"]]
+    assert created["seeds"] == seeds and seeds[1] == seeds[0] + 1 and 0 <= seeds[0] < 2**31
 
 
 def test_refuses_non_loopback_without_allow_remote(models, tmp_path):
@@ -736,7 +759,7 @@ def test_variants_share_subject_stages(server):
         assert len(group) == 3
         recs = [wait_for(c, j["id"], {"done", "failed"}, timeout=600) for j in group]
     assert [r["status"] for r in recs] == ["done"] * 3, [r["error"] for r in recs]
-    subject_stages = {"subject_views", "identity", "edited_views", "subject_prior"}
+    subject_stages = {"subject", "subject_views", "identity", "edited_views", "subject_prior"}
     assert not subject_stages & set(recs[0]["cached_stages"]), "the first variant computes the subject stages"
     for r in recs[1:]:
         assert subject_stages <= set(r["cached_stages"]), r["cached_stages"]
@@ -761,7 +784,7 @@ def test_rerun_with_new_prompt_reuses_subject_cache(server):
         assert rec["request"] == {**first["request"], "prompt": "wearing a blue hat"}
         rec = wait_for(c, new_id, {"done", "failed"}, timeout=600)
     assert rec["status"] == "done", rec["error"]
-    assert {"subject_views", "identity"} <= set(rec["cached_stages"]), rec["cached_stages"]
+    assert {"subject", "subject_views", "identity"} <= set(rec["cached_stages"]), rec["cached_stages"]
     assert not {"edited_views", "subject_prior"} & set(rec["cached_stages"]), "the new prompt changes the edit stages"
 
 

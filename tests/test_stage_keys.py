@@ -106,8 +106,8 @@ def test_a_new_prompt_keeps_the_subject_stages_and_a_new_seed_keeps_the_seed_fre
     base = _keys()
     prompt = _keys(request=_request(prompt="made of gold"))
     seed = _keys(request=_request(seed=4))
-    assert [n for n in base if base[n] == prompt[n]] == ["subject_views", "identity"]
-    assert [n for n in base if base[n] == seed[n]] == ["subject_views", "identity", "edited_views", "subject_prior"]
+    assert [n for n in base if base[n] == prompt[n]] == ["subject", "subject_views", "identity"]
+    assert [n for n in base if base[n] == seed[n]] == ["subject", "subject_views", "identity", "edited_views", "subject_prior"]
 
 
 @pytest.mark.parametrize("change", [
@@ -143,7 +143,7 @@ def test_code_fingerprint_is_the_import_closure_of_the_stage_module():
     closure = {s.name: {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure(stage_code_modules(s))} for s in STAGE_SPECS}
     for stage in ("identity", "subject_prior"):
         assert "pipeline/training.py" in closure[stage], stage
-    assert "pipeline/preprocess.py" in closure["subject_views"]
+    assert "pipeline/preprocess.py" in closure["subject"]
     assert {"recon/reconstruct.py", "recon/mesh.py", "views.py"} <= closure["reconstruct"]
     assert not any(f.startswith(("models/", "service/")) or f == "pipeline/training.py" for f in closure["reconstruct"])
     assert not any(f.startswith(("service/", "cli/")) for files in closure.values() for f in files)
@@ -178,7 +178,8 @@ def test_a_stage_reads_only_what_it_declares(tiny_models: Path):
     models; anything else raises, so a stage cannot read what its key leaves out."""
     import torch
 
-    from make_your_3d.pipeline.model_host import ModelHost, StageModels, UndeclaredInput
+    from make_your_3d.pipeline.model_host import ModelHost, StageModels
+    from make_your_3d.pipeline.stages import UndeclaredInput
     from make_your_3d.pipeline.stages import build_stage_inputs
     from make_your_3d.progress import Reporter
 
@@ -217,11 +218,11 @@ def test_a_stage_reads_only_what_it_declares(tiny_models: Path):
                 models.segmenter()
 
 
-def test_the_subject_description_misses_the_subject_views_it_masks():
+def test_the_subject_description_misses_the_subject_it_masks():
     """The background remover is prompted with the subject description, so a new description must
-    recompute the subject views (the key left it out before)."""
+    recompute the masked subject and the views made from it (the views' key left it out before)."""
     base, changed = _keys(), _keys(request=_request(subject="a plush dog"))
-    assert base["subject_views"] != changed["subject_views"]
+    assert base["subject"] != changed["subject"] and base["subject_views"] != changed["subject_views"]
 
 
 def test_generator_misses_the_cache_after_an_upgrade_and_rejects_a_bad_recon_key_first(tiny_models: Path, tmp_path, example_image, monkeypatch):

@@ -12,7 +12,7 @@ from make_your_3d import __version__
 from make_your_3d.cli import checks
 from make_your_3d.errors import Make3DError
 
-from make_your_3d.job_limits import PRESET_NAMES as PRESETS
+from make_your_3d.job_params import PRESET_NAMES as PRESETS
 # Commands that load diffusion models at once: quieting diffusers/transformers costs them nothing (they
 # import torch anyway). Not `serve`: it starts in a second and loads models on its first job, and its
 # output goes to the backend log, not the artist's console.

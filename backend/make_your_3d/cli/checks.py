@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, BadViews, WeightsMissing
-from make_your_3d.job_limits import FACES_RANGE, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE  # noqa: F401 - used by the parser
+from make_your_3d.job_params import FACES_RANGE, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE  # noqa: F401 - used by the parser
 
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}

@@ -127,7 +127,7 @@ def run_edited_views(inputs: "StageInputs", out: Path) -> None:
     with inputs.models.normal_estimator() as normal_pipe:
         normals = estimate_normals(normal_pipe, edited, steps=preset.normal_steps, generator=torch.Generator().manual_seed(inputs.seed),
                                    processing_resolution=preset.normal_resolution, batch=preset.normal_batch,
-                                   reporter=inputs.reporter.child("edited_normals"))
+                                   reporter=inputs.reporter.child(inputs.spec.substages[0]))
     views = []
     for v, im, mask, n_cam in zip(source.views, edited, masks, normals):
         alpha = (mask * 255).astype(np.uint8)
@@ -143,7 +143,7 @@ def run_front_view(inputs: "StageInputs", out: Path) -> None:
     from safetensors.torch import load_file
 
     request, preset = inputs.request, inputs.preset
-    with Image.open(inputs.upstream("subject_views") / "input.png") as im:
+    with Image.open(inputs.upstream("subject") / "input.png") as im:
         subject = im.convert("RGBA")
     ip_state = load_file(str(inputs.upstream("identity") / "ip_adapter.safetensors"))
     with inputs.models.personalized(ip_state=ip_state, ip_scale=preset.ip_scale) as pipe:

@@ -3,7 +3,8 @@
 The stages, what each reads and the function that runs it are declared once in pipeline/stages.py;
 each result is cached under the hash of everything it reads (pipeline/cache.py):
 
-    subject_views   the subject cut out; frozen multi-view model's six views  (subject only)
+    subject         the subject cut out, cropped and framed                (subject only)
+    subject_views   frozen multi-view model's six views of it              (subject only)
     identity        IP-Adapter to_k_ip/to_v_ip fine-tuned on those views   (subject only)
     edited_views    original personalized model edits the six views, plus their normals (+ prompt)
     subject_prior   LoRA on the multi-view cross-domain attention         (+ prompt)
@@ -11,7 +12,7 @@ each result is cached under the hash of everything it reads (pipeline/cache.py):
     multiview       fine-tuned multi-view model: six colour + normal views (+ seed)
     reconstruct     3D Gaussians -> mesh -> UVs -> texture -> GLB          (+ seed)
 
-So a new prompt on the same subject reuses the first two, a new seed reuses the first four, and
+So a new prompt on the same subject reuses the first three, a new seed reuses the first five, and
 the same inputs again reuse everything. The models stay loaded between runs in a `ModelHost`,
 which lends them to each stage in the state the stage asks for (pipeline/model_host.py): a job
 run after others writes what the same job writes alone in a fresh process.
@@ -180,7 +181,7 @@ class Generator:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
             inputs = record["inputs"]
-            with Image.open(dirs["subject_views"] / "input.png") as im:
+            with Image.open(dirs["subject"] / "input.png") as im:
                 subject_rgba = im.convert("RGBA")
             stamp_glb(recon_dir / "subject.glb", tmp / "subject.glb", name=job_name(inputs["prompt"], inputs["seed"]),
                       extras={"job": out_dir.name, "prompt": inputs["prompt"], "subject": inputs["subject"], "seed": inputs["seed"],

@@ -25,6 +25,7 @@ import torch
 
 from make_your_3d.errors import Make3DError, WeightsBroken, WeightsMissing
 from make_your_3d.models.registry import ROLES
+from make_your_3d.pipeline.stages import UndeclaredInput
 
 LOADABLE = ("personalized", "multiview", "normal_estimator", "segmenter")  # what `ModelHost.load` builds
 
@@ -115,11 +116,6 @@ class ModelHost:
 
             return load_segmenter(ROLES["segmenter"].path(self.models_dir), self.device)
         raise KeyError(name)
-
-
-class UndeclaredInput(RuntimeError):
-    """A stage read something its declaration in pipeline/stages.py does not name (a bug: its cache
-    key would not cover it)."""
 
 
 def _frozen(*modules: torch.nn.Module) -> None:

@@ -60,16 +60,11 @@ def generate_views(mv, subject_rgba: Image.Image, preset, seed: int, reporter: R
 
 
 def run_subject_views(inputs: "StageInputs", out: Path) -> None:
-    """Stage subject_views: the subject cut out and framed (`input.png`), then the frozen
-    multi-view model's six views of it (`views/`)."""
-    from make_your_3d.pipeline.preprocess import has_transparency, subject_image
-
-    request, preset = inputs.request, inputs.preset
-    segmenter = None if has_transparency(request.image) else inputs.models.segmenter()
-    subject = subject_image(request.image, segmenter, request.subject, preset.mv_size, preset.subject_fill, inputs.cancel)
-    subject.save(out / "input.png")
+    """Stage subject_views: the frozen multi-view model's six views of the framed subject."""
+    with Image.open(inputs.upstream("subject") / "input.png") as im:
+        subject = im.convert("RGBA")
     with inputs.models.multiview(lora=None) as mv:
-        save_views(out / "views", generate_views(mv, subject, preset, inputs.seed, inputs.reporter))
+        save_views(out / "views", generate_views(mv, subject, inputs.preset, inputs.seed, inputs.reporter))
 
 
 def run_multiview(inputs: "StageInputs", out: Path) -> None:

@@ -9,12 +9,18 @@ pixels do not bleed dark fringes into the subject's edge.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
 
 from make_your_3d.errors import NoSubject, WeightsMissing
 from make_your_3d.pipeline.request import check_has_subject, load_image_bytes
 from make_your_3d.progress import CancelToken
+
+if TYPE_CHECKING:
+    from make_your_3d.pipeline.stages import StageInputs
 
 MIN_SUBJECT_PIXELS = 16  # fewer foreground pixels than this is "no subject"
 WONDER3D_FILL = 0.75
@@ -188,13 +194,16 @@ def subject_from_bytes(
     return prepare_subject(image, size, fill, mask=None if has_transparency(image) else mask, background=background, cancel=cancel)
 
 
-def subject_image(image: Image.Image, segmenter, subject_text: str | None, size: int, fill: float,
-                  cancel: CancelToken | None = None) -> Image.Image:
-    """The job's input as every model sees it: masked (alpha, else the segmenter prompted with the
-    subject description), cropped, centred at `fill` of a `size` square."""
+def run_subject(inputs: "StageInputs", out: Path) -> None:
+    """Stage subject: the job's image as every model sees it (`input.png`): masked (its alpha, else the
+    segmenter prompted with the subject description), cropped, centred at `subject_fill` of the
+    multi-view model's frame."""
+    image, preset = inputs.request.image, inputs.preset
     transparent = has_transparency(image)
-    mask = foreground_mask(image, None if transparent else segmenter, subject_text, cancel=cancel)
-    return prepare_subject(image, size, fill, mask=None if transparent else mask, cancel=cancel)
+    segmenter = None if transparent else inputs.models.segmenter()
+    mask = foreground_mask(image, segmenter, inputs.request.subject, cancel=inputs.cancel)
+    subject = prepare_subject(image, preset.mv_size, preset.subject_fill, mask=None if transparent else mask, cancel=inputs.cancel)
+    subject.save(out / "input.png")
 
 
 def generated_mask(image: Image.Image, segmenter, subject_text: str | None, fallback: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from make_your_3d.job_limits import FACES_RANGE, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
+from make_your_3d.job_params import FACES_RANGE, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, DecompressionBomb, NoSubject, TooHeavy
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -25,9 +25,6 @@ MIN_IMAGE_SIDE = 16
 # Decoded images are reduced to this longer side at once: every model works at 512 px or less, and
 # an 8192 px image carried through preprocessing as float copies took minutes and gigabytes.
 MAX_WORK_SIDE = 2048
-MAX_PROMPT_CHARS = 500
-# Text longer than this is refused before it is normalised or scanned (those passes are O(n)).
-MAX_RAW_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS
 
 
 @dataclass

@@ -26,16 +26,22 @@ import importlib.util
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from make_your_3d import __version__
 from make_your_3d.pipeline.cache import digest
-from make_your_3d.pipeline.model_host import StageModels, UndeclaredInput
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.seeds import derive_seed
 
+if TYPE_CHECKING:  # stages.py stays free of torch: the service reads the stage list without it
+    from make_your_3d.pipeline.model_host import StageModels
+
 PACKAGE = "make_your_3d"
 SUBJECT_SEED = 0  # the stages that do not read the job's seed draw from this one, so variants share them
+
+
+class UndeclaredInput(RuntimeError):
+    """A stage read something its declaration does not name (a bug: its cache key would not cover it)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class StageSpec:
     preset_fields: tuple[str, ...] = ()  # Preset fields
     models: tuple[str, ...] = ()  # model roles whose weights it reads (fingerprints)
     uses_segmenter: bool = False  # masks come from the optional segmenter when it is installed
+    substages: tuple[str, ...] = ()  # names its reporter's children report progress under (in run order)
     version: int = 1  # bump when the output's meaning changes in a way the code hash would not show
 
     @property
@@ -62,13 +69,19 @@ class StageSpec:
 
 STAGE_SPECS: tuple[StageSpec, ...] = (
     StageSpec(
-        "subject_views", "Subject views", "the subject cut out, then the frozen multi-view model's six views of it",
-        run="make_your_3d.pipeline.multiview_views:run_subject_views",
+        "subject", "Cutting out the subject", "the subject masked (alpha or the segmenter), cropped, centred, framed",
+        run="make_your_3d.pipeline.preprocess:run_subject",
         request_fields=("image", "subject"),  # the subject description is the segmenter's text prompt
-        preset_fields=("mv_size", "mv_steps", "mv_guidance", "mv_eta", "mv_scheduler", "subject_fill"),
-        models=("multiview",),
+        preset_fields=("mv_size", "subject_fill"),
         uses_segmenter=True,
-        version=2,
+    ),
+    StageSpec(
+        "subject_views", "Seeing the subject from all sides", "the frozen multi-view model's six views of the subject",
+        run="make_your_3d.pipeline.multiview_views:run_subject_views",
+        upstream=("subject",),
+        preset_fields=("mv_size", "mv_steps", "mv_guidance", "mv_eta", "mv_scheduler"),
+        models=("multiview",),
+        version=3,
     ),
     StageSpec(
         "identity", "Learning the subject", "IP-Adapter to_k_ip/to_v_ip fine-tuned on the subject views",
@@ -80,7 +93,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         version=2,
     ),
     StageSpec(
-        "edited_views", "Editing the views", "original personalized model edits the six views; their normals",
+        "edited_views", "Editing views", "original personalized model edits the six views; their normals",
         run="make_your_3d.pipeline.edits:run_edited_views",
         upstream=("subject_views",),
         request_fields=("subject", "prompt", "negative_prompt"),
@@ -88,10 +101,11 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
                        "edit_batch", "normal_batch"),  # batch sizes change the floats' summation order (last bits)
         models=("personalized", "ip_adapter", "image_encoder", "normal_estimator"),
         uses_segmenter=True,
+        substages=("edited_normals",),
         version=2,
     ),
     StageSpec(
-        "subject_prior", "Teaching the multi-view model", "LoRA on the multi-view cross-domain attention",
+        "subject_prior", "Teaching the 3D model the edit", "LoRA on the multi-view cross-domain attention",
         run="make_your_3d.pipeline.subject_prior:run_subject_prior",
         upstream=("edited_views",),
         preset_fields=("mv_size", "prior_steps", "prior_lr", "lora_rank", "lr_schedule"),
@@ -99,9 +113,9 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         version=2,
     ),
     StageSpec(
-        "front_view", "Front view", "fine-tuned personalized model renders the edited front view",
+        "front_view", "Painting the edited subject", "fine-tuned personalized model renders the edited front view",
         run="make_your_3d.pipeline.edits:run_front_view",
-        upstream=("subject_views", "identity"),
+        upstream=("subject", "identity"),
         request_fields=("subject", "prompt", "negative_prompt", "seed"),
         preset_fields=("sd_size", "sd_steps", "sd_guidance", "edit_strength", "ip_scale", "mv_size", "subject_fill"),
         models=("personalized", "ip_adapter", "image_encoder"),
@@ -109,7 +123,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         version=2,
     ),
     StageSpec(
-        "multiview", "Six views", "fine-tuned multi-view model: six colour + normal views",
+        "multiview", "Turning it into six views", "fine-tuned multi-view model: six colour + normal views",
         run="make_your_3d.pipeline.multiview_views:run_multiview",
         upstream=("front_view", "subject_prior"),
         request_fields=("seed",),
@@ -128,6 +142,11 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
 )
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in STAGE_SPECS}
+
+
+def published_stages() -> list[dict]:
+    """The stage list as the service publishes it (GET /v1/schema): run order, labels, sub-stages."""
+    return [{"name": s.name, "label": s.label, "substages": list(s.substages)} for s in STAGE_SPECS]
 
 # A stage borrows its models through the model host, which sets their state: its closure (the
 # model loaders included) is part of the key of every stage that declares a model.
@@ -238,7 +257,7 @@ def code_fingerprint(modules: tuple[str, ...], read: Callable[[Path], bytes] = P
 def stage_code_modules(spec: StageSpec) -> tuple[str, ...]:
     """The modules whose import closure is stage `spec`'s code: its function's module, and the
     model host that sets its models' state when it borrows any."""
-    return (spec.module, *(RUNNER_MODULES if spec.models else ()))
+    return (spec.module, *(RUNNER_MODULES if spec.models or spec.uses_segmenter else ()))
 
 
 def _request_value(request, name: str) -> Any:
@@ -308,7 +327,7 @@ class StageInputs:
     spec: StageSpec
     request: DeclaredFields  # the declared GenerateRequest fields (`image`: the decoded PIL image)
     preset: DeclaredFields  # the declared Preset fields
-    models: StageModels  # the declared models, borrowed in a stated state
+    models: "StageModels"  # the declared models, borrowed in a stated state
     upstream_dirs: dict[str, Path]
     device: Any  # torch.device the stage runs on
     reporter: Reporter  # this stage's steps (progress and cancel checks)
@@ -331,7 +350,7 @@ def stage_seed(spec: StageSpec, job_seed: int) -> int:
     return derive_seed(job_seed if "seed" in spec.request_fields else SUBJECT_SEED, spec.name)
 
 
-def build_stage_inputs(spec: StageSpec, request, image, preset, models: StageModels, upstream_dirs: dict[str, Path], device,
+def build_stage_inputs(spec: StageSpec, request, image, preset, models: "StageModels", upstream_dirs: dict[str, Path], device,
                        reporter: Reporter, cancel: CancelToken | None = None, progress: ProgressFn | None = None) -> StageInputs:
     """The `StageInputs` of `spec` for one job (`image`: the request's image, decoded)."""
     values = {f: (image if f == "image" else getattr(request, f)) for f in spec.request_fields}

@@ -40,7 +40,7 @@ from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
                                            validate_request)
-from make_your_3d.job_limits import FACES_RANGE, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE
+from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE, Param, variant_seeds
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import Worker, classify_exception
 
@@ -86,37 +86,37 @@ def _overrides(value: Any) -> dict | None:
     return data or None
 
 
-class JobCreate(BaseModel):
-    """A generation request; one job per variant, seeds seed, seed+1, ..."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    image_png_b64: str = Field(description="base64 of the subject image file (PNG, JPEG or WebP), at most 32 MiB",
-                               max_length=MAX_IMAGE_B64_CHARS + MAX_DATA_URL_PREFIX)
-    prompt: str = Field(description='the change, e.g. "wearing a red scarf"', max_length=MAX_RAW_PROMPT_CHARS)
-    negative_prompt: str = Field("", max_length=MAX_RAW_PROMPT_CHARS)
-    subject: str | None = Field(None, description='short description of the subject, e.g. "a toy robot"', max_length=MAX_RAW_PROMPT_CHARS)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null picks a random seed")
-    variants: int = Field(1, ge=VARIANTS_RANGE[0], le=MAX_VARIANTS)
-    preset: Preset | None = Field(None, description="null: the server's --preset")
-    faces: int | None = Field(None, ge=FACES_RANGE[0], le=FACES_RANGE[1])
-    texture_size: TextureSize | None = None
-    overrides: JobOverrides | None = None
+def _pydantic_field(param: Param, *, keep_default: bool = True) -> tuple[Any, Any]:
+    """A pydantic (annotation, Field) for one job_params.Param: the request schema's one source."""
+    base: Any = str if param.kind == "string" else int
+    if param.choices is not None:
+        base = Literal[param.choices]  # type: ignore[valid-type]
+    annotation = base | None if param.nullable or not keep_default else base
+    default = (... if param.required else param.default) if keep_default else None
+    return annotation, Field(default, description=param.description, ge=param.minimum, le=param.maximum, max_length=param.max_length)
 
 
-class JobRerun(BaseModel):
-    """Fields to change for a re-run; absent fields keep the original job's values."""
+# A generation request (one job per variant, seeds seed, seed+1, ...): the fields of job_params.JOB_PARAMS,
+# plus how the image travels and the job's own sampling overrides.
+JobCreate = create_model(
+    "JobCreate",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="A generation request; one job per variant, seeds seed, seed+1, ...",
+    image_png_b64=(str, Field(description="base64 of the subject image file (PNG, JPEG or WebP), at most 32 MiB",
+                              max_length=MAX_IMAGE_B64_CHARS + MAX_DATA_URL_PREFIX)),
+    **{p.name: _pydantic_field(p) for p in JOB_PARAMS},
+    overrides=(JobOverrides | None, None),
+)
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
-    negative_prompt: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
-    subject: str | None = Field(None, max_length=MAX_RAW_PROMPT_CHARS)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="absent: same seed; null: a random seed")
-    preset: Preset | None = None
-    faces: int | None = Field(None, ge=FACES_RANGE[0], le=FACES_RANGE[1])
-    texture_size: TextureSize | None = None
-    overrides: JobOverrides | None = None
+# A re-run: the same fields, each optional; absent fields keep the original job's values (seed null:
+# a new random seed; prompt, negative prompt and preset null: keep).
+JobRerun = create_model(
+    "JobRerun",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="Fields to change for a re-run; absent fields keep the original job's values.",
+    **{p.name: _pydantic_field(p, keep_default=False) for p in JOB_PARAMS if p.name != "variants"},
+    overrides=(JobOverrides | None, None),
+)
 
 
 class ErrorDetail(BaseModel):
@@ -164,6 +164,14 @@ class JobList(BaseModel):
 class Created(BaseModel):
     ids: list[str]
     group: str
+    seeds: list[int] = Field(description="each job's seed, in the order of `ids` (drawn here when the request had none)")
+
+
+class Schema(BaseModel):
+    version: str
+    job_params: dict[str, Any] = Field(description="JSON schema of POST /v1/jobs's body")
+    stages: list[dict[str, Any]] = Field(description="the stages in run order: name, label (for people), substages")
+    presets: list[str]
 
 
 class Health(BaseModel):
@@ -488,10 +496,6 @@ def _check_weights(models_dir: Path, roles: tuple[str, ...]) -> None:
         )
 
 
-def _random_seed() -> int:
-    return secrets.randbelow(2**31)
-
-
 def _clean_spec(spec: JobSpec, image: bytes) -> JobSpec:
     """Run the shared request checks (image decode, subject, prompts, ranges) and keep the cleaned text."""
     req = GenerateRequest(
@@ -551,7 +555,7 @@ class ServiceContext:
         jobs = self.store.add_jobs(specs, digest)
         self.worker.wake()
         log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
-        return Created(ids=[j.id for j in jobs], group=jobs[0].group)
+        return Created(ids=[j.id for j in jobs], group=jobs[0].group, seeds=[j.spec.seed for j in jobs])
 
 
 def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
@@ -561,13 +565,14 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
     @api.post("/jobs", status_code=201, response_model=Created)
     def create_jobs(body: JobCreate) -> Created:
         image = _decode_image(body.image_png_b64)
-        seed = body.seed if body.seed is not None else _random_seed()
-        if seed + body.variants - 1 > MAX_SEED:
-            raise BadRequest(f"seed + variants - 1 must be at most {MAX_SEED}; pick a smaller seed.")
-        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seed, body.preset or ctx.default_preset, body.faces, body.texture_size,
-                       _overrides(body.overrides))
+        try:
+            seeds = variant_seeds(body.seed, body.variants)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seeds[0], body.preset or ctx.default_preset, body.faces,
+                       body.texture_size, _overrides(body.overrides))
         spec = _clean_spec(spec, image)
-        return ctx.queue([JobSpec(**{**spec.to_dict(), "seed": seed + i}) for i in range(body.variants)], image)
+        return ctx.queue([JobSpec(**{**spec.to_dict(), "seed": seed}) for seed in seeds], image)
 
     @api.get("/jobs", response_model=JobList)
     def list_jobs(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="jobs per page"),
@@ -604,7 +609,7 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
         spec = job.spec.to_dict()
         for key, value in changes.items():
             if key == "seed" and value is None:
-                value = _random_seed()
+                [value] = variant_seeds(None, 1)
             if key in ("prompt", "negative_prompt", "preset") and value is None:
                 continue  # null means "keep"
             if key == "overrides":
@@ -666,6 +671,14 @@ def system_router(ctx: ServiceContext, app: FastAPI, on_shutdown: Callable[[], N
     @api.get("/openapi.json", include_in_schema=False)
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
+
+    @api.get("/schema", response_model=Schema)
+    def schema() -> Schema:
+        """What a client may send and what it will see: the request's JSON schema, the stage list with
+        the labels to show, the presets. The add-on reads it instead of spelling these itself."""
+        from make_your_3d.pipeline.stages import published_stages
+
+        return Schema(version=__version__, job_params=JobCreate.model_json_schema(), stages=published_stages(), presets=list(PRESET_NAMES))
 
     @api.get("/models", response_model=ModelsState)
     def models() -> dict[str, Any]:
