@@ -361,3 +361,14 @@ def test_recorded_checksums_for_a_written_set_catch_a_truncated_file(aux_models,
     assert fetch.verify_role(ROLES["segmenter"], tmp_path)[0].startswith("size mismatch: model.safetensors")
     with pytest.raises(WeightsMissing, match="model.safetensors"):
         load_segmenter(folder)
+
+
+def test_presets_set_marigolds_published_processing_resolution():
+    """Issue 22.6: the normal estimator runs at the resolution its published config names (768 px for
+    marigold-normals-v1-1), set explicitly, not at whatever the installed checkpoint says."""
+    from make_your_3d.pipeline.presets import PRESETS
+
+    published = Path(__file__).resolve().parents[1] / "backend" / "make_your_3d" / "models" / "published_configs" / "normal_estimator" / "model_index.json"
+    resolution = json.loads(published.read_text())["default_processing_resolution"]
+    assert resolution == 768
+    assert {p.normal_resolution for p in PRESETS.values()} == {resolution}

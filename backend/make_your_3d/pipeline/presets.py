@@ -42,7 +42,10 @@ class Preset:
     lr_schedule: str = "constant"  # both optimisations' learning rate over their steps: constant, cosine or linear (to 0)
     # normal estimator
     normal_steps: int = 4
-    normal_resolution: int | None = None  # Marigold processing size; None: the model's default (768 px for v1-1), 0: native
+    # Marigold processing size, set explicitly to prs-eth/marigold-normals-v1-1's published
+    # `default_processing_resolution` (models/published_configs/normal_estimator/model_index.json) rather than
+    # left to whatever checkpoint is installed; 0: native, None: the installed checkpoint's default
+    normal_resolution: int | None = 768
     normal_batch: int = 6  # Marigold rows per UNet call (the six edited views in one)
     # reconstruction
     recon_preset: str = "default"
