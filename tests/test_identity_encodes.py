@@ -246,6 +246,17 @@ def test_lr_schedules_decay_over_the_run(pipe, views):
     assert rates("constant") == [2.0] * 4
     assert rates("linear") == pytest.approx([2.0, 1.5, 1.0, 0.5])
     assert rates("cosine") == pytest.approx([2.0, 2.0 * 0.5 * (1 + np.cos(np.pi / 4)), 1.0, 2.0 * 0.5 * (1 + np.cos(3 * np.pi / 4))])
+    # Wonder3D's stage-2 schedule, step for step as diffusers' own (which its training script uses)
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    theirs_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    theirs_sched = get_constant_schedule_with_warmup(theirs_opt, num_warmup_steps=100)
+    theirs = []
+    for _ in range(130):
+        theirs.append(theirs_opt.param_groups[0]["lr"])
+        theirs_opt.step()
+        theirs_sched.step()
+    assert rates("constant_with_warmup", 130) == pytest.approx(theirs) and theirs[50] == pytest.approx(1.0) and theirs[120] == 2.0
     with pytest.raises(ValueError, match="schedule"):
         rates("step")
     with pytest.raises(BadRequest):

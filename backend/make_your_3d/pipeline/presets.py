@@ -9,7 +9,9 @@ from make_your_3d.errors import BadRequest
 from make_your_3d.models.registry import is_tiny
 
 
-LR_SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules of both optimisations (pipeline/training.py)
+# Learning-rate schedules of both optimisations (pipeline/training.py). "constant_with_warmup" is
+# Wonder3D's stage-2 schedule (configs/train/stage2-joint-6views-lvis.yaml: lr 5e-5, 100 warmup steps).
+LR_SCHEDULES = ("constant", "cosine", "linear", "constant_with_warmup")
 
 
 @dataclass(frozen=True)

@@ -62,16 +62,23 @@ class OptimizerStep:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
 
+WARMUP_STEPS = 100  # "constant_with_warmup": Wonder3D stage 2's lr_warmup_steps
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int):
     """The learning-rate schedule of a run of `steps` optimiser steps (None for "constant"): step i
     uses lr x f(i / steps), f = (1 + cos(pi x))/2 for "cosine", 1 - x for "linear", so the first
-    step has the full rate and the last a small one. Shared by both trainers' `train`."""
+    step has the full rate and the last a small one; "constant_with_warmup" rises linearly over the
+    first WARMUP_STEPS steps, as diffusers' `get_constant_schedule_with_warmup` (Wonder3D's) does.
+    Shared by both trainers' `train`."""
     if kind not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {kind!r}; use one of {', '.join(LR_SCHEDULES)}")
     if kind == "constant":
         return None
 
     def factor(i: int) -> float:
+        if kind == "constant_with_warmup":
+            return min(1.0, i / WARMUP_STEPS)
         x = min(i / max(1, steps), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * x)) if kind == "cosine" else 1.0 - x
 
