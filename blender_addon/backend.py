@@ -121,6 +121,37 @@ def missing_module_in_log(text: str) -> str | None:
     return found[-1].split(".")[0] if found else None
 
 
+_ERROR_WORDS = ("Error", "ERROR", "Exception", "Traceback", "Killed", "Segmentation fault", "Aborted", "out of memory", "CRITICAL")
+
+
+def last_error_line(text: str) -> str | None:
+    """The last line of a backend log that reports a failure (an exception's last line, an ERROR log
+    line, the kernel's "Killed"), never a progress bar or an INFO line; None when there is none."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if not line or "%|" in line or "it/s]" in line or line.startswith("--- starting backend"):
+            continue
+        if any(word in line for word in _ERROR_WORDS) and not line.startswith("Traceback"):
+            return line[:300]
+    return None
+
+
+def exit_reason(code: int | None) -> str:
+    """What an exit code says, in words: a negative code is the signal that ended the process."""
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        cause = " (the system's out-of-memory handler or a kill command)" if name == "SIGKILL" else ""
+        return f"it was killed by {name}{cause}"
+    return f"it exited with code {code}"
+
+
 def read_state_file(path: Path) -> BackendInfo | None:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -304,14 +335,17 @@ class BackendProcess:
         return BackendState("stopped", "Backend stopped")
 
     def _exit_message(self) -> str:
+        """Why the backend stopped: the exit code or signal, and the log's last error line (not its
+        last line, which is often a progress bar)."""
         code = self._proc.poll() if self._proc is not None else None
-        tail = log_tail(self._cfg.log_file, 3) if self._cfg else ""
-        missing = missing_module_in_log(log_tail(self._cfg.log_file, 40)) if self._cfg else None
+        tail = log_tail(self._cfg.log_file, 40) if self._cfg else ""
+        missing = missing_module_in_log(tail)
         if missing:
             return (f"Backend stopped unexpectedly (exit code {code}): its Python lacks the package '{missing}'. "
                     "Press Install Backend in Preferences > Add-ons > Make-Your-3D")
-        last = tail.splitlines()[-1] if tail else "no output"
-        return f"Backend stopped unexpectedly (exit code {code}): {last}. Start it again or open its log"
+        error = last_error_line(tail)
+        said = f"; its last error: {error}" if error else ""
+        return f"Backend stopped unexpectedly (exit code {code}): {exit_reason(code)}{said}. Generate or Re-run starts it again; Open Log shows more"
 
     @property
     def started_config(self) -> BackendConfig | None:

@@ -143,12 +143,13 @@ def watch_job(
     stop: threading.Event,
     poll_interval: float = 0.5,
     give_up_after: float = 20.0,
+    alive: Callable[[], bool] | None = None,
 ) -> dict | None:
     """Follow one job until it ends: stream its events, fall back to polling when the stream drops.
 
-    Returns the terminal record, or None when stopped or when the backend stayed unreachable for
-    `give_up_after` seconds (the caller reports that; the service keeps the job, so it can be
-    picked up again after a restart).
+    Returns the terminal record, or None when stopped, when the backend stayed unreachable for
+    `give_up_after` seconds, or at once when `alive()` says its process is gone (the caller tells
+    those apart; the service keeps the job, so it can be picked up again after a restart).
     """
     last: dict | None = None
     unreachable_since: float | None = None
@@ -174,7 +175,7 @@ def watch_job(
                 raise
             if exc.code == "unreachable":
                 unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > give_up_after:
+                if time.monotonic() - unreachable_since > give_up_after or (alive is not None and not alive()):
                     return None
             use_stream = exc.code != "http_error" and exc.status not in (404, 405, 501)
         except (ValueError, OSError):

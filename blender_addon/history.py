@@ -8,6 +8,7 @@ after a backend restart the items are refreshed from `GET /v1/jobs`.
 from __future__ import annotations
 
 import json
+import time
 
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
@@ -52,6 +53,8 @@ class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
     image_name: StringProperty(name="Reference image", description="The image datablock the job was made from")
     tiny_models: BoolProperty(name="Tiny models", default=False)
     overrides_json: StringProperty(name="Overrides", description="The job's own sampling settings (JSON)")
+    record_time: FloatProperty(name="Record time", description="Wall-clock time the last record arrived", default=0.0)
+    cancel_requested: BoolProperty(name="Cancelling", description="Cancel was pressed; the step in flight finishes first", default=False)
 
 
 def find_item(scene: bpy.types.Scene, job_id: str):
@@ -102,10 +105,10 @@ def overrides_of(item) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def apply_record(item, record: dict, stage_seconds: dict | None = None, plan: progress.StagePlan = progress.FALLBACK_PLAN) -> bool:
+def apply_record(item, record: dict, expect: progress.Expectation | None = None) -> bool:
     """Copy a service job record into the item; returns True when the status changed.
-    `stage_seconds`: expected seconds per stage (progress.StageTimes) for the whole-job bar;
-    `plan`: the backend's stage list."""
+    `expect`: the stages' expected seconds on this machine and the backend's stage list
+    (progress.StageTimes.expectation); None: first-time estimates, no time left shown."""
     changed = item.status != record.get("status")
     item.status = str(record.get("status") or item.status)
     item.group = str(record.get("group") or item.group)
@@ -122,15 +125,26 @@ def apply_record(item, record: dict, stage_seconds: dict | None = None, plan: pr
         item.created_at = str(record["created_at"])
     if isinstance(record.get("request"), dict):
         apply_request(item, record["request"])
-    _apply_job_progress(item, stage_seconds, plan)
+    item.record_time = time.time()
+    refresh_progress(item, expect)
     return changed
 
 
-def _apply_job_progress(item, stage_seconds: dict | None, plan: progress.StagePlan) -> None:
-    """One bar for the whole job: never moves backwards while the job runs."""
+def elapsed_now(item) -> float:
+    """The job's elapsed seconds now: the last record's, plus the time since it arrived while running."""
+    if item.elapsed_s < 0:
+        return -1.0
+    return item.elapsed_s + (max(time.time() - item.record_time, 0.0) if item.status == "running" and item.record_time > 0 else 0.0)
+
+
+def refresh_progress(item, expect: progress.Expectation | None = None) -> None:
+    """One bar for the whole job, from its last record and the time since: never moves backwards."""
+    if expect is None:
+        expect = progress.Expectation(progress.estimated_seconds(item.preset), False)
     if item.status == "running":
-        jp = progress.job_progress(item.stage, item.step, item.total, item.eta_s if item.eta_s >= 0 else None,
-                                   stage_seconds or progress.estimated_seconds(item.preset), plan)
+        since = max(time.time() - item.record_time, 0.0) if item.record_time > 0 else 0.0
+        jp = progress.job_progress(item.stage, item.step, item.total, item.eta_s if item.eta_s >= 0 else None, expect.seconds, expect.plan,
+                                   measured=expect.measured, since_s=since)
         item.job_progress = max(item.job_progress, jp.fraction)
         item.stage_label = jp.label
         item.job_eta_s = jp.eta_s if jp.eta_s is not None else -1.0
@@ -141,9 +155,32 @@ def _apply_job_progress(item, stage_seconds: dict | None, plan: progress.StagePl
         item.job_progress = 1.0
         item.stage_label = "Done"
         item.job_eta_s = 0.0
+    elif item.status == "cancelled":
+        item.stage_label = "Cancelled"
+        item.message = CANCELLED_KEPT
+        item.job_eta_s = -1.0
     else:
         item.stage_label = item.status.capitalize()
         item.job_eta_s = -1.0
+    if item.cancel_requested and is_active(item):
+        item.stage_label = CANCELLING  # until the backend's next check stops the step in flight
+    elif not is_active(item):
+        item.cancel_requested = False
+
+
+CANCELLING = "Cancelling..."
+CANCELLED_KEPT = "Cancelled. The stages it finished stay in the cache: a re-run reuses them"
+
+
+def mark_interrupted(item, reason: str) -> None:
+    """The job's backend died under it: say so, with the backend's own reason, and how to go on."""
+    item.status = "interrupted"
+    item.error_code = "backend_crashed"
+    item.error_message = reason[:500]
+    item.message = "Interrupted: the backend stopped. Re-run restarts it and runs the job again"
+    item.cancel_requested = False
+    item.stage_label = "Interrupted"
+    item.job_eta_s = -1.0
 
 
 def is_terminal(item) -> bool:

@@ -6,6 +6,7 @@ the `bpy.app.timers` function that does the same every 0.2 s while Blender's UI 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import bpy
@@ -51,9 +52,11 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
     elif kind in (EventKind.RECORD, EventKind.SYNC):
         record = event.data["record"]
         for scene, item in history.find_items(event.job_id):
-            history.apply_record(item, record, rt.stage_times.seconds(item.preset), rt.stage_plan())
+            history.apply_record(item, record, rt.stage_times.expectation(item.preset, rt.stage_plan()))
             if item.status == "failed" and item.error_message:
                 scene.make_your_3d.last_error = f"Job {item.job_id[:8]} failed: {item.error_message}"
+            if item.status == "cancelled" and kind == EventKind.RECORD:
+                scene.make_your_3d.last_info = f"Cancelled '{item.prompt}' seed {item.seed}. {history.CANCELLED_KEPT}"
             if kind == EventKind.SYNC:
                 if history.is_active(item):
                     rt.watch(item.job_id)
@@ -78,10 +81,17 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
                 import_item(bpy.context, rt, scene, item)
             scene.make_your_3d.last_info = finished_message(item, record)
     elif kind == EventKind.LOST:
+        message = event.data.get("message", "")
         for scene, item in history.find_items(event.job_id):
             if history.is_active(item):
-                item.message = event.data.get("message", "")
-            scene.make_your_3d.last_error = event.data.get("message", "")
+                if event.data.get("crashed"):
+                    history.mark_interrupted(item, message)
+                else:
+                    item.message = message
+            scene.make_your_3d.last_error = (f"Job {event.job_id[:8]} was interrupted. {message}" if event.data.get("crashed") else message)
+    elif kind == EventKind.CANCEL_FAILED:
+        for _sc, item in history.find_items(event.job_id):
+            item.cancel_requested = False
     elif kind == EventKind.ERROR:
         scene = _scene(event.scene) if event.scene else None
         _set_error(scene, event.data.get("message", "Unknown error"))
@@ -154,13 +164,32 @@ def tag_redraw() -> None:
                 area.tag_redraw()
 
 
+def refresh_running(rt: "runtime.Runtime") -> bool:
+    """Move every running job's bar, elapsed time and time left on with the clock between the
+    backend's records (at most once a second); True when a bar was moved."""
+    second = int(time.time())
+    if second == rt.fill_second:
+        return False
+    rt.fill_second = second
+    moved = False
+    for scene in bpy.data.scenes:
+        if not hasattr(scene, "make_your_3d"):
+            continue
+        for item in scene.make_your_3d.history:
+            if item.status == "running":
+                history.refresh_progress(item, rt.stage_times.expectation(item.preset, rt.stage_plan()))
+                moved = True
+    return moved
+
+
 def tick() -> float | None:
-    """bpy.app.timers callback: drain events and redraw when anything changed."""
+    """bpy.app.timers callback: drain events, move the bars on, and redraw when anything changed."""
     rt = runtime.get()
     if rt is None:
         return None
     try:
         changed = rt.drain(max_items=200) > 0
+        changed |= refresh_running(rt)
         changed |= rt.status_changed()
         changed |= any(t is not None and t.state().running for t in (rt.install_task, rt.fetch_task))
         if changed:

@@ -28,8 +28,7 @@ def backend_blocker(context: bpy.types.Context) -> str | None:
     st = rt.backend_state()
     if st.status in ("running", "starting"):
         return None
-    if st.status == "crashed":
-        return st.message
+    # stopped or crashed: Generate and Re-run start it again, unless its Python cannot run
     return rt.python_problem(runtime.addon_prefs(context))
 
 
@@ -197,6 +196,9 @@ class MAKE_YOUR_3D_OT_cancel_job(_JobOperator, bpy.types.Operator):
         if item is None or not history.is_active(item):
             self.report({"WARNING"}, "That job is not running")
             return {"CANCELLED"}
+        item.cancel_requested = True
+        item.stage_label = history.CANCELLING  # at once: the step in flight may take a few seconds to stop
+        context.scene.make_your_3d.last_info = f"Cancelling '{item.prompt}' seed {item.seed}..."
         runtime.get().cancel(item.job_id)
         return {"FINISHED"}
 
@@ -210,11 +212,9 @@ class MAKE_YOUR_3D_OT_rerun_job(_JobOperator, bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        reason = backend_blocker(context)
+        reason = backend_blocker(context)  # a stopped or crashed backend is started by the re-run itself
         if reason is None and active_item(context) is None:
             reason = "Select a job in the history"
-        if reason is None and runtime.get().backend_state().status != "running":
-            reason = "Start the backend first (it keeps the jobs' images)"
         return _allow(cls, reason)
 
     def execute(self, context):
@@ -231,7 +231,14 @@ class MAKE_YOUR_3D_OT_rerun_job(_JobOperator, bpy.types.Operator):
         request = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "subject": item.subject or None,
                    "seed": item.seed, "preset": item.preset, "overrides": history.overrides_of(item) or None,
                    "image_name": item.image_name}
-        runtime.get().rerun(context.scene.name, item.job_id, changes, request)
+        try:
+            runtime.get().rerun(context.scene.name, item.job_id, changes, request, runtime.addon_prefs(context))
+        except BackendError as exc:
+            props.last_error = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        props.last_error = ""
+        props.last_info = "Re-running (starting the backend first)..." if runtime.get().backend_state().status == "starting" else "Re-running..."
         return {"FINISHED"}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import history, operators, runtime
+from . import history, operators, progress, runtime
 
 
 class MAKE_YOUR_3D_UL_history(bpy.types.UIList):
@@ -133,15 +133,24 @@ class VIEW3D_PT_make_your_3d_jobs(_SidebarPanel, bpy.types.Panel):
         if not active:
             layout.label(text="No running jobs")
             return
+        rt = runtime.get()
+        shown_sets: set[str] = set()
         for item in active:
             box = layout.box()
+            siblings = [i for i in active if i.group and i.group == item.group]
+            if len(siblings) > 1 and item.group not in shown_sets and rt is not None:
+                shown_sets.add(item.group)
+                left_all = progress.set_seconds_left([(i.status, i.job_eta_s if i.job_eta_s >= 0 else None) for i in siblings],
+                                                     rt.stage_times.expectation(item.preset, rt.stage_plan()))
+                total = f"about {history.format_seconds(left_all)} left in all" if left_all is not None else "estimating the time left"
+                box.label(text=f"Set of {len(siblings)} variants: {total}", icon="TIME")
             row = box.row(align=True)
             label = item.stage_label or item.status.capitalize()
             row.progress(factor=item.job_progress, type="BAR", text=f"{label}  {int(round(item.job_progress * 100))}%")
             op = row.operator("make_your_3d.cancel_job", text="", icon="CANCEL")
             op.job_id = item.job_id
             left = f"about {history.format_seconds(item.job_eta_s)} left" if item.job_eta_s >= 0 else "estimating time left"
-            box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(item.elapsed_s)} elapsed, {left}")
+            box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(history.elapsed_now(item))} elapsed, {left}")
 
 
 class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):
@@ -174,7 +183,9 @@ class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):
             for line in _wrap(item.error_message, 48):
                 box.label(text=line)
         grid = layout.grid_flow(columns=2, align=True)
-        grid.operator("make_your_3d.rerun_job", text="Re-run", icon="FILE_REFRESH")
+        down = rt is None or rt.backend_state().status not in ("running", "starting")
+        rerun_text = "Restart and re-run" if item.status == "interrupted" and down else "Re-run"
+        grid.operator("make_your_3d.rerun_job", text=rerun_text, icon="FILE_REFRESH")
         op = grid.operator("make_your_3d.rerun_job", text="Re-run, current prompt", icon="GREASEPENCIL")
         op.use_current_prompt = True
         grid.operator("make_your_3d.import_job", text="Import again", icon="IMPORT")

@@ -29,6 +29,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("reconstruct", "Building the mesh"),
 )
 SUBSTAGES: dict[str, str] = {"edited_normals": "edited_views"}  # sub-stage -> the stage it reports inside
+SEEDED: frozenset[str] = frozenset({"front_view", "multiview", "reconstruct"})  # the stages each variant runs itself
 ORDER = [name for name, _ in STAGES]
 PREPARING = "Preparing the image"  # running, before the first stage reports (loading models, masking)
 SUBSTAGE_START = 0.8  # a sub-stage fills its parent's share from here on; the parent's own steps fill the part before
@@ -41,6 +42,7 @@ class StagePlan:
     order: tuple[str, ...]
     labels: dict[str, str]
     parent_of: dict[str, str]  # sub-stage -> its stage
+    seeded: frozenset[str] = frozenset()  # stages that read the seed: a set's later variants run only these
 
     @classmethod
     def from_schema(cls, stages: object) -> "StagePlan | None":
@@ -51,12 +53,14 @@ class StagePlan:
             order = tuple(str(s["name"]) for s in stages)
             labels = {str(s["name"]): str(s.get("label") or s["name"]) for s in stages}
             parents = {str(sub): str(s["name"]) for s in stages for sub in (s.get("substages") or ())}
+            seeded = frozenset(str(s["name"]) for s in stages if s.get("reads_seed"))
         except (KeyError, TypeError, AttributeError):
             return None
-        return cls(order, labels, parents)
+        return cls(order, labels, parents, seeded)
 
 
-FALLBACK_PLAN = StagePlan(tuple(ORDER), dict(STAGES), dict(SUBSTAGES))
+FALLBACK_PLAN = StagePlan(tuple(ORDER), dict(STAGES), dict(SUBSTAGES), SEEDED)
+FILL_LIMIT = 0.9  # between two records the bar fills at most this far into the step in flight
 # First-time estimates in seconds on a CUDA GPU for the default preset (they only need the right
 # proportions: after one job the machine's own timings replace them).
 DEFAULT_SECONDS = {"subject": 1.0, "subject_views": 8.0, "identity": 60.0, "edited_views": 45.0, "subject_prior": 60.0,
@@ -75,6 +79,16 @@ LEARN_WEIGHT = 0.5  # a new timing moves the learned one halfway (a few jobs set
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """What a running job's bar is measured against: each stage's expected seconds, whether they were
+    measured on this machine for the job's preset, and the backend's stage list."""
+
+    seconds: dict[str, float]
+    measured: bool
+    plan: StagePlan = FALLBACK_PLAN
+
+
+@dataclass(frozen=True)
 class JobProgress:
     fraction: float  # 0..1 for the whole job
     label: str  # the current stage, in words
@@ -86,28 +100,63 @@ def estimated_seconds(preset: str) -> dict[str, float]:
     return {name: DEFAULT_SECONDS[name] * factors.get(name, 1.0) for name in ORDER}
 
 
+def _durations(seconds: dict[str, float], plan: StagePlan) -> list[float]:
+    return [max(float(seconds.get(name, DEFAULT_SECONDS.get(name, UNKNOWN_STAGE_SECONDS))), 1e-3) for name in plan.order]
+
+
 def job_progress(stage: str, step: int, total: int, stage_eta_s: float | None, seconds: dict[str, float],
-                 plan: StagePlan = FALLBACK_PLAN) -> JobProgress:
+                 plan: StagePlan = FALLBACK_PLAN, *, measured: bool = True, since_s: float = 0.0) -> JobProgress:
     """Whole-job progress from one service record of a running job. `seconds`: expected duration of
-    each stage (StageTimes.seconds); `plan`: the backend's stage list. Later stages never count as
-    done, earlier ones always do."""
-    inner = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
-    if stage in plan.parent_of:  # the sub-stage fills the last part of its parent's share
-        stage, inner = plan.parent_of[stage], SUBSTAGE_START + (1.0 - SUBSTAGE_START) * inner
-    elif stage in plan.parent_of.values():  # the parent's own steps fill the part before its sub-stage
-        inner *= SUBSTAGE_START
-    if stage not in plan.labels:
+    each stage (StageTimes.seconds); `plan`: the backend's stage list; `measured`: whether `seconds`
+    were measured on this machine for this preset (if not, the time left is None, "estimating",
+    rather than an invented number); `since_s`: seconds since the record arrived, over which the
+    bar keeps filling at the expected pace toward the next step (never past FILL_LIMIT of it) and
+    the time left keeps falling. Later stages never count as done, earlier ones always do."""
+    sub = stage in plan.parent_of
+    parent = plan.parent_of.get(stage, stage)
+    if parent not in plan.labels:
         return JobProgress(0.0, PREPARING if not stage else stage.replace("_", " ").capitalize(), None)
-    durations = [max(float(seconds.get(name, DEFAULT_SECONDS.get(name, UNKNOWN_STAGE_SECONDS))), 1e-3) for name in plan.order]
-    whole = sum(durations)
-    i = plan.order.index(stage)
+    durations = _durations(seconds, plan)
+    i = plan.order.index(parent)
+    # this (sub-)stage's share of its stage: a sub-stage fills the last part, its parent the part before
+    share = (1.0 - SUBSTAGE_START) if sub else (SUBSTAGE_START if parent in plan.parent_of.values() else 1.0)
+    steps = min(max(float(step), 0.0), float(total)) if total > 0 else 0.0
+    if total > 0 and step < total and since_s > 0:
+        step_s = durations[i] * share / total  # the expected time of one step of it
+        steps = min(steps + since_s / step_s, step + FILL_LIMIT)
+    inner = steps / total if total > 0 else 0.0
+    inner = SUBSTAGE_START + share * inner if sub else share * inner
     done = sum(durations[:i]) + durations[i] * inner
+    if not measured:
+        return JobProgress(min(done / sum(durations), 1.0), plan.labels[parent], None)
     later = sum(durations[i + 1:])
-    if stage_eta_s is not None and stage_eta_s >= 0:
-        current_left = float(stage_eta_s)  # the stage's own linear estimate, measured on this run
+    if stage_eta_s is not None and stage_eta_s >= 0:  # the stage's own linear estimate, measured on this run
+        current_left = max(float(stage_eta_s) - since_s, 0.0) + (durations[i] * (1.0 - SUBSTAGE_START) if not sub and share < 1.0 else 0.0)
     else:
         current_left = durations[i] * (1.0 - inner)
-    return JobProgress(min(done / whole, 1.0), plan.labels[stage], current_left + later)
+    return JobProgress(min(done / sum(durations), 1.0), plan.labels[parent], current_left + later)
+
+
+def set_seconds_left(jobs: list[tuple[str, float | None]], expect: Expectation) -> float | None:
+    """Time left for a set of variants, from each job's (status, time left) in run order: a running
+    job's own estimate, then per queued job the stages it will run (a set's first job all of them,
+    later ones only the stages that read the seed: the rest come from the cache). None when any part
+    is unknown (timings not measured on this machine yet, a running job still estimating)."""
+    if not expect.measured:
+        return None
+    durations = dict(zip(expect.plan.order, _durations(expect.seconds, expect.plan)))
+    variant = sum(d for name, d in durations.items() if name in expect.plan.seeded)
+    started = any(status in ("running", "done") for status, _ in jobs)
+    total = 0.0
+    for status, left in jobs:
+        if status == "running":
+            if left is None:
+                return None
+            total += left
+        elif status == "queued":
+            total += variant if started else sum(durations.values())
+            started = True
+    return total
 
 
 class StageTimes:
@@ -129,6 +178,9 @@ class StageTimes:
 
     def learned(self, preset: str) -> dict[str, float]:
         return dict(self._data.get(preset, {}))
+
+    def expectation(self, preset: str, plan: StagePlan = FALLBACK_PLAN) -> Expectation:
+        return Expectation(self.seconds(preset), bool(self._data.get(preset)), plan)
 
     def learn(self, preset: str, job_record: dict) -> bool:
         """Take the computed (not cached) stages' seconds from a finished job's job.json."""

@@ -46,6 +46,7 @@ class EventKind(str, enum.Enum):
     ERROR = "error"  # a failure to show: data {message, code?}
     INFO = "info"  # a message to show: data {message}
     MODELS = "models"  # the model state changed; redraw
+    CANCEL_FAILED = "cancel_failed"  # the backend refused or missed a cancel: the job is no longer "cancelling"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Runtime:
         self.base_dir = base_dir
         self._apply_event = apply_event
         self._stage_plan: StagePlan = FALLBACK_PLAN
+        self.fill_second = -1  # the wall-clock second the running bars were last moved on (jobs.refresh_running)
         self.backend = BackendProcess()
         self.events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
@@ -291,13 +293,16 @@ class Runtime:
             with self._lock:
                 self._pending -= 1
 
-    def rerun(self, scene_name: str, job_id: str, changes: dict, request: dict) -> None:
+    def rerun(self, scene_name: str, job_id: str, changes: dict, request: dict, prefs=None) -> None:
+        """Start the backend if it is down (as Generate does), then ask it to re-run the job."""
+        if prefs is not None and self.backend.state().status not in ("running", "starting"):
+            self.start_backend(prefs)
         with self._lock:
             self._pending += 1
 
         def work() -> None:
             try:
-                reply = self._ready_client(10.0).rerun(job_id, changes)
+                reply = self._ready_client().rerun(job_id, changes)
                 self.events.put(Event(EventKind.SUBMITTED, scene=scene_name, data={"ids": list(reply["ids"]), "group": reply.get("group", ""),
                                                                                   "seeds": list(reply.get("seeds") or []), "request": {**request, **changes}}))
                 for new_id in reply["ids"]:
@@ -316,6 +321,7 @@ class Runtime:
                 self.events.put(Event(EventKind.RECORD, job_id=job_id, data={"record": self.client().cancel(job_id)}))
             except ApiError as exc:
                 self.events.put(Event(EventKind.ERROR, data={"message": exc.message}))
+                self.events.put(Event(EventKind.CANCEL_FAILED, job_id=job_id))
 
         self._spawn(work, "cancel")
 
@@ -328,19 +334,34 @@ class Runtime:
             self._watchers[job_id] = thread
         thread.start()
 
+    def _backend_alive(self) -> bool:
+        return self.backend.state().status in ("running", "starting")
+
     def _watch(self, job_id: str) -> None:
         try:
             client = self.client()
-            final = watch_job(client, job_id, lambda r: self.events.put(Event(EventKind.RECORD, job_id=job_id, data={"record": r})), self._stop)
+            final = watch_job(client, job_id, lambda r: self.events.put(Event(EventKind.RECORD, job_id=job_id, data={"record": r})), self._stop,
+                              alive=self._backend_alive)
         except ApiError as exc:
             self.events.put(Event(EventKind.LOST, job_id=job_id, data={"message": exc.message}))
             return
+        if final is None and not self._stop.is_set():
+            self.events.put(self._lost_event(job_id))
+            return
         if final is None:
-            if not self._stop.is_set():
-                self.events.put(Event(EventKind.LOST, job_id=job_id, data={"message": "Lost contact with the backend; the job continues there, refresh once it is back"}))
             return
         if final.get("status") == "done":
             self.events.put(Event(EventKind.WANT_FILES, job_id=job_id, data={"files": list(final.get("files") or [])}))
+
+    def _lost_event(self, job_id: str) -> Event:
+        """What losing a job's backend means: a crash (its process is gone: the job is interrupted, and
+        the reason is the backend's) or a backend that is alive but not answering (still running there)."""
+        st = self.backend.state()
+        if st.status in ("crashed", "stopped"):
+            return Event(EventKind.LOST, job_id=job_id, data={"crashed": True, "message": st.message})
+        return Event(EventKind.LOST, job_id=job_id, data={
+            "crashed": False, "message": "The backend is running but has not answered for 20 s (busy?); the job continues there. "
+                                         "Refresh the history to follow it again"})
 
     def download(self, job_id: str, folder: Path, files: list[str], then_import: bool) -> None:
         """Fetch subject.glb and preview.png into `folder` (thread), then tell the main thread."""
@@ -441,12 +462,14 @@ class Runtime:
                 self.events.put(Event(EventKind.ERROR, data={"message": f"Cache {action} failed: {last}"}))
                 return
             info = json.loads(out.stdout.strip().splitlines()[-1])
+            message = None
             if action == "clear":
                 message = f"Cleared the stage cache: {info.get('entries', 0)} stage result(s), {format_bytes(int(info.get('bytes', 0)))}"
                 info = {**info, "bytes": 0, "entries": 0, "stages": {}}
-                self.events.put(Event(EventKind.INFO, data={"message": message}))
             with self._lock:
                 self._cache_info = info
+            if message:  # after the new info is in place: whoever reads the message sees it
+                self.events.put(Event(EventKind.INFO, data={"message": message}))
             self.events.put(Event(EventKind.MODELS))
 
         self._spawn(work, f"cache-{action}")

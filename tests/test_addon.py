@@ -639,8 +639,8 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         moves forward, with human stage names and one ETA that shrinks."""
         h, progress = mod("history"), mod("progress")
         item = h.add_item(bpy.context.scene, "progress-job", "grp", 0, {"prompt": "p", "seed": 1, "preset": "default"})
-        seconds = progress.estimated_seconds("default")
-        seq = [("subject_views", 1, 1, None)]  # reused from cache
+        seconds = progress.Expectation(progress.estimated_seconds("default"), True)
+        seq = [("subject", 1, 1, None), ("subject_views", 1, 1, None)]  # reused from cache
         seq += [("identity", s, 4, 3.0 * (4 - s)) for s in range(0, 5)]
         seq += [("edited_views", s, 2, None) for s in range(3)] + [("edited_normals", s, 2, None) for s in range(3)]
         seq += [(st, s, 3, None) for st in ("subject_prior", "front_view", "multiview", "reconstruct") for s in range(4)]
@@ -855,6 +855,9 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         ids = [i.job_id for i in props().history if i.job_id not in known]
         for job_id in reversed(ids):  # the queued one first, then the running one
             assert bpy.ops.make_your_3d.cancel_job(job_id=job_id) == {"FINISHED"}
+            cancelling = mod("history").find_item(bpy.context.scene, job_id)
+            # feedback at once, before the backend's answer: the step in flight finishes first
+            assert cancelling.stage_label == "Cancelling..." and props().last_info.startswith("Cancelling"), props().last_info
         ok = rt().wait_until(lambda: all(i.status in ("done", "failed", "cancelled") for i in items_of(ids))
                              and all(i.imported for i in items_of(ids) if i.status == "done"), 120)
         statuses = [(i.status, i.stage) for i in items_of(ids)]
@@ -866,6 +869,8 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         done_ids = {i.job_id for i in items_of(ids) if i.status == "done"}
         assert {o["job_id"] for o in new_objects} == done_ids, ([o.name for o in new_objects], statuses)
         assert all(not i.imported and not i.object_name for i in cancelled)
+        assert all(i.stage_label == "Cancelled" and "cache" in i.message for i in cancelled), [(i.stage_label, i.message) for i in cancelled]
+        assert props().last_info.startswith("Cancelled") or any(i.status == "done" for i in items_of(ids)), props().last_info
         return f"statuses {statuses}"
 
     checks.run("e2e_cancel_leaves_no_object", e2e_cancel_leaves_no_object)
@@ -942,18 +947,45 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
     checks.run("e2e_restart_notice_and_cache", e2e_restart_notice_and_cache)
 
     def e2e_dead_backend_reason():
+        """The backend killed mid-job: the job is marked interrupted with the real reason (not a progress
+        line, not "continues there"), Generate is not blocked, and Re-run restarts the backend and runs it."""
         import signal
 
-        pid = rt().backend_state().info.pid
-        os.kill(pid, signal.SIGKILL)
-        ok = rt().wait_until(lambda: rt().backend_state().status == "crashed", 15)
-        assert ok, rt().backend_state()
-        msg = _poll_message(bpy.ops.make_your_3d.generate)
-        assert msg and "stopped unexpectedly" in msg and "exit code" in msg, msg
-        assert mod("operators").generate_blocker(bpy.context) in msg
-        # Start is offered again and brings it back
-        assert bpy.ops.make_your_3d.backend_start.poll()
-        return msg
+        hist = mod("history")
+        props().variants, props().seed_mode, props().seed = 1, "FIXED", 4242
+        props().mv_steps = 40  # long enough to be caught running
+        known = {i.job_id for i in props().history}
+        try:
+            assert bpy.ops.make_your_3d.generate() == {"FINISHED"}
+            assert rt().wait_until(lambda: any(i.job_id not in known for i in props().history), 60), props().last_error
+            item = next(i for i in props().history if i.job_id not in known)
+            assert rt().wait_until(lambda: item.status == "running" and item.stage not in ("", "subject"), 120), (item.status, item.stage)
+        finally:
+            props().mv_steps = 0
+        os.kill(rt().backend_state().info.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        ok = rt().wait_until(lambda: item.status == "interrupted", 15)
+        seconds = time.monotonic() - t0
+        assert ok, (item.status, item.message, props().last_error)
+        assert item.error_code == "backend_crashed" and "SIGKILL" in item.error_message, item.error_message
+        assert "%|" not in item.error_message and "continues there" not in props().last_error, (item.error_message, props().last_error)
+        assert item.stage_label == "Interrupted" and "Re-run" in item.message
+        assert rt().backend_state().status == "crashed"
+        # nothing is blocked: Generate and Re-run start the backend themselves
+        assert _poll_message(bpy.ops.make_your_3d.generate) is None and bpy.ops.make_your_3d.generate.poll()
+        props().history_index = list(props().history).index(item)
+        assert bpy.ops.make_your_3d.rerun_job.poll()
+        known = {i.job_id for i in props().history}
+        assert bpy.ops.make_your_3d.rerun_job() == {"FINISHED"}
+        assert rt().wait_until(lambda: any(i.job_id not in known for i in props().history), 120), props().last_error
+        again = next(i for i in props().history if i.job_id not in known)
+        assert again.seed == 4242
+        assert rt().wait_until(lambda: again.status in ("done", "failed") and (again.status != "done" or again.imported), 240), \
+            (again.status, again.error_message)
+        assert again.status == "done", again.error_message
+        assert hist.find_item(bpy.context.scene, item.job_id).status == "interrupted"
+        stop_backend()  # as the checks after this one expect to find it
+        return f"interrupted after {seconds:.1f} s: {item.error_message[:120]}"
 
     checks.run("e2e_dead_backend_reason", e2e_dead_backend_reason)
 

@@ -17,7 +17,7 @@ _spec.loader.exec_module(progress)
 def records() -> list[tuple[str, int, int, float | None]]:
     """What the service reports for one job: each stage from 0/1 'starting' to its last step."""
     seq: list[tuple[str, int, int, float | None]] = []
-    for stage, total in (("subject_views", 2), ("identity", 5), ("edited_views", 3), ("edited_normals", 2),
+    for stage, total in (("subject", 1), ("subject_views", 2), ("identity", 5), ("edited_views", 3), ("edited_normals", 2),
                          ("subject_prior", 5), ("front_view", 2), ("multiview", 2), ("reconstruct", 13)):
         if stage != "edited_normals":
             seq.append((stage, 0, 1, None))
@@ -32,7 +32,7 @@ def test_whole_job_fraction_is_monotonic_across_stages():
     assert all(b >= a - 1e-12 for a, b in zip(fractions, fractions[1:])), fractions
     assert fractions[0] == 0.0 and abs(fractions[-1] - 1.0) < 1e-9
     labels = [p.label for p in out]
-    assert labels[0] == "Seeing the subject from all sides" and labels[-1] == "Building the mesh"
+    assert labels[0] == "Cutting out the subject" and labels[-1] == "Building the mesh"
     assert {"Learning the subject", "Editing views"} <= set(labels) and not any("_" in x for x in labels)
     etas = [p.eta_s for p in out]
     assert etas[0] > etas[len(etas) // 2] > etas[-1] == 0.0
@@ -72,3 +72,38 @@ def test_stage_times_learned_from_job_json(tmp_path: Path):
     assert again.seconds("fast")["identity"] == 16.0 and again.learned("default") == {}
     path.write_text("not json")
     assert progress.StageTimes(path).seconds("default") == progress.estimated_seconds("default")
+
+
+def test_time_left_is_estimating_until_this_machine_has_measured_the_preset():
+    """Issue 27: the first job in a fresh user folder said "about 4:07 left" for a 40 s job, from
+    invented GPU figures. Without measured timings the bar still moves, the time left is None."""
+    seconds = progress.estimated_seconds("default")
+    guessed = progress.job_progress("identity", 2, 5, None, seconds, measured=False)
+    measured = progress.job_progress("identity", 2, 5, None, seconds, measured=True)
+    assert guessed.eta_s is None and measured.eta_s is not None and guessed.fraction == measured.fraction
+    times = progress.StageTimes(Path("/nonexistent/stage_times.json"))
+    assert times.expectation("default").measured is False
+
+
+def test_the_bar_and_time_left_move_between_records_but_never_past_the_next_step():
+    seconds = {name: 10.0 for name in progress.ORDER}
+    at = [progress.job_progress("multiview", 1, 4, None, seconds, since_s=t) for t in (0.0, 1.0, 2.0, 60.0)]
+    nxt = progress.job_progress("multiview", 2, 4, None, seconds)
+    fractions = [p.fraction for p in at]
+    assert fractions[0] < fractions[1] < fractions[2] < fractions[3] < nxt.fraction, (fractions, nxt.fraction)
+    assert at[0].eta_s > at[1].eta_s > at[2].eta_s >= 0.0
+    # the stage's own estimate from the backend counts down with the clock as well
+    assert progress.job_progress("multiview", 1, 4, 6.0, seconds, since_s=2.0).eta_s == 4.0 + 10.0
+    # wrong variant: without the fill the bar stands still for the whole step
+    assert progress.job_progress("multiview", 1, 4, None, seconds).fraction == progress.job_progress("multiview", 1, 4, None, seconds, since_s=0.0).fraction
+
+
+def test_a_set_of_variants_has_a_total():
+    seconds = {name: 10.0 for name in progress.ORDER}
+    expect = progress.Expectation(seconds, True)
+    # one running with 30 s left, two queued: each runs the three seeded stages only (the rest are cached)
+    assert progress.set_seconds_left([("running", 30.0), ("queued", None), ("queued", None)], expect) == 30.0 + 2 * 30.0
+    # nothing started yet: the first runs every stage
+    assert progress.set_seconds_left([("queued", None), ("queued", None)], expect) == 80.0 + 30.0
+    assert progress.set_seconds_left([("running", None), ("queued", None)], expect) is None
+    assert progress.set_seconds_left([("running", 5.0)], progress.Expectation(seconds, False)) is None

@@ -145,8 +145,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in STAGE_SPECS}
 
 
 def published_stages() -> list[dict]:
-    """The stage list as the service publishes it (GET /v1/schema): run order, labels, sub-stages."""
-    return [{"name": s.name, "label": s.label, "substages": list(s.substages)} for s in STAGE_SPECS]
+    """The stage list as the service publishes it (GET /v1/schema): run order, labels, sub-stages, and
+    whether the stage reads the seed (the variants of one request share every stage that does not)."""
+    return [{"name": s.name, "label": s.label, "substages": list(s.substages), "reads_seed": "seed" in s.request_fields} for s in STAGE_SPECS]
 
 # A stage borrows its models through the model host, which sets their state: its closure (the
 # model loaders included) is part of the key of every stage that declares a model.
