@@ -124,9 +124,9 @@ def estimate(module, times, record: dict, since: float, new: bool) -> float | No
 def replay(module, runs: list[dict], work: Path, new: bool) -> dict:
     """Errors of one estimator at 25/50/75% of every job, learning stage times job by job."""
     times = module.StageTimes(work / f"stage_times_{'after' if new else 'before'}.json")
-    errors, estimating = [], 0
+    errors, estimating, first = [], 0, []
     set_errors, set_estimating = [], 0
-    for run in runs:
+    for n, run in enumerate(runs):
         spans = [_running_span(j["records"]) for j in run["jobs"]]
         for job, span in zip(run["jobs"], spans):
             if span is None:
@@ -140,10 +140,12 @@ def replay(module, runs: list[dict], work: Path, new: bool) -> dict:
                     estimating += 1
                 else:
                     errors.append(abs(left - (end - t)))
+                if n == 0:  # the first job in a fresh user folder: nothing learned yet
+                    first.append(None if left is None else round(abs(left - (end - t)), 2))
         if new and run["variants"] > 1 and all(spans):
-            first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+            set_start, last = min(s[0] for s in spans), max(s[1] for s in spans)
             for frac in POINTS:
-                t = first + frac * (last - first)
+                t = set_start + frac * (last - set_start)
                 states = []
                 for job in run["jobs"]:
                     t_rec, rec = [(tr, r) for tr, r in job["records"] if tr <= t][-1]
@@ -156,7 +158,10 @@ def replay(module, runs: list[dict], work: Path, new: bool) -> dict:
                     set_errors.append(abs(total - (last - t)))
         for job in run["jobs"]:  # the add-on learns when a job's files arrive
             times.learn(job["records"][-1][1]["request"]["preset"], job["job"])
-    out = {"median_abs_error_s": round(statistics.median(errors), 2) if errors else None, "estimates": len(errors), "estimating": estimating}
+    out = {"median_abs_error_s": round(statistics.median(errors), 2) if errors else None,
+           "p90_abs_error_s": round(statistics.quantiles(errors, n=10)[-1], 2) if len(errors) > 1 else None,
+           "max_abs_error_s": round(max(errors), 2) if errors else None,
+           "first_job_errors_s": first, "estimates": len(errors), "estimating": estimating}
     if new:
         out["set_median_abs_error_s"] = round(statistics.median(set_errors), 2) if set_errors else None
         out["set_estimates"], out["set_estimating"] = len(set_errors), set_estimating
