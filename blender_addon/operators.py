@@ -575,6 +575,24 @@ class MAKE_YOUR_3D_OT_models_fetch(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class MAKE_YOUR_3D_OT_test_device(bpy.types.Operator):
+    """Run the whole chain on tiny random models on the chosen device and precision (about a minute, no weights needed) and report pass or fail, seconds and peak memory"""
+
+    bl_idname = "make_your_3d.test_device"
+    bl_label = "Test Device"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is not None and rt.selftest_task is not None and rt.selftest_task.state().running:
+            return _allow(cls, "The device test is running")
+        return _allow(cls, python_blocker(context))
+
+    def execute(self, context):
+        runtime.get().test_device(runtime.addon_prefs(context))
+        return {"FINISHED"}
+
+
 CLASSES = (
     MAKE_YOUR_3D_OT_generate,
     MAKE_YOUR_3D_OT_cancel_job,
@@ -594,4 +612,5 @@ CLASSES = (
     MAKE_YOUR_3D_OT_install_backend,
     MAKE_YOUR_3D_OT_models_refresh,
     MAKE_YOUR_3D_OT_models_fetch,
+    MAKE_YOUR_3D_OT_test_device,
 )

@@ -8,13 +8,14 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 from . import runtime
 
 DEVICES = [
-    ("auto", "Auto", "CUDA when available, else CPU"),
+    ("auto", "Auto", "CUDA when available, then Apple's GPU, else CPU"),
     ("cuda", "CUDA", "NVIDIA GPU"),
+    ("mps", "Apple GPU", "Apple Silicon's GPU (Metal); never tested on a Mac by the developers: press Test Device"),
     ("cpu", "CPU", "Slow, but works everywhere"),
 ]
 PRECISIONS = [
-    ("auto", "Auto", "fp16 on CUDA, fp32 on CPU"),
-    ("fp16", "fp16", "Half precision (CUDA)"),
+    ("auto", "Auto", "fp16 on CUDA and Apple's GPU, fp32 on CPU"),
+    ("fp16", "fp16", "Half precision (GPUs)"),
     ("bf16", "bf16", "bfloat16 (recent CUDA GPUs)"),
     ("fp32", "fp32", "Full precision: most memory, most exact"),
 ]
@@ -69,6 +70,14 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         col = box.column(align=True)
         col.prop(self, "device")
         col.prop(self, "precision")
+        row = box.row(align=True)
+        row.operator("make_your_3d.test_device", icon="EXPERIMENTAL")
+        if rt is not None and rt.selftest_task is not None:
+            st = rt.selftest_task.state()
+            if st.running:
+                box.label(text=f"Testing the device: {st.line[:100] or 'starting'}", icon="TIME")
+            else:
+                box.label(text=rt.selftest_report or (st.error or "")[:160], icon="ERROR" if st.error else "CHECKMARK")
         col.prop(self, "port")
         col.prop(self, "config_file")
 

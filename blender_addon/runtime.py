@@ -94,6 +94,8 @@ class Runtime:
         self._pending = 0
         self.install_task: SubprocessTask | None = None
         self.fetch_task: SubprocessTask | None = None
+        self.selftest_task: SubprocessTask | None = None
+        self.selftest_report = ""  # the self-test's verdict line (pass/fail, seconds, peak memory)
         self._previews = None
         self._last_backend_status = ""
         self._adopted = False
@@ -474,6 +476,27 @@ class Runtime:
 
         self._spawn(work, f"cache-{action}")
 
+    def test_device(self, prefs) -> SubprocessTask:
+        """`make-your-3d doctor --selftest` on the preferences' device and precision (about a minute, no
+        weights needed): whether the backend works on this machine, before any download."""
+        cfg = self.backend_config(prefs)
+        cmd = [cfg.python, "-m", "make_your_3d", "doctor", "--selftest", "--device", cfg.device, "--precision", cfg.precision]
+        log = self.base_dir / "selftest.log"
+        self.selftest_report = ""
+
+        def done(st) -> None:
+            try:
+                text = log.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            lines = [x for x in text.splitlines() if x.startswith("Self-test on")]
+            detail = text.split(lines[-1], 1)[1].strip().splitlines()[0].strip() if lines else ""
+            self.selftest_report = (f"{lines[-1]} {detail}" if lines else (st.error or "The self-test did not report"))[:300]
+            self.events.put(Event(EventKind.INFO, data={"message": self.selftest_report}))
+
+        self.selftest_task = SubprocessTask("selftest", [Step("Test the device", cmd, build_env(cfg))], log, on_done=done).start()
+        return self.selftest_task
+
     def _fetch_done(self, st) -> None:
         self.events.put(Event(EventKind.INFO, data={"message": st.error or "Model weights fetched"}))
         if self.backend.state().status == "running":
@@ -535,7 +558,7 @@ class Runtime:
     def shutdown(self) -> None:
         """Stop threads and the backend this add-on started; free previews."""
         self._stop.set()
-        for task in (self.install_task, self.fetch_task):
+        for task in (self.install_task, self.fetch_task, self.selftest_task):
             if task is not None:
                 task.cancel()
         if self.backend.state().status in ("running", "starting"):

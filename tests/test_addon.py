@@ -49,6 +49,7 @@ E2E_CHECKS = (
     "e2e_cancel_leaves_no_object",
     "e2e_history_survives_backend_restart",
     "e2e_restart_notice_and_cache",
+    "e2e_test_device_button",
     "e2e_dead_backend_reason",
 )
 
@@ -945,6 +946,24 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         return f"cache was {info['entries']} entries, {info['bytes']} bytes"
 
     checks.run("e2e_restart_notice_and_cache", e2e_restart_notice_and_cache)
+
+    def e2e_test_device_button():
+        """Issue 24.5: Preferences > Test Device runs the tiny chain on the chosen device and reports."""
+        prefs().device, prefs().precision = "cpu", "bf16"
+        try:
+            assert bpy.ops.make_your_3d.test_device.poll()
+            assert bpy.ops.make_your_3d.test_device() == {"FINISHED"}
+            assert not bpy.ops.make_your_3d.test_device.poll()  # one at a time
+            task = rt().selftest_task
+            task.join(240)
+            assert rt().wait_until(lambda: "Self-test" in props().last_info, 10), (task.state(), props().last_info)
+        finally:
+            prefs().device, prefs().precision = "auto", "auto"
+        report = rt().selftest_report
+        assert report.startswith("Self-test on cpu (bfloat16): passed in") and "peak memory" in report, report
+        return report[:160]
+
+    checks.run("e2e_test_device_button", e2e_test_device_button)
 
     def e2e_dead_backend_reason():
         """The backend killed mid-job: the job is marked interrupted with the real reason (not a progress

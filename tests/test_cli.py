@@ -335,6 +335,37 @@ def test_doctor_names_the_rasterizer(tmp_path: Path):
     assert "Rasterizer:" in res.stdout and "Traceback" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
+def test_doctor_selftest_runs_the_chain_on_this_device_and_reports(tmp_path: Path):
+    """Issue 24.5: an artist learns in a minute, with no weights, whether the backend works on the
+    device and precision they picked: pass/fail, seconds, peak memory, the GLB checked."""
+    import re
+
+    res, seconds = run_cli("doctor", "--models", str(tmp_path), "--selftest", "--device", "cpu", "--precision", "bf16", timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Traceback" not in out, out[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("Self-test on"))
+    assert re.match(r"Self-test on cpu \(bfloat16\): passed in [0-9.]+ s, peak memory [0-9.]+ GiB\.", line), line
+    assert "faces with UVs" in res.stdout and seconds < 120
+
+
+def test_doctor_selftest_failure_is_a_sentence(tmp_path: Path):
+    """A device that cannot run says so, as the report (exit 1), never as a traceback."""
+    res, _ = run_cli("doctor", "--models", str(tmp_path), "--selftest", "--device", "cuda:7", timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert "FAILED" in res.stdout and "no CUDA GPU" in res.stdout and "--device cpu --precision fp32" in res.stdout, res.stdout
+
+
+def test_auto_device_picks_cuda_then_apples_gpu_then_the_cpu():
+    import torch
+
+    from make_your_3d.device import auto_device_kind, resolve_dtype
+
+    assert [auto_device_kind(c, m) for c, m in ((True, True), (True, False), (False, True), (False, False))] == ["cuda", "cuda", "mps", "cpu"]
+    assert resolve_dtype(torch.device("mps")) == torch.float16 and resolve_dtype(torch.device("cpu")) == torch.float32
+    assert resolve_dtype(torch.device("mps"), "fp32") == torch.float32
+
+
 # ------------------------------------------------------------------------------------------------
 # tidy outputs: a quiet console, a GLB that says what made it
 # ------------------------------------------------------------------------------------------------

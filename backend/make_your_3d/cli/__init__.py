@@ -37,8 +37,8 @@ def _models_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", type=checks.device, metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run: auto picks CUDA when a GPU is there")
+    p.add_argument("--device", default="auto", type=checks.device, metavar="{auto,cpu,cuda,cuda:N,mps}",
+                   help="where to run: auto picks CUDA, then Apple's GPU (mps), then the CPU")
 
 
 def _seed_arg(p: argparse.ArgumentParser) -> None:
@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     # doctor ---------------------------------------------------------------------------------
     doctor = _sub(sub, "doctor", help="what this machine has and which model sets are complete")
     _models_arg(doctor)
+    doctor.add_argument("--selftest", action="store_true",
+                        help="also run the whole chain on the tiny models (about a minute, no weights needed) and report pass/fail, seconds, peak memory")
+    _device_arg(doctor)
+    doctor.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="precision for --selftest")
     doctor.set_defaults(handler="make_your_3d.cli.commands:doctor")
     return parser
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, BadViews, WeightsMissing
 from make_your_3d.job_params import FACES_RANGE, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE  # noqa: F401 - used by the parser
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
@@ -21,7 +21,7 @@ def device(value: str) -> str:
     v = value.strip().lower()
     if v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
         return v
-    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, cpu, cuda, cuda:N)")
+    raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, cpu, cuda, cuda:N, mps)")
 
 
 def int_range(lo: int, hi: int | None = None, what: str = "value"):

@@ -228,4 +228,12 @@ def doctor(args) -> int:
     lines, complete = models_report(resolve_models_dir(args.models))
     for line in lines:
         print(line)
+    if getattr(args, "selftest", False):
+        from make_your_3d.selftest import run_selftest
+
+        print("Running the self-test: the whole chain on the tiny models (random weights)...", flush=True)
+        result = run_selftest(args.device, args.precision)
+        for line in result.lines():
+            print(line)
+        return 0 if result.passed else 1
     return 0 if complete else 1
