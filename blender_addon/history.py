@@ -87,7 +87,7 @@ def apply_request(item, request: dict) -> None:
     item.negative_prompt = str(request.get("negative_prompt") or "")
     item.subject = str(request.get("subject") or "")
     if request.get("seed") is not None:
-        item.seed = int(request["seed"]) % (2**31)
+        item.seed = int(request["seed"])  # the backend's seeds fit Blender's 32-bit ints (job_params.SEED_MAX)
     item.preset = str(request.get("preset") or "default")
     item.faces = int(request.get("faces") or 0)
     item.texture_size = int(request.get("texture_size") or 0)

@@ -393,7 +393,7 @@ def recall(props, item) -> str:
     props.negative_prompt = item.negative_prompt
     props.subject = item.subject
     props.seed_mode = "FIXED"
-    props.seed = min(max(int(item.seed), 0), 2**31 - 1)
+    props.seed = max(int(item.seed), 0)
     if item.preset in {e.identifier for e in props.bl_rna.properties["preset"].enum_items}:
         props.preset = item.preset
     props.faces = item.faces

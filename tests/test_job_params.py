@@ -35,13 +35,17 @@ def test_backend_spellings_agree():
     from make_your_3d.service import app
 
     assert tuple(PRESETS) == PRESET_NAMES
-    assert typing.get_args(app.Preset) == PRESET_NAMES and typing.get_args(app.TextureSize) == TEXTURE_SIZES
+    preset = app.JobCreate.model_fields["preset"].annotation
+    texture = app.JobCreate.model_fields["texture_size"].annotation
+    assert typing.get_args(typing.get_args(preset)[0]) == PRESET_NAMES and typing.get_args(typing.get_args(texture)[0]) == TEXTURE_SIZES
     gen = build_parser()._subparsers._group_actions[0].choices["generate"]
     preset_action = next(a for a in gen._actions if a.dest == "preset")
     assert tuple(preset_action.choices) == PRESET_NAMES
     faces = app.JobCreate.model_fields["faces"].metadata
     assert [m.ge for m in faces if hasattr(m, "ge")] == [FACES_RANGE[0]] and [m.le for m in faces if hasattr(m, "le")] == [FACES_RANGE[1]]
-    assert app.MAX_SEED == SEED_MAX and app.MAX_VARIANTS == VARIANTS_RANGE[1]
+    seed = app.JobCreate.model_fields["seed"].metadata
+    variants = app.JobCreate.model_fields["variants"].metadata
+    assert [m.le for m in seed if hasattr(m, "le")] == [SEED_MAX] and [m.le for m in variants if hasattr(m, "le")] == [VARIANTS_RANGE[1]]
 
 
 def test_addon_mirrors_the_limits():
@@ -55,6 +59,8 @@ def test_addon_mirrors_the_limits():
     assert {int(item[0]) for item in values["TEXTURE_SIZES"] if item[0] != "0"} <= set(TEXTURE_SIZES)  # the panel offers a subset
     text = ADDON_PROPS.read_text()
     assert f"max={FACES_RANGE[1]:_}" in text and f"max={VARIANTS_RANGE[1]}" in text
+    # one seed range: the backend's is what Blender's 32-bit IntProperty holds, so no seed is ever wrapped
+    assert SEED_MAX == 2**31 - 1 and "seed: IntProperty(name=\"Seed\", default=0, min=0, max=2**31 - 1)" in text
 
 
 def test_the_service_publishes_the_table_and_the_stage_list():

@@ -16,8 +16,7 @@ from typing import Any
 PRESET_NAMES: tuple[str, ...] = ("fast", "default", "quality", "lowvram")  # pipeline/presets.py PRESETS, same order
 FACES_RANGE: tuple[int, int] = (500, 500_000)  # triangles in the output mesh
 TEXTURE_SIZES: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # baseColor texture side, pixels
-SEED_MAX: int = 2**32 - 1
-RANDOM_SEED_MAX: int = 2**31 - 1  # a drawn seed leaves room for its variants and fits Blender's 32-bit ints
+SEED_MAX: int = 2**31 - 1  # one range everywhere: the add-on keeps seeds in Blender's 32-bit signed ints
 VARIANTS_RANGE: tuple[int, int] = (1, 16)  # jobs per click / per `generate --variants`
 MAX_PROMPT_CHARS = 500  # after cleaning (pipeline/request.py clean_prompt)
 MAX_RAW_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS  # refused before cleaning (that pass is O(n))
@@ -72,7 +71,7 @@ def json_schema() -> dict:
 def variant_seeds(seed: int | None, variants: int) -> list[int]:
     """The seeds of a request's variants: `seed`, `seed+1`, ...; a seed is drawn when none is given.
     Raises ValueError when the last one would pass SEED_MAX."""
-    first = secrets.randbelow(RANDOM_SEED_MAX + 2 - variants) if seed is None else int(seed)
+    first = secrets.randbelow(SEED_MAX + 2 - variants) if seed is None else int(seed)  # a drawn seed leaves room for its variants
     if first + variants - 1 > SEED_MAX:
         raise ValueError(f"seed + variants - 1 must be at most {SEED_MAX}; pick a smaller seed.")
     return [first + i for i in range(variants)]

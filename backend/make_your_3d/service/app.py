@@ -19,7 +19,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +39,12 @@ from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
                                            validate_request)
-from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE, Param, variant_seeds
+from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, Param, variant_seeds
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import Worker, classify_exception
 
 log = logging.getLogger("make_your_3d.service")
 
-Preset = Literal[PRESET_NAMES]  # type: ignore[valid-type]  (Literal of the tuple's values)
-TextureSize = Literal[TEXTURE_SIZES]  # type: ignore[valid-type]
-MAX_SEED = SEED_MAX
-MAX_VARIANTS = VARIANTS_RANGE[1]
 # The biggest image, base64-encoded, plus room for the prompts and JSON punctuation.
 MAX_IMAGE_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
 MAX_BODY_BYTES = MAX_IMAGE_B64_CHARS + 256 * 1024
