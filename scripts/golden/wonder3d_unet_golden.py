@@ -13,7 +13,7 @@ UNet, its class labels and its guided batch layout equal Wonder3D's. Anyone must
 from the reference and see the numbers move if the reference or the recipe changes.
 
 What it does (see the README it writes for the data layout):
-- copies the four reference files it runs into a temporary folder, rewrites only their import lines
+- copies the reference files it runs into a temporary folder, rewrites only their import lines
   for diffusers 0.42 (each rewrite must match exactly once) and imports them from there;
 - builds the tiny `UNetMV2DConditionModel` from `config.json`, fills it from one seeded generator;
 - runs the reference `MVDiffusionImagePipeline.__call__` for one step per case, with stand-ins for the
