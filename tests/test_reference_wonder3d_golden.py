@@ -1,8 +1,9 @@
-"""Equivalence with Wonder3D's own code: the golden data in `../shared/golden/wonder3d/`.
+"""Equivalence with Wonder3D's own code: the golden data in `tests/golden/wonder3d/`.
 
 That folder (see its README) holds a tiny UNet config, one random state dict under the reference
 key names, and UNet inputs/outputs recorded inside Wonder3D's `MVDiffusionImagePipeline`
 (xxlong0/Wonder3D d894f82), including its built-in camera-label table and the guidance layout.
+`scripts/golden/wonder3d_unet_golden.py` regenerates it from the reference code.
 These tests fail, never skip, when the files are missing: they are the only proof that the real
 weights see what they were trained on.
 """
@@ -20,15 +21,17 @@ from make_your_3d.models.multiview_pipeline import MultiViewPipeline
 from make_your_3d.models.multiview_unet import UNetMV2DConditionModel, load_strict, read_checkpoint
 from make_your_3d.models.wonder3d_views import WONDER3D_VIEW_TABLE, class_labels, label_table
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "wonder3d"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "wonder3d"
 CASES = ("a", "b", "c", "d")
 GUIDED = ("b", "d")
-ATOL_OUT, ATOL_GUIDED, ATOL_F64 = 1e-5, 3e-5, 1e-12
+# float32: the reference and ours each drift up to ~6e-6 from the float64 result (case d, in opposite
+# directions, kernel- and batch-size-dependent), so 2e-5 between them; float64 pins the maths at 1e-12.
+ATOL_OUT, ATOL_GUIDED, ATOL_F64 = 2e-5, 3e-5, 1e-12
 
 
 def _golden(name: str) -> Path:
     path = GOLDEN / name
-    assert path.is_file(), f"golden reference file missing: {path} (the shared folder must sit beside the repository)"
+    assert path.is_file(), f"golden reference file missing: {path} (regenerate it: tests/golden/wonder3d/README.md)"
     return path
 
 

@@ -13,7 +13,7 @@ Batch layout `[normals(B*V), colours(B*V)]`. Classifier-free guidance doubles th
 the domains: the guided batch is `[normals(uncond B, cond B), colours(uncond B, cond B)]`, so the
 cross-domain attention always pairs a view's normal and colour *of the same guidance branch*. For
 B = 1 this is exactly the reference's `reshape_to_cd_input` layout, and the guidance combination is
-the reference's `reshape_to_cfg_output` (checked against `../shared/golden/wonder3d`).
+the reference's `reshape_to_cfg_output` (checked against `tests/golden/wonder3d`).
 
 Only the noisy latents go through `scheduler.scale_model_input` (Wonder3D scales the concatenated
 input, which is the same for its DDIM and differs only for sigma-scaled schedulers like Euler).

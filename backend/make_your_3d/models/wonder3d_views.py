@@ -11,7 +11,7 @@ Two different sets of numbers describe each view, and mixing them up is a silent
   angles are *not* 0/45/90/... at elevation 0. The values below are exactly the float16 entries of
   the reference pipeline's built-in `camera_embedding` table (`pipeline_mvdiffusion_image.py`,
   xxlong0/Wonder3D d894f82), which `single_image_dataset.get_T` reproduces to float16 rounding;
-  `../shared/golden/wonder3d/camera_table.json` holds the same table and is checked in the tests.
+  `tests/golden/wonder3d/camera_table.json` holds the same table and is checked in the tests.
 
 This module is the multi-view model's: it imports nothing from `recon/` or `pipeline/`.
 """
