@@ -12,11 +12,14 @@ import io
 import json
 import logging
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from starlette.testclient import TestClient
@@ -542,3 +545,102 @@ def test_accepted_connections_have_nodelay():
         return value
 
     assert asyncio.run(run()) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. (issue 27) Phone photos upright, high-bit-depth images scaled, one prompt limit per sentence
+# ---------------------------------------------------------------------------------------------
+def _portrait_jpeg(width: int, height: int, orientation: int = 6) -> bytes:
+    """A portrait subject (red top half, blue bottom half, `width` x `height` upright) stored the way
+    a phone stores it: the pixels sideways, with the EXIF orientation that turns them upright."""
+    upright = Image.new("RGB", (width, height), (30, 30, 200))
+    ImageDraw.Draw(upright).rectangle((0, 0, width, height // 2), fill=(220, 30, 30))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 applies ROTATE_270 to show it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_jpeg_exif_orientation_is_applied():
+    from make_your_3d.pipeline.request import MAX_WORK_SIDE, load_image_bytes
+
+    for width, height in ((60, 120), (2000, 4000)):  # the second is reduced in the decoder (draft) first
+        data = _portrait_jpeg(width, height)
+        with Image.open(io.BytesIO(data)) as raw:
+            assert raw.size == (height, width), "stored sideways"
+        image = load_image_bytes(data)
+        scale = min(1.0, MAX_WORK_SIDE / max(width, height))
+        assert image.size == (round(width * scale), round(height * scale)), image.size
+        arr = np.asarray(image)
+        top, bottom = arr[arr.shape[0] // 8].mean(0), arr[-arr.shape[0] // 8].mean(0)
+        assert top[0] > 150 and top[2] < 100 and bottom[2] > 150 and bottom[0] < 100, (top, bottom)
+    # size limits are checked and reported as the photo is seen (upright)
+    with pytest.raises(Make3DError) as info:
+        load_image_bytes(_portrait_jpeg(100, 9000))
+    assert info.value.code == "bad_image" and "100x9000" in info.value.message, info.value.message
+
+
+def png16(arr: np.ndarray, colour_type: int, transparent: int | None = None) -> bytes:
+    """A 16-bit PNG (colour type 0 grey, 2 RGB, 6 RGBA) written by hand: Pillow cannot save one."""
+    height, width = arr.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + np.ascontiguousarray(arr[y]).astype(">u2").tobytes() for y in range(height))
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+    if transparent is not None:
+        out += chunk(b"tRNS", struct.pack(">H", transparent))
+    return out + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _grey16_subject(size: int = 64, background: int = 2000) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    arr = np.full((size, size), background, np.uint16)
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.3) ** 2
+    arr[disc] = 50000
+    arr[disc & (abs(yy - size / 2) < size * 0.05)] = 30000
+    return arr
+
+
+def test_16bit_images_are_scaled_not_clipped(api):
+    from make_your_3d.pipeline.request import load_image_bytes
+
+    grey = _grey16_subject()
+    image = load_image_bytes(png16(grey, 0))
+    arr = np.asarray(image).astype(int)
+    assert image.mode == "RGB"
+    assert abs(arr[32, 32, 0] - 30000 / 257) <= 1 and abs(arr[20, 32, 0] - 50000 / 257) <= 1 and abs(arr[0, 0, 0] - 2000 / 257) <= 1
+    # grey with a transparent value (tRNS): the background becomes alpha 0
+    keyed = np.asarray(load_image_bytes(png16(grey, 0, transparent=2000)))
+    assert keyed.shape[2] == 4 and keyed[0, 0, 3] == 0 and keyed[32, 32, 3] == 255
+    # 16-bit RGB and RGBA keep their range too
+    rgb = np.asarray(load_image_bytes(png16(np.stack([grey] * 3, -1), 2))).astype(int)
+    assert abs(rgb[20, 32, 1] - 50000 / 257) <= 1
+    rgba = np.asarray(load_image_bytes(png16(np.stack([grey] * 3 + [np.full_like(grey, 65535)], -1), 6))).astype(int)
+    assert abs(rgba[20, 32, 2] - 50000 / 257) <= 1 and rgba[0, 0, 3] == 255
+    # a valid 16-bit greyscale subject is accepted (it was refused as no_subject when clipped at 255)
+    with api.client() as c:
+        r = c.post("/v1/jobs", json=job_body(image_png_b64=b64(png16(grey, 0))))
+        assert r.status_code == 201, r.text
+
+
+def test_prompt_length_errors_name_one_limit(api):
+    from make_your_3d.pipeline.request import MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, clean_prompt
+
+    messages = []
+    with pytest.raises(Make3DError) as info:
+        clean_prompt("x" * (MAX_PROMPT_CHARS + 1))
+    messages.append(info.value.message)
+    with pytest.raises(Make3DError) as info:
+        clean_prompt("x" * (MAX_RAW_PROMPT_CHARS + 1))
+    messages.append(info.value.message)
+    with api.client() as c:
+        for body in (job_body(prompt="x" * 100_000), job_body(subject="y" * 100_000)):
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_prompt", r.text
+            messages.append(r.json()["error"]["message"])
+    for text in messages:
+        assert f"at most {MAX_PROMPT_CHARS}" in text and str(MAX_RAW_PROMPT_CHARS) not in text, text

@@ -38,7 +38,7 @@ from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, 
                                  Unauthorized, WeightsBroken, WeightsMissing)
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
-from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
+from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, GenerateRequest, check_job_memory, prompt_too_long,
                                            validate_request)
 from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE, Param, variant_seeds
 from make_your_3d.service.store import Job, JobSpec, JobStore
@@ -241,7 +241,8 @@ def text_field_error(err: dict[str, Any]) -> Make3DError | None:
     if kind != "string_too_long":
         return None
     if name in _PROMPT_FIELDS:
-        return BadPrompt(f"The {_PROMPT_FIELDS[name]} is over {MAX_RAW_PROMPT_CHARS} characters; keep it under {MAX_PROMPT_CHARS}.")
+        given = err.get("input")
+        return prompt_too_long(_PROMPT_FIELDS[name], len(given) if isinstance(given, str) else None)
     if name == "image_png_b64":
         return BadImage(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MiB. Resize it and try again.")
     return None
