@@ -224,7 +224,7 @@ def test_state_file_health_and_models(server, models):
         m = c.get("/v1/models").json()
     assert m["models_dir"] == str(models) and m["tiny"] is True
     assert {r["name"] for r in m["roles"]} >= {"personalized", "ip_adapter", "image_encoder"}
-    assert all(set(r) == {"name", "title", "licence", "complete", "missing"} for r in m["roles"])
+    assert all(set(r) == {"name", "title", "licence", "complete", "missing", "damaged"} for r in m["roles"])
     assert m["complete"] is True, m  # the tiny set has every role a job needs
     assert (server.data_dir / "jobs.sqlite3").exists()
     if os.name != "nt":  # private to the user: the folder, the database and the log
@@ -242,6 +242,7 @@ AUTH_ROUTES = [
     ("GET", "/v1/jobs/abc/events"),
     ("POST", "/v1/jobs/abc/cancel"),
     ("POST", "/v1/jobs/abc/rerun"),
+    ("POST", "/v1/groups/abc/cancel"),
     ("GET", "/v1/jobs/abc/files/subject.glb"),
     ("POST", "/v1/unload"),
     ("POST", "/v1/shutdown"),
@@ -281,7 +282,7 @@ def test_openapi_schema_published(server):
     assert schema["openapi"].startswith("3.")
     paths = schema["paths"]
     for p in ("/v1/health", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel",
-              "/v1/jobs/{job_id}/rerun", "/v1/jobs/{job_id}/files/{name}", "/v1/unload", "/v1/shutdown"):
+              "/v1/jobs/{job_id}/rerun", "/v1/jobs/{job_id}/files/{name}", "/v1/groups/{group}/cancel", "/v1/unload", "/v1/shutdown"):
         assert p in paths, p
     create = schema["components"]["schemas"]["JobCreate"]
     assert create["additionalProperties"] is False

@@ -471,7 +471,7 @@ def test_damaged_weights_load_as_weights_broken(tmp_path, tiny_models):
     data = bytearray(path.read_bytes())
     data[8:40] = b"{" * 32  # same size, broken header
     path.write_bytes(bytes(data))
-    assert ROLES["multiview"].complete(models)  # the cheap check cannot see this
+    assert ROLES["multiview"].damaged(models) == ["vae/diffusion_pytorch_model.safetensors"]  # the header check sees it
     gen = Generator(models, tmp_path / "cache", device="cpu")
     with pytest.raises(Make3DError) as info:
         gen.host.load("multiview", torch.float32)
@@ -644,3 +644,122 @@ def test_prompt_length_errors_name_one_limit(api):
             messages.append(r.json()["error"]["message"])
     for text in messages:
         assert f"at most {MAX_PROMPT_CHARS}" in text and str(MAX_RAW_PROMPT_CHARS) not in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. (issue 27) Queue limit, group cancel, short 404s, files that exist, damaged weights in /v1/models
+# ---------------------------------------------------------------------------------------------
+def test_queue_limit_is_a_clear_error(tmp_path, tiny_models):
+    a = Api(tmp_path, tiny_models, max_queued_jobs=5)
+    try:
+        with a.client() as c:
+            assert c.post("/v1/jobs", json=job_body(variants=4)).status_code == 201
+            r = c.post("/v1/jobs", json=job_body(variants=2))
+            err = r.json()["error"]
+            assert r.status_code == 429 and err["code"] == "queue_full", r.text
+            assert "at most 5" in err["message"] and "cancel" in err["message"], err
+            assert len(c.get("/v1/jobs").json()["jobs"]) == 4, "nothing of the refused request was queued"
+            assert c.post("/v1/jobs", json=job_body(variants=1)).status_code == 201  # exactly at the limit
+            assert c.post("/v1/jobs", json=job_body(variants=1)).json()["error"]["code"] == "queue_full"
+            # a finished (here: cancelled) job frees its place
+            first = c.get("/v1/jobs").json()["jobs"][0]["id"]
+            c.post(f"/v1/jobs/{first}/cancel")
+            assert c.post("/v1/jobs", json=job_body(variants=1)).status_code == 201
+    finally:
+        a.store.close()
+
+
+def test_group_cancel_cancels_every_job_of_the_group(api):
+    with api.client() as c:
+        group = c.post("/v1/jobs", json=job_body(variants=16)).json()
+        other = c.post("/v1/jobs", json=job_body(variants=2)).json()
+        done = c.post("/v1/jobs", json=job_body(variants=1)).json()
+        api.store.claim_next()  # the group's first job is running (the worker thread is not started here)
+        with api.worker._lock:
+            from make_your_3d.progress import CancelToken
+            from make_your_3d.service.worker import _Current
+
+            running = _Current(group["ids"][0], CancelToken(), group["group"])
+            api.worker._current = running
+        t0 = time.monotonic()
+        r = c.post(f"/v1/groups/{group['group']}/cancel")
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["group"] == group["group"] and body["cancelled"] == group["ids"][1:] and body["stopping"] == [group["ids"][0]]
+        assert running.token.cancelled, "the running job of the group is asked to stop"
+        states = {j["id"]: j["status"] for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert all(states[i] == "cancelled" for i in group["ids"][1:]) and states[group["ids"][0]] == "running"
+        assert all(states[i] == "queued" for i in other["ids"] + done["ids"]), "other groups are untouched"
+        assert took < 5, took
+        # again: nothing left to cancel; an unknown group is a short 404
+        again = c.post(f"/v1/groups/{group['group']}/cancel").json()
+        assert again["cancelled"] == [] and set(again["finished"]) == set(group["ids"][1:])
+        r = c.post("/v1/groups/nosuchgroup/cancel")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        paths = c.get("/v1/openapi.json").json()["paths"]
+        assert "/v1/groups/{group}/cancel" in paths and "post" in paths["/v1/groups/{group}/cancel"]
+    api.worker._current = None
+
+
+def test_not_found_does_not_echo_a_huge_id(api):
+    long_id = "a" * 60_000  # httpx refuses URLs over 64 KiB
+    with api.client() as c:
+        for method, path in (("GET", f"/v1/jobs/{long_id}"), ("POST", f"/v1/jobs/{long_id}/cancel"), ("GET", f"/v1/{long_id}"),
+                             ("POST", f"/v1/groups/{long_id}/cancel"), ("GET", f"/v1/jobs/x/files/{long_id}")):
+            r = c.request(method, path)
+            assert r.status_code == 404, (path[:40], r.text[:200])
+            assert r.json()["error"]["code"] == "not_found" and len(r.text) < 400, r.text[:500]
+        (job,) = api.store.add_jobs([_spec(0)], "0" * 64)
+        r = c.get(f"/v1/jobs/{job.id}/files/{long_id}")
+        assert r.status_code == 404 and len(r.text) < 400, r.text[:500]
+        r = c.post("/v1/jobs", json={**job_body(), "x" * 70_000: 1})
+        assert r.status_code == 422 and len(r.text) < 400, r.text[:500]
+
+
+def test_deleted_job_folder_lists_no_files(api):
+    import shutil
+
+    (job,) = api.store.add_jobs([_spec(0)], "0" * 64)
+    api.store.claim_next()
+    folder = api.root / "jobs" / job.id
+    (folder / "views").mkdir(parents=True)
+    for name in ("subject.glb", "job.json", "views/color_front.png"):
+        (folder / name).write_bytes(b"x")
+    api.store.finish(job.id, "done", files=["job.json", "subject.glb", "views/color_front.png"])
+    with api.client() as c:
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == ["job.json", "subject.glb", "views/color_front.png"]
+        (folder / "subject.glb").unlink()
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == ["job.json", "views/color_front.png"]
+        shutil.rmtree(folder)
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == []
+        assert [j["files"] for j in c.get("/v1/jobs").json()["jobs"]] == [[]]
+        assert c.get(f"/v1/jobs/{job.id}/files/job.json").status_code == 404
+
+
+def test_models_reports_damaged_weights(tmp_path, tiny_models):
+    from make_your_3d.models.fetch import record_checksums
+    from make_your_3d.models.registry import ROLES
+
+    models = _copy_models(tiny_models, tmp_path / "models")
+    # no checksums recorded (the tiny set): a truncated safetensors file is still seen from its own header
+    unet = ROLES["multiview"].path(models) / "unet" / "diffusion_pytorch_model.safetensors"
+    data = unet.read_bytes()
+    unet.write_bytes(data[:-100])
+    # checksums recorded at fetch time: one flipped byte, same size
+    role = ROLES["image_encoder"]
+    record_checksums(role.path(models), "image_encoder", repo_id=role.repo_id)
+    weights = next(rel for rel in role.required if rel.endswith(".safetensors"))
+    blob = bytearray((role.path(models) / weights).read_bytes())
+    blob[-1] ^= 0xFF
+    (role.path(models) / weights).write_bytes(bytes(blob))
+    a = Api(tmp_path / "svc", models)
+    try:
+        with a.client() as c:
+            state = {r["name"]: r for r in c.get("/v1/models").json()["roles"]}
+    finally:
+        a.store.close()
+    assert state["multiview"]["complete"] is False and state["multiview"]["damaged"] == ["unet/diffusion_pytorch_model.safetensors"]
+    assert state["image_encoder"]["complete"] is False and state["image_encoder"]["damaged"] == [weights]
+    assert state["personalized"]["complete"] is True and state["personalized"]["damaged"] == []
+    assert all(r["missing"] == [] for r in state.values())

@@ -40,14 +40,14 @@ from make_your_3d import __version__
 from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
 from make_your_3d.paths import default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
-from make_your_3d.service.app import Activity, create_app
+from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, create_app
 from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import JobStore
 from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
 
-CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib")
+CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib", "max_queued_jobs")
 HEADER_TIMEOUT_S = 10.0  # a request line and headers must arrive within this (slowloris)
 MAX_CONNECTIONS = 2048  # uvicorn's limit_concurrency, lowered when the open-files limit is lower
 OPEN_FILES_WANTED = 8192
@@ -71,6 +71,7 @@ class ServeOptions:
     progress_interval_s: float = 0.5
     header_timeout_s: float = HEADER_TIMEOUT_S
     max_job_memory_bytes: int | None = None  # None: JOB_MEMORY_SHARE of physical memory
+    max_queued_jobs: int = MAX_QUEUED_JOBS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +110,9 @@ def load_config(path: Path) -> dict[str, Any]:
     memory = data.get("max_job_memory_gib")
     if memory is not None and (not isinstance(memory, (int, float)) or isinstance(memory, bool) or memory <= 0):
         raise BadRequest(f"'max_job_memory_gib' in {path} must be a positive number of GiB.")
+    queued = data.get("max_queued_jobs", MAX_QUEUED_JOBS)
+    if not isinstance(queued, int) or isinstance(queued, bool) or not 1 <= queued <= 1_000_000:
+        raise BadRequest(f"'max_queued_jobs' in {path} must be a whole number from 1 to 1000000.")
     return data
 
 
@@ -135,6 +139,7 @@ def options_from_args(args: Any) -> ServeOptions:
         progress_interval_s=float(config.get("progress_interval_s", 0.5)),
         header_timeout_s=float(config.get("header_timeout_s", HEADER_TIMEOUT_S)),
         max_job_memory_bytes=int(config["max_job_memory_gib"] * 2**30) if config.get("max_job_memory_gib") else None,
+        max_queued_jobs=int(config.get("max_queued_jobs", MAX_QUEUED_JOBS)),
     )
 
 
@@ -528,7 +533,7 @@ def serve(opts: ServeOptions) -> int:
         budget = opts.max_job_memory_bytes or default_memory_budget()
         app = create_app(store, worker, token, models_dir=opts.models_dir, default_preset=opts.preset,
                          on_shutdown=request_shutdown, activity=activity, check_host=is_loopback(opts.host),
-                         memory_budget_bytes=budget, overrides=opts.overrides)
+                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs)
         open_files = raise_open_files_limit()
         limit = connection_limit(open_files)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
