@@ -355,15 +355,16 @@ def test_corrupt_database_is_moved_aside(tmp_path, caplog):
 def test_startup_cleans_cache_temp_folders(tmp_path):
     from make_your_3d.pipeline.cache import StageCache
     from make_your_3d.service.server import remove_leftovers
+    from test_cache_integrity import dead_pid
 
-    cache = StageCache(tmp_path / "cache")
+    cache = StageCache(tmp_path / "stages")  # the per-user stage cache, not a folder of the data dir
     good = cache.build("multiview", "a" * 64, lambda p: (p / "x.bin").write_bytes(b"123"))
-    leftover = tmp_path / "cache" / "multiview" / (".aaaaaaaaaaaa.x1y2z3")
+    leftover = tmp_path / "stages" / "multiview" / f".aaaaaaaaaaaa.{dead_pid()}.x1y2z3"
     leftover.mkdir()
     (leftover / "half.bin").write_bytes(b"1")
-    (tmp_path / "jobs" / ".tmp-out").mkdir(parents=True)
-    remove_leftovers(tmp_path)
-    assert not leftover.exists() and not (tmp_path / "jobs" / ".tmp-out").exists()
+    (tmp_path / "data" / "jobs" / ".tmp-out").mkdir(parents=True)
+    remove_leftovers(tmp_path / "data", tmp_path / "stages")
+    assert not leftover.exists() and not (tmp_path / "data" / "jobs" / ".tmp-out").exists()
     assert cache.get("multiview", "a" * 64) == good
 
 

@@ -5,8 +5,10 @@ state file (url, token, pid, version; mode 0600, atomically) only once it accept
 removes it on exit. Exits when --parent-pid is gone or after --idle-timeout idle seconds.
 
 Start-up refuses a data folder it cannot write and a state file that names another live backend
-(`busy`), moves a damaged job database aside, and removes what a killed run left (temporary job
-and cache folders) under the data-folder lock. The data folder is private (0700, umask 077).
+(`busy`), moves a damaged job database aside and rebuilds the job list from the job folders, and
+removes what a killed run left: temporary job folders (under the data-folder lock) and the
+half-built entries of the per-user stage cache whose building process is gone. The data folder is
+private (0700, umask 077).
 Against slow or idle clients: a request head must arrive within `header_timeout_s`, connections
 are capped (`limit_concurrency`) and the soft open-files limit is raised to allow that many.
 """
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,11 +41,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
 from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
-from make_your_3d.paths import default_data_dir, resolve_models_dir
+from make_your_3d.job_params import FACES_RANGE, TEXTURE_SIZES
+from make_your_3d.paths import default_cache_dir, default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
+from make_your_3d.process import pid_alive
 from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, create_app
 from make_your_3d.service.inputs import InputStore
-from make_your_3d.service.store import JobStore
+from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
@@ -72,6 +77,8 @@ class ServeOptions:
     header_timeout_s: float = HEADER_TIMEOUT_S
     max_job_memory_bytes: int | None = None  # None: JOB_MEMORY_SHARE of physical memory
     max_queued_jobs: int = MAX_QUEUED_JOBS
+    # the stage cache jobs build in: one per user, shared with `generate` and `demo`
+    cache_dir: Path = field(default_factory=default_cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,32 +153,6 @@ def options_from_args(args: Any) -> ServeOptions:
 # ---------------------------------------------------------------------------------------------
 # Process plumbing
 # ---------------------------------------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (without signalling it; os.kill(pid, 0) is not safe on Windows)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        try:
-            code = ctypes.c_ulong()
-            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-            return code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_state_file(path: Path, state: dict[str, Any]) -> None:
     """Write JSON readable only by this user: temp file created 0600 in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,12 +190,71 @@ def remove_partial_outputs(jobs_dir: Path) -> None:
             log.info("removed partial output %s", entry.name)
 
 
-def remove_leftovers(data_dir: Path) -> None:
-    """What a killed run leaves: temporary job output folders and half-built cache entries
-    (`cache/<stage>/.<key>.*`). Call only while holding the data folder lock."""
+def remove_leftovers(data_dir: Path, cache_dir: Path) -> None:
+    """What a killed run leaves: temporary job output folders (under the data folder lock) and the
+    half-built entries of the stage cache the jobs build in (`cache_dir`, the per-user cache shared
+    with `generate` and other backends: only entries whose building process is gone are removed)."""
     remove_partial_outputs(data_dir / "jobs")
-    for path in StageCache(data_dir / "cache").remove_partial():
+    for path in StageCache(cache_dir).remove_partial():
         log.info("removed partial cache entry %s/%s", path.parent.name, path.name)
+
+
+def _job_from_folder(folder: Path) -> Job | None:
+    """A finished job rebuilt from its folder's job.json (None when there is none or it is not
+    readable): the request, the image digest, the files, the times. Its group is its own id (the
+    variants' shared group was only in the database)."""
+    try:
+        record = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+        inputs, preset = record["inputs"], record["preset"]
+        finished = (folder / "job.json").stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(inputs, dict) or not isinstance(preset, dict) or not isinstance(inputs.get("image_sha256"), str):
+        return None
+    recon = record.get("recon") if isinstance(record.get("recon"), dict) else {}
+    faces = (recon.get("mesh") or {}).get("faces") if isinstance(recon.get("mesh"), dict) else None
+    texture = (recon.get("bake") or {}).get("texture_size") if isinstance(recon.get("bake"), dict) else None
+    spec = JobSpec(
+        prompt=str(inputs.get("prompt") or ""),
+        negative_prompt=str(inputs.get("negative_prompt") or ""),
+        subject=inputs.get("subject") if isinstance(inputs.get("subject"), str) else None,
+        seed=int(inputs.get("seed") or 0),
+        preset=str(preset.get("name") or "default"),
+        # the sizes the job ran with, where a request may ask for them (a re-run reproduces the job)
+        faces=faces if isinstance(faces, int) and FACES_RANGE[0] <= faces <= FACES_RANGE[1] else None,
+        texture_size=texture if texture in TEXTURE_SIZES else None,
+        overrides=(inputs.get("overrides") or None) if isinstance(inputs.get("overrides"), dict) else None,
+    )
+    try:
+        created = datetime.fromisoformat(str(record.get("created_at"))).timestamp()
+    except ValueError:
+        created = finished
+    total = (record.get("timings") or {}).get("total") if isinstance(record.get("timings"), dict) else None
+    started = finished - total if isinstance(total, (int, float)) and total >= 0 else None
+    files = record.get("files")
+    files = sorted(f for f in files if isinstance(f, str)) if isinstance(files, list) else ["job.json"]
+    cached = [c for c in record.get("cached_stages", []) if isinstance(c, str)] if isinstance(record.get("cached_stages"), list) else []
+    return Job(seq=0, id=folder.name, group=folder.name, status="done", stage=None, step=0, total=0, message="done (restored from its folder)",
+               eta_s=None, error=None, files=files, cached_stages=cached, spec=spec, image_sha256=inputs["image_sha256"], created_at=created,
+               started_at=started, finished_at=finished)
+
+
+def restore_jobs_from_folders(store: JobStore, jobs_dir: Path) -> list[str]:
+    """Put back the finished jobs whose folders (with job.json) the database does not know: after a
+    damaged database was moved aside (or deleted), the job list is rebuilt from the folders, oldest
+    first. Only job.json files are read, and only for unknown folders."""
+    if not jobs_dir.is_dir():
+        return []
+    known = store.ids()
+    jobs = []
+    for folder in jobs_dir.iterdir():
+        if folder.name.startswith(".") or folder.name in known or folder.is_symlink() or not folder.is_dir() or len(folder.name) > 64:
+            continue
+        job = _job_from_folder(folder)
+        if job is not None:
+            jobs.append(job)
+    jobs.sort(key=lambda j: (j.created_at, j.id))
+    return store.restore(jobs)
 
 
 def prepare_data_dir(data_dir: Path) -> None:
@@ -471,14 +511,10 @@ def _watch(server: uvicorn.Server, opts: ServeOptions, worker: Worker, store: Jo
 
 
 def make_generator_factory(opts: ServeOptions) -> Callable[[], GeneratorLike]:
-    from make_your_3d.paths import default_cache_dir
-
-    cache_dir = default_cache_dir()  # one stage cache per user, shared with `generate` and `demo`
-
     def factory() -> GeneratorLike:
         from make_your_3d.pipeline.generate import Generator  # heavy (torch); loaded on the first job
 
-        return Generator(opts.models_dir, cache_dir, device=opts.device, overrides=dict(opts.overrides) or None)
+        return Generator(opts.models_dir, opts.cache_dir, device=opts.device, overrides=dict(opts.overrides) or None)
 
     return factory
 
@@ -508,8 +544,11 @@ def serve(opts: ServeOptions) -> int:
     try:
         store = JobStore(opts.data_dir / "jobs.sqlite3")
         if store.moved_aside is not None:
-            log.warning("started with an empty job list: the damaged database was moved to %s", store.moved_aside)
-        remove_leftovers(opts.data_dir)
+            log.warning("the damaged job database was moved to %s; rebuilding the job list from the job folders", store.moved_aside)
+        remove_leftovers(opts.data_dir, opts.cache_dir)
+        restored = restore_jobs_from_folders(store, opts.data_dir / "jobs")
+        if restored:
+            log.info("restored %d finished job(s) from their folders (the database did not list them)", len(restored))
         interrupted = store.recover()
         if interrupted:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))

@@ -290,6 +290,29 @@ class JobStore:
                 self._event(job_id, "status", {"status": "interrupted"})
             return ids
 
+    def restore(self, jobs: list[Job]) -> list[str]:
+        """Insert finished jobs rebuilt from elsewhere (their job folders, after the database was
+        lost), in the order given, skipping ids already known; one transaction. Returns the ids added."""
+        added = []
+        with self._tx() as db:
+            for j in jobs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs(id, grp, status, stage, step, total, message, files, cached_stages, request, image_sha256, "
+                    "created_at, started_at, finished_at, error_code, error_message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (j.id, j.group, j.status, j.stage, j.step, j.total, j.message, json.dumps(j.files), json.dumps(j.cached_stages),
+                     json.dumps(j.spec.to_dict()), j.image_sha256, j.created_at, j.started_at, j.finished_at,
+                     j.error["code"] if j.error else None, j.error["message"] if j.error else None),
+                )
+                if cur.rowcount:
+                    self._event(j.id, "status", {"status": j.status, "restored": True})
+                    added.append(j.id)
+        return added
+
+    def ids(self) -> set[str]:
+        """Every job id in the database."""
+        with self._lock:
+            return {r["id"] for r in self._db.execute("SELECT id FROM jobs")}
+
     # -- writes ----------------------------------------------------------------------------------
     def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None, *, max_queued: int | None = None) -> list[Job]:
         """Queue one job per spec (in order) in one transaction; returns them. With `max_queued`,
