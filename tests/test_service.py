@@ -772,6 +772,12 @@ def test_job_runs_to_done_and_glb_downloads(server):
         assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
         job_json = c.get(f"/v1/jobs/{ids[0]}/files/job.json").json()
         assert job_json["inputs"]["prompt"] == "wearing a red scarf" and job_json["inputs"]["seed"] == 11
+        # what the surface is (issue 27): watertight or not, holes, pieces, what each MeshFix run left
+        mesh = job_json["mesh"]
+        assert {"vertices", "faces", "watertight", "holes", "components", "meshfix"} <= set(mesh), mesh
+        assert isinstance(mesh["watertight"], bool) and mesh["holes"] >= 0 and mesh["components"] >= 1
+        assert not mesh["watertight"] or mesh["holes"] == 0
+        assert "could not fix everything" not in server.output(), "MeshFix's misleading line stays out of the log"
         view = next(f for f in rec["files"] if f.startswith("views/"))
         assert c.get(f"/v1/jobs/{ids[0]}/files/{view}").status_code == 200
         # another job's file is not this job's file, even by a relative path
