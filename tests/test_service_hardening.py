@@ -764,3 +764,37 @@ def test_models_reports_damaged_weights(tmp_path, tiny_models):
     assert state["image_encoder"]["complete"] is False and state["image_encoder"]["damaged"] == [weights]
     assert state["personalized"]["complete"] is True and state["personalized"]["damaged"] == []
     assert all(r["missing"] == [] for r in state.values())
+
+
+def test_job_list_rebuilt_from_folders_skips_what_it_cannot_read(tmp_path):
+    """Start-up rebuilds the list from job folders (after a damaged database); a damaged job.json,
+    a folder without one, a hidden or linked folder and a job the database knows are left alone."""
+    from make_your_3d.service.server import restore_jobs_from_folders
+
+    jobs_dir = tmp_path / "jobs"
+    good = {"created_at": "2026-03-01T10:00:00+00:00", "inputs": {"prompt": "a red hat", "seed": 3, "image_sha256": "cd" * 32,
+                                                                   "overrides": {"mv_steps": 4}},
+            "preset": {"name": "fast"}, "recon": {"mesh": {"faces": 20000}, "bake": {"texture_size": 1024}}, "files": ["job.json"],
+            "timings": {"total": 3.0}}
+    bodies = {"aaaaaaaaaaaaaaaa": json.dumps(good), "bbbbbbbbbbbbbbbb": "{not json", ".cccccccccccccccc": json.dumps(good),
+              "dddddddddddddddd": json.dumps({**good, "inputs": {**good["inputs"], "seed": "many"}}),
+              "eeeeeeeeeeeeeeee": json.dumps({"inputs": []}), "ffffffffffffffff": None}
+    for name, body in bodies.items():
+        (jobs_dir / name).mkdir(parents=True)
+        if body is not None:
+            (jobs_dir / name / "job.json").write_text(body)
+    (jobs_dir / "gggggggggggggggg").symlink_to(jobs_dir / "aaaaaaaaaaaaaaaa", target_is_directory=True)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        (known,) = store.add_jobs([_spec(0)], "0" * 64)
+        (jobs_dir / known.id).mkdir()
+        (jobs_dir / known.id / "job.json").write_text(json.dumps(good))
+        assert restore_jobs_from_folders(store, jobs_dir) == ["aaaaaaaaaaaaaaaa"]
+        job = store.get("aaaaaaaaaaaaaaaa")
+        assert job.status == "done" and job.spec.prompt == "a red hat" and job.spec.seed == 3 and job.spec.preset == "fast"
+        assert job.spec.faces == 20000 and job.spec.texture_size == 1024 and job.spec.overrides == {"mv_steps": 4}
+        assert job.image_sha256 == "cd" * 32 and job.files == ["job.json"] and job.elapsed_s() == 3.0
+        assert store.get(known.id).status == "queued", "a job the database knows is not replaced"
+        assert restore_jobs_from_folders(store, jobs_dir) == [], "nothing twice"
+    finally:
+        store.close()

@@ -204,38 +204,45 @@ def _job_from_folder(folder: Path) -> Job | None:
     readable): the request, the image digest, the files, the times. Its group is its own id (the
     variants' shared group was only in the database)."""
     try:
-        record = json.loads((folder / "job.json").read_text(encoding="utf-8"))
-        inputs, preset = record["inputs"], record["preset"]
-        finished = (folder / "job.json").stat().st_mtime
-    except (OSError, ValueError, KeyError, TypeError):
+        return _parse_job_json(folder, json.loads((folder / "job.json").read_text(encoding="utf-8")), (folder / "job.json").stat().st_mtime)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        log.warning("could not read %s; that job is not listed", folder / "job.json")
         return None
-    if not isinstance(inputs, dict) or not isinstance(preset, dict) or not isinstance(inputs.get("image_sha256"), str):
-        return None
-    recon = record.get("recon") if isinstance(record.get("recon"), dict) else {}
-    faces = (recon.get("mesh") or {}).get("faces") if isinstance(recon.get("mesh"), dict) else None
-    texture = (recon.get("bake") or {}).get("texture_size") if isinstance(recon.get("bake"), dict) else None
+
+
+def _parse_job_json(folder: Path, record: dict, finished: float) -> Job:
+    inputs, preset = record["inputs"], record["preset"]
+    recon = record.get("recon") or {}
+    faces = (recon.get("mesh") or {}).get("faces")
+    texture = (recon.get("bake") or {}).get("texture_size")
+    subject = inputs.get("subject")
+    overrides = inputs.get("overrides")
     spec = JobSpec(
         prompt=str(inputs.get("prompt") or ""),
         negative_prompt=str(inputs.get("negative_prompt") or ""),
-        subject=inputs.get("subject") if isinstance(inputs.get("subject"), str) else None,
+        subject=subject if isinstance(subject, str) else None,
         seed=int(inputs.get("seed") or 0),
         preset=str(preset.get("name") or "default"),
         # the sizes the job ran with, where a request may ask for them (a re-run reproduces the job)
         faces=faces if isinstance(faces, int) and FACES_RANGE[0] <= faces <= FACES_RANGE[1] else None,
         texture_size=texture if texture in TEXTURE_SIZES else None,
-        overrides=(inputs.get("overrides") or None) if isinstance(inputs.get("overrides"), dict) else None,
+        overrides=dict(overrides) if isinstance(overrides, dict) and overrides else None,
     )
     try:
         created = datetime.fromisoformat(str(record.get("created_at"))).timestamp()
     except ValueError:
         created = finished
-    total = (record.get("timings") or {}).get("total") if isinstance(record.get("timings"), dict) else None
+    total = (record.get("timings") or {}).get("total")
     started = finished - total if isinstance(total, (int, float)) and total >= 0 else None
     files = record.get("files")
     files = sorted(f for f in files if isinstance(f, str)) if isinstance(files, list) else ["job.json"]
-    cached = [c for c in record.get("cached_stages", []) if isinstance(c, str)] if isinstance(record.get("cached_stages"), list) else []
+    cached = record.get("cached_stages")
+    cached = [c for c in cached if isinstance(c, str)] if isinstance(cached, list) else []
+    image = inputs["image_sha256"]
+    if not isinstance(image, str):
+        raise TypeError("image_sha256 is not text")
     return Job(seq=0, id=folder.name, group=folder.name, status="done", stage=None, step=0, total=0, message="done (restored from its folder)",
-               eta_s=None, error=None, files=files, cached_stages=cached, spec=spec, image_sha256=inputs["image_sha256"], created_at=created,
+               eta_s=None, error=None, files=files, cached_stages=cached, spec=spec, image_sha256=image, created_at=created,
                started_at=started, finished_at=finished)
 
 
