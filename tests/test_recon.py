@@ -211,9 +211,15 @@ def test_meshfix_outcomes_are_quiet_and_reported(capfd, caplog, sphere_result):
     err = capfd.readouterr().err
     assert "could not fix" not in err, err
     (outcome,) = outcomes
-    assert outcome.kept and outcome.holes_filled == 2 and outcome.holes_left == 0 and outcome.cleaned and outcome.watertight
-    assert outcome.sentence() in caplog.text and "0 holes left" in outcome.sentence() and "; watertight" in outcome.sentence()
+    assert outcome.kept and outcome.holes_filled == 2 and outcome.holes_left == 0 and outcome.components == 1
+    assert outcome.cleaned and outcome.watertight
+    assert outcome.sentence() in caplog.text and "0 holes left, 1 piece; watertight" in outcome.sentence(), outcome.sentence()
     assert surface_report(mesh, outcomes) == {"watertight": True, "holes": 0, "components": 1, "meshfix": [outcome.to_dict()]}
+    # a repair that would gut the piece is not kept, and says so
+    from make_your_3d.recon.mesh import MeshFixOutcome
+
+    gutted = MeshFixOutcome(faces_in=1000, faces_out=300, holes_filled=4, holes_left=0, components=2, cleaned=True, kept=False, watertight=False)
+    assert "kept the piece as it was" in gutted.sentence() and gutted.sentence().endswith("2 pieces; not watertight."), gutted.sentence()
     # the same steps as pymeshfix.clean_from_arrays: the same repaired surface
     v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(holed.vertices, np.float64), np.ascontiguousarray(holed.faces, np.int32))
     ref = trimesh.Trimesh(v, f, process=True)

@@ -273,6 +273,7 @@ class MeshFixOutcome:
     faces_out: int
     holes_filled: int
     holes_left: int  # boundary loops MeshFix could not close
+    components: int  # connected pieces of the component as kept
     cleaned: bool  # its degeneracy/self-intersection pass finished with none left
     kept: bool  # the repair replaced the component (False: it gutted the piece; the broken piece stayed)
     watertight: bool  # the component as kept is closed and manifold
@@ -285,7 +286,8 @@ class MeshFixOutcome:
                     f"(the next decimation try may close it)")
         left = f"{self.holes_left} holes left" if self.kept else "its holes and pinched edges left"
         rest = "" if self.cleaned or not self.kept else ", some degenerate or self-intersecting faces left"
-        return f"{head}: {left}{rest}; {'watertight' if self.watertight else 'not watertight'}."
+        pieces = f"{self.components} piece{'s' if self.components != 1 else ''}"
+        return f"{head}: {left}{rest}, {pieces}; {'watertight' if self.watertight else 'not watertight'}."
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,8 +310,13 @@ def meshfix(part: trimesh.Trimesh) -> tuple[trimesh.Trimesh, MeshFixOutcome]:
     holes_left = tin.n_boundaries
     v, f = tin.return_arrays()
     fixed = trimesh.Trimesh(v, f, process=True)
-    return fixed, MeshFixOutcome(int(len(part.faces)), int(len(fixed.faces)), int(filled), int(holes_left), bool(cleaned), True,
-                                 is_closed_manifold(fixed))
+    return fixed, MeshFixOutcome(int(len(part.faces)), int(len(fixed.faces)), int(filled), int(holes_left), pieces(fixed), bool(cleaned),
+                                 True, is_closed_manifold(fixed))
+
+
+def pieces(mesh: trimesh.Trimesh) -> int:
+    """Connected pieces (faces joined through shared edges)."""
+    return len(trimesh.graph.connected_components(mesh.face_adjacency, nodes=np.arange(len(mesh.faces)), min_len=1))
 
 
 def boundary_loops(mesh: trimesh.Trimesh) -> int:
@@ -330,8 +337,7 @@ def boundary_loops(mesh: trimesh.Trimesh) -> int:
 def surface_report(mesh: trimesh.Trimesh, repairs: list[MeshFixOutcome]) -> dict:
     """The facts a user needs about the final surface: closed and manifold or not, its holes and
     pieces, and what each MeshFix run left (job.json `mesh`, the reconstruction record)."""
-    pieces = trimesh.graph.connected_components(mesh.face_adjacency, nodes=np.arange(len(mesh.faces)), min_len=1)
-    return {"watertight": is_closed_manifold(mesh), "holes": boundary_loops(mesh), "components": len(pieces),
+    return {"watertight": is_closed_manifold(mesh), "holes": boundary_loops(mesh), "components": pieces(mesh),
             "meshfix": [r.to_dict() for r in repairs]}
 
 
@@ -360,7 +366,7 @@ def repair(mesh: trimesh.Trimesh, cfg: MeshConfig = MeshConfig()) -> tuple[trime
             if len(fixed.faces) >= cfg.repair_keep_faces * len(part.faces) and abs(fixed.area - part.area) <= cfg.repair_area_change * part.area:
                 part = fixed
             else:
-                outcome.kept, outcome.watertight = False, False
+                outcome.kept, outcome.watertight, outcome.components = False, False, pieces(part)
             outcomes.append(outcome)
             log.info("%s", outcome.sentence())
         out.append(_oriented(part))
