@@ -199,7 +199,7 @@ def test_meshfix_outcomes_are_quiet_and_reported(capfd, caplog, sphere_result):
 
     import pymeshfix
 
-    from make_your_3d.recon.mesh import meshfix, repair, surface_report
+    from make_your_3d.recon.mesh import MeshFixOutcome, meshfix, repair, surface_report
 
     sphere = trimesh.creation.icosphere(3)
     far = int(np.argmin(sphere.vertices @ sphere.vertices[0]))
@@ -216,8 +216,6 @@ def test_meshfix_outcomes_are_quiet_and_reported(capfd, caplog, sphere_result):
     assert outcome.sentence() in caplog.text and "0 holes left, 1 piece; watertight" in outcome.sentence(), outcome.sentence()
     assert surface_report(mesh, outcomes) == {"watertight": True, "holes": 0, "components": 1, "meshfix": [outcome.to_dict()]}
     # a repair that would gut the piece is not kept, and says so
-    from make_your_3d.recon.mesh import MeshFixOutcome
-
     gutted = MeshFixOutcome(faces_in=1000, faces_out=300, holes_filled=4, holes_left=0, components=2, cleaned=True, kept=False, watertight=False)
     assert "kept the piece as it was" in gutted.sentence() and gutted.sentence().endswith("2 pieces; not watertight."), gutted.sentence()
     # the same steps as pymeshfix.clean_from_arrays: the same repaired surface
