@@ -622,6 +622,12 @@ def test_16bit_images_are_scaled_not_clipped(api):
     assert abs(rgb[20, 32, 1] - 50000 / 257) <= 1
     rgba = np.asarray(load_image_bytes(png16(np.stack([grey] * 3 + [np.full_like(grey, 65535)], -1), 6))).astype(int)
     assert abs(rgba[20, 32, 2] - 50000 / 257) <= 1 and rgba[0, 0, 3] == 255
+    # the other wide greyscale modes Pillow may hand over: 32-bit integers (I) and floats (F, 0..1)
+    from make_your_3d.pipeline.request import _to_8bit
+
+    wide = np.asarray(_to_8bit(Image.fromarray(grey.astype(np.int32), "I"), "RGB")).astype(int)
+    unit = np.asarray(_to_8bit(Image.fromarray(grey.astype(np.float32) / 65535, "F"), "RGB")).astype(int)
+    assert np.abs(wide - arr).max() <= 1 and np.abs(unit - arr).max() <= 1
     # a valid 16-bit greyscale subject is accepted (it was refused as no_subject when clipped at 255)
     with api.client() as c:
         r = c.post("/v1/jobs", json=job_body(image_png_b64=b64(png16(grey, 0))))

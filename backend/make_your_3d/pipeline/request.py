@@ -84,24 +84,25 @@ def _orientation(im: Image.Image) -> int:
 
 def _to_8bit(im: Image.Image, target: str) -> Image.Image:
     """A 16-bit or 32-bit greyscale image (modes I;16*, I, F) scaled to 8 bits. Pillow's convert
-    clips these at 255, which turns a 16-bit photo white (and then "no subject")."""
+    clips these at 255, which turns a 16-bit photo white (and then "no subject"). Scaled in bands
+    of rows, so an 8192 px image needs no full-size float copy."""
     arr = np.asarray(im)
-    values = arr.astype(np.float64)
-    top = float(values.max()) if values.size else 0.0
-    if im.mode.startswith("I;16") or (im.mode == "I" and top > 255):
-        scaled = values / 257.0  # 65535 -> 255
+    top = float(arr.max()) if arr.size else 0.0
+    if im.mode.startswith("I;16") or (im.mode == "I" and top > 255) or (im.mode == "F" and top > 255):
+        scale = 1.0 / 257.0  # 65535 -> 255
     elif im.mode == "F" and top <= 1.0:
-        scaled = values * 255.0  # a float image in 0..1
-    elif im.mode == "F" and top > 255:
-        scaled = values / 257.0
+        scale = 255.0  # a float image in 0..1
     else:
-        scaled = values
-    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+        scale = 1.0
+    grey = np.empty(arr.shape, np.uint8)
+    for y in range(0, arr.shape[0], 256):
+        grey[y:y + 256] = np.clip(np.rint(arr[y:y + 256].astype(np.float32) * scale), 0, 255)
+    out = Image.fromarray(grey, "L")
     if target != "RGBA":
-        return grey.convert(target)
+        return out.convert(target)
     transparent = im.info.get("transparency")
     alpha = (arr != transparent) if isinstance(transparent, (int, float)) else np.ones(arr.shape, bool)
-    out = grey.convert("RGBA")
+    out = out.convert("RGBA")
     out.putalpha(Image.fromarray(alpha.astype(np.uint8) * 255, "L"))
     return out
 
