@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 
 from make_your_3d.pipeline.cache import StageCache
 
@@ -59,10 +63,35 @@ def test_missing_extra_and_unrecorded_entries_are_not_trusted(tmp_path):
     assert len(list((tmp_path / ".quarantine").iterdir())) == 3
 
 
-def test_remove_partial_clears_only_temp_folders(tmp_path):
+def dead_pid() -> int:
+    """The pid of a process that has exited (for temporary folders whose builder was killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(30)
+    return proc.pid
+
+
+def test_remove_partial_clears_only_temp_folders_of_gone_builders(tmp_path):
+    """The stage cache is one per user: a clean-up must remove what a killed build left, and never
+    the temporary folder of a build running in another process."""
     cache = StageCache(tmp_path)
     good = cache.build("s", KEY, _writer)
-    temp = tmp_path / "s" / f".{KEY[:12]}.abcd"
-    temp.mkdir()
-    assert cache.remove_partial() == [temp]
-    assert not temp.exists() and cache.get("s", KEY) == good
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed = tmp_path / "s" / f".{KEY[:12]}.{dead_pid()}.abcd1234"
+        building = tmp_path / "s" / f".{KEY[:12]}.{live.pid}.abcd1234"
+        old_unnamed = tmp_path / "s" / f".{KEY[:12]}.k3j2x9q1"  # from a version without pids in names
+        new_unnamed = tmp_path / "s" / f".{KEY[:12]}.m5n6b7v8"
+        for path in (killed, building, old_unnamed, new_unnamed):
+            path.mkdir()
+            (path / "half.bin").write_bytes(b"1")
+        day_ago = time.time() - 25 * 3600
+        os.utime(old_unnamed, (day_ago, day_ago))
+        assert sorted(cache.remove_partial()) == sorted([killed, old_unnamed])
+        assert building.exists() and new_unnamed.exists() and cache.get("s", KEY) == good
+    finally:
+        live.kill()
+        live.wait(30)
+    # a build names its temporary folder after its own pid
+    seen = []
+    cache.build("t", KEY, lambda tmp: seen.append(tmp.name))
+    assert seen[0].split(".")[2] == str(os.getpid()), seen

@@ -154,7 +154,7 @@ def test_simplified_mesh_is_watertight_and_manifold_in_glb(seed, budget, tmp_pat
     field, lo, step = lumpy_sphere_field(seed)
     raw = keep_largest(field_to_mesh(clean_field(field), lo, step))
     assert raw.is_watertight and len(raw.faces) > 5 * budget
-    mesh = simplify(raw, budget)
+    mesh, _ = simplify(raw, budget)
     assert 0.9 * budget <= len(mesh.faces) <= budget
     assert mesh.is_watertight and non_manifold_edges(mesh) == 0 and non_manifold_vertices(mesh) == 0
     assert len(mesh.split(only_watertight=False)) == len(raw.split(only_watertight=False))
@@ -188,7 +188,50 @@ def test_manifold_checks_flag_pinches():
 def test_simplify_under_budget_is_a_no_op():
     field, lo, step = lumpy_sphere_field(6)
     raw = keep_largest(field_to_mesh(clean_field(field), lo, step))
-    assert simplify(raw, len(raw.faces)) is raw
+    assert simplify(raw, len(raw.faces)) == (raw, [])
+
+
+def test_meshfix_outcomes_are_quiet_and_reported(capfd, caplog, sphere_result):
+    """MeshFix says what it left, in our log and the record, and nothing on stderr: pymeshfix's
+    clean_from_arrays printed "MeshFix could not fix everything" on every job (exactly when it had
+    fixed everything). The repair itself is the same as clean_from_arrays'."""
+    import logging
+
+    import pymeshfix
+
+    from make_your_3d.recon.mesh import MeshFixOutcome, meshfix, repair, surface_report
+
+    sphere = trimesh.creation.icosphere(3)
+    far = int(np.argmin(sphere.vertices @ sphere.vertices[0]))
+    # two holes, at opposite poles, each a vertex's fan (too wide for trimesh's own hole filling)
+    holed = trimesh.Trimesh(sphere.vertices, sphere.faces[~np.isin(sphere.faces, [0, far]).any(1)], process=True)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="make_your_3d.recon"):
+        mesh, outcomes = repair(holed)
+    err = capfd.readouterr().err
+    assert "could not fix" not in err, err
+    (outcome,) = outcomes
+    assert outcome.kept and outcome.holes_filled == 2 and outcome.holes_left == 0 and outcome.components == 1
+    assert outcome.cleaned and outcome.watertight
+    assert outcome.sentence() in caplog.text and "0 holes left, 1 piece; watertight" in outcome.sentence(), outcome.sentence()
+    assert surface_report(mesh, outcomes) == {"watertight": True, "holes": 0, "components": 1, "meshfix": [outcome.to_dict()]}
+    # a repair that would gut the piece is not kept, and says so
+    gutted = MeshFixOutcome(faces_in=1000, faces_out=300, holes_filled=4, holes_left=0, components=2, cleaned=True, kept=False, watertight=False)
+    assert "kept the piece as it was" in gutted.sentence() and gutted.sentence().endswith("2 pieces; not watertight."), gutted.sentence()
+    # the same steps as pymeshfix.clean_from_arrays: the same repaired surface
+    v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(holed.vertices, np.float64), np.ascontiguousarray(holed.faces, np.int32))
+    ref = trimesh.Trimesh(v, f, process=True)
+    fixed, _ = meshfix(holed)
+    np.testing.assert_array_equal(fixed.faces, ref.faces)
+    np.testing.assert_allclose(fixed.vertices, ref.vertices)
+    # an open surface as it is: its holes and pieces are counted, and it is not watertight
+    box = trimesh.creation.box()
+    box.apply_translation([5.0, 0.0, 0.0])
+    assert surface_report(trimesh.util.concatenate([holed, box]), []) == {"watertight": False, "holes": 2, "components": 2, "meshfix": []}
+    # a reconstruction records the facts of its surface, and job.json's `mesh` carries them
+    surface = sphere_result.record["surface"]
+    assert surface["watertight"] is True and surface["holes"] == 0 and surface["components"] == 1
+    assert sphere_result.mesh_summary() == {"vertices": sphere_result.vertices, "faces": sphere_result.faces, **surface}
 
 
 # --- GLB and texture ----------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_state_file_health_and_models(server, models):
         m = c.get("/v1/models").json()
     assert m["models_dir"] == str(models) and m["tiny"] is True
     assert {r["name"] for r in m["roles"]} >= {"personalized", "ip_adapter", "image_encoder"}
-    assert all(set(r) == {"name", "title", "licence", "complete", "missing"} for r in m["roles"])
+    assert all(set(r) == {"name", "title", "licence", "complete", "missing", "damaged"} for r in m["roles"])
     assert m["complete"] is True, m  # the tiny set has every role a job needs
     assert (server.data_dir / "jobs.sqlite3").exists()
     if os.name != "nt":  # private to the user: the folder, the database and the log
@@ -242,6 +242,7 @@ AUTH_ROUTES = [
     ("GET", "/v1/jobs/abc/events"),
     ("POST", "/v1/jobs/abc/cancel"),
     ("POST", "/v1/jobs/abc/rerun"),
+    ("POST", "/v1/groups/abc/cancel"),
     ("GET", "/v1/jobs/abc/files/subject.glb"),
     ("POST", "/v1/unload"),
     ("POST", "/v1/shutdown"),
@@ -281,7 +282,7 @@ def test_openapi_schema_published(server):
     assert schema["openapi"].startswith("3.")
     paths = schema["paths"]
     for p in ("/v1/health", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel",
-              "/v1/jobs/{job_id}/rerun", "/v1/jobs/{job_id}/files/{name}", "/v1/unload", "/v1/shutdown"):
+              "/v1/jobs/{job_id}/rerun", "/v1/jobs/{job_id}/files/{name}", "/v1/groups/{group}/cancel", "/v1/unload", "/v1/shutdown"):
         assert p in paths, p
     create = schema["components"]["schemas"]["JobCreate"]
     assert create["additionalProperties"] is False
@@ -401,16 +402,39 @@ def test_second_backend_refuses_a_live_state_file(server, models, tmp_path):
     assert server.healthy()
 
 
+def stage_cache_dir() -> Path:
+    """The per-user stage cache the backends started by this module build in (conftest's own one)."""
+    return Path(os.environ["MAKE_YOUR_3D_CACHE"])
+
+
+def hidden_cache_entries(cache: Path) -> list[Path]:
+    """Temporary (half-built) stage-cache folders: `<stage>/.<key>.*`."""
+    return [p for stage in cache.iterdir() if stage.is_dir() and not stage.name.startswith(".") for p in stage.iterdir()
+            if p.name.startswith(".")] if cache.is_dir() else []
+
+
 def test_start_with_damaged_database_and_leftovers(models, tmp_path):
-    """A database that is not SQLite is moved aside with a timestamp (and named in the log); the
-    temporary folders of a killed run (job outputs, cache entries) are removed at start."""
+    """A database that is not SQLite is moved aside with a timestamp (and named in the log) and the
+    job list is rebuilt from the job folders; the temporary folders of a killed run (job outputs,
+    half-built entries of the stage cache the jobs use) are removed at start."""
+    from test_cache_integrity import dead_pid
+
     data = tmp_path / "data"
     data.mkdir()
     (data / "jobs.sqlite3").write_bytes(b"garbage, not a database " * 100)
-    leftovers = [data / "cache" / "multiview" / ".0123456789ab.k3j2", data / "jobs" / ".partial-out"]
+    leftovers = [stage_cache_dir() / "multiview" / f".0123456789ab.{dead_pid()}.k3j2", data / "jobs" / ".partial-out"]
     for path in leftovers:
         path.mkdir(parents=True)
         (path / "half.bin").write_bytes(b"x")
+    old_jobs = {"0123456789abcdef": ("a red hat", 5, "2026-01-02T03:04:05+00:00"), "fedcba9876543210": ("a blue scarf", 9, "2026-01-01T00:00:00+00:00")}
+    for job_id, (prompt, seed, created) in old_jobs.items():
+        folder = data / "jobs" / job_id
+        folder.mkdir(parents=True)
+        (folder / "subject.glb").write_bytes(b"glTF")
+        (folder / "job.json").write_text(json.dumps({
+            "created_at": created, "inputs": {"prompt": prompt, "negative_prompt": "", "subject": "a toy", "seed": seed, "image_sha256": "ab" * 32,
+                                              "overrides": {}},
+            "preset": {"name": "fast"}, "files": ["job.json", "subject.glb"], "cached_stages": ["identity"], "timings": {"total": 12.5}}))
     srv = start_server(models, data)
     try:
         moved = list(data.glob("jobs.sqlite3.corrupt-*"))
@@ -418,7 +442,13 @@ def test_start_with_damaged_database_and_leftovers(models, tmp_path):
         assert str(moved[0]) in srv.output() and "Traceback" not in srv.output()
         assert not any(p.exists() for p in leftovers)
         with srv.client() as c:
-            assert c.get("/v1/jobs").json() == {"jobs": [], "next": None}
+            jobs = c.get("/v1/jobs").json()["jobs"]
+        assert [j["id"] for j in jobs] == ["fedcba9876543210", "0123456789abcdef"], "rebuilt from the folders, oldest first"
+        for job in jobs:
+            prompt, seed, _ = old_jobs[job["id"]]
+            assert job["status"] == "done" and job["files"] == ["job.json", "subject.glb"] and job["cached_stages"] == ["identity"]
+            assert job["request"]["prompt"] == prompt and job["request"]["seed"] == seed and job["request"]["preset"] == "fast"
+            assert job["elapsed_s"] == 12.5
     finally:
         assert srv.stop() == 0
 
@@ -742,6 +772,12 @@ def test_job_runs_to_done_and_glb_downloads(server):
         assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
         job_json = c.get(f"/v1/jobs/{ids[0]}/files/job.json").json()
         assert job_json["inputs"]["prompt"] == "wearing a red scarf" and job_json["inputs"]["seed"] == 11
+        # what the surface is (issue 27): watertight or not, holes, pieces, what each MeshFix run left
+        mesh = job_json["mesh"]
+        assert {"vertices", "faces", "watertight", "holes", "components", "meshfix"} <= set(mesh), mesh
+        assert isinstance(mesh["watertight"], bool) and mesh["holes"] >= 0 and mesh["components"] >= 1
+        assert not mesh["watertight"] or mesh["holes"] == 0
+        assert "could not fix everything" not in server.output(), "MeshFix's misleading line stays out of the log"
         view = next(f for f in rec["files"] if f.startswith("views/"))
         assert c.get(f"/v1/jobs/{ids[0]}/files/{view}").status_code == 200
         # another job's file is not this job's file, even by a relative path
@@ -891,4 +927,68 @@ def test_kill9_during_a_job_then_restart(harness):
         assert rerun["request"] == first["request"]
         c.post(f"/v1/jobs/{rerun['id']}/cancel")
         assert c.post("/v1/unload").json()["unloaded"] is True
+    assert server.healthy()
+
+
+def test_kill9_mid_stage_leaves_no_half_built_cache_entry(models, tmp_path, monkeypatch):
+    """kill -9 while a stage is being built leaves its temporary folder in the per-user stage cache
+    (`$MAKE_YOUR_3D_CACHE`, where jobs really build); the restarted backend removes it."""
+    cache = tmp_path / "stages"
+    monkeypatch.setenv("MAKE_YOUR_3D_CACHE", str(cache))  # the backend processes below build here
+    data = tmp_path / "data"
+    srv = start_server(models, data, config=service_config())
+    try:
+        for seed in (4242, 4243, 4244):  # again only if the stage finished between the look and the kill
+            with srv.client() as c:
+                job_id = c.post("/v1/jobs", json=job_body(seed=seed)).json()["ids"][0]
+                deadline = time.monotonic() + 600
+                while not hidden_cache_entries(cache) and time.monotonic() < deadline:
+                    assert c.get(f"/v1/jobs/{job_id}").json()["status"] in ("queued", "running")
+                    time.sleep(0.005)
+            srv.proc.kill()  # SIGKILL mid-stage: no clean-up code runs
+            srv.proc.wait(30)
+            half_built = hidden_cache_entries(cache)
+            srv = start_server(models, data, config=service_config())
+            if half_built:
+                break
+        assert half_built, "the kill left a half-built entry"
+        assert hidden_cache_entries(cache) == [], "the restart removed it"
+        assert "removed partial cache entry" in srv.output()
+        with srv.client() as c:
+            rec = c.get(f"/v1/jobs/{job_id}").json()
+            assert rec["status"] == "interrupted", rec
+    finally:
+        srv.stop()
+
+
+def test_damaged_database_lists_real_jobs_again(harness):
+    """The module's real jobs (their job.json written by the generator) are listed again after the
+    database is damaged, with their request, files and the re-run still working."""
+    server = harness.server
+    with server.client() as c:
+        done = [j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["status"] == "done"]
+        if not done:  # run alone: make one
+            job_id = c.post("/v1/jobs", json=job_body(**GROUP_BODY)).json()["ids"][0]
+            assert wait_for(c, job_id, {"done", "failed"}, timeout=600)["status"] == "done"
+            done = [c.get(f"/v1/jobs/{job_id}").json()]
+        for job in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]:
+            if job["status"] in ("queued", "running"):
+                c.post(f"/v1/jobs/{job['id']}/cancel")
+    assert server.stop() == 0
+    db = server.data_dir / "jobs.sqlite3"
+    for side in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        side.unlink(missing_ok=True)
+    db.write_bytes(b"\x00" * 4096)  # damaged
+    server = harness.restart()
+    with server.client() as c:
+        after = {j["id"]: j for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        for job in done:
+            again = after[job["id"]]
+            assert again["status"] == "done" and again["files"] == job["files"], again
+            assert {k: again["request"][k] for k in ("prompt", "negative_prompt", "subject", "seed", "preset")} == \
+                   {k: job["request"][k] for k in ("prompt", "negative_prompt", "subject", "seed", "preset")}
+        assert c.get(f"/v1/jobs/{done[0]['id']}/files/subject.glb").content[:4] == b"glTF"
+        r = c.post(f"/v1/jobs/{done[0]['id']}/rerun", json={"seed": 77})
+        assert r.status_code == 201, r.text
+        c.post(f"/v1/jobs/{r.json()['ids'][0]}/cancel")
     assert server.healthy()

@@ -12,11 +12,14 @@ import io
 import json
 import logging
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from starlette.testclient import TestClient
@@ -352,15 +355,16 @@ def test_corrupt_database_is_moved_aside(tmp_path, caplog):
 def test_startup_cleans_cache_temp_folders(tmp_path):
     from make_your_3d.pipeline.cache import StageCache
     from make_your_3d.service.server import remove_leftovers
+    from test_cache_integrity import dead_pid
 
-    cache = StageCache(tmp_path / "cache")
+    cache = StageCache(tmp_path / "stages")  # the per-user stage cache, not a folder of the data dir
     good = cache.build("multiview", "a" * 64, lambda p: (p / "x.bin").write_bytes(b"123"))
-    leftover = tmp_path / "cache" / "multiview" / (".aaaaaaaaaaaa.x1y2z3")
+    leftover = tmp_path / "stages" / "multiview" / f".aaaaaaaaaaaa.{dead_pid()}.x1y2z3"
     leftover.mkdir()
     (leftover / "half.bin").write_bytes(b"1")
-    (tmp_path / "jobs" / ".tmp-out").mkdir(parents=True)
-    remove_leftovers(tmp_path)
-    assert not leftover.exists() and not (tmp_path / "jobs" / ".tmp-out").exists()
+    (tmp_path / "data" / "jobs" / ".tmp-out").mkdir(parents=True)
+    remove_leftovers(tmp_path / "data", tmp_path / "stages")
+    assert not leftover.exists() and not (tmp_path / "data" / "jobs" / ".tmp-out").exists()
     assert cache.get("multiview", "a" * 64) == good
 
 
@@ -468,7 +472,7 @@ def test_damaged_weights_load_as_weights_broken(tmp_path, tiny_models):
     data = bytearray(path.read_bytes())
     data[8:40] = b"{" * 32  # same size, broken header
     path.write_bytes(bytes(data))
-    assert ROLES["multiview"].complete(models)  # the cheap check cannot see this
+    assert ROLES["multiview"].damaged(models) == ["vae/diffusion_pytorch_model.safetensors"]  # the header check sees it
     gen = Generator(models, tmp_path / "cache", device="cpu")
     with pytest.raises(Make3DError) as info:
         gen.host.load("multiview", torch.float32)
@@ -542,3 +546,261 @@ def test_accepted_connections_have_nodelay():
         return value
 
     assert asyncio.run(run()) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. (issue 27) Phone photos upright, high-bit-depth images scaled, one prompt limit per sentence
+# ---------------------------------------------------------------------------------------------
+def _portrait_jpeg(width: int, height: int, orientation: int = 6) -> bytes:
+    """A portrait subject (red top half, blue bottom half, `width` x `height` upright) stored the way
+    a phone stores it: the pixels sideways, with the EXIF orientation that turns them upright."""
+    upright = Image.new("RGB", (width, height), (30, 30, 200))
+    ImageDraw.Draw(upright).rectangle((0, 0, width, height // 2), fill=(220, 30, 30))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 applies ROTATE_270 to show it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_jpeg_exif_orientation_is_applied():
+    from make_your_3d.pipeline.request import MAX_WORK_SIDE, load_image_bytes
+
+    for width, height in ((60, 120), (2000, 4000)):  # the second is reduced in the decoder (draft) first
+        data = _portrait_jpeg(width, height)
+        with Image.open(io.BytesIO(data)) as raw:
+            assert raw.size == (height, width), "stored sideways"
+        image = load_image_bytes(data)
+        scale = min(1.0, MAX_WORK_SIDE / max(width, height))
+        assert image.size == (round(width * scale), round(height * scale)), image.size
+        arr = np.asarray(image)
+        top, bottom = arr[arr.shape[0] // 8].mean(0), arr[-arr.shape[0] // 8].mean(0)
+        assert top[0] > 150 and top[2] < 100 and bottom[2] > 150 and bottom[0] < 100, (top, bottom)
+    # size limits are checked and reported as the photo is seen (upright)
+    with pytest.raises(Make3DError) as info:
+        load_image_bytes(_portrait_jpeg(100, 9000))
+    assert info.value.code == "bad_image" and "100x9000" in info.value.message, info.value.message
+
+
+def png16(arr: np.ndarray, colour_type: int, transparent: int | None = None) -> bytes:
+    """A 16-bit PNG (colour type 0 grey, 2 RGB, 6 RGBA) written by hand: Pillow cannot save one."""
+    height, width = arr.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + np.ascontiguousarray(arr[y]).astype(">u2").tobytes() for y in range(height))
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+    if transparent is not None:
+        out += chunk(b"tRNS", struct.pack(">H", transparent))
+    return out + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _grey16_subject(size: int = 64, background: int = 2000) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    arr = np.full((size, size), background, np.uint16)
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.3) ** 2
+    arr[disc] = 50000
+    arr[disc & (abs(yy - size / 2) < size * 0.05)] = 30000
+    return arr
+
+
+def test_16bit_images_are_scaled_not_clipped(api):
+    from make_your_3d.pipeline.request import load_image_bytes
+
+    grey = _grey16_subject()
+    image = load_image_bytes(png16(grey, 0))
+    arr = np.asarray(image).astype(int)
+    assert image.mode == "RGB"
+    assert abs(arr[32, 32, 0] - 30000 / 257) <= 1 and abs(arr[20, 32, 0] - 50000 / 257) <= 1 and abs(arr[0, 0, 0] - 2000 / 257) <= 1
+    # grey with a transparent value (tRNS): the background becomes alpha 0
+    keyed = np.asarray(load_image_bytes(png16(grey, 0, transparent=2000)))
+    assert keyed.shape[2] == 4 and keyed[0, 0, 3] == 0 and keyed[32, 32, 3] == 255
+    # 16-bit RGB and RGBA keep their range too
+    rgb = np.asarray(load_image_bytes(png16(np.stack([grey] * 3, -1), 2))).astype(int)
+    assert abs(rgb[20, 32, 1] - 50000 / 257) <= 1
+    rgba = np.asarray(load_image_bytes(png16(np.stack([grey] * 3 + [np.full_like(grey, 65535)], -1), 6))).astype(int)
+    assert abs(rgba[20, 32, 2] - 50000 / 257) <= 1 and rgba[0, 0, 3] == 255
+    # the other wide greyscale modes Pillow may hand over: 32-bit integers (I) and floats (F, 0..1)
+    from make_your_3d.pipeline.request import _to_8bit
+
+    wide = np.asarray(_to_8bit(Image.fromarray(grey.astype(np.int32), "I"), "RGB")).astype(int)
+    unit = np.asarray(_to_8bit(Image.fromarray(grey.astype(np.float32) / 65535, "F"), "RGB")).astype(int)
+    assert np.abs(wide - arr).max() <= 1 and np.abs(unit - arr).max() <= 1
+    # a valid 16-bit greyscale subject is accepted (it was refused as no_subject when clipped at 255)
+    with api.client() as c:
+        r = c.post("/v1/jobs", json=job_body(image_png_b64=b64(png16(grey, 0))))
+        assert r.status_code == 201, r.text
+
+
+def test_prompt_length_errors_name_one_limit(api):
+    from make_your_3d.pipeline.request import MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, clean_prompt
+
+    messages = []
+    with pytest.raises(Make3DError) as info:
+        clean_prompt("x" * (MAX_PROMPT_CHARS + 1))
+    messages.append(info.value.message)
+    with pytest.raises(Make3DError) as info:
+        clean_prompt("x" * (MAX_RAW_PROMPT_CHARS + 1))
+    messages.append(info.value.message)
+    with api.client() as c:
+        for body in (job_body(prompt="x" * 100_000), job_body(subject="y" * 100_000)):
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_prompt", r.text
+            messages.append(r.json()["error"]["message"])
+    for text in messages:
+        assert f"at most {MAX_PROMPT_CHARS}" in text and str(MAX_RAW_PROMPT_CHARS) not in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. (issue 27) Queue limit, group cancel, short 404s, files that exist, damaged weights in /v1/models
+# ---------------------------------------------------------------------------------------------
+def test_queue_limit_is_a_clear_error(tmp_path, tiny_models):
+    a = Api(tmp_path, tiny_models, max_queued_jobs=5)
+    try:
+        with a.client() as c:
+            assert c.post("/v1/jobs", json=job_body(variants=4)).status_code == 201
+            r = c.post("/v1/jobs", json=job_body(variants=2))
+            err = r.json()["error"]
+            assert r.status_code == 429 and err["code"] == "queue_full", r.text
+            assert "at most 5" in err["message"] and "cancel" in err["message"], err
+            assert len(c.get("/v1/jobs").json()["jobs"]) == 4, "nothing of the refused request was queued"
+            assert c.post("/v1/jobs", json=job_body(variants=1)).status_code == 201  # exactly at the limit
+            assert c.post("/v1/jobs", json=job_body(variants=1)).json()["error"]["code"] == "queue_full"
+            # a finished (here: cancelled) job frees its place
+            first = c.get("/v1/jobs").json()["jobs"][0]["id"]
+            c.post(f"/v1/jobs/{first}/cancel")
+            assert c.post("/v1/jobs", json=job_body(variants=1)).status_code == 201
+    finally:
+        a.store.close()
+
+
+def test_group_cancel_cancels_every_job_of_the_group(api):
+    with api.client() as c:
+        group = c.post("/v1/jobs", json=job_body(variants=16)).json()
+        other = c.post("/v1/jobs", json=job_body(variants=2)).json()
+        done = c.post("/v1/jobs", json=job_body(variants=1)).json()
+        api.store.claim_next()  # the group's first job is running (the worker thread is not started here)
+        with api.worker._lock:
+            from make_your_3d.progress import CancelToken
+            from make_your_3d.service.worker import _Current
+
+            running = _Current(group["ids"][0], CancelToken(), group["group"])
+            api.worker._current = running
+        t0 = time.monotonic()
+        r = c.post(f"/v1/groups/{group['group']}/cancel")
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["group"] == group["group"] and body["cancelled"] == group["ids"][1:] and body["stopping"] == [group["ids"][0]]
+        assert running.token.cancelled, "the running job of the group is asked to stop"
+        states = {j["id"]: j["status"] for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert all(states[i] == "cancelled" for i in group["ids"][1:]) and states[group["ids"][0]] == "running"
+        assert all(states[i] == "queued" for i in other["ids"] + done["ids"]), "other groups are untouched"
+        assert took < 5, took
+        # again: nothing left to cancel; an unknown group is a short 404
+        again = c.post(f"/v1/groups/{group['group']}/cancel").json()
+        assert again["cancelled"] == [] and set(again["finished"]) == set(group["ids"][1:])
+        r = c.post("/v1/groups/nosuchgroup/cancel")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        paths = c.get("/v1/openapi.json").json()["paths"]
+        assert "/v1/groups/{group}/cancel" in paths and "post" in paths["/v1/groups/{group}/cancel"]
+    api.worker._current = None
+
+
+def test_not_found_does_not_echo_a_huge_id(api):
+    long_id = "a" * 60_000  # httpx refuses URLs over 64 KiB
+    with api.client() as c:
+        for method, path in (("GET", f"/v1/jobs/{long_id}"), ("POST", f"/v1/jobs/{long_id}/cancel"), ("GET", f"/v1/{long_id}"),
+                             ("POST", f"/v1/groups/{long_id}/cancel"), ("GET", f"/v1/jobs/x/files/{long_id}")):
+            r = c.request(method, path)
+            assert r.status_code == 404, (path[:40], r.text[:200])
+            assert r.json()["error"]["code"] == "not_found" and len(r.text) < 400, r.text[:500]
+        (job,) = api.store.add_jobs([_spec(0)], "0" * 64)
+        r = c.get(f"/v1/jobs/{job.id}/files/{long_id}")
+        assert r.status_code == 404 and len(r.text) < 400, r.text[:500]
+        r = c.post("/v1/jobs", json={**job_body(), "x" * 70_000: 1})
+        assert r.status_code == 422 and len(r.text) < 400, r.text[:500]
+
+
+def test_deleted_job_folder_lists_no_files(api):
+    import shutil
+
+    (job,) = api.store.add_jobs([_spec(0)], "0" * 64)
+    api.store.claim_next()
+    folder = api.root / "jobs" / job.id
+    (folder / "views").mkdir(parents=True)
+    for name in ("subject.glb", "job.json", "views/color_front.png"):
+        (folder / name).write_bytes(b"x")
+    api.store.finish(job.id, "done", files=["job.json", "subject.glb", "views/color_front.png"])
+    with api.client() as c:
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == ["job.json", "subject.glb", "views/color_front.png"]
+        (folder / "subject.glb").unlink()
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == ["job.json", "views/color_front.png"]
+        shutil.rmtree(folder)
+        assert c.get(f"/v1/jobs/{job.id}").json()["files"] == []
+        assert [j["files"] for j in c.get("/v1/jobs").json()["jobs"]] == [[]]
+        assert c.get(f"/v1/jobs/{job.id}/files/job.json").status_code == 404
+
+
+def test_models_reports_damaged_weights(tmp_path, tiny_models):
+    from make_your_3d.models.fetch import record_checksums
+    from make_your_3d.models.registry import ROLES
+
+    models = _copy_models(tiny_models, tmp_path / "models")
+    # no checksums recorded (the tiny set): a truncated safetensors file is still seen from its own header
+    unet = ROLES["multiview"].path(models) / "unet" / "diffusion_pytorch_model.safetensors"
+    data = unet.read_bytes()
+    unet.write_bytes(data[:-100])
+    # checksums recorded at fetch time: one flipped byte, same size
+    role = ROLES["image_encoder"]
+    record_checksums(role.path(models), "image_encoder", repo_id=role.repo_id)
+    weights = next(rel for rel in role.required if rel.endswith(".safetensors"))
+    blob = bytearray((role.path(models) / weights).read_bytes())
+    blob[-1] ^= 0xFF
+    (role.path(models) / weights).write_bytes(bytes(blob))
+    a = Api(tmp_path / "svc", models)
+    try:
+        with a.client() as c:
+            state = {r["name"]: r for r in c.get("/v1/models").json()["roles"]}
+    finally:
+        a.store.close()
+    assert state["multiview"]["complete"] is False and state["multiview"]["damaged"] == ["unet/diffusion_pytorch_model.safetensors"]
+    assert state["image_encoder"]["complete"] is False and state["image_encoder"]["damaged"] == [weights]
+    assert state["personalized"]["complete"] is True and state["personalized"]["damaged"] == []
+    assert all(r["missing"] == [] for r in state.values())
+
+
+def test_job_list_rebuilt_from_folders_skips_what_it_cannot_read(tmp_path):
+    """Start-up rebuilds the list from job folders (after a damaged database); a damaged job.json,
+    a folder without one, a hidden or linked folder and a job the database knows are left alone."""
+    from make_your_3d.service.server import restore_jobs_from_folders
+
+    jobs_dir = tmp_path / "jobs"
+    good = {"created_at": "2026-03-01T10:00:00+00:00", "inputs": {"prompt": "a red hat", "seed": 3, "image_sha256": "cd" * 32,
+                                                                   "overrides": {"mv_steps": 4}},
+            "preset": {"name": "fast"}, "recon": {"mesh": {"faces": 20000}, "bake": {"texture_size": 1024}}, "files": ["job.json"],
+            "timings": {"total": 3.0}}
+    bodies = {"aaaaaaaaaaaaaaaa": json.dumps(good), "bbbbbbbbbbbbbbbb": "{not json", ".cccccccccccccccc": json.dumps(good),
+              "dddddddddddddddd": json.dumps({**good, "inputs": {**good["inputs"], "seed": "many"}}),
+              "eeeeeeeeeeeeeeee": json.dumps({"inputs": []}), "ffffffffffffffff": None}
+    for name, body in bodies.items():
+        (jobs_dir / name).mkdir(parents=True)
+        if body is not None:
+            (jobs_dir / name / "job.json").write_text(body)
+    (jobs_dir / "gggggggggggggggg").symlink_to(jobs_dir / "aaaaaaaaaaaaaaaa", target_is_directory=True)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        (known,) = store.add_jobs([_spec(0)], "0" * 64)
+        (jobs_dir / known.id).mkdir()
+        (jobs_dir / known.id / "job.json").write_text(json.dumps(good))
+        assert restore_jobs_from_folders(store, jobs_dir) == ["aaaaaaaaaaaaaaaa"]
+        job = store.get("aaaaaaaaaaaaaaaa")
+        assert job.status == "done" and job.spec.prompt == "a red hat" and job.spec.seed == 3 and job.spec.preset == "fast"
+        assert job.spec.faces == 20000 and job.spec.texture_size == 1024 and job.spec.overrides == {"mv_steps": 4}
+        assert job.image_sha256 == "cd" * 32 and job.files == ["job.json"] and job.elapsed_s() == 3.0
+        assert store.get(known.id).status == "queued", "a job the database knows is not replaced"
+        assert restore_jobs_from_folders(store, jobs_dir) == [], "nothing twice"
+    finally:
+        store.close()

@@ -109,6 +109,13 @@ class TooLarge(Make3DError):
     status = 413
 
 
+class QueueFull(Make3DError):
+    """More jobs waiting than the backend accepts; the client should wait or cancel some."""
+
+    code = "queue_full"
+    status = 429
+
+
 class TooHeavy(Make3DError):
     """A valid request whose estimated memory exceeds what this machine can give a job."""
 

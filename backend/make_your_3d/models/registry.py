@@ -1,8 +1,8 @@
 """The model roles of the method, where each comes from and which local files make it complete.
 
 Every role lives in its own folder under the models directory. A role is *complete* when each of
-its `required` files exists there; loaders, `doctor`, `models list` and the tiny-set writer all
-read this one table.
+its `required` files exists there and none is damaged (`ModelRole.damaged`); loaders, `doctor`,
+`models list`, the service and the tiny-set writer all read this one table.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from make_your_3d.files import sha256_file
 
 CHECKSUMS_FILE = "checksums.json"  # written by models/fetch.py (sha256 and size of every stored file)
 
@@ -34,29 +36,58 @@ class ModelRole:
         return [rel for rel in self.required if not (root / rel).is_file()]
 
     def complete(self, models_dir: Path) -> bool:
-        """Every required file is there and, where checksums were recorded at fetch time, has the
-        recorded size (a stat per file: catches a truncated download without hashing)."""
+        """Every required file is there and none is damaged (see `damaged`; no hashing here)."""
         return not self.missing(models_dir) and not self.damaged(models_dir)
 
-    def damaged(self, models_dir: Path) -> list[str]:
-        """Required files whose size differs from the one recorded in the role's checksums.json."""
+    def damaged(self, models_dir: Path, hash_below: int = 0) -> list[str]:
+        """Required files that are present but not whole. Cheap checks always: the size recorded in
+        the role's checksums.json at fetch time, and a safetensors file's own length (its header
+        says how long the file is: catches truncation and a damaged header with no record at all).
+        Files smaller than `hash_below` bytes are also hashed against the recorded sha256 (a
+        flipped byte); `models verify` hashes everything."""
         root = self.path(models_dir)
         try:
             record = json.loads((root / CHECKSUMS_FILE).read_text(encoding="utf-8"))
             files = record["files"]
+            files = files if isinstance(files, dict) else {}
         except (OSError, ValueError, KeyError, TypeError):
-            return []  # nothing recorded (a hand-made folder): only presence can be checked
+            files = {}  # nothing recorded (a hand-made folder or the tiny set): only the file itself can tell
         bad = []
         for rel in self.required:
-            entry = files.get(rel) if isinstance(files, dict) else None
-            if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
-                continue
+            path = root / rel
             try:
-                if (root / rel).stat().st_size != entry["size"]:
-                    bad.append(rel)
+                size = path.stat().st_size
             except OSError:
-                pass  # missing() reports it
+                continue  # missing() reports it
+            entry = files.get(rel)
+            entry = entry if isinstance(entry, dict) else {}
+            if isinstance(entry.get("size"), int) and size != entry["size"]:
+                bad.append(rel)
+            elif rel.endswith(".safetensors") and not safetensors_intact(path, size):
+                bad.append(rel)
+            elif size < hash_below and isinstance(entry.get("sha256"), str) and sha256_file(path) != entry["sha256"]:
+                bad.append(rel)
         return bad
+
+
+def safetensors_intact(path: Path, size: int | None = None) -> bool:
+    """Whether a safetensors file is as long as its header says: 8 bytes of header length, the
+    JSON header, then exactly the tensors' bytes (the end of the last `data_offsets`). Reads the
+    header only."""
+    size = path.stat().st_size if size is None else size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 * 2**20):  # the format caps the header at 100 MB
+                return False
+            header = json.loads(fh.read(n))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return 8 + n + max(ends, default=0) == size
 
 
 _SD_FOLDERS = (

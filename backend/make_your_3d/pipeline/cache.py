@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from make_your_3d.files import sha256_file
 from make_your_3d.models.registry import ROLES
+from make_your_3d.process import pid_alive
 
 log = logging.getLogger("make_your_3d.cache")
 
@@ -47,6 +48,7 @@ def models_fingerprint(models_dir: Path, *roles: str) -> dict[str, str]:
     return result
 
 
+UNNAMED_TEMP_AGE_S = 24 * 3600.0  # a temporary folder without a pid in its name is left this long
 RECORD = ".complete"  # the entry's record: written last, so its presence means the entry is whole
 QUARANTINE = ".quarantine"
 
@@ -123,7 +125,8 @@ class StageCache:
         """Run `writer(tmp_folder)` and publish the folder as the entry (replacing a broken one)."""
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.", dir=final.parent))
+        # the builder's pid in the name: a clean-up can tell a killed build from a running one
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.{os.getpid()}.", dir=final.parent))
         try:
             writer(tmp)
             (tmp / "inputs.json").write_text(json.dumps(inputs or {}, indent=2, sort_keys=True, default=str))
@@ -137,17 +140,32 @@ class StageCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
-    def remove_partial(self) -> list[Path]:
-        """Delete the temporary folders (`<stage>/.<key>.*`) a killed build left behind; returns them.
-        Only safe while no other process builds here (the service calls it under its data lock)."""
-        removed = []
+    def remove_partial(self, unnamed_age_s: float = UNNAMED_TEMP_AGE_S) -> list[Path]:
+        """Delete the temporary folders (`<stage>/.<key>.<pid>.*`) that killed builds left behind;
+        returns them. Safe while other processes build here (the cache is one per user): a folder
+        is removed only when its builder's pid is gone (or is this process, which calls this before
+        building), or, for a name without a pid (older versions), when untouched for `unnamed_age_s`."""
+        removed: list[Path] = []
         if not self.root.is_dir():
             return removed
+        now = time.time()
         for stage in self.root.iterdir():
             if stage.name.startswith(".") or not stage.is_dir():
                 continue
             for entry in stage.iterdir():
-                if entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
+                if not entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
+                    continue
+                parts = entry.name.split(".")  # ["", key[:12], pid, random] or ["", key[:12], random]
+                if len(parts) == 4 and parts[2].isdigit():
+                    pid = int(parts[2])
+                    if pid != os.getpid() and pid_alive(pid):
+                        continue  # being built right now by another process
+                else:
+                    try:
+                        if now - entry.stat().st_mtime < unnamed_age_s:
+                            continue
+                    except OSError:
+                        continue
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
         return removed

@@ -35,4 +35,4 @@ def run_reconstruct(inputs: "StageInputs", out: Path) -> None:
     # The entry holds results only: the steps' seconds differ from run to run, so they stay out of
     # it (job.json has the stage's time), and the same inputs give the same bytes.
     record = {k: v for k, v in result.record.items() if k != "timings"}
-    (out / "recon.json").write_text(json.dumps({"mesh": {"vertices": result.vertices, "faces": result.faces}, "record": record}, default=str))
+    (out / "recon.json").write_text(json.dumps({"mesh": result.mesh_summary(), "record": record}, default=str))

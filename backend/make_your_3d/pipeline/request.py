@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from make_your_3d.job_params import FACES_RANGE, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, DecompressionBomb, NoSubject, TooHeavy
@@ -58,12 +58,64 @@ def _bomb(exc: Exception) -> DecompressionBomb:
     )
 
 
+# EXIF orientation -> the transpose that shows the image upright (PIL.ImageOps.exif_transpose's table).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIDEWAYS = (5, 6, 7, 8)  # orientations that swap width and height
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 when absent or unreadable). Phone cameras store portrait photos
+    sideways with this tag; every viewer turns them upright, so we must too."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block is not a reason to refuse the photo
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _to_8bit(im: Image.Image, target: str) -> Image.Image:
+    """A 16-bit or 32-bit greyscale image (modes I;16*, I, F) scaled to 8 bits. Pillow's convert
+    clips these at 255, which turns a 16-bit photo white (and then "no subject"). Scaled in bands
+    of rows, so an 8192 px image needs no full-size float copy."""
+    arr = np.asarray(im)
+    top = float(arr.max()) if arr.size else 0.0
+    if im.mode.startswith("I;16") or (im.mode == "I" and top > 255) or (im.mode == "F" and top > 255):
+        scale = 1.0 / 257.0  # 65535 -> 255
+    elif im.mode == "F" and top <= 1.0:
+        scale = 255.0  # a float image in 0..1
+    else:
+        scale = 1.0
+    grey = np.empty(arr.shape, np.uint8)
+    for y in range(0, arr.shape[0], 256):
+        grey[y:y + 256] = np.clip(np.rint(arr[y:y + 256].astype(np.float32) * scale), 0, 255)
+    out = Image.fromarray(grey, "L")
+    if target != "RGBA":
+        return out.convert(target)
+    transparent = im.info.get("transparency")
+    alpha = (arr != transparent) if isinstance(transparent, (int, float)) else np.ones(arr.shape, bool)
+    out = out.convert("RGBA")
+    out.putalpha(Image.fromarray(alpha.astype(np.uint8) * 255, "L"))
+    return out
+
+
 def load_image_bytes(data: bytes, max_side: int = MAX_WORK_SIDE) -> Image.Image:
-    """Decode an uploaded image with size limits, reduced to at most `max_side` pixels on its longer
-    side; raises BadImage (or DecompressionBomb) with a sentence a user understands.
+    """Decode an uploaded image with size limits, upright (EXIF orientation applied), in 8 bits per
+    channel, reduced to at most `max_side` pixels on its longer side; raises BadImage (or
+    DecompressionBomb) with a sentence a user understands.
 
     The header is checked before any pixel is decoded; a JPEG is then decoded at a reduced scale
-    (`draft`), other formats are reduced straight after decoding, before any copy is made.
+    (`draft`), other formats are reduced straight after decoding, before any copy is made. The
+    orientation is applied last, to the reduced image (the size limits are the same either way
+    round, and the reduction box is square); sizes in messages are the upright ones.
     """
     if not data:
         raise BadImage("The image is empty (0 bytes). Pick a PNG, JPEG or WebP photo of the subject.")
@@ -77,6 +129,9 @@ def load_image_bytes(data: bytes, max_side: int = MAX_WORK_SIDE) -> Image.Image:
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format
                 width, height = probe.size
+                # JPEG and WebP carry EXIF in the header; a PNG's may follow the pixels (not read here)
+                if fmt in ("JPEG", "WEBP") and _orientation(probe) in _SIDEWAYS:
+                    width, height = height, width
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _bomb(exc) from None
         except Exception:
@@ -94,12 +149,14 @@ def load_image_bytes(data: bytes, max_side: int = MAX_WORK_SIDE) -> Image.Image:
                 if im.format == "JPEG":
                     im.draft("RGB", (max_side, max_side))  # the decoder scales by 1/2, 1/4 or 1/8
                 im.load()
+                upright = _UPRIGHT.get(_orientation(im))
                 if im.mode in ("RGB", "RGBA", "L", "LA"):
                     im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)  # premultiplied for alpha
-                    return im.convert(target)
-                out = im.convert(target)
-                out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
-                return out
+                    out = im.convert(target)
+                else:
+                    out = _to_8bit(im, target) if im.mode in _HIGH_BIT_MODES else im.convert(target)
+                    out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                return out.transpose(upright) if upright is not None else out
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _bomb(exc) from None
         except Exception:
@@ -146,18 +203,25 @@ def strip_format_chars(text: str) -> str:
     return "".join(out)
 
 
+def prompt_too_long(field_name: str, length: int | None = None) -> BadPrompt:
+    """The one sentence for text over the limit. It names only MAX_PROMPT_CHARS: the longer
+    MAX_RAW_PROMPT_CHARS is an internal early cut-off, not a limit a user can aim for."""
+    count = f" ({length} characters)" if length is not None else ""
+    return BadPrompt(f"The {field_name} is longer than {MAX_PROMPT_CHARS} characters{count}; shorten it to at most {MAX_PROMPT_CHARS}.")
+
+
 def clean_prompt(text: str, field_name: str = "prompt", *, required: bool = True) -> str:
     if not isinstance(text, str):
         raise BadPrompt(f"The {field_name} must be text.")
     if len(text) > MAX_RAW_PROMPT_CHARS:  # before any O(n) pass over it
-        raise BadPrompt(f"The {field_name} is {len(text)} characters; keep it under {MAX_PROMPT_CHARS}.")
+        raise prompt_too_long(field_name, len(text))
     if any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in "\t\n" for ch in text):
         raise BadPrompt(f"The {field_name} contains control characters; type plain text.")
     text = unicodedata.normalize("NFC", strip_format_chars(text)).strip()
     if required and not text:
         raise BadPrompt(f"The {field_name} is empty. Describe the change, e.g. \"wearing a red scarf\".")
     if len(text) > MAX_PROMPT_CHARS:
-        raise BadPrompt(f"The {field_name} is {len(text)} characters; keep it under {MAX_PROMPT_CHARS}.")
+        raise prompt_too_long(field_name, len(text))
     return text
 
 

@@ -5,7 +5,8 @@ component(s), contour vertices snapped onto the visual hull, and simplification 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
 
 import fast_simplification
 import numpy as np
@@ -13,12 +14,16 @@ import pymeshfix
 import torch
 import trimesh
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.measure import marching_cubes
 from torch import Tensor
 
 from make_your_3d.recon.camera import Cameras, pixel_size, project, sample_image, view_dirs
 from make_your_3d.recon.config import FuseConfig, HullConfig, MeshConfig
 from make_your_3d.recon.scene import grid_counts, subpixel_mask
+
+log = logging.getLogger("make_your_3d.recon")
 
 
 @dataclass
@@ -226,9 +231,6 @@ def non_manifold_vertices(mesh: trimesh.Trimesh) -> int:
     """Vertices whose faces form more than one fan (two sheets touching at a point, a 'bowtie'): the
     corners at a vertex are linked through the faces sharing an edge there, and each vertex should
     have one group of linked corners."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     faces = np.asarray(mesh.faces)
     if len(faces) == 0:
         return 0
@@ -262,35 +264,115 @@ def _oriented(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return mesh
 
 
-def repair(mesh: trimesh.Trimesh, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
-    """Make a decimated surface closed and manifold again.
+@dataclass
+class MeshFixOutcome:
+    """What one MeshFix run on a broken component did and left: logged as one sentence and kept in
+    the reconstruction record (job.json), so "not watertight" always comes with its reason."""
+
+    faces_in: int
+    faces_out: int
+    holes_filled: int
+    holes_left: int  # boundary loops MeshFix could not close
+    components: int  # connected pieces of the component as kept
+    cleaned: bool  # its degeneracy/self-intersection pass finished with none left
+    kept: bool  # the repair replaced the component (False: it gutted the piece; the broken piece stayed)
+    watertight: bool  # the component as kept is closed and manifold
+
+    def sentence(self) -> str:
+        if self.kept:
+            head = f"MeshFix rebuilt a broken piece ({self.faces_in} -> {self.faces_out} faces, {self.holes_filled} holes filled)"
+        else:
+            head = (f"MeshFix would have cut a broken piece from {self.faces_in} to {self.faces_out} faces; kept the piece as it was "
+                    f"(the next decimation try may close it)")
+        left = f"{self.holes_left} holes left" if self.kept else "its holes and pinched edges left"
+        rest = "" if self.cleaned or not self.kept else ", some degenerate or self-intersecting faces left"
+        pieces = f"{self.components} piece{'s' if self.components != 1 else ''}"
+        return f"{head}: {left}{rest}, {pieces}; {'watertight' if self.watertight else 'not watertight'}."
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def meshfix(part: trimesh.Trimesh) -> tuple[trimesh.Trimesh, MeshFixOutcome]:
+    """MeshFix on one component, step by step as `pymeshfix.clean_from_arrays` runs it (drop small
+    components, fill holes, remove degeneracies and self-intersections, fill again), but quiet and
+    with its outcome: that function prints "MeshFix could not fix everything" to stderr exactly when
+    it *did* fix everything (pymeshfix 0.18's test is inverted), and says nothing of what it left."""
+    tin = pymeshfix.PyTMesh()
+    tin.set_quiet(1)
+    tin.load_array(np.ascontiguousarray(part.vertices, np.float64), np.ascontiguousarray(part.faces, np.int32))
+    tin.remove_smallest_components()
+    filled = tin.fill_small_boundaries() if tin.n_boundaries else 0
+    cleaned = tin.clean()
+    if tin.n_boundaries:
+        filled += tin.fill_small_boundaries()
+        cleaned = tin.clean()
+    holes_left = tin.n_boundaries
+    v, f = tin.return_arrays()
+    fixed = trimesh.Trimesh(v, f, process=True)
+    return fixed, MeshFixOutcome(int(len(part.faces)), int(len(fixed.faces)), int(filled), int(holes_left), pieces(fixed), bool(cleaned),
+                                 True, is_closed_manifold(fixed))
+
+
+def pieces(mesh: trimesh.Trimesh) -> int:
+    """Connected pieces (faces joined through shared edges)."""
+    return len(trimesh.graph.connected_components(mesh.face_adjacency, nodes=np.arange(len(mesh.faces)), min_len=1))
+
+
+def boundary_loops(mesh: trimesh.Trimesh) -> int:
+    """Holes: connected chains of boundary edges (edges with one face)."""
+    edges = mesh.edges_sorted
+    if len(edges) == 0:
+        return 0
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    border = unique[counts == 1]
+    if len(border) == 0:
+        return 0
+    nodes, idx = np.unique(border.reshape(-1), return_inverse=True)
+    idx = idx.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(idx), np.int8), (idx[:, 0], idx[:, 1])), shape=(len(nodes), len(nodes)))
+    return int(connected_components(graph, directed=False)[0])
+
+
+def surface_report(mesh: trimesh.Trimesh, repairs: list[MeshFixOutcome]) -> dict:
+    """The facts a user needs about the final surface: closed and manifold or not, its holes and
+    pieces, and what each MeshFix run left (job.json `mesh`, the reconstruction record)."""
+    return {"watertight": is_closed_manifold(mesh), "holes": boundary_loops(mesh), "components": pieces(mesh),
+            "meshfix": [r.to_dict() for r in repairs]}
+
+
+def repair(mesh: trimesh.Trimesh, cfg: MeshConfig = MeshConfig()) -> tuple[trimesh.Trimesh, list[MeshFixOutcome]]:
+    """Make a decimated surface closed and manifold again; returns it and each MeshFix outcome.
 
     Decimation pinches thin spots: tiny slivers split off (two back-to-back triangles, a dozen-face
     bubble) and the edge where they hung becomes non-manifold. So: drop pieces far smaller than the
     largest (as `keep_largest` does before decimation), keep closed components untouched, and rebuild each
-    broken component with MeshFix (pymeshfix), which removes the non-manifold/degenerate faces around the
+    broken component with MeshFix (`meshfix`), which removes the non-manifold/degenerate faces around the
     pinch and fills the resulting holes into a single closed manifold surface. A component that MeshFix
     would gut is left as it was (still open)."""
     parts = mesh.split(only_watertight=False)
     if len(parts) == 0:
-        return mesh
+        return mesh, []
     areas = np.array([p.area for p in parts])
     out = []
+    outcomes = []
     for part, area in zip(parts, areas):
         if area < cfg.keep_fraction * areas.max():
             continue
         if not is_closed_manifold(part):
-            v, f = pymeshfix.clean_from_arrays(np.ascontiguousarray(part.vertices, np.float64),
-                                               np.ascontiguousarray(part.faces, np.int32))
-            fixed = trimesh.Trimesh(v, f, process=True)
+            fixed, outcome = meshfix(part)
             # MeshFix only trims around the pinch; if it threw away much of the piece (it can on a
             # decimation far too coarse for the shape), keep the broken piece and let the caller retry
             if len(fixed.faces) >= cfg.repair_keep_faces * len(part.faces) and abs(fixed.area - part.area) <= cfg.repair_area_change * part.area:
                 part = fixed
+            else:
+                outcome.kept, outcome.watertight, outcome.components = False, False, pieces(part)
+            outcomes.append(outcome)
+            log.info("%s", outcome.sentence())
         out.append(_oriented(part))
     if not out:
-        return mesh
-    return out[0] if len(out) == 1 else trimesh.util.concatenate(out)
+        return mesh, outcomes
+    return (out[0] if len(out) == 1 else trimesh.util.concatenate(out)), outcomes
 
 
 def _decimate(mesh: trimesh.Trimesh, target: int, agg: float) -> trimesh.Trimesh:
@@ -302,23 +384,25 @@ def _decimate(mesh: trimesh.Trimesh, target: int, agg: float) -> trimesh.Trimesh
     return out
 
 
-def simplify(mesh: trimesh.Trimesh, faces: int, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
-    """Quadric decimation down to the face budget (no-op when already under it), closed and manifold.
+def simplify(mesh: trimesh.Trimesh, faces: int, cfg: MeshConfig = MeshConfig()) -> tuple[trimesh.Trimesh, list[MeshFixOutcome]]:
+    """Quadric decimation down to the face budget (no-op when already under it), closed and manifold;
+    returns the mesh and the outcome of each MeshFix run on the way (of the decimation tried last).
 
     Collapses occasionally pinch an edge into a non-manifold one; the decimated surface is then
     repaired (`repair`: slivers dropped, broken components rebuilt by MeshFix). Hole filling can add a
     few faces, so if the repaired mesh is over budget, decimate to a slightly smaller target and repair
     again. A result that is not closed is returned only if the input was not closed either (or nothing
-    closed was found; the record then reports it as not watertight)."""
+    closed was found; the record then reports it as not watertight, with what MeshFix left)."""
     if len(mesh.faces) <= faces:
-        return mesh
+        return mesh, []
     tries = []
     for target, agg in cfg.decimate_tries:
         out = _decimate(mesh, int(faces * target), agg)
+        outcomes: list[MeshFixOutcome] = []
         if mesh.is_watertight and not is_closed_manifold(out):
-            out = repair(out, cfg)
-        tries.append(out)
+            out, outcomes = repair(out, cfg)
+        tries.append((out, outcomes))
         if len(out.faces) <= faces and (is_closed_manifold(out) or not mesh.is_watertight):
-            return out
-    within = [t for t in tries if len(t.faces) <= faces]
-    return within[0] if within else min(tries, key=lambda t: len(t.faces))
+            return out, outcomes
+    within = [t for t in tries if len(t[0].faces) <= faces]
+    return within[0] if within else min(tries, key=lambda t: len(t[0].faces))

@@ -21,6 +21,7 @@ pipeline and the CLI (a preset name plus flat or dotted overrides).
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -39,14 +40,16 @@ from make_your_3d.recon.config import PRESETS, ReconConfig, parse_settings, pres
 from make_your_3d.recon.fit import Gaussians, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.glb import textured_mesh, write_glb
 from make_your_3d.recon.lift import depth_slopes
-from make_your_3d.recon.mesh import (DepthView, Silhouette, clean_field, field_to_mesh, keep_largest, simplify,
-                                     silhouettes, snap_to_silhouettes, tsdf_field)
+from make_your_3d.recon.mesh import (DepthView, Silhouette, clean_field, field_to_mesh, keep_largest, silhouettes, simplify,
+                                     snap_to_silhouettes, surface_report, tsdf_field)
 from make_your_3d.recon.rasterize import cuda_available
 from make_your_3d.recon.scene import ViewTargets, mask_tensors, scene_bounds, targets_for
 from make_your_3d.recon.texture import ColorSource, UVMesh, bake, unwrap
 from make_your_3d.views import ViewSet, load_views
 
 __all__ = ["PRESETS", "ReconConfig", "ReconOptions", "ReconResult", "reconstruct"]
+
+log = logging.getLogger("make_your_3d.recon")
 
 
 class ReconOptions:
@@ -94,6 +97,11 @@ class ReconResult:
     faces: int
     timings: dict[str, float]
     record: dict = field(default_factory=dict)
+
+    def mesh_summary(self) -> dict:
+        """job.json's `mesh`: the counts and the surface facts (watertight, holes, components, what
+        each MeshFix run left)."""
+        return {"vertices": self.vertices, "faces": self.faces, **self.record.get("surface", {})}
 
 
 @dataclass
@@ -163,7 +171,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
             tsdf, step, sils = _fuse(depth_views, scene, cfg, device)
         reporter.step(cfg.fit.iterations + 2, total, "extracting surface")
         with _timed(timings, "mesh"):  # 5. surface
-            mesh, raw_faces = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
+            mesh, raw_faces, repairs = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
         reporter.step(cfg.fit.iterations + 3, total, "unwrapping and baking texture")
         with _timed(timings, "uv"):  # 6a. UVs
             uvm = unwrap(mesh, cfg.bake.texture_size, cfg.bake)
@@ -177,7 +185,11 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
     timings["total"] = time.perf_counter() - t_all
     timings = {k: round(v, 3) for k, v in timings.items()}
     reporter.step(total, total, "done")
-    record = _record(options, cfg, device, viewset, scene, g, losses, raw_faces, uvm, mesh, tex_stats, timings)
+    surface = surface_report(mesh, repairs)
+    if not surface["watertight"]:
+        log.warning("the reconstructed surface is not watertight: %d holes, %d pieces (see `mesh` in job.json)", surface["holes"],
+                    surface["components"])
+    record = _record(options, cfg, device, viewset, scene, g, losses, raw_faces, uvm, mesh, tex_stats, timings, surface)
     return ReconResult(Path(out_glb), int(len(uvm.vertices)), int(len(uvm.faces)), timings, record)
 
 
@@ -257,18 +269,20 @@ def _fuse(depth_views: list[DepthView], scene: _Scene, cfg: ReconConfig, device:
 
 def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],
                   sils: list[Silhouette | None], cfg: ReconConfig):
-    """Step 5: marching cubes, the largest parts, contour snapping, simplification; also the raw face count."""
+    """Step 5: marching cubes, the largest parts, contour snapping, simplification; also the raw face
+    count and the MeshFix outcomes of the simplification."""
     try:
         mesh = field_to_mesh(clean_field(tsdf, cfg.mesh.smooth_sigma), lo, step)
     except ValueError:
         raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
     mesh = snap_to_silhouettes(keep_largest(mesh, cfg.mesh.keep_fraction), depth_views, step, sils=sils, cfg=cfg.mesh)
     raw_faces = len(mesh.faces)
-    return simplify(mesh, cfg.mesh.faces, cfg.mesh), raw_faces
+    mesh, repairs = simplify(mesh, cfg.mesh.faces, cfg.mesh)
+    return mesh, raw_faces, repairs
 
 
 def _record(options, cfg: ReconConfig, device: torch.device, viewset: ViewSet, scene: _Scene, g: Gaussians,
-            losses: list[float], raw_faces: int, uvm: UVMesh, mesh, tex_stats: dict, timings: dict) -> dict:
+            losses: list[float], raw_faces: int, uvm: UVMesh, mesh, tex_stats: dict, timings: dict, surface: dict) -> dict:
     """The job.json-style record: the options as given, the whole resolved config, what happened."""
     return {
         "stage": "reconstruct",
@@ -286,6 +300,7 @@ def _record(options, cfg: ReconConfig, device: torch.device, viewset: ViewSet, s
         "vertices": int(len(uvm.vertices)),
         "faces": int(len(uvm.faces)),
         "watertight": bool(mesh.is_watertight),
+        "surface": surface,  # closed and manifold, holes, pieces, each MeshFix outcome
         "texture": {"size": cfg.bake.texture_size,
                     **{k: round(v, 4) if isinstance(v, float) else v for k, v in tex_stats.items()}},
         "timings": timings,

@@ -37,7 +37,7 @@ from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, 
                                  Unauthorized, WeightsBroken, WeightsMissing)
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
-from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, GenerateRequest, check_job_memory,
+from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, GenerateRequest, check_job_memory, prompt_too_long,
                                            validate_request)
 from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, Param, variant_seeds
 from make_your_3d.service.store import Job, JobSpec, JobStore
@@ -54,6 +54,11 @@ MAX_DATA_URL_PREFIX = 128  # "data:image/png;base64," before the base64 text
 MAX_REPORTED_ERRORS = 20
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+MAX_QUEUED_JOBS = 500  # waiting jobs the backend accepts (serve --config max_queued_jobs); more is queue_full
+MAX_ECHO_CHARS = 80  # of an id, a file name or a path repeated back in an error sentence
+# /v1/models hashes the required files smaller than this against the checksums recorded at fetch
+# time (configs, tokenizers, small weights: milliseconds); larger ones get the size and header checks.
+MODELS_HASH_BELOW = 64 * 2**20
 PUBLIC_PATHS = frozenset({"/v1/health"})
 _PROMPT_FIELDS = {"prompt": "prompt", "negative_prompt": "negative prompt", "subject": "subject description"}
 
@@ -178,8 +183,10 @@ class RoleState(BaseModel):
     name: str
     title: str
     licence: str
-    complete: bool
+    complete: bool = Field(description="every required file is present and none is damaged")
     missing: list[str]
+    damaged: list[str] = Field(description="present but truncated, longer than its header says, or not matching the size or "
+                                           "checksum recorded at fetch time: run `make-your-3d models fetch --role NAME` again")
 
 
 class ModelsState(BaseModel):
@@ -187,6 +194,13 @@ class ModelsState(BaseModel):
     tiny: bool
     complete: bool
     roles: list[RoleState]
+
+
+class GroupCancelled(BaseModel):
+    group: str
+    cancelled: list[str] = Field(description="queued jobs of the group, now cancelled")
+    stopping: list[str] = Field(description="the group's running job, asked to stop at its next check (then `cancelled`)")
+    finished: list[str] = Field(description="jobs of the group that had already ended (left as they were)")
 
 
 class Unloaded(BaseModel):
@@ -198,7 +212,7 @@ class Stopping(BaseModel):
     stopping: bool
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 500)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 500)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +235,12 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"The request is larger than {limit // 2**20} MiB. Use a smaller image (at most {MAX_IMAGE_BYTES // 2**20} MiB).")
 
 
+def shown(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` quoted for an error sentence, cut to `limit` characters: a 404 must not echo a
+    70,000-character id back."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts)
@@ -236,7 +256,8 @@ def text_field_error(err: dict[str, Any]) -> Make3DError | None:
     if kind != "string_too_long":
         return None
     if name in _PROMPT_FIELDS:
-        return BadPrompt(f"The {_PROMPT_FIELDS[name]} is over {MAX_RAW_PROMPT_CHARS} characters; keep it under {MAX_PROMPT_CHARS}.")
+        given = err.get("input")
+        return prompt_too_long(_PROMPT_FIELDS[name], len(given) if isinstance(given, str) else None)
     if name == "image_png_b64":
         return BadImage(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MiB. Resize it and try again.")
     return None
@@ -254,15 +275,15 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     if kind == "json_invalid":
         text = "The request body is not valid JSON (UTF-8). Send a JSON object."
     elif kind == "extra_forbidden":
-        text = f"Unknown field {name!r}: remove it."
+        text = f"Unknown field {shown(name)}: remove it."
     elif kind == "missing" and name:
-        text = f"The field {name!r} is required."
+        text = f"The field {shown(name)} is required."
     elif kind == "missing":
         text = "The request needs a JSON body."
     elif not name:
         text = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
     else:
-        text = f"The field {name!r} is invalid: {err.get('msg', 'bad value')}."
+        text = f"The field {shown(name)} is invalid: {err.get('msg', 'bad value')}."
     more = len(errors) - 1
     if more > MAX_REPORTED_ERRORS:
         text += f" ({MAX_REPORTED_ERRORS}+ more problems in the request.)"
@@ -291,9 +312,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         if status == 404:
-            return error_response("not_found", f"There is no route {request.method} {request.url.path}; see /v1/openapi.json.", 404)
+            return error_response("not_found", f"There is no route {request.method} {shown(request.url.path)}; see /v1/openapi.json.", 404)
         if status == 405:
-            return error_response("method_not_allowed", f"{request.url.path} does not accept {request.method}; see /v1/openapi.json.", 405)
+            return error_response("method_not_allowed", f"{shown(request.url.path)} does not accept {request.method}; see /v1/openapi.json.",
+                                  405)
         if status == 413:
             return error_response("too_large", str(exc.detail), 413)
         if status == 401:
@@ -486,7 +508,7 @@ def _check_weights(models_dir: Path, roles: tuple[str, ...]) -> None:
         listed = "; ".join(f"{name}: {', '.join(files[:3])}" for name, files in damaged.items())
         first = next(iter(damaged))
         raise WeightsBroken(
-            f"Model weight files have the wrong size (truncated or replaced) in {models_dir} ({listed}). Run "
+            f"Model weight files are damaged (truncated, or not the size recorded when they were fetched) in {models_dir} ({listed}). Run "
             f"'make-your-3d models verify', then 'make-your-3d models fetch --role {first}' for each role named, and try again."
         )
 
@@ -519,6 +541,7 @@ class ServiceContext:
     feed: ChangeFeed
     memory_budget_bytes: int | None
     overrides: dict | None
+    max_queued: int = MAX_QUEUED_JOBS
     _needed: list[tuple[str, ...]] = field(default_factory=list)
 
     def needed_roles(self) -> tuple[str, ...]:
@@ -530,8 +553,22 @@ class ServiceContext:
     def get_job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
-            raise NotFound(f"There is no job {job_id!r}. List jobs with GET /v1/jobs.")
+            raise NotFound(f"There is no job {shown(job_id)}. List jobs with GET /v1/jobs.")
         return job
+
+    def present_files(self, job: Job) -> list[str]:
+        """The job's recorded files that are still on disk: a deleted job folder (or file) is not
+        listed, so a client never offers a download that would 404."""
+        if not job.files:
+            return []
+        folder = self.worker.jobs_dir / job.id
+        if folder.is_symlink() or not folder.is_dir():
+            return []
+        return [name for name in job.files if (folder / name).is_file()]
+
+    def record(self, job: Job, now: float | None = None) -> dict[str, Any]:
+        """The API's job record (the store's, with the files that really exist)."""
+        return {**job.record(now), "files": self.present_files(job)}
 
     def check_memory(self, spec: JobSpec) -> None:
         if self.memory_budget_bytes is None:
@@ -547,7 +584,7 @@ class ServiceContext:
         self.check_memory(specs[0])
         _check_weights(self.models_dir, self.needed_roles())
         digest = self.worker.inputs.put(image)
-        jobs = self.store.add_jobs(specs, digest)
+        jobs = self.store.add_jobs(specs, digest, max_queued=self.max_queued)
         self.worker.wake()
         log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
         return Created(ids=[j.id for j in jobs], group=jobs[0].group, seeds=[j.spec.seed for j in jobs])
@@ -575,11 +612,11 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
         """The newest jobs first by page; within a page, oldest first."""
         now = time.time()
         jobs, cursor = ctx.store.page(limit, before)
-        return {"jobs": [j.record(now) for j in jobs], "next": cursor}
+        return {"jobs": [ctx.record(j, now) for j in jobs], "next": cursor}
 
     @api.get("/jobs/{job_id}", response_model=JobRecord)
     def job_record(job_id: str) -> dict[str, Any]:
-        return ctx.get_job(job_id).record()
+        return ctx.record(ctx.get_job(job_id))
 
     @api.get(
         "/jobs/{job_id}/events",
@@ -595,7 +632,7 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
     def cancel(job_id: str) -> dict[str, Any]:
         ctx.get_job(job_id)
         ctx.worker.cancel(job_id)
-        return ctx.get_job(job_id).record()
+        return ctx.record(ctx.get_job(job_id))
 
     @api.post("/jobs/{job_id}/rerun", status_code=201, response_model=Created)
     def rerun(job_id: str, body: JobRerun | None = None) -> Created:
@@ -617,7 +654,7 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
              responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
     def job_file(job_id: str, name: str) -> FileResponse:
         job = ctx.get_job(job_id)
-        not_found = NotFound(f"Job {job_id} has no file {name!r}; its files are listed in GET /v1/jobs/{job_id}.")
+        not_found = NotFound(f"Job {job.id} has no file {shown(name)}; its files are listed in GET /v1/jobs/{job.id}.")
         if name not in job.files:
             raise not_found
         jobs_dir = ctx.worker.jobs_dir
@@ -634,6 +671,24 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
     return api
 
 
+def groups_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
+    """/v1/groups/{group}...: act on every job of one request (its variants) at once."""
+    api = APIRouter(**router_args)
+
+    @api.post("/groups/{group}/cancel", response_model=GroupCancelled)
+    def cancel_group(group: str) -> dict[str, Any]:
+        """Cancel every job of a group: queued ones at once, the running one at its next check."""
+        jobs = ctx.store.group(group)
+        if not jobs:
+            raise NotFound(f"There is no group {shown(group)}. A job's group is in its record (GET /v1/jobs/{{id}}).")
+        cancelled, stopping = ctx.worker.cancel_group(group)
+        touched = set(cancelled) | set(stopping)
+        finished = [j.id for j in jobs if j.terminal and j.id not in touched]
+        return {"group": group, "cancelled": cancelled, "stopping": stopping, "finished": finished}
+
+    return api
+
+
 async def _job_stream(ctx: ServiceContext, job_id: str):
     """Server-sent events of one job's record: on every change (a store notification, no polling)
     and at least every HEARTBEAT_S; ends with the terminal record."""
@@ -644,7 +699,7 @@ async def _job_stream(ctx: ServiceContext, job_id: str):
         job = await run_in_threadpool(ctx.store.get, job_id)
         if job is None:
             return
-        record = job.record()
+        record = ctx.record(job)
         key = json.dumps({k: v for k, v in record.items() if k != "elapsed_s"}, sort_keys=True)
         now = time.monotonic()
         if key != sent_key or now - sent_at >= HEARTBEAT_S:
@@ -678,10 +733,11 @@ def system_router(ctx: ServiceContext, app: FastAPI, on_shutdown: Callable[[], N
     @api.get("/models", response_model=ModelsState)
     def models() -> dict[str, Any]:
         models_dir = ctx.models_dir
-        roles = [
-            {"name": r.name, "title": r.title, "licence": r.licence, "complete": r.complete(models_dir), "missing": r.missing(models_dir)}
-            for r in ROLES.values()
-        ]
+        roles = []
+        for r in ROLES.values():
+            missing, damaged = r.missing(models_dir), r.damaged(models_dir, hash_below=MODELS_HASH_BELOW)
+            roles.append({"name": r.name, "title": r.title, "licence": r.licence, "complete": not missing and not damaged,
+                          "missing": missing, "damaged": damaged})
         need = ctx.needed_roles()
         complete = all(r["complete"] for r in roles if r["name"] in need)
         return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": complete, "roles": roles}
@@ -714,13 +770,15 @@ def create_app(
     check_host: bool = True,
     memory_budget_bytes: int | None = None,
     overrides: dict | None = None,
+    max_queued_jobs: int = MAX_QUEUED_JOBS,
 ) -> FastAPI:
     """Build the API around a job store and its worker; `token` guards every route but health.
 
     `check_host` False (a backend started with --allow-remote) accepts any Host header; the token
-    still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger."""
+    still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger;
+    `max_queued_jobs` refuses (queue_full) a request that would queue more waiting jobs."""
     activity = activity or Activity()
-    ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides)
+    ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides, max_queued_jobs)
     store.subscribe(ctx.feed.changed)
 
     token_bytes = token.encode("utf-8")
@@ -752,5 +810,6 @@ def create_app(
     guarded = {"prefix": "/v1", "dependencies": [Depends(require_token)], "responses": _ERRORS}
     app.include_router(public)
     app.include_router(jobs_router(ctx, **guarded))
+    app.include_router(groups_router(ctx, **guarded))
     app.include_router(system_router(ctx, app, on_shutdown, **guarded))
     return app

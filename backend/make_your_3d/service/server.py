@@ -5,8 +5,10 @@ state file (url, token, pid, version; mode 0600, atomically) only once it accept
 removes it on exit. Exits when --parent-pid is gone or after --idle-timeout idle seconds.
 
 Start-up refuses a data folder it cannot write and a state file that names another live backend
-(`busy`), moves a damaged job database aside, and removes what a killed run left (temporary job
-and cache folders) under the data-folder lock. The data folder is private (0700, umask 077).
+(`busy`), moves a damaged job database aside and rebuilds the job list from the job folders, and
+removes what a killed run left: temporary job folders (under the data-folder lock) and the
+half-built entries of the per-user stage cache whose building process is gone. The data folder is
+private (0700, umask 077).
 Against slow or idle clients: a request head must arrive within `header_timeout_s`, connections
 are capped (`limit_concurrency`) and the soft open-files limit is raised to allow that many.
 """
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,16 +41,18 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
 from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
-from make_your_3d.paths import default_data_dir, resolve_models_dir
+from make_your_3d.job_params import FACES_RANGE, TEXTURE_SIZES
+from make_your_3d.paths import default_cache_dir, default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
-from make_your_3d.service.app import Activity, create_app
+from make_your_3d.process import pid_alive
+from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, create_app
 from make_your_3d.service.inputs import InputStore
-from make_your_3d.service.store import JobStore
+from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
 
-CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib")
+CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib", "max_queued_jobs")
 HEADER_TIMEOUT_S = 10.0  # a request line and headers must arrive within this (slowloris)
 MAX_CONNECTIONS = 2048  # uvicorn's limit_concurrency, lowered when the open-files limit is lower
 OPEN_FILES_WANTED = 8192
@@ -71,6 +76,9 @@ class ServeOptions:
     progress_interval_s: float = 0.5
     header_timeout_s: float = HEADER_TIMEOUT_S
     max_job_memory_bytes: int | None = None  # None: JOB_MEMORY_SHARE of physical memory
+    max_queued_jobs: int = MAX_QUEUED_JOBS
+    # the stage cache jobs build in: one per user, shared with `generate` and `demo`
+    cache_dir: Path = field(default_factory=default_cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +117,9 @@ def load_config(path: Path) -> dict[str, Any]:
     memory = data.get("max_job_memory_gib")
     if memory is not None and (not isinstance(memory, (int, float)) or isinstance(memory, bool) or memory <= 0):
         raise BadRequest(f"'max_job_memory_gib' in {path} must be a positive number of GiB.")
+    queued = data.get("max_queued_jobs", MAX_QUEUED_JOBS)
+    if not isinstance(queued, int) or isinstance(queued, bool) or not 1 <= queued <= 1_000_000:
+        raise BadRequest(f"'max_queued_jobs' in {path} must be a whole number from 1 to 1000000.")
     return data
 
 
@@ -135,38 +146,13 @@ def options_from_args(args: Any) -> ServeOptions:
         progress_interval_s=float(config.get("progress_interval_s", 0.5)),
         header_timeout_s=float(config.get("header_timeout_s", HEADER_TIMEOUT_S)),
         max_job_memory_bytes=int(config["max_job_memory_gib"] * 2**30) if config.get("max_job_memory_gib") else None,
+        max_queued_jobs=int(config.get("max_queued_jobs", MAX_QUEUED_JOBS)),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Process plumbing
 # ---------------------------------------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (without signalling it; os.kill(pid, 0) is not safe on Windows)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        try:
-            code = ctypes.c_ulong()
-            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-            return code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_state_file(path: Path, state: dict[str, Any]) -> None:
     """Write JSON readable only by this user: temp file created 0600 in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,12 +190,78 @@ def remove_partial_outputs(jobs_dir: Path) -> None:
             log.info("removed partial output %s", entry.name)
 
 
-def remove_leftovers(data_dir: Path) -> None:
-    """What a killed run leaves: temporary job output folders and half-built cache entries
-    (`cache/<stage>/.<key>.*`). Call only while holding the data folder lock."""
+def remove_leftovers(data_dir: Path, cache_dir: Path) -> None:
+    """What a killed run leaves: temporary job output folders (under the data folder lock) and the
+    half-built entries of the stage cache the jobs build in (`cache_dir`, the per-user cache shared
+    with `generate` and other backends: only entries whose building process is gone are removed)."""
     remove_partial_outputs(data_dir / "jobs")
-    for path in StageCache(data_dir / "cache").remove_partial():
+    for path in StageCache(cache_dir).remove_partial():
         log.info("removed partial cache entry %s/%s", path.parent.name, path.name)
+
+
+def _job_from_folder(folder: Path) -> Job | None:
+    """A finished job rebuilt from its folder's job.json (None when there is none or it is not
+    readable): the request, the image digest, the files, the times. Its group is its own id (the
+    variants' shared group was only in the database)."""
+    try:
+        return _parse_job_json(folder, json.loads((folder / "job.json").read_text(encoding="utf-8")), (folder / "job.json").stat().st_mtime)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        log.warning("could not read %s; that job is not listed", folder / "job.json")
+        return None
+
+
+def _parse_job_json(folder: Path, record: dict, finished: float) -> Job:
+    inputs, preset = record["inputs"], record["preset"]
+    recon = record.get("recon") or {}
+    faces = (recon.get("mesh") or {}).get("faces")
+    texture = (recon.get("bake") or {}).get("texture_size")
+    subject = inputs.get("subject")
+    overrides = inputs.get("overrides")
+    spec = JobSpec(
+        prompt=str(inputs.get("prompt") or ""),
+        negative_prompt=str(inputs.get("negative_prompt") or ""),
+        subject=subject if isinstance(subject, str) else None,
+        seed=int(inputs.get("seed") or 0),
+        preset=str(preset.get("name") or "default"),
+        # the sizes the job ran with, where a request may ask for them (a re-run reproduces the job)
+        faces=faces if isinstance(faces, int) and FACES_RANGE[0] <= faces <= FACES_RANGE[1] else None,
+        texture_size=texture if texture in TEXTURE_SIZES else None,
+        overrides=dict(overrides) if isinstance(overrides, dict) and overrides else None,
+    )
+    try:
+        created = datetime.fromisoformat(str(record.get("created_at"))).timestamp()
+    except ValueError:
+        created = finished
+    total = (record.get("timings") or {}).get("total")
+    started = finished - total if isinstance(total, (int, float)) and total >= 0 else None
+    files = record.get("files")
+    files = sorted(f for f in files if isinstance(f, str)) if isinstance(files, list) else ["job.json"]
+    cached = record.get("cached_stages")
+    cached = [c for c in cached if isinstance(c, str)] if isinstance(cached, list) else []
+    image = inputs["image_sha256"]
+    if not isinstance(image, str):
+        raise TypeError("image_sha256 is not text")
+    return Job(seq=0, id=folder.name, group=folder.name, status="done", stage=None, step=0, total=0, message="done (restored from its folder)",
+               eta_s=None, error=None, files=files, cached_stages=cached, spec=spec, image_sha256=image, created_at=created,
+               started_at=started, finished_at=finished)
+
+
+def restore_jobs_from_folders(store: JobStore, jobs_dir: Path) -> list[str]:
+    """Put back the finished jobs whose folders (with job.json) the database does not know: after a
+    damaged database was moved aside (or deleted), the job list is rebuilt from the folders, oldest
+    first. Only job.json files are read, and only for unknown folders."""
+    if not jobs_dir.is_dir():
+        return []
+    known = store.ids()
+    jobs = []
+    for folder in jobs_dir.iterdir():
+        if folder.name.startswith(".") or folder.name in known or folder.is_symlink() or not folder.is_dir() or len(folder.name) > 64:
+            continue
+        job = _job_from_folder(folder)
+        if job is not None:
+            jobs.append(job)
+    jobs.sort(key=lambda j: (j.created_at, j.id))
+    return store.restore(jobs)
 
 
 def prepare_data_dir(data_dir: Path) -> None:
@@ -466,14 +518,10 @@ def _watch(server: uvicorn.Server, opts: ServeOptions, worker: Worker, store: Jo
 
 
 def make_generator_factory(opts: ServeOptions) -> Callable[[], GeneratorLike]:
-    from make_your_3d.paths import default_cache_dir
-
-    cache_dir = default_cache_dir()  # one stage cache per user, shared with `generate` and `demo`
-
     def factory() -> GeneratorLike:
         from make_your_3d.pipeline.generate import Generator  # heavy (torch); loaded on the first job
 
-        return Generator(opts.models_dir, cache_dir, device=opts.device, overrides=dict(opts.overrides) or None)
+        return Generator(opts.models_dir, opts.cache_dir, device=opts.device, overrides=dict(opts.overrides) or None)
 
     return factory
 
@@ -503,8 +551,11 @@ def serve(opts: ServeOptions) -> int:
     try:
         store = JobStore(opts.data_dir / "jobs.sqlite3")
         if store.moved_aside is not None:
-            log.warning("started with an empty job list: the damaged database was moved to %s", store.moved_aside)
-        remove_leftovers(opts.data_dir)
+            log.warning("the damaged job database was moved to %s; rebuilding the job list from the job folders", store.moved_aside)
+        remove_leftovers(opts.data_dir, opts.cache_dir)
+        restored = restore_jobs_from_folders(store, opts.data_dir / "jobs")
+        if restored:
+            log.info("restored %d finished job(s) from their folders (the database did not list them)", len(restored))
         interrupted = store.recover()
         if interrupted:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))
@@ -528,7 +579,7 @@ def serve(opts: ServeOptions) -> int:
         budget = opts.max_job_memory_bytes or default_memory_budget()
         app = create_app(store, worker, token, models_dir=opts.models_dir, default_preset=opts.preset,
                          on_shutdown=request_shutdown, activity=activity, check_host=is_loopback(opts.host),
-                         memory_budget_bytes=budget, overrides=opts.overrides)
+                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs)
         open_files = raise_open_files_limit()
         limit = connection_limit(open_files)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from make_your_3d.errors import DataUnwritable
+from make_your_3d.errors import DataUnwritable, QueueFull
 
 log = logging.getLogger("make_your_3d.service")
 
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE INDEX IF NOT EXISTS jobs_group ON jobs(grp, seq);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -289,13 +290,47 @@ class JobStore:
                 self._event(job_id, "status", {"status": "interrupted"})
             return ids
 
+    def restore(self, jobs: list[Job]) -> list[str]:
+        """Insert finished jobs rebuilt from elsewhere (their job folders, after the database was
+        lost), in the order given, skipping ids already known; one transaction. Returns the ids added."""
+        added = []
+        with self._tx() as db:
+            for j in jobs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs(id, grp, status, stage, step, total, message, files, cached_stages, request, image_sha256, "
+                    "created_at, started_at, finished_at, error_code, error_message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (j.id, j.group, j.status, j.stage, j.step, j.total, j.message, json.dumps(j.files), json.dumps(j.cached_stages),
+                     json.dumps(j.spec.to_dict()), j.image_sha256, j.created_at, j.started_at, j.finished_at,
+                     j.error["code"] if j.error else None, j.error["message"] if j.error else None),
+                )
+                if cur.rowcount:
+                    self._event(j.id, "status", {"status": j.status, "restored": True})
+                    added.append(j.id)
+        return added
+
+    def ids(self) -> set[str]:
+        """Every job id in the database."""
+        with self._lock:
+            return {r["id"] for r in self._db.execute("SELECT id FROM jobs")}
+
     # -- writes ----------------------------------------------------------------------------------
-    def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None) -> list[Job]:
-        """Queue one job per spec (in order) in one transaction; returns them."""
+    def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None, *, max_queued: int | None = None) -> list[Job]:
+        """Queue one job per spec (in order) in one transaction; returns them. With `max_queued`,
+        refuse (QueueFull, nothing written) when the queue would then hold more waiting jobs; the
+        count and the insert are one transaction, so two requests cannot both slip under it."""
         group = group or new_id()
         now = time.time()
         ids = []
         with self._tx() as db:
+            if max_queued is not None:
+                waiting = db.execute("SELECT COUNT(*) FROM jobs WHERE status='queued'").fetchone()[0]
+                if waiting + len(specs) > max_queued:
+                    room = max(0, max_queued - waiting)
+                    raise QueueFull(
+                        f"{waiting} jobs are already waiting and the backend queues at most {max_queued} "
+                        f"({room} more now, {len(specs)} asked for). Wait for some to finish, or cancel a group of "
+                        "jobs (POST /v1/groups/{group}/cancel), then submit again."
+                    )
             for spec in specs:
                 job_id = new_id()
                 db.execute(
@@ -330,6 +365,20 @@ class JobStore:
             if cur.rowcount:
                 self._event(job_id, "status", {"status": "cancelled"})
             return bool(cur.rowcount)
+
+    def cancel_queued_group(self, group: str) -> list[str]:
+        """Cancel every job of `group` that has not started, in one transaction; returns their ids."""
+        with self._tx() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE grp=? AND status='queued' ORDER BY seq", (group,))]
+            if ids:
+                db.execute(
+                    "UPDATE jobs SET status='cancelled', finished_at=?, message='cancelled', error_code='cancelled', error_message=? "
+                    "WHERE grp=? AND status='queued'",
+                    (time.time(), "The job was cancelled before it started.", group),
+                )
+                db.executemany("INSERT INTO events(job_id, at, kind, data) VALUES (?, ?, 'status', ?)",
+                               [(i, time.time(), json.dumps({"status": "cancelled"})) for i in ids])
+            return ids
 
     def progress(self, job_id: str, stage: str, step: int, total: int, message: str, eta_s: float | None, *, log_event: bool) -> None:
         with self._tx() as db:
@@ -433,6 +482,12 @@ class JobStore:
             jobs = [self._overlay(_row_to_job(r)) for r in rows[:limit]]
         jobs.reverse()
         return jobs, (jobs[0].seq if len(rows) > limit and jobs else None)
+
+    def group(self, group: str) -> list[Job]:
+        """The jobs of one group (one request's variants), oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE grp=? ORDER BY seq", (group,)).fetchall()
+            return [self._overlay(_row_to_job(r)) for r in rows]
 
     def has_pending(self) -> bool:
         """Whether a job is queued or running (the idle timer waits for them)."""

@@ -49,6 +49,7 @@ GeneratorFactory = Callable[[], GeneratorLike]
 class _Current:
     job_id: str
     token: CancelToken
+    group: str = ""
     last: Progress | None = None
     cancel_requested: Progress | None = None
     steps_after_cancel: int = 0
@@ -140,13 +141,32 @@ class Worker:
                 return True
             cur = self._current
             if cur is not None and cur.job_id == job_id and not cur.token.cancelled:
-                cur.cancel_requested = cur.last
-                cur.cancel_requested_flag = True
-                cur.token.cancel()
-                self.store.note(job_id, "cancel requested; stopping at the next step")
-                log.info("cancel requested for running job %s", job_id)
+                self._signal(cur)
                 return True
         return False
+
+    def cancel_group(self, group: str) -> tuple[list[str], list[str]]:
+        """Cancel every job of `group`: the queued ones at once (one transaction), and signal the
+        running one if it belongs to the group. Returns (cancelled ids, stopping ids). Under the
+        worker lock, so the worker cannot claim a job of the group in between."""
+        with self._lock:
+            cancelled = self.store.cancel_queued_group(group)
+            cur = self._current
+            stopping = []
+            if cur is not None and cur.group == group and not cur.token.cancelled:
+                self._signal(cur)
+                stopping.append(cur.job_id)
+        if cancelled:
+            log.info("cancelled %d queued job(s) of group %s", len(cancelled), group)
+        return cancelled, stopping
+
+    def _signal(self, cur: _Current) -> None:
+        """Ask the running job to stop at its next check (call under self._lock)."""
+        cur.cancel_requested = cur.last
+        cur.cancel_requested_flag = True
+        cur.token.cancel()
+        self.store.note(cur.job_id, "cancel requested; stopping at the next step")
+        log.info("cancel requested for running job %s", cur.job_id)
 
     def unload(self) -> bool:
         """Free the models now if idle (True), else after the running job (False)."""
@@ -226,7 +246,7 @@ class Worker:
                         log.exception("could not read the job queue")
                         job = None
                 if job is not None:
-                    self._current = _Current(job.id, CancelToken())
+                    self._current = _Current(job.id, CancelToken(), job.group)
                     current = self._current
             if job is None:
                 self._wake.wait(1.0)
