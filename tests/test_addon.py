@@ -557,13 +557,19 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         inst.join(240)
         fetch.join(60)
         st = inst.state()
-        steps = mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=True)
-        torch_step = [st for st in steps if "PyTorch for NVIDIA" in st.title]
-        assert torch_step and torch_step[0].command[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu124"], steps
+        cb = mod("runtime").load_cuda_builds()
+        rtx50 = cb.parse_nvidia_smi("NVIDIA GeForce RTX 5080, 12.0, 580.95.05")
+        steps = mod("runtime").install_steps("py0", "py", "src", "venv", {}, rtx50, cb.choose(rtx50))
+        torch_step = [st for st in steps if st.title.startswith("Install PyTorch") and "RTX 5080" in st.title]
+        assert torch_step and torch_step[0].command[-3:] == [f"torch=={cb.TORCH_VERSION}", "--index-url", "https://download.pytorch.org/whl/cu130"], steps
         assert steps.index(torch_step[0]) < [st.title for st in steps].index("Install backend and dependencies")
-        assert not any("--index-url" in st.command for st in mod("runtime").install_steps("py0", "py", "src", "venv", {}, nvidia=False))
-        assert steps[-1].title == "Check the PyTorch build"
-        nvidia = mod("runtime").has_nvidia_gpu()
+        assert steps[-1].title == "Check the GPU" and "device='cuda'" in steps[-1].command[-1], steps[-1]
+        assert not any("--index-url" in st.command for st in mod("runtime").install_steps("py0", "py", "src", "venv", {}))
+        old_driver = cb.parse_nvidia_smi("NVIDIA GeForce RTX 5080, 12.0, 570.86.10")
+        no_build = mod("runtime").install_steps("py0", "py", "src", "venv", {}, old_driver, cb.choose(old_driver))
+        assert no_build[-1].title == "Check the PyTorch build" and not any("--index-url" in st.command for st in no_build)
+        gpu = cb.query_gpu()
+        nvidia = gpu is not None and cb.choose(gpu).build is not None
         assert not st.running and st.step == (4 if nvidia else 3) and st.total == (5 if nvidia else 4), st
         assert st.error and "Install backend and dependencies failed" in st.error, st.error
         assert Path(rt().venv_dir / ("Scripts" if os.name == "nt" else "bin")).is_dir()
