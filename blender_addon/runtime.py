@@ -103,6 +103,8 @@ class Runtime:
         self._python_checks: dict[tuple[str, int], str | None] = {}
         self._cache_info: dict | None = None
         self._last_cfg: BackendConfig | None = None  # what the backend was last started with (read by worker threads)
+        self._gpu_kind: str | None = None  # "cuda" or "cpu" once nvidia-smi was asked (job_estimate)
+        self._gpu_probe_started = False
 
     # -- paths and configuration (main thread) ------------------------------------------------
     @property
@@ -554,6 +556,29 @@ class Runtime:
                 return False
             time.sleep(interval)
 
+    def job_estimate(self, preset: str, device_pref: str, last_device: str = ""):
+        """estimate.py's expected duration for the panel, or None while the device kind is unknown.
+        The kind: the last job's device, else the preference, else whether nvidia-smi answers (asked
+        once, in a thread: draw must not wait on a subprocess)."""
+        kind = "cuda" if last_device.startswith("cuda") else "cpu" if last_device else ""
+        if not kind and device_pref in ("cpu", "cuda"):
+            kind = device_pref
+        if not kind:
+            with self._lock:
+                kind = self._gpu_kind
+                if kind is None and not self._gpu_probe_started:
+                    self._gpu_probe_started = True
+                    self._spawn(self._probe_gpu, "gpu-probe")
+        if not kind:
+            return None
+        return load_backend_module("estimate.py").estimate(preset, kind)
+
+    def _probe_gpu(self) -> None:
+        gpu = load_cuda_builds().query_gpu()
+        usable = gpu is not None and load_cuda_builds().choose(gpu).build is not None
+        with self._lock:
+            self._gpu_kind = "cuda" if usable else "cpu"
+
     def status_changed(self) -> bool:
         st = self.backend.state().status
         changed = st != self._last_backend_status
@@ -593,23 +618,29 @@ TORCH_REPORT = ("import importlib; t = importlib.import_module('torch'); print('
                 "'- GPU found' if t.cuda.is_available() else '- no GPU in use')")
 
 
-def load_cuda_builds(root: Path | None = None):
-    """The backend's `cuda_builds.py` (standard library only), loaded by path from the bundled backend
-    source: one table for Install Backend and `doctor`, while the add-on never imports the backend package."""
+def load_backend_module(filename: str, root: Path | None = None):
+    """One of the backend's standard-library-only modules (`cuda_builds.py`, `estimate.py`), loaded by
+    path from the bundled backend source: one copy serves the add-on and the backend, while the
+    add-on never imports the backend package."""
     import importlib.util
     import sys
 
     root = root or bundled_backend_root()
     if root is None:
         raise BackendError("The bundled backend source is missing from the add-on; reinstall the extension")
-    name = "_make_your_3d_addon_cuda_builds"
+    name = f"_make_your_3d_addon_{Path(filename).stem}"
     if name in sys.modules:  # dataclasses need the module registered while it runs
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, root / "backend" / "make_your_3d" / "cuda_builds.py")
+    spec = importlib.util.spec_from_file_location(name, root / "backend" / "make_your_3d" / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_cuda_builds(root: Path | None = None):
+    """The backend's CUDA build table (backend/make_your_3d/cuda_builds.py)."""
+    return load_backend_module("cuda_builds.py", root)
 
 
 def install_steps(base_python: str, py: str, source: str, venv: str, env: dict, gpu=None, choice=None) -> list[Step]:

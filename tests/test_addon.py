@@ -570,6 +570,10 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         assert no_build[-1].title == "Check the PyTorch build" and not any("--index-url" in st.command for st in no_build)
         gpu = cb.query_gpu()
         nvidia = gpu is not None and cb.choose(gpu).build is not None
+        # the expected duration (issue 28.2), from the same bundled estimate.py the CLI imports
+        guess = rt().job_estimate("default", "cpu")
+        assert guess is not None and guess.warn and "fast preset" in guess.text, guess
+        assert rt().job_estimate("fast", "auto", "cuda:0").measured is False
         assert not st.running and st.step == (4 if nvidia else 3) and st.total == (5 if nvidia else 4), st
         assert st.error and "Install backend and dependencies failed" in st.error, st.error
         assert Path(rt().venv_dir / ("Scripts" if os.name == "nt" else "bin")).is_dir()

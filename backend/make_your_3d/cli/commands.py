@@ -172,6 +172,13 @@ def generate(args) -> int:
     generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)
     if is_tiny(models_dir):
         print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
+    else:
+        from make_your_3d.estimate import estimate
+
+        guess = estimate(args.preset, generator.device.type)
+        if guess is not None:
+            print(("WARNING: " if guess.warn else "") + guess.text
+                  + (" Stop with Ctrl+C and add --preset fast to run it faster." if guess.warn and args.preset != "fast" else ""))
     data = Path(args.image).read_bytes()
     for k in range(args.variants):
         seed = args.seed + k
