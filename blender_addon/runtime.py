@@ -560,8 +560,8 @@ class Runtime:
         """estimate.py's expected duration for the panel, or None while the device kind is unknown.
         The kind: the last job's device, else the preference, else whether nvidia-smi answers (asked
         once, in a thread: draw must not wait on a subprocess)."""
-        kind = "cuda" if last_device.startswith("cuda") else "cpu" if last_device else ""
-        if not kind and device_pref in ("cpu", "cuda"):
+        kind = last_device.split(":")[0]  # "cuda:0" -> "cuda"; "mps" has no figures (estimate returns None)
+        if not kind and device_pref != "auto":
             kind = device_pref
         if not kind:
             with self._lock:
@@ -574,10 +574,13 @@ class Runtime:
         return load_backend_module("estimate.py").estimate(preset, kind)
 
     def _probe_gpu(self) -> None:
+        """What "auto" will pick: CUDA with a card a build fits, Apple's GPU on a Mac, else the CPU."""
+        import sys
+
         gpu = load_cuda_builds().query_gpu()
         usable = gpu is not None and load_cuda_builds().choose(gpu).build is not None
         with self._lock:
-            self._gpu_kind = "cuda" if usable else "cpu"
+            self._gpu_kind = "cuda" if usable else "mps" if sys.platform == "darwin" else "cpu"
 
     def status_changed(self) -> bool:
         st = self.backend.state().status

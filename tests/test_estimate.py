@@ -38,7 +38,7 @@ def test_cpu_figures_follow_the_measured_step() -> None:
 def test_gpu_bound_says_it_was_never_measured() -> None:
     gpu = est.estimate("default", "cuda")
     assert not gpu.measured and "never measured" in gpu.text and not gpu.warn, gpu
-    assert est.estimate("nonsense", "cpu") is None
+    assert est.estimate("nonsense", "cpu") is None and est.estimate("default", "mps") is None
     assert est.duration_text(30) == "about 30 s" and est.duration_text(20 * 60) == "about 20 min"
     assert est.duration_text(3 * 3600) == "about 3.0 h"
 

@@ -75,7 +75,7 @@ def test_generator_checks_job_folder_and_cache_before_models(tmp_path: Path) -> 
         with pytest.raises(OutputUnwritable) as info:
             gen.run(request, out)
         assert time.monotonic() - t0 < 1.0
-        assert info.value.code == "output_unwritable" and not gen._loaded
+        assert info.value.code == "output_unwritable" and not gen.host._loaded
         assert ("stage cache folder" if cache.parent.is_file() else "output folder") in info.value.message
 
 

@@ -68,11 +68,11 @@ def duration_text(seconds: float) -> str:
 
 def estimate(preset: str, device_kind: str) -> Estimate | None:
     """The expected duration of a new subject (stages reused from the cache are faster) with `preset`
-    on `device_kind` ("cpu" or "cuda"); None for a preset without step figures."""
+    on `device_kind` ("cpu" or "cuda"); None for a preset or device without figures (e.g. "mps")."""
     steps = PRESET_STEPS.get(preset)
-    if steps is None:
-        return None
-    cpu = device_kind != "cuda"
+    if steps is None or device_kind not in ("cpu", "cuda"):
+        return None  # no figures for this preset or device (Apple's GPU was never measured)
+    cpu = device_kind == "cpu"
     seconds = work_tflop(steps) * (CPU_S_PER_TFLOP if cpu else GPU_S_PER_TFLOP)
     where = ("on a CPU (measured on 2 cores; more cores are faster)" if cpu
              else "on the GPU at the very least (a FLOP bound, never measured on a GPU)")
