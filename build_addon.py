@@ -16,16 +16,17 @@ The add-on finds the backend at `<extension dir>/backend_src` (blender_addon/bac
 environment. Tests, caches, __pycache__ and .pyc files are never packed.
 
 Usage: python build_addon.py [--out dist/] [--check-only ZIP]
-Standard library only (Python 3.11+ for tomllib).
+Standard library only, Python 3.9+ (macOS's system Python is 3.9): where tomllib is missing (before
+3.11) a small reader of the TOML this repository's manifest and pyproject use takes its place.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import re
 import sys
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,141 @@ EXCLUDED_GLOBS = ("*.pyc", "*.pyo", "*.egg-info", ".DS_Store", "*~", "*.swp", "t
 TERSE_LIMIT = 64  # Blender's limit for tagline and permission reasons
 
 
+if sys.version_info < (3, 9):
+    raise SystemExit(f"build_addon.py needs Python 3.9 or newer (this is {sys.version.split()[0]}).")
+
+try:
+    import tomllib
+except ImportError:  # Python 3.9 and 3.10
+    tomllib = None
+
+
+class _TomlSubset:
+    """Reads the TOML subset our two files use (tables, key = value, strings, numbers, booleans, arrays,
+    inline tables, comments); anything else is an error naming the line, never a wrong value."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def fail(self, what: str) -> "SystemExit":
+        line = self.text.count("\n", 0, self.pos) + 1
+        return SystemExit(f"TOML line {line}: {what} (use Python 3.11+, whose tomllib reads all of TOML)")
+
+    def skip(self, newlines: bool = True) -> None:
+        while self.pos < len(self.text):
+            ch = self.text[self.pos]
+            if ch == "#":
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end
+            elif ch in " \t\r" or (newlines and ch == "\n"):
+                self.pos += 1
+            else:
+                break
+
+    def key(self) -> list[str]:
+        parts = []
+        while True:
+            self.skip(newlines=False)
+            match = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"').match(self.text, self.pos)
+            if not match:
+                raise self.fail("expected a key")
+            self.pos = match.end()
+            parts.append(json.loads(match.group()) if match.group().startswith('"') else match.group())
+            self.skip(newlines=False)
+            if self.text.startswith(".", self.pos):
+                self.pos += 1
+            else:
+                return parts
+
+    def value(self):
+        self.skip()
+        text, pos = self.text, self.pos
+        if text.startswith('"', pos) and not text.startswith('"""', pos):
+            match = re.compile(r'"(?:[^"\\\n]|\\.)*"').match(text, pos)
+            if not match:
+                raise self.fail("unterminated string")
+            self.pos = match.end()
+            return json.loads(match.group())
+        if text.startswith("'", pos) and not text.startswith("'''", pos):
+            end = text.find("'", pos + 1)
+            if end < 0 or "\n" in text[pos:end]:
+                raise self.fail("unterminated string")
+            self.pos = end + 1
+            return text[pos + 1:end]
+        if text.startswith("[", pos):
+            self.pos += 1
+            items = []
+            while True:
+                self.skip()
+                if self.text.startswith("]", self.pos):
+                    self.pos += 1
+                    return items
+                items.append(self.value())
+                self.skip()
+                if self.text.startswith(",", self.pos):
+                    self.pos += 1
+                elif not self.text.startswith("]", self.pos):
+                    raise self.fail("expected , or ] in an array")
+        if text.startswith("{", pos):
+            self.pos += 1
+            table: dict = {}
+            while True:
+                self.skip(newlines=False)
+                if self.text.startswith("}", self.pos):
+                    self.pos += 1
+                    return table
+                self.assign(table)
+                self.skip(newlines=False)
+                if self.text.startswith(",", self.pos):
+                    self.pos += 1
+        match = re.compile(r"true|false|[+-]?\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w:-])").match(text, pos)
+        if not match:
+            raise self.fail("unsupported value")
+        self.pos = match.end()
+        word = match.group().replace("_", "")
+        return word == "true" if word in ("true", "false") else (float(word) if any(c in word for c in ".eE") else int(word))
+
+    def assign(self, table: dict) -> None:
+        *path, last = self.key()
+        if not self.text.startswith("=", self.pos):
+            raise self.fail("expected =")
+        self.pos += 1
+        for part in path:
+            table = table.setdefault(part, {})
+        if last in table:
+            raise self.fail(f"duplicate key {last!r}")
+        table[last] = self.value()
+
+    def parse(self) -> dict:
+        root: dict = {}
+        table = root
+        while True:
+            self.skip()
+            if self.pos >= len(self.text):
+                return root
+            if self.text.startswith("[[", self.pos):
+                raise self.fail("arrays of tables are not supported")
+            if self.text.startswith("[", self.pos):
+                self.pos += 1
+                path = self.key()
+                if not self.text.startswith("]", self.pos):
+                    raise self.fail("expected ]")
+                self.pos += 1
+                table = root
+                for part in path:
+                    table = table.setdefault(part, {})
+            else:
+                self.assign(table)
+            self.skip(newlines=False)
+            if self.pos < len(self.text) and self.text[self.pos] != "\n":
+                raise self.fail("expected the end of the line")
+
+
+def toml_loads(text: str) -> dict:
+    """tomllib.loads where it exists (3.11+), else the subset reader above."""
+    return tomllib.loads(text) if tomllib is not None else _TomlSubset(text).parse()
+
+
 @dataclass(frozen=True)
 class BuildResult:
     zip_path: Path
@@ -70,8 +206,7 @@ def _files_under(root: Path) -> list[Path]:
 
 
 def load_manifest(path: Path = ROOT / MANIFEST) -> dict:
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    return toml_loads(path.read_text(encoding="utf-8"))
 
 
 def _terse_ok(value: str) -> bool:
@@ -129,7 +264,7 @@ def backend_version() -> str:
 def _pyproject_extras() -> list[Path]:
     """Files pyproject.toml refers to that pip needs to build the backend (readme, licence)."""
     extras = []
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    data = toml_loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     readme = data.get("project", {}).get("readme")
     if isinstance(readme, str):
         extras.append(ROOT / readme)
@@ -179,7 +314,7 @@ def validate_zip(zip_path: Path) -> list[str]:
         names = [n for n in zf.namelist() if not n.endswith("/")]
         if MANIFEST not in names:
             return [f"{zip_path}: no {MANIFEST} at the top level"]
-        manifest = tomllib.loads(zf.read(MANIFEST).decode("utf-8"))
+        manifest = toml_loads(zf.read(MANIFEST).decode("utf-8"))
         errors += validate_manifest(manifest)
         for required in ("__init__.py", f"{BACKEND_PREFIX}/pyproject.toml",
                          f"{BACKEND_PREFIX}/backend/make_your_3d/__init__.py",

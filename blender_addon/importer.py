@@ -3,7 +3,10 @@
 
 The glTF importer may add empties (node hierarchy); they are removed with their children kept in
 place. The origin goes to the mesh's bottom centre and the mesh is scaled to the panel's height.
-Variants and repeated imports go beside what the collection already holds (+X), never on top. The object is named from prompt and seed and
+The result goes beside any visible mesh already at the cursor (+X), never inside or on top of it:
+variants, repeated imports and the default scene's 2 m cube, which hid the first 0.3 m results.
+A 3D view that does not show the new object is moved to frame it (a preference, on by default).
+The object is named from prompt and seed and
 carries job_id, seed and prompt as custom properties. Its texture is either packed into the .blend
 or written next to the job's files and linked (a preference).
 """
@@ -92,6 +95,42 @@ def free_spot(start: Vector, obj: bpy.types.Object, others: list[bpy.types.Objec
             break
         x = max(b[1].x for b in blocking) + gap + half_x
     return Vector((x, start.y, start.z))
+
+
+def _box_corners(lo: Vector, hi: Vector) -> list[Vector]:
+    return [Vector((x, y, z)) for x in (lo.x, hi.x) for y in (lo.y, hi.y) for z in (lo.z, hi.z)]
+
+
+def frame_if_out_of_view(context: bpy.types.Context, obj: bpy.types.Object) -> int:
+    """Move every 3D view that does not show all of `obj` so it is centred and fits; the view's angle
+    is kept. Returns how many views moved: 0 where no window exists (background mode, tests)."""
+    from bpy_extras.view3d_utils import location_3d_to_region_2d
+
+    wm = context.window_manager
+    lo, hi = world_bounds(obj)
+    corners = _box_corners(lo, hi)
+    moved = 0
+    for window in (wm.windows if wm is not None else []):
+        for area in window.screen.areas:
+            if area.type != "VIEW_3D":
+                continue
+            region = next((r for r in area.regions if r.type == "WINDOW"), None)
+            r3d = getattr(area.spaces.active, "region_3d", None)
+            if region is None or r3d is None:
+                continue
+            points = [location_3d_to_region_2d(region, r3d, c) for c in corners]
+            if all(p is not None and 0 <= p.x <= region.width and 0 <= p.y <= region.height for p in points):
+                continue
+            r3d.view_location = (lo + hi) / 2
+            r3d.view_distance = max((hi - lo).length * 2.0, 0.1)
+            area.tag_redraw()
+            moved += 1
+    return moved
+
+
+def blocking_objects(context: bpy.types.Context, obj: bpy.types.Object) -> list[bpy.types.Object]:
+    """Visible meshes of the view layer besides `obj`: what the new result must not land in."""
+    return [o for o in context.view_layer.objects if o != obj and o.type == "MESH" and o.visible_get()]
 
 
 def object_name(prompt: str, seed: int) -> str:
@@ -199,6 +238,7 @@ def import_glb(
     texture_mode: str = "PACK",
     folder: Path | None = None,
     height: float | None = DEFAULT_HEIGHT,
+    frame_view: bool = True,
 ) -> bpy.types.Object:
     """Import one result and return its mesh object (see the module docstring for what happens)."""
     path = Path(path)
@@ -237,7 +277,9 @@ def import_glb(
 
     stand_on_floor(obj, height)
     context.view_layer.update()
-    obj.location = free_spot(scene.cursor.location, obj, [o for o in coll.objects if o != obj])
+    obj.location = free_spot(scene.cursor.location, obj, blocking_objects(context, obj))
     context.view_layer.update()
     keep_textures(obj, texture_mode, folder)
+    if frame_view:
+        frame_if_out_of_view(context, obj)
     return obj

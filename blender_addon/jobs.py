@@ -139,7 +139,7 @@ def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.ty
         obj = import_glb(context, glb, job_id=item.job_id, seed=item.seed, prompt=item.prompt,
                          variant_index=item.index_in_group,
                          texture_mode=prefs.texture_mode if prefs is not None else "PACK", folder=Path(item.folder),
-                         height=scene.make_your_3d.height)
+                         height=scene.make_your_3d.height, frame_view=prefs.frame_new if prefs is not None else True)
     except ImportProblem as exc:
         scene.make_your_3d.last_error = str(exc)
         return None

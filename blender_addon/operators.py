@@ -177,7 +177,34 @@ class MAKE_YOUR_3D_OT_generate(bpy.types.Operator):
             return {"CANCELLED"}
         props.last_error = ""
         props.last_info = f"Submitting {props.variants} job(s)..."  # the seeds follow when the backend accepts them
+        guess = expected_duration(context)
+        if guess is not None and guess.warn:  # said plainly, with the fast preset offered
+            props.last_info += f". {guess.text}"
+            self.report({"WARNING"}, guess.text)
         return {"FINISHED"}
+
+
+def last_device(props) -> str:
+    """The device the most recent finished job ran on (what the backend really used)."""
+    for item in reversed(list(props.history)):
+        if item.device:
+            return item.device
+    return ""
+
+
+def expected_duration(context):
+    """The backend's estimate.py for the panel's preset and device, before Generate; None on the tiny
+    set (its figures do not apply) or while the device kind is unknown."""
+    rt = runtime.get()
+    models = rt.models if rt is not None else None
+    if rt is None or (models and models.get("tiny")):
+        return None
+    props = context.scene.make_your_3d
+    prefs = runtime.addon_prefs(context)
+    try:
+        return rt.job_estimate(props.preset, prefs.device if prefs is not None else "auto", last_device(props))
+    except BackendError:
+        return None
 
 
 class MAKE_YOUR_3D_OT_cancel_job(_JobOperator, bpy.types.Operator):

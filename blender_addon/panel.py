@@ -89,6 +89,9 @@ class VIEW3D_PT_make_your_3d(_SidebarPanel, bpy.types.Panel):
         reason = operators.generate_blocker(context)
         if reason:
             layout.label(text=reason, icon="INFO")
+        guess = operators.expected_duration(context)
+        if guess is not None:
+            _message_box(layout, guess.text, "ERROR" if guess.warn else "TIME")
         if rt is not None and rt.pending:
             layout.label(text="Submitting (starting the backend if needed)...", icon="TIME")
         models = rt.models if rt is not None else None
@@ -199,10 +202,7 @@ TINY_WARNING = ("Tiny test models in use: the results are noise, not your subjec
 
 def last_device(props) -> str:
     """The device the most recent finished job ran on (what the backend really used)."""
-    for item in reversed(list(props.history)):
-        if item.device:
-            return item.device
-    return ""
+    return operators.last_device(props)
 
 
 def _text_prop(layout: bpy.types.UILayout, data, name: str, hint: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from . import runtime
 
@@ -41,6 +41,8 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
     config_file: StringProperty(name="Backend config", subtype="FILE_PATH",
                                 description='Optional JSON for `serve --config`: {"overrides": {preset values}, "progress_interval_s": s}')
     texture_mode: EnumProperty(name="Textures", items=TEXTURE_MODES, default="PACK")
+    frame_new: BoolProperty(name="Frame new results", default=True,
+                            description="After an import, move a 3D view that does not show the new object so it does")
     hf_token: StringProperty(name="Hugging Face token", subtype="PASSWORD",
                              description="Only for gated model repositories; used by Fetch, never stored in .blend files")
 
@@ -110,6 +112,7 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
         box.label(text="Results", icon="OUTPUT")
         box.prop(self, "data_dir")
         box.prop(self, "texture_mode")
+        box.prop(self, "frame_new")
         cache = rt.cache_info if rt is not None else None
         row = box.row(align=True)
         if cache:

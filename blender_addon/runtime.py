@@ -103,6 +103,8 @@ class Runtime:
         self._python_checks: dict[tuple[str, int], str | None] = {}
         self._cache_info: dict | None = None
         self._last_cfg: BackendConfig | None = None  # what the backend was last started with (read by worker threads)
+        self._gpu_kind: str | None = None  # "cuda" or "cpu" once nvidia-smi was asked (job_estimate)
+        self._gpu_probe_started = False
 
     # -- paths and configuration (main thread) ------------------------------------------------
     @property
@@ -417,12 +419,17 @@ class Runtime:
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
         py = str(venv_python(self.venv_dir))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE")}
-        steps = install_steps(base_python, py, str(staging), str(self.venv_dir), env, has_nvidia_gpu())
+        cuda_builds = load_cuda_builds(root)
+        gpu = cuda_builds.query_gpu()
+        choice = cuda_builds.choose(gpu) if gpu is not None else None
+        steps = install_steps(base_python, py, str(staging), str(self.venv_dir), env, gpu, choice)
+        # no build for this card or driver: say what to do (the install goes on with pip's default torch)
+        advice = f" {choice.message}" if choice is not None and choice.build is None else ""
 
         def done(st) -> None:
-            # the last step prints which torch build went in (CUDA x.y or CPU)
+            # the last step prints which torch build went in (CUDA x.y or CPU) or the GPU check's result
             self._python_checks.clear()
-            self.events.put(Event(EventKind.INFO, data={"message": st.error or f"Backend installed: {st.line}"}))
+            self.events.put(Event(EventKind.INFO, data={"message": (st.error or f"Backend installed: {st.line}") + advice}))
 
         self.install_task = SubprocessTask("install", steps, self.base_dir / "install.log", on_done=done).start()
         return self.install_task
@@ -549,6 +556,32 @@ class Runtime:
                 return False
             time.sleep(interval)
 
+    def job_estimate(self, preset: str, device_pref: str, last_device: str = ""):
+        """estimate.py's expected duration for the panel, or None while the device kind is unknown.
+        The kind: the last job's device, else the preference, else whether nvidia-smi answers (asked
+        once, in a thread: draw must not wait on a subprocess)."""
+        kind = last_device.split(":")[0]  # "cuda:0" -> "cuda"; "mps" has no figures (estimate returns None)
+        if not kind and device_pref != "auto":
+            kind = device_pref
+        if not kind:
+            with self._lock:
+                kind = self._gpu_kind
+                if kind is None and not self._gpu_probe_started:
+                    self._gpu_probe_started = True
+                    self._spawn(self._probe_gpu, "gpu-probe")
+        if not kind:
+            return None
+        return load_backend_module("estimate.py").estimate(preset, kind)
+
+    def _probe_gpu(self) -> None:
+        """What "auto" will pick: CUDA with a card a build fits, Apple's GPU on a Mac, else the CPU."""
+        import sys
+
+        gpu = load_cuda_builds().query_gpu()
+        usable = gpu is not None and load_cuda_builds().choose(gpu).build is not None
+        with self._lock:
+            self._gpu_kind = "cuda" if usable else "mps" if sys.platform == "darwin" else "cpu"
+
     def status_changed(self) -> bool:
         st = self.backend.state().status
         changed = st != self._last_backend_status
@@ -583,42 +616,53 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-# PyTorch's CUDA wheels (pip's default index has CPU-only wheels on Windows, and may pick a CUDA
-# version the driver lacks elsewhere); cu124 runs on any driver from 550 on.
-TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu124"
-TORCH_SPEC = "torch>=2.4,<2.14"  # pyproject's range
 TORCH_REPORT = ("import importlib; t = importlib.import_module('torch'); print('torch', t.__version__, "
                 "'(CUDA ' + t.version.cuda + ' build)' if t.version.cuda else '(CPU-only build)', "
                 "'- GPU found' if t.cuda.is_available() else '- no GPU in use')")
 
 
-def has_nvidia_gpu() -> bool:
-    """An NVIDIA driver that answers: `nvidia-smi -L` lists at least one GPU."""
-    import shutil
-    import subprocess
+def load_backend_module(filename: str, root: Path | None = None):
+    """One of the backend's standard-library-only modules (`cuda_builds.py`, `estimate.py`), loaded by
+    path from the bundled backend source: one copy serves the add-on and the backend, while the
+    add-on never imports the backend package."""
+    import importlib.util
+    import sys
 
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return False
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,
-                             creationflags=0x08000000 if os.name == "nt" else 0)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+    root = root or bundled_backend_root()
+    if root is None:
+        raise BackendError("The bundled backend source is missing from the add-on; reinstall the extension")
+    name = f"_make_your_3d_addon_{Path(filename).stem}"
+    if name in sys.modules:  # dataclasses need the module registered while it runs
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, root / "backend" / "make_your_3d" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def install_steps(base_python: str, py: str, source: str, venv: str, env: dict, nvidia: bool) -> list[Step]:
-    """Install Backend, step by step: with an NVIDIA GPU, torch comes from PyTorch's CUDA index first
-    (the backend's own install then keeps it); the last step says which build went in."""
+def load_cuda_builds(root: Path | None = None):
+    """The backend's CUDA build table (backend/make_your_3d/cuda_builds.py)."""
+    return load_backend_module("cuda_builds.py", root)
+
+
+def install_steps(base_python: str, py: str, source: str, venv: str, env: dict, gpu=None, choice=None) -> list[Step]:
+    """Install Backend, step by step. With an NVIDIA GPU (`gpu`, `choice` from cuda_builds), the PyTorch
+    CUDA build that fits the card and driver goes in first (the backend's own install then keeps it) and
+    the last step runs one small matmul on the GPU; otherwise the last step says which build went in."""
     steps = [
         Step("Create virtual environment", [base_python, "-m", "venv", venv], env),
         Step("Update pip", [py, "-m", "pip", "install", "--upgrade", "pip"], env),
     ]
-    if nvidia:
-        steps.append(Step("Install PyTorch for NVIDIA GPUs (CUDA 12.4)", [py, "-m", "pip", "install", TORCH_SPEC, "--index-url", TORCH_CUDA_INDEX], env))
+    build = choice.build if choice is not None else None
+    if gpu is not None and build is not None:
+        steps.append(Step(f"Install PyTorch {build.spec} for the {gpu.name} (CUDA {build.cuda_text})",
+                          [py, "-m", "pip", "install", *build.pip_args], env))
     steps.append(Step("Install backend and dependencies", [py, "-m", "pip", "install", source], env))
-    steps.append(Step("Check the PyTorch build", [py, "-c", TORCH_REPORT], env))
+    if gpu is not None and build is not None:
+        steps.append(Step("Check the GPU", [py, "-c", load_cuda_builds().verify_script(gpu.name, build.tag)], env))
+    else:
+        steps.append(Step("Check the PyTorch build", [py, "-c", TORCH_REPORT], env))
     return steps
 
 

@@ -158,6 +158,13 @@ class DataUnwritable(Make3DError):
     status = 500
 
 
+class OutputUnwritable(Make3DError):
+    """A folder a job writes (output, job folder, stage cache) cannot be written: found before any model loads."""
+
+    code = "output_unwritable"
+    status = 500
+
+
 class BindFailed(Make3DError):
     code = "bind_failed"
     status = 500

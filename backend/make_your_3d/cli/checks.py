@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, BadViews, WeightsMissing
+from make_your_3d.files import check_writable
 from make_your_3d.job_params import FACES_RANGE, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE  # noqa: F401 - used by the parser
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -80,10 +81,12 @@ def image_file(path_arg: str) -> Path:
 
 
 def folder_to_write(path_arg: str, what: str) -> Path:
-    """A folder we will create or fill: it must not be an existing file."""
+    """A folder we will create or fill: not an existing file, and writable (a probe file), so a job
+    does not run for minutes and then fail on its last write."""
     path = Path(path_arg).expanduser()
     if path.exists() and not path.is_dir():
         raise BadRequest(f"The {what} {path} is a file, not a folder. Give a folder path.")
+    check_writable(path, what)
     return path
 
 
@@ -94,6 +97,7 @@ def file_to_write(path_arg: str, what: str) -> Path:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise BadRequest(f"Cannot write {path}: {parent} is a file, not a folder.")
+    check_writable(parent, f"folder of the {what}")
     return path
 
 

@@ -172,6 +172,13 @@ def generate(args) -> int:
     generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)
     if is_tiny(models_dir):
         print(f"Using the TINY model set in {models_dir}: random weights at toy sizes. The chain runs for real, the pictures are noise.")
+    else:
+        from make_your_3d.estimate import estimate
+
+        guess = estimate(args.preset, generator.device.type)
+        if guess is not None:
+            print(("WARNING: " if guess.warn else "") + guess.text
+                  + (" Stop with Ctrl+C and add --preset fast to run it faster." if guess.warn and args.preset != "fast" else ""))
     data = Path(args.image).read_bytes()
     for k in range(args.variants):
         seed = args.seed + k
@@ -185,7 +192,7 @@ def generate(args) -> int:
 
 
 def demo(args) -> int:
-    from make_your_3d.models.registry import ROLES
+    from make_your_3d.models.registry import ROLES, download_bytes, record_demo_tiny_set
     from make_your_3d.models.tiny import write_tiny_set
     from make_your_3d.paths import resolve_cache_dir, resolve_models_dir
     from make_your_3d.pipeline.demo import DEMO_PROMPT, DEMO_SUBJECT, example_image
@@ -197,12 +204,14 @@ def demo(args) -> int:
     missing = [name for name in REQUIRED_ROLES if not ROLES[name].complete(models_dir)]
     tiny = bool(missing)
     if tiny:
-        models_dir = out / "tiny-models"
+        tiny_dir = out / "tiny-models"
         print(f"The real weights are not installed (missing roles: {', '.join(missing)}).")
-        print(f"Writing a TINY model set to {models_dir}: real architectures at toy sizes with random weights.")
+        print(f"Writing a TINY model set to {tiny_dir}: real architectures at toy sizes with random weights.")
         print("The whole chain runs and writes a real GLB, but the result is noise, not a bear in a scarf.")
-        print("For real results: `make-your-3d models fetch` (several GB), then run the demo again.")
-        write_tiny_set(models_dir, seed=0)  # the tiny sizes follow from the set itself (presets.resolve_preset)
+        print(f"For real results: `make-your-3d models fetch` (about {download_bytes() / 1e9:.1f} GB), then run the demo again.")
+        write_tiny_set(tiny_dir, seed=0)  # the tiny sizes follow from the set itself (presets.resolve_preset)
+        record_demo_tiny_set(models_dir, tiny_dir)  # so generate's missing-weights error can point at it
+        models_dir = tiny_dir
     else:
         print(f"Using the real weights in {models_dir}.")
     generator = Generator(models_dir, resolve_cache_dir(args.cache), args.device)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from make_your_3d.errors import WeightsMissing
-from make_your_3d.models.registry import ROLES
+from make_your_3d.models.registry import ROLES, missing_weights_advice
 from make_your_3d.models.tiny_parts import TINY_DIM, tiny_clip_text_encoder, tiny_clip_vision_encoder, tiny_vae, write_clip_image_processor
 from make_your_3d.models.tokenizer import write_tiny_clip_tokenizer
 
@@ -39,10 +39,7 @@ def require_roles(models_dir: Path, *names: str) -> None:
             shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
             problems.append(f"{name} ({ROLES[name].folder}/: {shown})")
     if problems:
-        raise WeightsMissing(
-            f"Model weights are missing in {models_dir}: {'; '.join(problems)}. "
-            "Run `make-your-3d models fetch` (or `make-your-3d models tiny --out DIR` for a test set)."
-        )
+        raise WeightsMissing(f"Model weights are missing in {models_dir}: {'; '.join(problems)}. " + missing_weights_advice(models_dir))
 
 
 def load_personalized(models_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32, ip_scale: float = 1.0):

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from make_your_3d.models.personalized import IP_ADAPTER_WEIGHTS, ip_adapter_shapes
-from make_your_3d.models.registry import ROLES, TINY_MARKER
+from make_your_3d.models.registry import PUBLISHED_PARAMETERS, ROLES, TINY_MARKER  # noqa: F401 - PUBLISHED_PARAMETERS re-exported
 from make_your_3d.models.tokenizer import write_tiny_clip_tokenizer
 
 PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs")
@@ -75,22 +75,9 @@ NETWORKS: tuple[Network, ...] = (
     Network("segmenter", "", "clipseg", _HF_WEIGHTS),
 )
 
-# Parameter counts of the published configurations, as their meta builds give them (tests check
-# the builds against these; where the publisher states a count it agrees, see SOURCES.md).
-PUBLISHED_PARAMETERS: dict[str, int] = {
-    "personalized/unet": 859_520_964,
-    "personalized/vae": 83_653_863,
-    "personalized/text_encoder": 123_060_480,
-    "image_encoder": 632_076_800,
-    "ip_adapter": 22_319_616,
-    "multiview/unet": 910_785_284,
-    "multiview/vae": 83_653_863,
-    "multiview/image_encoder": 303_966_208,
-    "normal_estimator/unet": 865_922_244,
-    "normal_estimator/vae": 83_653_863,
-    "normal_estimator/text_encoder": 340_387_840,
-    "segmenter": 150_747_746,
-}
+# PUBLISHED_PARAMETERS (imported above, kept in models/registry.py for the download sizes): the parameter
+# counts of the published configurations, as their meta builds give them (tests check the builds
+# against these; where the publisher states a count it agrees, see SOURCES.md).
 
 # Tiny sizes: same block layouts, toy widths and depths. The cross-attention widths agree with the
 # encoders that feed them (32), as the published ones do (768 / 1024).

@@ -8,6 +8,8 @@ its `required` files exists there and none is damaged (`ModelRole.damaged`); loa
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +206,72 @@ ROLES: dict[str, ModelRole] = {
 }
 
 TINY_MARKER = "TINY_MODEL_SET"
+
+# Parameters of each published network, from the published configs built on the meta device
+# (published_configs/SOURCES.md; models/random_set.py builds them, tests/test_gpu_chain_bench.py checks).
+PUBLISHED_PARAMETERS: dict[str, int] = {
+    "personalized/unet": 859_520_964,
+    "personalized/vae": 83_653_863,
+    "personalized/text_encoder": 123_060_480,
+    "image_encoder": 632_076_800,
+    "ip_adapter": 22_319_616,
+    "multiview/unet": 910_785_284,
+    "multiview/vae": 83_653_863,
+    "multiview/image_encoder": 303_966_208,
+    "normal_estimator/unet": 865_922_244,
+    "normal_estimator/vae": 83_653_863,
+    "normal_estimator/text_encoder": 340_387_840,
+    "segmenter": 150_747_746,
+}
+# Where the demo says it wrote its tiny set, inside the models folder it found incomplete, so a later
+# missing-weights error can point at it (models/registry.missing_weights_advice).
+DEMO_TINY_POINTER = "demo_tiny_set.json"
+
+
+def download_bytes(names: list[str] | tuple[str, ...] | None = None) -> int:
+    """Download size of the given roles (all by default) at 2 bytes per parameter (fp16), the
+    published configs' parameter counts; a repository storing fp32 files downloads up to twice that."""
+    names = list(ROLES) if names is None else list(names)
+    return sum(n for key, n in PUBLISHED_PARAMETERS.items() if key.split("/")[0] in names) * 2
+
+
+def record_demo_tiny_set(models_dir: Path, tiny_dir: Path) -> None:
+    """Note in the (incomplete) models folder where the demo wrote its tiny set; atomic, best effort."""
+    try:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(models_dir) / f".{DEMO_TINY_POINTER}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"tiny_models": str(Path(tiny_dir).resolve())}), encoding="utf-8")
+        os.replace(tmp, Path(models_dir) / DEMO_TINY_POINTER)
+    except OSError:
+        pass  # only a hint for a later error message
+
+
+def demo_tiny_set(models_dir: Path) -> Path | None:
+    """The tiny set the demo wrote for this models folder, if it is still there."""
+    try:
+        path = Path(json.loads((Path(models_dir) / DEMO_TINY_POINTER).read_text(encoding="utf-8"))["tiny_models"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if is_tiny(path) else None
+
+
+def missing_weights_advice(models_dir: Path) -> str:
+    """What to do about missing roles: `models fetch` with its download size (every incomplete role,
+    as fetch takes them) and the free disk space, and, after `demo`, the tiny set it wrote."""
+    from make_your_3d.files import nearest_existing
+
+    free = shutil.disk_usage(nearest_existing(Path(models_dir))).free
+    need = download_bytes([name for name, role in ROLES.items() if not role.complete(models_dir)])
+    text = (f"Run `make-your-3d models fetch` to download them (about {need / 1e9:.1f} GB; "
+            f"{free / 1e9:.1f} GB free on the disk of {models_dir}"
+            + (", not enough: free some space or pass --models DIR on another disk" if free < need * 1.1 else "") + ").")
+    tiny = demo_tiny_set(models_dir)
+    if tiny is not None:
+        text += (f" The demo wrote a TINY model set to {tiny} (random weights: the chain runs, the pictures are noise); "
+                 f"to try it, add `--models {tiny}`.")
+    else:
+        text += " (`make-your-3d models tiny --out DIR` writes a random-weight test set.)"
+    return text
 
 
 def role(name: str) -> ModelRole:

@@ -37,6 +37,7 @@ from PIL import Image
 from make_your_3d import __version__
 from make_your_3d.device import resolve_device, resolve_dtype
 from make_your_3d.errors import DiskFull, OutOfMemory
+from make_your_3d.files import check_writable
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.model_host import ModelHost, StageModels
@@ -105,6 +106,8 @@ class Generator:
         image = validate_request(request)
         preset = resolve_preset(request.preset, self.models_dir, {**self.overrides, **(request.overrides or {})})
         recon_config = recon_options(preset, request, str(self.device), stage_seed(STAGE_TABLE["reconstruct"], request.seed)).resolved()
+        check_writable(out_dir.parent, "output folder")  # every place the job writes, before any model loads
+        check_writable(self.cache.root, "stage cache folder")
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
