@@ -10,9 +10,9 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from . import history, jobs, operators, panel, preferences, props, runtime
+from . import history, jobs, operators, panel, preferences, props, quad, runtime
 
-_CLASSES = (*history.CLASSES, *props.CLASSES, *preferences.CLASSES, *operators.CLASSES, *panel.CLASSES)
+_CLASSES = (*history.CLASSES, *props.CLASSES, *preferences.CLASSES, *operators.CLASSES, *quad.CLASSES, *panel.CLASSES)
 
 
 @persistent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import bpy
 
-from . import history, runtime
+from . import history, quad, runtime
 from .runtime import EventKind
 from .importer import ImportProblem, import_glb
 
@@ -145,6 +145,13 @@ def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.ty
         return None
     item.imported = True
     item.object_name = obj.name
+    if scene.make_your_3d.quad_remesh:
+        try:
+            obj = quad.quad_remesh(context, obj, scene.make_your_3d.quad_faces)
+        except quad.QuadProblem as exc:
+            scene.make_your_3d.last_error = f"Imported, but the quad remesh failed: {exc}"
+            return obj
+        item.object_name = obj.name
     return obj
 
 

@@ -82,6 +82,12 @@ class VIEW3D_PT_make_your_3d(_SidebarPanel, bpy.types.Panel):
         col.prop(props, "texture_size")
         col.prop(props, "height")
         col.prop(props, "auto_import")
+        row = col.row(align=True)
+        row.prop(props, "quad_remesh")
+        sub = row.row(align=True)
+        sub.active = props.quad_remesh
+        sub.prop(props, "quad_faces", text="Faces")
+        col.operator("make_your_3d.quad_remesh", icon="MOD_REMESH")
 
         col = layout.column()
         col.scale_y = 1.5

@@ -40,6 +40,10 @@ class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
                        default=0, min=0, max=500_000, soft_max=200_000)
     texture_size: EnumProperty(name="Texture size", items=TEXTURE_SIZES, default="0")
     auto_import: BoolProperty(name="Import when done", default=True)
+    quad_remesh: BoolProperty(name="Quad remesh", default=False,
+                              description="After import, make a quad-dominant copy (QuadriFlow) with colour and shading baked onto it; "
+                                          "the triangle original stays hidden")
+    quad_faces: IntProperty(name="Quad faces", description="Target face count of the quad remesh", default=10_000, min=100, max=200_000)
     height: FloatProperty(name="Height", default=DEFAULT_HEIGHT, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
                           description="Height of the imported mesh, standing on the 3D cursor (0: keep the size it comes with, about 2 m)")
     # Advanced: the job's own sampling settings (0: the preset's value); the backend checks the ranges too

@@ -37,6 +37,7 @@ BASIC_CHECKS = (
     "importer_textured_box_into_collection",
     "importer_link_mode_writes_texture",
     "importer_rejects_non_glb",
+    "quad_remesh_bakes_colour_onto_quads",
     "poll_missing_weights",
     "install_and_fetch_tasks_report_progress_and_failure",
     "history_persists_save_reload",
@@ -135,6 +136,24 @@ if __name__ != "__main__":
         scene.export(path)
         return path
 
+    def _gradient_sphere_glb(path: Path) -> Path:
+        """A UV sphere whose texture is a smooth gradient of its own UVs (R = u, G = v): the colour a
+        point should have follows from its direction, so a bake onto another mesh can be checked."""
+        import numpy as np
+        import PIL.Image
+        import trimesh
+
+        s = trimesh.creation.uv_sphere(radius=0.5, count=[48, 48])
+        v = s.vertices / np.linalg.norm(s.vertices, axis=1, keepdims=True)
+        u = (np.arctan2(v[:, 1], v[:, 0]) / (2 * np.pi)) % 1.0
+        w = np.arccos(np.clip(v[:, 2], -1, 1)) / np.pi
+        yy, xx = np.mgrid[0:128, 0:128] / 127.0
+        tex = (np.stack([xx, 1 - yy, 0.5 + 0 * xx], -1) * 255).astype(np.uint8)
+        mat = trimesh.visual.material.PBRMaterial(baseColorTexture=PIL.Image.fromarray(tex), metallicFactor=0.0, roughnessFactor=1.0)
+        s.visual = trimesh.visual.TextureVisuals(uv=np.stack([u, 1 - w], 1), material=mat)
+        s.export(path)
+        return path
+
     @pytest.fixture(scope="module")
     def driver_results(built_zip: Path, tmp_path_factory, request) -> dict:
         """Run every Blender-side check in one bpy subprocess; returns {check: {ok, detail}}."""
@@ -147,6 +166,7 @@ if __name__ != "__main__":
             "zip": str(built_zip),
             "work": str(work),
             "box_glb": str(_textured_glb(work / "box.glb", with_parent=True)),
+            "sphere_glb": str(_gradient_sphere_glb(work / "sphere.glb")),
             "tiny_models": tiny,
             "config": "",
             "e2e": True,
@@ -478,6 +498,53 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         return f"x of imports: {[round(bpy.data.objects[n].location.x, 3) for n in state['box_objects']]}"
 
     checks.run("importer_import_again_beside_never_on_top", importer_import_again_beside_never_on_top)
+
+    def quad_remesh_bakes_colour_onto_quads():
+        """Issue 26.3: QuadriFlow makes a quad copy, Cycles bakes colour and shading onto it; the
+        original stays hidden. The baked colour is checked against what the gradient says each
+        quad's direction must show."""
+        import math
+
+        import numpy as np
+
+        imp, quad = mod("importer"), mod("quad")
+        src = imp.import_glb(bpy.context, Path(args["sphere_glb"]), job_id="job-q", seed=3, prompt="gradient", height=1.0)
+        n_objects = len(bpy.data.collections["Make-Your-3D"].objects)
+        t0 = time.monotonic()
+        q = quad.quad_remesh(bpy.context, src, target_faces=2000, texture_size=256)
+        seconds = time.monotonic() - t0
+        polys = q.data.polygons
+        share = sum(len(p.vertices) == 4 for p in polys) / len(polys)
+        assert share >= 0.95 and 1000 <= len(polys) <= 4000, (share, len(polys))
+        assert src.hide_get() and src.hide_render and src.name in bpy.data.collections["Make-Your-3D"].objects
+        assert len(bpy.data.collections["Make-Your-3D"].objects) == n_objects + 1 and q["job_id"] == "job-q"
+        images = {n.image.name: n.image for n in q.data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE"}
+        color = next(i for name, i in images.items() if "base colour" in name)
+        normal = next(i for name, i in images.items() if name.endswith("normal"))
+        assert color.packed_file is not None and normal.packed_file is not None
+        px = np.array(color.pixels[:]).reshape(color.size[1], color.size[0], 4)
+        nm = np.array(normal.pixels[:]).reshape(normal.size[1], normal.size[0], 4)
+        assert px[..., :3].std() > 0.1 and 0.4 < nm[..., 2][nm[..., 3] > 0].mean() <= 1.0  # a tangent-space map is mostly +Z (blue)
+        uvs = q.data.uv_layers.active.data
+        lo, hi = imp._local_bounds(q.data)
+        centre = (lo + hi) / 2  # the sphere's centre in the mesh (the importer put the origin at its bottom)
+        errors, swapped = [], []
+        for p in polys:
+            d = (p.center - centre).normalized()
+            x, y, z = d.x, d.z, -d.y  # Blender's Z-up -> the glTF/trimesh Y-up the texture was made in
+            u = (math.atan2(y, x) / (2 * math.pi)) % 1.0
+            w = math.acos(max(-1.0, min(1.0, z))) / math.pi
+            if min(u, 1 - u) < 0.05 or not 0.1 < w < 0.9:  # the texture's seam and poles
+                continue
+            uv = np.mean([uvs[i].uv[:] for i in p.loop_indices], axis=0)
+            got = px[min(int(uv[1] * color.size[1]), color.size[1] - 1), min(int(uv[0] * color.size[0]), color.size[0] - 1), :2]
+            errors.append(float(np.abs(got - (u, 1 - w)).mean()))
+            swapped.append(float(np.abs(got - (1 - w, u)).mean()))  # wrong variant: the check must see a wrong colour
+        assert len(errors) > 500 and np.mean(errors) < 0.03 and np.percentile(errors, 90) < 0.06, (len(errors), np.mean(errors))
+        assert np.mean(swapped) > 0.15, np.mean(swapped)
+        return f"{share:.0%} quads of {len(polys)}, colour error mean {np.mean(errors):.4f} (n={len(errors)}), {seconds:.1f} s"
+
+    checks.run("quad_remesh_bakes_colour_onto_quads", quad_remesh_bakes_colour_onto_quads)
 
     def importer_rejects_non_glb():
         imp = mod("importer")
