@@ -13,7 +13,7 @@ import bpy
 
 from . import history, quad, runtime
 from .runtime import EventKind
-from .importer import ImportProblem, import_glb
+from .importer import ImportProblem, blocking_objects, free_spot, import_glb
 
 TICK_SECONDS = 0.2
 
@@ -129,11 +129,56 @@ def _request_files(rt: "runtime.Runtime", item, then_import: bool, files: list[s
     rt.download(item.job_id, rt.results_dir(prefs, item.job_id), list(files or []), then_import)
 
 
-def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.types.Scene, item) -> bpy.types.Object | None:
-    """Import a finished job's GLB into `scene` (must be the context's scene); errors go to the panel."""
+def result_key(folder: Path) -> str:
+    """What identifies a job's mesh: its reconstruction stage's cache key (job.json). Two jobs with the
+    same key made the same mesh (an unchanged Re-run), so one object in the scene serves both."""
+    for stage in read_job_record(folder).get("stages") or []:
+        if isinstance(stage, dict) and stage.get("name") == "reconstruct":
+            return str(stage.get("key") or "")
+    return ""
+
+
+def existing_result(scene: bpy.types.Scene, job_id: str, key: str) -> bpy.types.Object | None:
+    """An object of this job, or of the same mesh, already in the scene (visible ones first)."""
+    found = [o for o in scene.objects if o.get("job_id") == job_id or (key and o.get("result_key") == key)]
+    found.sort(key=lambda o: (o.hide_get(), "quad_of" not in o))  # visible first, the quad version before its hidden original
+    return found[0] if found else None
+
+
+def select_only(context: bpy.types.Context, obj: bpy.types.Object) -> None:
+    for other in context.view_layer.objects:
+        other.select_set(False)
+    obj.select_set(True)
+    context.view_layer.objects.active = obj
+
+
+def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.types.Scene, item,
+                duplicate: bool = False) -> bpy.types.Object | None:
+    """Import a finished job's GLB into `scene` (must be the context's scene); errors go to the panel.
+
+    When the job's mesh is already in the scene (this job, or another with the same result), it is
+    selected instead of imported again; `duplicate` adds a linked copy beside it (the mesh, materials
+    and textures are shared, not copied)."""
     if context.scene != scene:
         return None  # imported when the artist presses Import in that scene
     prefs = runtime.addon_prefs(context)
+    key = result_key(Path(item.folder))
+    existing = existing_result(scene, item.job_id, key)
+    if existing is not None:
+        if duplicate:
+            copy = existing.copy()  # linked: the same mesh, materials and textures
+            for coll in existing.users_collection:
+                coll.objects.link(copy)
+            copy.hide_set(False)
+            context.view_layer.update()
+            copy.location = free_spot(scene.cursor.location, copy, blocking_objects(context, copy))
+            existing = copy
+        select_only(context, existing)
+        item.imported = True
+        item.object_name = existing.name
+        if not duplicate:
+            scene.make_your_3d.last_info = f"'{existing.name}' is already in the scene: selected it (Add a Copy makes a linked duplicate)"
+        return existing
     glb = Path(item.folder) / "subject.glb"
     try:
         obj = import_glb(context, glb, job_id=item.job_id, seed=item.seed, prompt=item.prompt,
@@ -143,6 +188,7 @@ def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.ty
     except ImportProblem as exc:
         scene.make_your_3d.last_error = str(exc)
         return None
+    obj["result_key"] = key
     item.imported = True
     item.object_name = obj.name
     if scene.make_your_3d.quad_remesh:

@@ -270,11 +270,13 @@ class MAKE_YOUR_3D_OT_rerun_job(_JobOperator, bpy.types.Operator):
 
 
 class MAKE_YOUR_3D_OT_import_job(_JobOperator, bpy.types.Operator):
-    """Import the selected job's mesh (again)"""
+    """Import the selected job's mesh; when it is already in the scene, select it (or add a linked copy)"""
 
     bl_idname = "make_your_3d.import_job"
     bl_label = "Import"
     bl_options = {"REGISTER", "UNDO"}
+    duplicate: BoolProperty(name="Add a copy", default=False, options={"SKIP_SAVE"},
+                            description="Add a linked copy beside the one already in the scene (mesh and textures shared)")
 
     @classmethod
     def poll(cls, context):
@@ -295,7 +297,7 @@ class MAKE_YOUR_3D_OT_import_job(_JobOperator, bpy.types.Operator):
         if item is None:
             return {"CANCELLED"}
         if item.folder and (Path(item.folder) / "subject.glb").is_file():
-            obj = jobs.import_item(context, rt, context.scene, item)
+            obj = jobs.import_item(context, rt, context.scene, item, duplicate=self.duplicate)
             if obj is None:
                 self.report({"ERROR"}, context.scene.make_your_3d.last_error or "Import failed")
                 return {"CANCELLED"}

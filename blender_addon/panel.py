@@ -198,6 +198,7 @@ class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):
         op = grid.operator("make_your_3d.rerun_job", text="Re-run, current prompt", icon="GREASEPENCIL")
         op.use_current_prompt = True
         grid.operator("make_your_3d.import_job", text="Import again", icon="IMPORT")
+        grid.operator("make_your_3d.import_job", text="Add a Copy", icon="DUPLICATE").duplicate = True
         grid.operator("make_your_3d.open_job_folder", icon="FILE_FOLDER")
         grid.operator("make_your_3d.recall_job", icon="RECOVER_LAST")
 

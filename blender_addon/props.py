@@ -24,6 +24,21 @@ TEXTURE_SIZES = [
 ]
 
 
+def _unit_scale(props) -> float:
+    scene = props.id_data
+    scale = scene.unit_settings.scale_length if isinstance(scene, bpy.types.Scene) else 1.0
+    return scale if scale > 0 else 1.0
+
+
+def _get_height(self) -> float:
+    """The height in scene units (what a LENGTH property holds): metres / unit scale."""
+    return self.height_m / _unit_scale(self)
+
+
+def _set_height(self, value: float) -> None:
+    self.height_m = value * _unit_scale(self)
+
+
 class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
     image: PointerProperty(name="Reference image", type=bpy.types.Image,
                            description="The subject: an image with the subject on a plain or transparent background")
@@ -44,7 +59,11 @@ class MAKE_YOUR_3D_PG_scene(bpy.types.PropertyGroup):
                               description="After import, make a quad-dominant copy (QuadriFlow) with colour and shading baked onto it; "
                                           "the triangle original stays hidden")
     quad_faces: IntProperty(name="Quad faces", description="Target face count of the quad remesh", default=10_000, min=100, max=200_000)
-    height: FloatProperty(name="Height", default=DEFAULT_HEIGHT, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
+    # The height is kept in metres (a physical size, whatever the scene's unit scale) and shown through
+    # `height` in the scene's units: Blender stores a LENGTH property in scene units and displays it
+    # times the unit scale, so a plain 0.3 default was 3 mm in a centimetre scene.
+    height_m: FloatProperty(name="Height (metres)", default=DEFAULT_HEIGHT, min=0.0, options={"HIDDEN"})
+    height: FloatProperty(name="Height", min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH", get=_get_height, set=_set_height,
                           description="Height of the imported mesh, standing on the 3D cursor (0: keep the size it comes with, about 2 m)")
     # Advanced: the job's own sampling settings (0: the preset's value); the backend checks the ranges too
     mv_steps: IntProperty(name="Multi-view steps", description="Diffusion steps of the multi-view model (0: preset)",

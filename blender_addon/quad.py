@@ -129,7 +129,7 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
     _connect(mat, image_nodes)
     for node in image_nodes.values():
         node.image.pack()
-    for key in ("job_id", "seed", "prompt"):
+    for key in ("job_id", "seed", "prompt", "result_key"):
         if key in source:
             quad[key] = source[key]
     quad["quad_of"] = source.name

@@ -38,6 +38,7 @@ BASIC_CHECKS = (
     "importer_link_mode_writes_texture",
     "importer_rejects_non_glb",
     "quad_remesh_bakes_colour_onto_quads",
+    "import_respects_unit_scale_and_shares_results",
     "poll_missing_weights",
     "install_and_fetch_tasks_report_progress_and_failure",
     "history_persists_save_reload",
@@ -546,6 +547,42 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
 
     checks.run("quad_remesh_bakes_colour_onto_quads", quad_remesh_bakes_colour_onto_quads)
 
+    def import_respects_unit_scale_and_shares_results():
+        """Issue 27.4: the Height is a physical size in any unit scale (a centimetre scene got a 3 mm
+        subject), and two jobs with the same result (an unchanged Re-run) share one object."""
+        import shutil
+
+        h, jobs = mod("history"), mod("jobs")
+        scene = bpy.context.scene
+        folder = work / "same_result"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(args["box_glb"], folder / "subject.glb")
+        (folder / "job.json").write_text(json.dumps({"stages": [{"name": "reconstruct", "key": "k-same", "cached": True, "seconds": 0.0}]}))
+        first = h.add_item(scene, "units-1", "g", 0, {"prompt": "units", "seed": 1, "preset": "fast"})
+        second = h.add_item(scene, "units-2", "g", 0, {"prompt": "units", "seed": 1, "preset": "fast"})
+        first.folder = second.folder = str(folder)
+        scene.unit_settings.scale_length = 0.01  # centimetres
+        try:
+            props().height_m = 0.3
+            assert abs(props().height - 30.0) < 1e-4  # shown in scene units: 30 cm
+            obj = jobs.import_item(bpy.context, rt(), scene, first)
+            bpy.context.view_layer.update()
+            metres = obj.dimensions.z * scene.unit_settings.scale_length
+            assert abs(metres - 0.3) < 1e-3, metres
+            images = len(bpy.data.images)
+            again = jobs.import_item(bpy.context, rt(), scene, second)  # another job, the same mesh
+            assert again == obj and second.object_name == obj.name and len(bpy.data.images) == images
+        finally:
+            scene.unit_settings.scale_length = 1.0
+        props().height = 0.3  # set through the scene units (1.0 now): metres again
+        assert abs(props().height_m - 0.3) < 1e-6  # float32 storage
+        for job_id in ("units-1", "units-2"):  # by id: removing one item invalidates references to the others
+            props().history.remove([i.job_id for i in props().history].index(job_id))
+        bpy.data.objects.remove(obj)
+        return f"{metres:.3f} m tall in a centimetre scene; the second job selected the first's object"
+
+    checks.run("import_respects_unit_scale_and_shares_results", import_respects_unit_scale_and_shares_results)
+
     def importer_rejects_non_glb():
         imp = mod("importer")
         bad = work / "not_a.glb"
@@ -974,11 +1011,19 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         props().history_index = list(props().history).index(item)
         n = len(coll_objects())
         before_objs = set(coll_objects())
+        images_before = len(bpy.data.images)
+        # Import again of a result already in the scene selects it (issue 27.4: no silent ".001" copy)
         assert bpy.ops.make_your_3d.import_job() == {"FINISHED"}, props().last_error
-        assert len(coll_objects()) == n + 1
+        selected = bpy.context.view_layer.objects.active
+        assert len(coll_objects()) == n and selected is not None and selected["job_id"] == first_id, props().last_info
+        assert "already in the scene" in props().last_info
+        # Add a Copy: a linked duplicate beside the others, its mesh and textures shared, not copied
+        assert bpy.ops.make_your_3d.import_job(duplicate=True) == {"FINISHED"}, props().last_error
+        assert len(coll_objects()) == n + 1 and len(bpy.data.images) == images_before
         bpy.context.view_layer.update()
         imp = mod("importer")
         (new_obj,) = set(coll_objects()) - before_objs
+        assert new_obj.data.name == selected.data.name and new_obj["job_id"] == first_id
         for other in before_objs:  # Import again lands beside what is there, never on top
             assert not _overlap(imp.world_bounds(new_obj), imp.world_bounds(other)), (new_obj.name, other.name)
         assert abs(imp.world_bounds(new_obj)[0].z - bpy.context.scene.cursor.location.z) < 1e-4
@@ -1074,6 +1119,7 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         # nothing is blocked: Generate and Re-run start the backend themselves
         assert _poll_message(bpy.ops.make_your_3d.generate) is None and bpy.ops.make_your_3d.generate.poll()
         props().history_index = list(props().history).index(item)
+        dead_id = item.job_id  # by id: new history items may move the collection, and `item` with it
         assert bpy.ops.make_your_3d.rerun_job.poll()
         known = {i.job_id for i in props().history}
         assert bpy.ops.make_your_3d.rerun_job() == {"FINISHED"}
@@ -1083,7 +1129,7 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         assert rt().wait_until(lambda: again.status in ("done", "failed") and (again.status != "done" or again.imported), 240), \
             (again.status, again.error_message)
         assert again.status == "done", again.error_message
-        assert hist.find_item(bpy.context.scene, item.job_id).status == "interrupted"
+        assert hist.find_item(bpy.context.scene, dead_id).status == "interrupted"
         stop_backend()  # as the checks after this one expect to find it
         return f"interrupted after {seconds:.1f} s: {item.error_message[:120]}"
 
