@@ -8,7 +8,6 @@ after a backend restart the items are refreshed from `GET /v1/jobs`.
 from __future__ import annotations
 
 import json
-import time
 
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
@@ -53,7 +52,6 @@ class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
     image_name: StringProperty(name="Reference image", description="The image datablock the job was made from")
     tiny_models: BoolProperty(name="Tiny models", default=False)
     overrides_json: StringProperty(name="Overrides", description="The job's own sampling settings (JSON)")
-    record_time: FloatProperty(name="Record time", description="Wall-clock time the last record arrived", default=0.0)
     cancel_requested: BoolProperty(name="Cancelling", description="Cancel was pressed; the step in flight finishes first", default=False)
 
 
@@ -125,24 +123,26 @@ def apply_record(item, record: dict, expect: progress.Expectation | None = None)
         item.created_at = str(record["created_at"])
     if isinstance(record.get("request"), dict):
         apply_request(item, record["request"])
-    item.record_time = time.time()
     refresh_progress(item, expect)
     return changed
 
 
-def elapsed_now(item) -> float:
-    """The job's elapsed seconds now: the last record's, plus the time since it arrived while running."""
+def elapsed_now(item, since_s: float = 0.0) -> float:
+    """The job's elapsed seconds now: the last record's, plus `since_s` (the time since it arrived,
+    runtime.Runtime.since_record) while it runs."""
     if item.elapsed_s < 0:
         return -1.0
-    return item.elapsed_s + (max(time.time() - item.record_time, 0.0) if item.status == "running" and item.record_time > 0 else 0.0)
+    return item.elapsed_s + (max(since_s, 0.0) if item.status == "running" else 0.0)
 
 
-def refresh_progress(item, expect: progress.Expectation | None = None) -> None:
-    """One bar for the whole job, from its last record and the time since: never moves backwards."""
+def refresh_progress(item, expect: progress.Expectation | None = None, since_s: float = 0.0) -> None:
+    """One bar for the whole job, from its last record and the `since_s` seconds since it arrived:
+    never moves backwards. (The arrival time is not a property: Blender keeps floats in 32 bits,
+    which hold a wall-clock time only to about two minutes.)"""
     if expect is None:
         expect = progress.Expectation(progress.estimated_seconds(item.preset), False)
     if item.status == "running":
-        since = max(time.time() - item.record_time, 0.0) if item.record_time > 0 else 0.0
+        since = max(since_s, 0.0)
         jp = progress.job_progress(item.stage, item.step, item.total, item.eta_s if item.eta_s >= 0 else None, expect.seconds, expect.plan,
                                    measured=expect.measured, since_s=since)
         item.job_progress = max(item.job_progress, jp.fraction)

@@ -51,6 +51,7 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
         props.last_error = ""
     elif kind in (EventKind.RECORD, EventKind.SYNC):
         record = event.data["record"]
+        rt.saw_record(event.job_id)
         for scene, item in history.find_items(event.job_id):
             history.apply_record(item, record, rt.stage_times.expectation(item.preset, rt.stage_plan()))
             if item.status == "failed" and item.error_message:
@@ -79,7 +80,7 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
                     learned = rt.stage_times.learn(item.preset, record)
             if event.data.get("import") and not item.imported:
                 import_item(bpy.context, rt, scene, item)
-            scene.make_your_3d.last_info = finished_message(item, record)
+            scene.make_your_3d.last_info = set_message(scene, item) or finished_message(item, record)
     elif kind == EventKind.LOST:
         message = event.data.get("message", "")
         for scene, item in history.find_items(event.job_id):
@@ -122,6 +123,21 @@ def finished_message(item, record: dict) -> str:
     placed = f", imported as '{item.object_name}'" if item.imported and item.object_name else ""
     tiny = " (tiny test models: the mesh is noise)" if item.tiny_models else ""
     return f"Finished '{item.prompt}' seed {item.seed}{where}{took}{placed}{tiny}"
+
+
+def set_message(scene: bpy.types.Scene, item) -> str | None:
+    """When the last job of a set of variants finishes, one sentence for the whole set (the message
+    named only the last one); None for a single job or while others of the set still run."""
+    siblings = [i for i in scene.make_your_3d.history if item.group and i.group == item.group]
+    if len(siblings) < 2 or any(not history.is_terminal(i) for i in siblings):
+        return None
+    done = sorted((i for i in siblings if i.status == "done"), key=lambda i: i.index_in_group)
+    seeds = ", ".join(str(i.seed) for i in done)
+    placed = [i.object_name for i in done if i.imported and i.object_name]
+    names = f", imported as {', '.join(repr(n) for n in placed)}" if placed else ""
+    other = len(siblings) - len(done)
+    rest = f"; {other} did not finish" if other else ""
+    return f"Finished {len(done)} of {len(siblings)} variants of '{item.prompt}' (seeds {seeds}){names}{rest}"
 
 
 def _request_files(rt: "runtime.Runtime", item, then_import: bool, files: list[str] | None = None) -> None:
@@ -230,7 +246,7 @@ def refresh_running(rt: "runtime.Runtime") -> bool:
             continue
         for item in scene.make_your_3d.history:
             if item.status == "running":
-                history.refresh_progress(item, rt.stage_times.expectation(item.preset, rt.stage_plan()))
+                history.refresh_progress(item, rt.stage_times.expectation(item.preset, rt.stage_plan()), rt.since_record(item.job_id))
                 moved = True
     return moved
 

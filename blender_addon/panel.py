@@ -159,7 +159,7 @@ class VIEW3D_PT_make_your_3d_jobs(_SidebarPanel, bpy.types.Panel):
             op = row.operator("make_your_3d.cancel_job", text="", icon="CANCEL")
             op.job_id = item.job_id
             left = f"about {history.format_seconds(item.job_eta_s)} left" if item.job_eta_s >= 0 else "estimating time left"
-            box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(history.elapsed_now(item))} elapsed, {left}")
+            box.label(text=f"{item.prompt[:28]}  s{item.seed}  {history.format_seconds(history.elapsed_now(item, rt.since_record(item.job_id) if rt else 0.0))} elapsed, {left}")
 
 
 class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):

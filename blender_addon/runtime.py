@@ -84,6 +84,7 @@ class Runtime:
         self._apply_event = apply_event
         self._stage_plan: StagePlan = FALLBACK_PLAN
         self.fill_second = -1  # the wall-clock second the running bars were last moved on (jobs.refresh_running)
+        self._record_seen: dict[str, float] = {}  # job id -> time.monotonic() its last record arrived (main thread)
         self.backend = BackendProcess()
         self.events: queue.Queue[Event] = queue.Queue()
         self._stop = threading.Event()
@@ -544,6 +545,14 @@ class Runtime:
             self._apply_event(self, event)
             n += 1
         return n
+
+    def saw_record(self, job_id: str) -> None:
+        self._record_seen[job_id] = time.monotonic()
+
+    def since_record(self, job_id: str) -> float:
+        """Seconds since the job's last record arrived (0 when none has this session)."""
+        seen = self._record_seen.get(job_id)
+        return time.monotonic() - seen if seen is not None else 0.0
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
         """Drain until `predicate()` holds (background mode and tests, where no timers run)."""

@@ -777,6 +777,16 @@ def driver(args: dict) -> None:  # noqa: C901 (one linear scenario)
         h.apply_record(item, {"status": "done", "stage": "reconstruct", "step": 3, "total": 3}, seconds)
         assert item.job_progress == 1.0 and item.stage_label == "Done"
         props().history.remove(list(props().history).index(item))
+        # issue 27.2: no invented time left before this machine has measured the preset; between
+        # records the bar, the elapsed time and the time left move on with the clock
+        fill = h.add_item(bpy.context.scene, "fill-job", "grp", 0, {"prompt": "p", "seed": 1, "preset": "default"})
+        guessed = progress.Expectation(progress.estimated_seconds("default"), False)
+        h.apply_record(fill, {"status": "running", "stage": "multiview", "step": 1, "total": 4, "elapsed_s": 10.0}, guessed)
+        assert fill.job_eta_s == -1.0 and fill.job_progress > 0.0
+        bar, elapsed = fill.job_progress, h.elapsed_now(fill)
+        h.refresh_progress(fill, progress.Expectation(progress.estimated_seconds("default"), True), since_s=3.0)  # 3 s, no record
+        assert fill.job_progress > bar and fill.job_eta_s > 0 and h.elapsed_now(fill, 3.0) == elapsed + 3.0
+        props().history.remove([i.job_id for i in props().history].index("fill-job"))
         return f"{len(seq)} records, {len(set(labels))} stage names"
 
     checks.run("job_progress_one_bar_monotonic", job_progress_one_bar_monotonic)
@@ -954,6 +964,9 @@ def run_e2e(bpy, args, checks, state, mod, prefs, rt, props, start_backend, stop
         xs = [o.location.x for o in objs]
         assert xs[0] == 0.0 and xs[0] < xs[1] < xs[2], xs
         assert all(abs(o.location.y - 3.0) < 1e-5 for o in objs)
+        # the finish message names the whole set, not only the last variant (issue 27)
+        info = props().last_info
+        assert info.startswith("Finished 3 of 3 variants") and all(o.name in info for o in objs), info
         bpy.context.view_layer.update()
         for left, right in zip(objs, objs[1:]):  # bounding boxes do not overlap along X
             lmax = max((left.matrix_world @ __import__("mathutils").Vector(c)).x for c in left.bound_box)
