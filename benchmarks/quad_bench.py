@@ -34,8 +34,10 @@ def _module(name: str):
 
 
 def sphere_glb(path: Path, subdivisions: int = 6) -> Path:
-    """An 82k-triangle icosphere (closed and manifold, as the reconstruction's meshes are) with a
-    gradient texture in spherical UVs (the seam splits vertices, as xatlas's islands do)."""
+    """An icosphere of radius 0.5 (82k triangles at 6 subdivisions; closed and manifold, as the
+    reconstruction's meshes are) whose texture is a smooth gradient of its own spherical UVs
+    (R = u, G = v), so the colour a point should have follows from its direction: the add-on's quad
+    test checks a bake with it."""
     import numpy as np
     import PIL.Image
     import trimesh

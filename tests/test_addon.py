@@ -69,6 +69,7 @@ if __name__ != "__main__":
 
     sys.path.insert(0, str(REPO))
     import build_addon  # noqa: E402
+    from bench_scripts import load_script  # noqa: E402
 
     needs_bpy = pytest.mark.skipif(not _bpy_expected(), reason="bpy 5.0.1 exists only for Python 3.11")
 
@@ -137,24 +138,6 @@ if __name__ != "__main__":
         scene.export(path)
         return path
 
-    def _gradient_sphere_glb(path: Path) -> Path:
-        """A UV sphere whose texture is a smooth gradient of its own UVs (R = u, G = v): the colour a
-        point should have follows from its direction, so a bake onto another mesh can be checked."""
-        import numpy as np
-        import PIL.Image
-        import trimesh
-
-        s = trimesh.creation.uv_sphere(radius=0.5, count=[48, 48])
-        v = s.vertices / np.linalg.norm(s.vertices, axis=1, keepdims=True)
-        u = (np.arctan2(v[:, 1], v[:, 0]) / (2 * np.pi)) % 1.0
-        w = np.arccos(np.clip(v[:, 2], -1, 1)) / np.pi
-        yy, xx = np.mgrid[0:128, 0:128] / 127.0
-        tex = (np.stack([xx, 1 - yy, 0.5 + 0 * xx], -1) * 255).astype(np.uint8)
-        mat = trimesh.visual.material.PBRMaterial(baseColorTexture=PIL.Image.fromarray(tex), metallicFactor=0.0, roughnessFactor=1.0)
-        s.visual = trimesh.visual.TextureVisuals(uv=np.stack([u, 1 - w], 1), material=mat)
-        s.export(path)
-        return path
-
     @pytest.fixture(scope="module")
     def driver_results(built_zip: Path, tmp_path_factory, request) -> dict:
         """Run every Blender-side check in one bpy subprocess; returns {check: {ok, detail}}."""
@@ -167,7 +150,7 @@ if __name__ != "__main__":
             "zip": str(built_zip),
             "work": str(work),
             "box_glb": str(_textured_glb(work / "box.glb", with_parent=True)),
-            "sphere_glb": str(_gradient_sphere_glb(work / "sphere.glb")),
+            "sphere_glb": str(load_script("quad_bench").sphere_glb(work / "sphere.glb", subdivisions=4)),
             "tiny_models": tiny,
             "config": "",
             "e2e": True,
