@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                "watertight": bool(res.record["watertight"]), "components": len(welded.split(only_watertight=False)),
                "device": res.record["device"], "load_avg": [round(x, 2) for x in load0],
                "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+        if "surface_fit" in res.record:  # issue 23: what the global fit carved, the view weights it found
+            row["surface_fit"] = res.record["surface_fit"]
         row.update(geometry_metrics(mesh, gt))
         row.update(heldout_metrics(mesh, d / "heldout"))
         row["misses"] = misses(row)
