@@ -7,6 +7,12 @@ step or a cavity floor; the other views can, through visibility. Rendering every
 makes a filled cavity render its front where a diagonal view sees an inner wall, and the normal loss
 pushes it back; a region seen by two diagonal views is placed by both.
 
+Two parts. `carve`: space carving with the world normal as the consistent quantity: a surface voxel
+that two neighbouring views see (visibility by marching the occupancy towards each camera) with
+normals that disagree is not on the surface and goes; views vote with weights from their agreement
+with the others (`view_agreement`). Then `fit_surface` refines the carved grid by rendering (off by
+default, `SurfConfig.iterations`: measured not to pay yet, BENCHMARKS 'Global surface fit').
+
 Rendering (NeuS-style, discrete): samples along a ray inside the box, opacity of each interval from the
 drop of sigmoid(s * f) across it (f negative inside), weights alpha times transmittance, normals the
 field's gradient. Losses: opacity vs mask (binary cross-entropy), robust 1 - cos on normals (grazing
