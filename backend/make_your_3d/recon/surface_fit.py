@@ -315,7 +315,9 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
                 both = sa & sb & near
                 ab = (nba * nb_[:, None]).sum(-1).amax(1)  # best agreement of a's neighbourhood with b's normal
                 ba = (nbb * na[:, None]).sum(-1).amax(1)
-                bad |= both & (torch.minimum(ab, ba) < cfg.carve_cos)
+                # opposite normals at one voxel: the two sides of a part thinner than a voxel, not a lid
+                two_sides = (na * nb_).sum(-1) < cfg.carve_thin_cos
+                bad |= both & (torch.minimum(ab, ba) < cfg.carve_cos) & ~two_sides
         if not bool(bad.any()):
             break
         i = idx[bad]
