@@ -66,7 +66,8 @@ def _errors_px(shape: str, mesh: trimesh.Trimesh, views) -> dict:
         err = np.abs(_front_depth(mesh, views) - true) * S / 2.0
     hit = np.isfinite(err)
     return {"recess_median": float(np.median(np.where(hit, err, np.inf)[recess])),
-            "recess_holes": float((~hit[recess]).mean()), "all_median": float(np.median(np.where(hit, err, np.inf)[fg]))}
+            "recess_holes": float((~hit[recess]).mean()),
+            "all_median": float(np.median(np.where(hit, err, np.inf)[fg]))}
 
 
 def _fit_from_hull(views, cfg: SurfConfig) -> tuple[trimesh.Trimesh, dict]:

@@ -2,7 +2,8 @@
 the algorithm's knobs are one declared, documented object; the functions take the section they need).
 
 `ReconConfig` has one section per step: `hull` (visual hull and scene bounds), `lift` (normal
-integration), `joint` (all views' depths solved as one surface), `fit` (Gaussian surfels), `fuse` (TSDF fusion), `surf` (the global surface fit), `mesh` (surface extraction, snapping,
+integration), `joint` (all views' depths solved as one surface), `fit` (Gaussian surfels), `fuse` (TSDF fusion),
+`surf` (the global surface fit, issue 23), `mesh` (surface extraction, snapping,
 decimation) and `bake` (UVs and texture). Each field is declared with `knob(...)`, which records its
 meaning, unit and why it has the value it has (the commit or benchmarks/BENCHMARKS.md entry that
 measured it, or "untuned"); `tests/test_recon_config.py` fails on a field without them.
@@ -220,7 +221,8 @@ class SurfConfig:
     fine_res: int = knob(96, "grid points along the longest side in the last stage", "points",
                          "issue 23; untuned", lo=8)
     iterations: int = knob(0, "Adam steps of the rendered refinement per stage (0: the carving alone)", "steps",
-                           "issue 23: 30 steps moved the open box's floor from 8.1 to 10.1 px (tests/test_surface_fit.py); "
+                           "issue 23: 30 steps moved the open box's floor from 8.1 to 10.1 px "
+                           "(tests/test_surface_fit.py); "
                            "off until it pays", lo=0)
     rays: int = knob(3072, "pixels rendered per step, over all views (half from each view's foreground)",
                      "rays", "issue 23; untuned (speed)", lo=8)
@@ -251,7 +253,8 @@ class SurfConfig:
                                  "issue 23: without it the bowl's thin front wall was carved (held-out IoU 0.73 -> "
                                  "0.62, BENCHMARKS 'Global surface fit'); value untuned", lo=-1)
     carve_pair_cos: float = knob(0.2, "only views whose directions are within this cosine compare normals "
-                                 "(0.2: within 78 degrees, so a thin part's two sides and views 90 degrees apart are never compared)", "cosine",
+                                 "(0.2: within 78 degrees, so a thin part's two sides and views 90 degrees apart are "
+                                 "never compared)", "cosine",
                                  "issue 23", lo=-1)
     carve_passes: int = knob(40, "most carving passes (each removes at most one layer of voxels)", "passes",
                              "issue 23; untuned", lo=0)

@@ -198,7 +198,8 @@ def fit_surface(init: Grid, targets: ViewTargets, cfg: SurfConfig, gen: torch.Ge
             opt.step()
             losses.append(float(total.detach()))
         current = Grid(u.detach() * step, lo, step)
-        record["stages"].append({"res": res, "grid": list(counts), "loss_first": round(losses[0], 5) if losses else None,
+        record["stages"].append({"res": res, "grid": list(counts),
+                                 "loss_first": round(losses[0], 5) if losses else None,
                                  "loss_last": round(float(np.mean(losses[-10:])), 5) if losses else None})
         record["view_weights"].append([round(float(w), 3) for w in weights])
     return current, removed, record
@@ -348,7 +349,8 @@ def view_agreement(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets
                 continue
             sb, nb_, nbb, db = ev[b]
             both = sa & sb & ((da * db).sum(-1) > cfg.carve_pair_cos)
-            ok = torch.minimum((nba * nb_[:, None]).sum(-1).amax(1), (nbb * na[:, None]).sum(-1).amax(1)) >= cfg.carve_cos
+            ok = torch.minimum((nba * nb_[:, None]).sum(-1).amax(1),
+                               (nbb * na[:, None]).sum(-1).amax(1)) >= cfg.carve_cos
             compared |= both
             agree |= both & ok
         share[a] = agree.sum() / compared.sum() if bool(compared.any()) else float("nan")
