@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="reconstruction benchmark")
     ap.add_argument("--data", default="bench_data")
     ap.add_argument("--presets", default="default")
-    ap.add_argument("--split", default="all", choices=["tuning", "heldout", "all"],
-                    help="which shapes of shape_split.json (tune on 'tuning' only; 'heldout' is for reporting)")
+    ap.add_argument("--split", default="all", choices=["tuning", "heldout", "fresh", "all"],
+                    help="which shapes of shape_split.json (tune on 'tuning' only; 'heldout' and issue 23's 'fresh' "
+                         "set are for reporting; 'all' is tuning + heldout)")
     ap.add_argument("--shapes", default=None, help="comma list (overrides --split)")
     ap.add_argument("--noise", default="none", help="comma list of view degradations: none, mild, strong (recon/degrade.py)")
     ap.add_argument("--noise-seed", type=int, default=0)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         docs = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
         rows = [r for d in docs for r in d["rows"]]
         order = {n: i for i, n in enumerate(["none", "mild", "strong"])}
-        rows.sort(key=lambda r: (r["preset"], order.get(r["noise"], 9), r["set"] != "tuning", r["shape"]))
+        sets = {"tuning": 0, "heldout": 1, "fresh": 2}
+        rows.sort(key=lambda r: (r["preset"], order.get(r["noise"], 9), sets.get(r["set"], 3), r["shape"]))
         print_table(rows)
         if args.out:
             _write_json(Path(args.out), {"meta": [d["meta"] for d in docs], "rows": rows,
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.data)
     split = load_split()
-    set_of = {s: k for k in ("tuning", "heldout") for s in split[k]}
+    set_of = {s: k for k in ("tuning", "heldout", "fresh") for s in split.get(k, [])}
     if args.shapes:
         shapes = args.shapes.split(",")
     elif args.split == "all":
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                "watertight": bool(res.record["watertight"]), "components": len(welded.split(only_watertight=False)),
                "device": res.record["device"], "load_avg": [round(x, 2) for x in load0],
                "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+        if "surface_fit" in res.record:  # issue 23: what the global fit carved, the view weights it found
+            row["surface_fit"] = res.record["surface_fit"]
         row.update(geometry_metrics(mesh, gt))
         row.update(heldout_metrics(mesh, d / "heldout"))
         row["misses"] = misses(row)

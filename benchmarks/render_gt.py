@@ -12,7 +12,8 @@ is +Z up; the contract's world is glTF (+Y up, subject faces +Z): points map (x,
 
 Shapes (SHAPES below says what each tests; shape_split.json splits them into a tuning and a held-out set):
 ring, chair, blob (the first three, unchanged), bowl, table, plant, kettlebell, head, mug, figurine,
-fish, crate, vase. The new ones are single boolean-unioned shells (no internal faces in the ground truth).
+fish, crate, vase, and issue 23's fresh held-out set: cubby, stairs, comb, spool, twohole, fence.
+The new ones are single boolean-unioned shells (no internal faces in the ground truth).
 
 Run: python benchmarks/render_gt.py --out bench_data [--size 256] [--samples 16] [--shapes ring,chair,blob]
 (about 10-20 s a shape on 2 CPU cores at 256 px and 16 samples)
@@ -323,6 +324,43 @@ def build_shape(bpy, name: str) -> None:
         _boolean(body, parts, "UNION")
         _boolean(body, [neck], "DIFFERENCE")
         _smooth(bpy, body)
+    elif name == "cubby":  # issue 23 fresh set: an open box seen into from the front (no shelf), wood
+        wood = _material(bpy, "cubbywood", _stripes((0.55, 0.4, 0.25), (0.45, 0.3, 0.18), 4.0))
+        shell = _box(bpy, wood, (0, 0, 0), (1.4, 1.0, 1.2))
+        hole = _box(bpy, wood, (0, -0.2, 0), (1.1, 1.0, 0.9))
+        _boolean(shell, [hole], "DIFFERENCE")
+    elif name == "stairs":  # fresh: three steps seen head-on between two cheek walls (no silhouette shows them)
+        stone = _material(bpy, "stone", _checker((0.55, 0.58, 0.65), (0.35, 0.38, 0.45), 5.0))
+        base = _box(bpy, stone, (0, 0, -0.4), (1.4, 1.2, 0.4))
+        parts = [_box(bpy, stone, (0, 0.2, 0.0), (1.4, 0.8, 0.4)), _box(bpy, stone, (0, 0.4, 0.4), (1.4, 0.4, 0.4))]
+        for sx in (-1, 1):
+            parts.append(_box(bpy, stone, (sx * 0.76, 0, 0), (0.12, 1.2, 1.2)))
+        _boolean(base, parts, "UNION")
+    elif name == "comb":  # fresh: eleven thin teeth with narrow gaps under a spine, gaps seen by the front
+        horn = _material(bpy, "horn", _stripes((0.75, 0.5, 0.2), (0.55, 0.32, 0.12), 6.0))
+        spine = _box(bpy, horn, (0, 0, 0.55), (1.6, 0.12, 0.25))
+        teeth = [_box(bpy, horn, (-0.75 + 0.15 * i, 0, -0.1), (0.06, 0.1, 1.1)) for i in range(11)]
+        _boolean(spine, teeth, "UNION")
+    elif name == "spool":  # fresh: a surface of revolution with an undercut under each flange; near-white
+        white = _material(bpy, "spoolwhite", _stripes((0.96, 0.96, 0.94), (0.88, 0.9, 0.92), 3.0))
+        core = _add(bpy, "cylinder", white, radius=0.3, depth=1.0, vertices=96, location=(0, 0, 0))
+        flanges = [_add(bpy, "cylinder", white, radius=0.8, depth=0.18, vertices=96, location=(0, 0, sz * 0.5))
+                   for sz in (-1, 1)]
+        _boolean(core, flanges, "UNION")
+        _smooth(bpy, core)
+    elif name == "twohole":  # fresh: genus 2, a slab with two round holes through the front; near-black
+        black = _material(bpy, "nearblack", _checker((0.03, 0.03, 0.035), (0.012, 0.012, 0.015), 5.0))
+        slab = _box(bpy, black, (0, 0, 0), (1.6, 0.35, 1.0))
+        holes = [_add(bpy, "cylinder", black, radius=0.25, depth=1.0, vertices=64, location=(sx * 0.4, 0, 0),
+                      rotation=(math.pi / 2, 0, 0)) for sx in (-1, 1)]
+        _boolean(slab, holes, "DIFFERENCE")
+        _smooth(bpy, slab)
+    elif name == "fence":  # fresh: nine thin slats with narrow gaps on two rails
+        paint = _material(bpy, "fencepaint", _solid((0.2, 0.45, 0.3)))
+        rail = _box(bpy, paint, (0, 0.0, 0.45), (1.7, 0.08, 0.1))
+        parts = [_box(bpy, paint, (0, 0.0, -0.45), (1.7, 0.08, 0.1))]
+        parts += [_box(bpy, paint, (-0.8 + 0.2 * i, -0.06, 0), (0.1, 0.05, 1.3)) for i in range(9)]
+        _boolean(rail, parts, "UNION")
     else:
         raise SystemExit(f"unknown shape {name}")
 
@@ -342,6 +380,12 @@ SHAPES = {
     "fish": "thin fins seen edge-on by the front and back views, stripes",
     "crate": "very dark albedo, boxy, open front with a shelf inside (deep concavity)",
     "vase": "near-white albedo, narrow deep neck opening, two handles (genus 2)",
+    "cubby": "fresh (issue 23): an open box seen into from the front, no shelf",
+    "stairs": "fresh: three steps seen head-on between cheek walls (no silhouette shows the steps)",
+    "comb": "fresh: eleven thin parallel teeth with narrow gaps",
+    "spool": "fresh: surface of revolution with an undercut under each flange; near-white albedo",
+    "twohole": "fresh: genus 2 (a slab with two round holes through the front); near-black albedo",
+    "fence": "fresh: nine thin slats with narrow gaps on two rails",
 }
 
 

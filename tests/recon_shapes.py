@@ -93,6 +93,51 @@ def _dish_hit(o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
     return Hit(t, n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9, None), p)
 
 
+def _box_sdf(p: np.ndarray, lo, hi) -> np.ndarray:
+    """Signed distance bound of an axis-aligned box (negative inside)."""
+    c, h = (np.asarray(lo) + np.asarray(hi)) / 2, (np.asarray(hi) - np.asarray(lo)) / 2
+    q = np.abs(p - c) - h
+    return np.linalg.norm(np.maximum(q, 0), axis=-1) + np.minimum(q.max(-1), 0)
+
+
+# an open box seen into from the front: outer half sizes, walls 0.2 thick, the cavity's floor at z = -0.1
+OPEN_BOX_OUTER = ((-0.7, -0.6, -0.5), (0.7, 0.6, 0.5))
+OPEN_BOX_CAVITY = ((-0.5, -0.4, -0.1), (0.5, 0.4, 9.0))
+# a step seen head-on: a block whose lower middle is recessed 0.35 (a ledge under a lintel, open at the bottom)
+STEP_BLOCK = ((-0.7, -0.6, -0.5), (0.7, 0.6, 0.5))
+STEP_CUT = ((-0.45, -9.0, 0.15), (0.45, 0.0, 9.0))
+
+
+def _open_box(p: np.ndarray) -> np.ndarray:
+    return np.maximum(_box_sdf(p, *OPEN_BOX_OUTER), -_box_sdf(p, *OPEN_BOX_CAVITY))
+
+
+def _step(p: np.ndarray) -> np.ndarray:
+    return np.maximum(_box_sdf(p, *STEP_BLOCK), -_box_sdf(p, *STEP_CUT))
+
+
+SDFS = {"dish": _dish, "open_box": _open_box, "step": _step}
+
+
+def _sdf_hit(sdf, o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
+    """First crossing into an SDF's inside along each ray (marched, then bisected); normals by differences."""
+    ts = np.linspace(1.5, 4.5, steps)
+    t = np.full(len(o), np.inf)
+    for i in range(0, len(o), 4096):
+        oo, dd = o[i : i + 4096], d[i : i + 4096]
+        inside = sdf(oo[:, None] + dd[:, None] * ts[None, :, None]) < 0
+        a, b = ts[np.maximum(inside.argmax(1) - 1, 0)], ts[inside.argmax(1)]
+        for _ in range(30):
+            m = 0.5 * (a + b)
+            ins = sdf(oo + dd * m[:, None]) < 0
+            a, b = np.where(ins, a, m), np.where(ins, m, b)
+        t[i : i + 4096] = np.where(inside.any(1), b, np.inf)
+    p = o + d * np.where(np.isfinite(t), t, 0)[:, None]
+    e = 1e-4 * np.eye(3)
+    n = np.stack([sdf(p + e[k]) - sdf(p - e[k]) for k in range(3)], -1)
+    return Hit(t, n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9, None), p)
+
+
 def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]]) -> Hit:
     best = Hit(np.full(len(o), np.inf), np.zeros_like(o), np.zeros_like(o))
     for lo, hi in boxes:
@@ -102,7 +147,8 @@ def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.nd
     return best
 
 
-HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": _dish_hit}
+HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": _dish_hit,
+        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d)}
 
 
 def albedo(points: np.ndarray) -> np.ndarray:
@@ -189,7 +235,10 @@ def surface_samples(shape: str, n: int = 20000, seed: int = 0) -> np.ndarray:
 
 
 def surface_distance(shape: str, points: np.ndarray) -> np.ndarray:
-    """Unsigned distance from points to the exact surface (exact for the sphere, CSG bound for the frame)."""
+    """Unsigned distance from points to the exact surface (exact for the sphere, CSG bound for the frame,
+    the open box and the step)."""
+    if shape in ("open_box", "step"):
+        return np.abs(SDFS[shape](points))
     if shape == "sphere":
         return np.abs(np.linalg.norm(points, axis=1) - SPHERE_R)
 

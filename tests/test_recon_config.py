@@ -60,6 +60,14 @@ def test_shared_numbers_are_defined_once():
 
     for fn in (lift.depth_slopes, lift.integrate_normals):
         assert not {"max_slope", "min_nz"} & set(inspect.signature(fn).parameters)
+    # the global surface fit (issue 23) takes every number from SurfConfig: no numeric keyword defaults
+    from make_your_3d.recon import surface_fit
+
+    for name in surface_fit.__all__:
+        fn = getattr(surface_fit, name)
+        if inspect.isfunction(fn):
+            defaults = [p.default for p in inspect.signature(fn).parameters.values()]
+            assert not [d for d in defaults if isinstance(d, (int, float)) and not isinstance(d, bool)], name
 
 
 def test_presets_keep_their_knobs():

@@ -199,6 +199,21 @@ def unproject(u, v, depth, K, c2w, model: str = "ortho"):
     return to_world(pc, c2w)
 
 
+def pixel_rays_world(u: Tensor, v: Tensor, cams: Cameras) -> tuple[Tensor, Tensor]:
+    """World rays (origins (N,3), unit directions (N,3)) through pixel indices u, v (centres at i + 0.5)
+    of the first camera: orthographic, origins on the camera plane (depth 0) and one direction;
+    pinhole, the camera centre and a direction per pixel. A point at ray parameter t has camera depth
+    t (orthographic) or t times the direction's z (pinhole)."""
+    c2w = torch.linalg.inv(cams.viewmats[0])
+    K = cams.Ks[0]
+    if cams.model == "ortho":
+        o = unproject(u.float(), v.float(), torch.zeros_like(u, dtype=torch.float32), K, c2w, "ortho")
+        return o, c2w[:3, 2].expand_as(o).contiguous()
+    p = unproject(u.float(), v.float(), torch.ones_like(u, dtype=torch.float32), K, c2w, "pinhole")
+    o = c2w[:3, 3].expand_as(p).contiguous()
+    return o, F.normalize(p - o, dim=-1)
+
+
 def view_dirs(points: Tensor, cams: Cameras) -> Tensor:
     """Unit direction from the first camera towards each point (N,3), world frame."""
     c2w = torch.linalg.inv(cams.viewmats[0])

@@ -2,7 +2,8 @@
 the algorithm's knobs are one declared, documented object; the functions take the section they need).
 
 `ReconConfig` has one section per step: `hull` (visual hull and scene bounds), `lift` (normal
-integration), `joint` (all views' depths solved as one surface), `fit` (Gaussian surfels), `fuse` (TSDF fusion), `mesh` (surface extraction, snapping,
+integration), `joint` (all views' depths solved as one surface), `fit` (Gaussian surfels), `fuse` (TSDF fusion),
+`surf` (the global surface fit, issue 23), `mesh` (surface extraction, snapping,
 decimation) and `bake` (UVs and texture). Each field is declared with `knob(...)`, which records its
 meaning, unit and why it has the value it has (the commit or benchmarks/BENCHMARKS.md entry that
 measured it, or "untuned"); `tests/test_recon_config.py` fails on a field without them.
@@ -208,6 +209,60 @@ class FuseConfig:
 
 
 @dataclass(frozen=True)
+class SurfConfig:
+    """One signed-distance grid fitted to every view at once (recon/surface_fit.py): volume-rendered
+    silhouettes and normals, with visibility (transmittance), per-view weights from agreement."""
+
+    enabled: bool = knob(False, "refine the fused field by the global fit before meshing", "",
+                         "issue 23 first version: opt-in until the benchmark says otherwise (BENCHMARKS "
+                         "'global surface fit')")
+    coarse_res: int = knob(48, "grid points along the longest side in the first stage", "points",
+                           "issue 23; untuned", lo=8)
+    fine_res: int = knob(96, "grid points along the longest side in the last stage", "points",
+                         "issue 23; untuned", lo=8)
+    iterations: int = knob(0, "Adam steps of the rendered refinement per stage (0: the carving alone)", "steps",
+                           "issue 23: 30 steps moved the open box's floor from 8.1 to 10.1 px "
+                           "(tests/test_surface_fit.py); "
+                           "off until it pays", lo=0)
+    rays: int = knob(3072, "pixels rendered per step, over all views (half from each view's foreground)",
+                     "rays", "issue 23; untuned (speed)", lo=8)
+    samples: int = knob(64, "samples along each ray inside the box", "samples", "issue 23; untuned", lo=4)
+    lr: float = knob(0.3, "Adam learning rate of the distances", "voxels of the stage's grid per step",
+                     "issue 23; untuned", lo=0)
+    sharpness: float = knob(1.0, "width of the surface's density ramp (NeuS 1/s)", "voxels of the stage's grid",
+                            "issue 23; untuned", lo=1e-6)
+    w_mask: float = knob(1.0, "rendered opacity vs mask (binary cross-entropy) weight", "weight", lo=0)
+    w_normal: float = knob(1.0, "rendered normal vs given normal (1 - cos) weight", "weight", lo=0)
+    w_eikonal: float = knob(0.05, "|grad| = 1 on the grid; small (a large one holes thin parts, instant-nsr-pl)",
+                            "weight", "issue 23; untuned", lo=0)
+    w_smooth: float = knob(0.01, "squared Laplacian of the distances (in voxels)", "weight", "issue 23; untuned",
+                           lo=0)
+    core_mask: float = knob(0.99, "mask value above which a pixel's normal is fitted", "mask value", lo=0)
+    grazing_cos: float = knob(0.15, "given normals closer than this cosine to perpendicular to the ray are dropped",
+                              "cosine", "issue 23; untuned", lo=0)
+    trim: float = knob(0.1, "fraction of each step's worst normal errors dropped", "fraction",
+                       "issue 23; untuned", lo=0)
+    visibility: bool = knob(True, "weight samples by their transmittance (False: every surface crossing along a "
+                            "ray counts; a wrong variant for the tests)", "", "issue 23 tests")
+    view_weights: bool = knob(True, "weight each view by its agreement with the fit of all views (False: equal "
+                              "fixed weights; a wrong variant for the tests)", "", "issue 23 tests")
+    carve_cos: float = knob(0.8, "two views that see a surface point with normals further apart than this cosine "
+                            "(after a voxel of slack) carve it", "cosine", "issue 23; untuned", lo=-1)
+    carve_thin_cos: float = knob(-0.3, "two views whose normals at a point are more opposite than this cosine see "
+                                 "the two sides of a part thinner than a coarse voxel: they do not carve it", "cosine",
+                                 "issue 23: without it the bowl's thin front wall was carved (held-out IoU 0.73 -> "
+                                 "0.62, BENCHMARKS 'Global surface fit'); value untuned", lo=-1)
+    carve_pair_cos: float = knob(0.2, "only views whose directions are within this cosine compare normals "
+                                 "(0.2: within 78 degrees, so a thin part's two sides and views 90 degrees apart are "
+                                 "never compared)", "cosine",
+                                 "issue 23", lo=-1)
+    carve_passes: int = knob(40, "most carving passes (each removes at most one layer of voxels)", "passes",
+                             "issue 23; untuned", lo=0)
+    carve_min_weight: float = knob(0.5, "views weighted below this (agreement with the others) do not vote in the "
+                                   "carving", "weight", "issue 23; untuned", lo=0)
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Surface extraction from the fused field, contour snapping, decimation to the face budget."""
 
@@ -254,7 +309,7 @@ class BakeConfig:
     fill_pull: float = knob(1e-6, "faint pull to mid-grey keeping the fill's system regular", "weight", lo=0)
 
 
-SECTIONS = ("hull", "lift", "joint", "fit", "fuse", "mesh", "bake")
+SECTIONS = ("hull", "lift", "joint", "fit", "fuse", "surf", "mesh", "bake")
 
 # ReconOptions' flat names (the CLI, presets' `recon` dicts) -> dotted names
 FLAT_ALIASES = {
@@ -275,6 +330,7 @@ class ReconConfig:
     joint: JointConfig = field(default_factory=JointConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    surf: SurfConfig = field(default_factory=SurfConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     bake: BakeConfig = field(default_factory=BakeConfig)
 

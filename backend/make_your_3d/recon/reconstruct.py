@@ -169,6 +169,9 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
         with _timed(timings, "fuse"):  # 4. depth views fused into a field
             depth_views, extra_sources = _depth_views(g, scene, cfg, device)
             tsdf, step, sils = _fuse(depth_views, scene, cfg, device)
+        if cfg.surf.enabled:
+            with _timed(timings, "surface_fit"):  # 4b. one surface fitted to every view (issue 23)
+                tsdf, surf_record = _surface_fit(tsdf, step, scene, cfg, gen, device)
         reporter.step(cfg.fit.iterations + 2, total, "extracting surface")
         with _timed(timings, "mesh"):  # 5. surface
             mesh, raw_faces, repairs = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
@@ -190,6 +193,8 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
         log.warning("the reconstructed surface is not watertight: %d holes, %d pieces (see `mesh` in job.json)", surface["holes"],
                     surface["components"])
     record = _record(options, cfg, device, viewset, scene, g, losses, raw_faces, uvm, mesh, tex_stats, timings, surface)
+    if cfg.surf.enabled:
+        record["surface_fit"] = surf_record
     return ReconResult(Path(out_glb), int(len(uvm.vertices)), int(len(uvm.faces)), timings, record)
 
 
@@ -265,6 +270,37 @@ def _fuse(depth_views: list[DepthView], scene: _Scene, cfg: ReconConfig, device:
     sils = silhouettes(depth_views, cfg.hull)
     tsdf, step = tsdf_field(depth_views, scene.lo, scene.hi, res, trunc, device, sils=sils, cfg=cfg.fuse)
     return tsdf, step, sils
+
+
+@torch.no_grad()
+def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig, gen: torch.Generator,
+                 device: torch.device) -> tuple[np.ndarray, dict]:
+    """Step 4b (cfg.surf.enabled): the fused field carved (and optionally refined) by one surface fitted
+    to every view (recon/surface_fit.py), warm-started from it. Only where the carving emptied the coarse
+    grid does the fused field change (set outside, or the fitted distance where that is larger): the
+    fused field keeps its resolution everywhere the views agree with it."""
+    from make_your_3d.recon.surface_fit import Grid, fit_surface, sample_grid
+
+    lo = torch.tensor(scene.lo, dtype=torch.float32, device=device)
+    hi = torch.tensor(scene.hi, dtype=torch.float32, device=device)
+    init = Grid(torch.tensor(tsdf, dtype=torch.float32, device=device), lo, step)
+    with torch.enable_grad():
+        fitted, removed, record = fit_surface(init, scene.fuse, cfg.surf, gen, box=(lo, hi))
+    trunc = cfg.fuse.trunc_voxels * step  # the fused field is in units of its truncation
+    out = tsdf.copy()
+    ny, nz = tsdf.shape[1:]
+    jj, kk = torch.meshgrid(torch.arange(ny, device=device), torch.arange(nz, device=device), indexing="ij")
+    for i in range(tsdf.shape[0]):  # one x slab at a time: the fine grid is large
+        pts = lo + step * torch.stack([torch.full_like(jj, i), jj, kk], -1).reshape(-1, 3).float()
+        gone = sample_grid(removed.values[None], pts, removed.lo, removed.step)[:, 0] > 0.5
+        if not bool(gone.any()):
+            continue
+        d = (sample_grid(fitted.values[None], pts, fitted.lo, fitted.step)[:, 0] / trunc).clamp(-1, 1)
+        slab = torch.tensor(out[i].reshape(-1), device=device)
+        slab = torch.where(gone, torch.maximum(slab, d).clamp_min(1e-3), slab)  # carved: outside
+        out[i] = slab.reshape(ny, nz).cpu().numpy()
+    record["carved_fine_voxels"] = int((out > 0).sum() - (tsdf > 0).sum())
+    return out, record
 
 
 def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],

@@ -1,0 +1,362 @@
+"""One surface fitted to every view at once (issue 23): a dense signed-distance grid, coarse to fine, no
+MLP, whose volume renderings in each view's camera match that view's silhouette and normals where the
+surface is visible in that view.
+
+Why: each view's normals integrated into pieces and placed on the visual hull by rules cannot see a
+step or a cavity floor; the other views can, through visibility. Rendering every view from one field
+makes a filled cavity render its front where a diagonal view sees an inner wall, and the normal loss
+pushes it back; a region seen by two diagonal views is placed by both.
+
+Two parts. `carve`: space carving with the world normal as the consistent quantity: a surface voxel
+that two neighbouring views see (visibility by marching the occupancy towards each camera) with
+normals that disagree is not on the surface and goes; views vote with weights from their agreement
+with the others (`view_agreement`). Then `fit_surface` refines the carved grid by rendering (off by
+default, `SurfConfig.iterations`: measured not to pay yet, BENCHMARKS 'Global surface fit').
+
+Rendering (NeuS-style, discrete): samples along a ray inside the box, opacity of each interval from the
+drop of sigmoid(s * f) across it (f negative inside), weights alpha times transmittance, normals the
+field's gradient. Losses: opacity vs mask (binary cross-entropy), robust 1 - cos on normals (grazing
+pixels dropped, the worst errors trimmed, each view weighted by its agreement with the fit of all
+views), a small eikonal term and a small Laplacian. CPU torch by default; the same code on CUDA.
+Every number comes from `SurfConfig`; cameras, rays and pixel conventions from recon/camera.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import Tensor
+
+from make_your_3d.recon.camera import pixel_rays_world, pixel_size, project, sample_image, view_dirs
+from make_your_3d.recon.config import SurfConfig
+from make_your_3d.recon.scene import ViewTargets, grid_counts
+
+__all__ = ["Grid", "carve", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init"]
+
+
+@dataclass
+class Grid:
+    """A field on the points lo + ijk * step (shape (nx, ny, nz), x slowest, like recon/mesh.py's grids)."""
+
+    values: Tensor  # (nx, ny, nz), world units, negative inside
+    lo: Tensor  # (3,)
+    step: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.values.shape)  # type: ignore[return-value]
+
+    @property
+    def hi(self) -> Tensor:
+        return self.lo + self.step * (torch.tensor(self.shape, dtype=self.lo.dtype, device=self.lo.device) - 1)
+
+    def points(self) -> Tensor:
+        """(nx, ny, nz, 3) world coordinates of the grid points."""
+        axes = [self.lo[k] + self.step * torch.arange(n, device=self.lo.device, dtype=self.lo.dtype)
+                for k, n in enumerate(self.shape)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+
+
+def grid_over(lo: Tensor, hi: Tensor, res: int) -> tuple[tuple[int, int, int], float]:
+    """Point counts and step of the grid with `res` points along the box's longest side (scene.grid_counts)."""
+    lo_np, hi_np = lo.cpu().numpy().astype(np.float64), hi.cpu().numpy().astype(np.float64)
+    step = float(np.max(hi_np - lo_np)) / (res - 1)
+    return tuple(int(n) for n in grid_counts(lo_np, hi_np, res)), step  # type: ignore[return-value]
+
+
+def sample_grid(vol: Tensor, pts: Tensor, lo: Tensor, step: float) -> Tensor:
+    """Trilinear samples (N, C) of channels vol (C, nx, ny, nz) at world points (N, 3) (border-clamped)."""
+    C, nx, ny, nz = vol.shape
+    ext = torch.tensor([nx - 1, ny - 1, nz - 1], dtype=pts.dtype, device=pts.device) * step
+    g = (pts - lo) / ext * 2 - 1  # (x, y, z) in [-1, 1]; grid_sample reads (W, H, D) = (z, y, x)
+    out = F.grid_sample(vol[None], g.flip(-1)[None, :, None, None], mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    return out[0, :, :, 0, 0].T
+
+
+def gradient(values: Tensor, step: float) -> Tensor:
+    """(3, nx, ny, nz) central differences (one-sided at the borders) of a grid field."""
+    gs = torch.gradient(values, spacing=step)
+    return torch.stack(gs, 0)
+
+
+def laplacian(values: Tensor) -> Tensor:
+    """Discrete Laplacian of the interior points (same units as values)."""
+    v = values
+    c = v[1:-1, 1:-1, 1:-1]
+    return (v[2:, 1:-1, 1:-1] + v[:-2, 1:-1, 1:-1] + v[1:-1, 2:, 1:-1] + v[1:-1, :-2, 1:-1]
+            + v[1:-1, 1:-1, 2:] + v[1:-1, 1:-1, :-2] - 6 * c)
+
+
+def signed_distance_init(inside: np.ndarray, step: float) -> np.ndarray:
+    """A signed distance (world units, negative inside) from a boolean occupancy: the warm start must be
+    a distance everywhere (a truncated field has no gradient to render normals from far from its surface)."""
+    if not inside.any() or inside.all():
+        raise ValueError("the warm start has no surface")
+    d_out = ndimage.distance_transform_edt(~inside)
+    d_in = ndimage.distance_transform_edt(inside)
+    return (np.where(inside, -(d_in - 0.5), d_out - 0.5) * step).astype(np.float32)
+
+
+def _box_hits(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Entry and exit ray parameters of the box [lo, hi] (exit <= entry: missed)."""
+    safe = torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    a, b = (lo - o) / safe, (hi - o) / safe
+    return torch.minimum(a, b).amax(-1), torch.maximum(a, b).amin(-1)
+
+
+def render_rays(values: Tensor, grad: Tensor, lo: Tensor, step: float, o: Tensor, d: Tensor, samples: int,
+                sharp: float, visibility: bool, jitter: Tensor) -> tuple[Tensor, Tensor]:
+    """Opacity (N,) and unit-free normal (N, 3) (weighted sum of gradients) of rays (o, d) through the field.
+
+    Interval k's opacity is the relative drop of sigmoid(f / sharp) from sample k to k + 1 (NeuS; zero
+    where the ray leaves the surface); its weight is that opacity times the transmittance in front of it
+    (`visibility`), or the opacity alone (every entering crossing along the ray counts: the tests' wrong
+    variant)."""
+    hi = lo + step * (torch.tensor(values.shape, dtype=lo.dtype, device=lo.device) - 1)
+    t0, t1 = _box_hits(o, d, lo, hi)
+    hit = t1 > t0
+    t0 = torch.where(hit, t0, torch.zeros_like(t0))
+    t1 = torch.where(hit, t1, t0 + step)
+    k = torch.arange(samples, device=o.device, dtype=o.dtype)
+    t = t0[:, None] + (k[None] + jitter[:, None]) / samples * (t1 - t0)[:, None]  # (N, S)
+    pts = o[:, None] + d[:, None] * t[..., None]
+    vol = torch.cat([values[None], grad], 0)
+    s = sample_grid(vol, pts.reshape(-1, 3), lo, step).reshape(*t.shape, 4)
+    f, g = s[..., 0], s[..., 1:]
+    phi = torch.sigmoid(-f / sharp)  # ~ occupancy
+    alpha = ((phi[:, 1:] - phi[:, :-1]) / (1 - phi[:, :-1]).clamp_min(1e-5)).clamp(0, 1)
+    alpha = alpha * hit[:, None]
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-7], -1), -1)
+    w = alpha * trans if visibility else alpha
+    opacity = 1 - trans[:, -1] * (1 - alpha[:, -1])
+    n_mid = F.normalize(0.5 * (g[:, 1:] + g[:, :-1]), dim=-1, eps=1e-6)
+    return opacity.clamp(1e-5, 1 - 1e-5), (w[..., None] * n_mid).sum(1)
+
+
+def _pick_pixels(mask: Tensor, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Pixel indices (u, v): half from the foreground, half anywhere (the background carves)."""
+    H, W = mask.shape
+    fg = torch.nonzero(mask.reshape(-1).cpu() > 0.5)[:, 0]
+    n_fg = n // 2 if len(fg) else 0
+    a = fg[torch.randint(len(fg), (n_fg,), generator=gen)] if n_fg else torch.zeros(0, dtype=torch.long)
+    b = torch.randint(H * W, (n - n_fg,), generator=gen)
+    flat = torch.cat([a, b]).to(mask.device)
+    return flat % W, flat // W
+
+
+def fit_surface(init: Grid, targets: ViewTargets, cfg: SurfConfig, gen: torch.Generator,
+                box: tuple[Tensor, Tensor] | None = None) -> tuple[Grid, Grid, dict]:
+    """The signed-distance grid fitted to every view's mask and normals, warm-started from `init` (any
+    field negative inside): carved first (`carve`, at cfg.coarse_res), then refined by rendering
+    (cfg.iterations per stage, at cfg.coarse_res then cfg.fine_res points along the box's longest side;
+    `box`: (lo, hi), default init's). Returns the last stage's grid, what the carving removed (1 where the
+    warm start was inside and the carving emptied it, on the coarse grid) and a record (losses, view
+    weights, carving)."""
+    dev = targets.mask.device
+    lo, hi = box if box is not None else (init.lo, init.hi)
+    lo, hi = lo.to(dev, torch.float32), hi.to(dev, torch.float32)
+    V = targets.mask.shape[0]
+    cams = [targets.camera(v) for v in range(V)]
+    weights = torch.ones(V, device=dev)
+    record: dict = {"stages": [], "view_weights": []}
+    current = Grid(init.values.to(dev, torch.float32), init.lo.to(dev, torch.float32), init.step)
+    resolutions = [cfg.coarse_res] + ([cfg.fine_res] if cfg.fine_res > cfg.coarse_res else [])
+    for si, res in enumerate(resolutions):
+        counts, step = grid_over(lo, hi, res)
+        g0 = Grid(torch.zeros(counts, device=dev), lo, step)
+        with torch.no_grad():
+            start = sample_grid(current.values[None], g0.points().reshape(-1, 3), current.lo,
+                                current.step).reshape(counts)
+            if si == 0:  # carved by the views' normals, then a true distance from its inside
+                inside = start < 0
+                before = inside
+                if targets.normal is not None and cfg.carve_passes > 0:
+                    if cfg.view_weights:
+                        weights = view_agreement(inside, lo, step, targets, cfg)
+                    inside, carved = carve(inside, lo, step, targets, cfg, weights)
+                    record["carve"] = carved
+                    record["view_weights"].append([round(float(w), 3) for w in weights])
+                removed = Grid((before & ~inside).float(), lo, step)
+                start = torch.tensor(signed_distance_init(inside.cpu().numpy(), step), device=dev)
+        u = (start / step).clone().requires_grad_(True)  # in voxels: lr is in voxels per step
+        opt = torch.optim.Adam([u], lr=cfg.lr)
+        losses = []
+        for it in range(cfg.iterations):
+            values = u * step
+            grad = gradient(values, step)
+            loss = _step_loss(values, grad, lo, step, targets, cams, weights, cfg, gen)
+            eik = ((grad.norm(dim=0) - 1) ** 2).mean()
+            smooth = (laplacian(u) ** 2).mean()
+            total = loss + cfg.w_eikonal * eik + cfg.w_smooth * smooth
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses.append(float(total.detach()))
+        current = Grid(u.detach() * step, lo, step)
+        record["stages"].append({"res": res, "grid": list(counts),
+                                 "loss_first": round(losses[0], 5) if losses else None,
+                                 "loss_last": round(float(np.mean(losses[-10:])), 5) if losses else None})
+        record["view_weights"].append([round(float(w), 3) for w in weights])
+    return current, removed, record
+
+
+def _step_loss(values: Tensor, grad: Tensor, lo: Tensor, step: float, targets: ViewTargets, cams: list,
+               weights: Tensor, cfg: SurfConfig, gen: torch.Generator) -> Tensor:
+    """Mask and normal losses over a random subset of every view's pixels (normals weighted per view)."""
+    V = len(cams)
+    dev = values.device
+    per = max(2, cfg.rays // V)
+    os_, ds, ms, ns, vs, ok_n = [], [], [], [], [], []
+    for v in range(V):
+        u_px, v_px = _pick_pixels(targets.mask[v], per, gen)
+        o, d = pixel_rays_world(u_px, v_px, cams[v])
+        os_.append(o)
+        ds.append(d)
+        m = targets.mask[v][v_px, u_px]
+        ms.append(m)
+        vs.append(torch.full_like(m, v, dtype=torch.long))
+        if targets.normal is not None and bool(targets.has_normal[v]):
+            n = targets.normal[v][v_px, u_px]
+            good = (m > cfg.core_mask) & ((n * d).sum(-1).abs() > cfg.grazing_cos)
+        else:
+            n = torch.zeros_like(o)
+            good = torch.zeros_like(m, dtype=torch.bool)
+        ns.append(n)
+        ok_n.append(good)
+    o, d, m, n_t, vid, good = (torch.cat(x) for x in (os_, ds, ms, ns, vs, ok_n))
+    jitter = torch.rand(len(o), generator=gen).to(dev)
+    opacity, n_r = render_rays(values, grad, lo, step, o, d, cfg.samples, cfg.sharpness * step, cfg.visibility,
+                               jitter)
+    mask_loss = F.binary_cross_entropy(opacity, m.clamp(0, 1))
+    err = 1 - (F.normalize(n_r, dim=-1, eps=1e-6) * n_t).sum(-1)
+    normal_loss = torch.zeros((), device=dev)
+    if bool(good.any()):
+        e = err[good]
+        keep = e <= torch.quantile(e.detach(), 1 - cfg.trim) if cfg.trim > 0 else torch.ones_like(e, dtype=torch.bool)
+        w = weights[vid[good]] * keep
+        normal_loss = (w * e).sum() / w.sum().clamp_min(1e-6)
+    return cfg.w_mask * mask_loss + cfg.w_normal * normal_loss
+
+
+# ------------------------------------------------------------------ carving by normal consistency
+
+def _surface_voxels(inside: Tensor) -> Tensor:
+    """Indices (N, 3) of inside points with an outside neighbour in their 3x3x3 block (the border counts
+    as outside)."""
+    p = F.pad(inside.float()[None, None], (1, 1, 1, 1, 1, 1))
+    out_nb = -F.max_pool3d(-p, 3, 1)[0, 0] < 0.5  # the block's minimum: any outside
+    return torch.nonzero(inside & out_nb)
+
+
+def _view_evidence(pts: Tensor, n_cur: Tensor, occ: Tensor, lo: Tensor, step: float, targets: ViewTargets, v: int,
+                   cfg: SurfConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For surface points seen by view v: whether it sees them (in its mask, facing it, nothing of the
+    occupancy in front when cfg.visibility), its normal there, its normals within a voxel around it
+    (the point's projection is uncertain by a voxel), and its direction towards them."""
+    cam = targets.camera(v)
+    d = view_dirs(pts, cam)
+    uv, z = project(pts, cam)
+    W, H = targets.width, targets.height
+    m = sample_image(targets.mask[v][..., None], uv, W, H)[:, 0]
+    nmap = targets.normal[v]
+    n0 = F.normalize(sample_image(nmap, uv, W, H), dim=-1, eps=1e-6)
+    r = (step / pixel_size(cam, z)).clamp_min(1.0)  # a voxel in pixels
+    offs = torch.tensor([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)], dtype=pts.dtype, device=pts.device)
+    nb = torch.stack([sample_image(nmap, uv + o * r[:, None], W, H) for o in offs], 1)
+    nb = F.normalize(nb, dim=-1, eps=1e-6)
+    sees = (m > cfg.core_mask) & ((n_cur * -d).sum(-1) > cfg.grazing_cos) & ((n0 * -d).sum(-1) > cfg.grazing_cos)
+    if cfg.visibility:
+        k = torch.arange(2, cfg.samples + 2, device=pts.device, dtype=pts.dtype) * step
+        ray = pts[:, None] - d[:, None] * k[None, :, None]  # towards the camera
+        hi = lo + step * (torch.tensor(occ.shape, dtype=lo.dtype, device=lo.device) - 1)
+        inbox = ((ray >= lo) & (ray <= hi)).all(-1)
+        o = sample_grid(occ[None], ray.reshape(-1, 3), lo, step).reshape(ray.shape[:2])
+        sees &= ~((o > 0.5) & inbox).any(1)
+    return sees, n0, nb, d
+
+
+def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig,
+          weights: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Space carving with normals as the consistent quantity (world normals are the same in every view
+    that sees a point): a surface point that two views see (within 90 degrees of each other) with normals
+    that disagree beyond cfg.carve_cos, even allowing a voxel of slack in each, is not on the surface and
+    is removed; repeated until nothing changes. Visibility decides which views see a point: a filled
+    cavity's lid is seen by the front view (the floor's normal) and by a diagonal one (an inner wall's)
+    and goes; the floor, hidden from the diagonal view behind the wall, stays. `weights` (V,): a view
+    below cfg.carve_min_weight does not vote (its normals disagree with the others')."""
+    V = targets.mask.shape[0]
+    w = torch.ones(V, device=inside.device) if weights is None else weights
+    voting = [v for v in range(V) if bool(targets.has_normal[v]) and float(w[v]) >= cfg.carve_min_weight]
+    inside = inside.clone()
+    removed = 0
+    passes = 0
+    for passes in range(1, cfg.carve_passes + 1):
+        idx = _surface_voxels(inside)
+        if len(idx) == 0:
+            break
+        pts = lo + idx.to(lo.dtype) * step
+        sd = torch.tensor(ndimage.gaussian_filter(signed_distance_init(inside.cpu().numpy(), step), 1.0),
+                          device=lo.device)
+        n_cur = F.normalize(sample_grid(gradient(sd, step), pts, lo, step), dim=-1, eps=1e-6)
+        occ = inside.float()
+        ev = {v: _view_evidence(pts, n_cur, occ, lo, step, targets, v, cfg) for v in voting}
+        bad = torch.zeros(len(pts), dtype=torch.bool, device=lo.device)
+        for a in voting:
+            sa, na, nba, da = ev[a]
+            for b in voting:
+                if b <= a:
+                    continue
+                sb, nb_, nbb, db = ev[b]
+                near = (da * db).sum(-1) > cfg.carve_pair_cos
+                both = sa & sb & near
+                ab = (nba * nb_[:, None]).sum(-1).amax(1)  # best agreement of a's neighbourhood with b's normal
+                ba = (nbb * na[:, None]).sum(-1).amax(1)
+                # opposite normals at one voxel: the two sides of a part thinner than a voxel, not a lid
+                two_sides = (na * nb_).sum(-1) < cfg.carve_thin_cos
+                bad |= both & (torch.minimum(ab, ba) < cfg.carve_cos) & ~two_sides
+        if not bool(bad.any()):
+            break
+        i = idx[bad]
+        inside[i[:, 0], i[:, 1], i[:, 2]] = False
+        removed += int(bad.sum())
+    return inside, {"passes": passes, "removed": removed, "voting": voting}
+
+
+def view_agreement(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig) -> Tensor:
+    """(V,) each view's weight from its agreement with the others on the warm start's surface: the share
+    of the points it sees with another view whose normals agree with it (same test as `carve`), over the
+    median view's share, at most 1. A view whose normals are wrong (a generated view inconsistent with
+    the rest) disagrees almost everywhere; a good view only where the warm start is wrong."""
+    V = targets.mask.shape[0]
+    idx = _surface_voxels(inside)
+    pts = lo + idx.to(lo.dtype) * step
+    sd = torch.tensor(ndimage.gaussian_filter(signed_distance_init(inside.cpu().numpy(), step), 1.0), device=lo.device)
+    n_cur = F.normalize(sample_grid(gradient(sd, step), pts, lo, step), dim=-1, eps=1e-6)
+    views = [v for v in range(V) if bool(targets.has_normal[v])]
+    ev = {v: _view_evidence(pts, n_cur, inside.float(), lo, step, targets, v, cfg) for v in views}
+    share = torch.ones(V, device=lo.device)
+    for a in views:
+        sa, na, nba, da = ev[a]
+        agree = torch.zeros(len(pts), dtype=torch.bool, device=lo.device)
+        compared = torch.zeros_like(agree)
+        for b in views:
+            if b == a:
+                continue
+            sb, nb_, nbb, db = ev[b]
+            both = sa & sb & ((da * db).sum(-1) > cfg.carve_pair_cos)
+            ok = torch.minimum((nba * nb_[:, None]).sum(-1).amax(1),
+                               (nbb * na[:, None]).sum(-1).amax(1)) >= cfg.carve_cos
+            compared |= both
+            agree |= both & ok
+        share[a] = agree.sum() / compared.sum() if bool(compared.any()) else float("nan")
+    known = [v for v in views if bool(torch.isfinite(share[v]))]
+    if not known:
+        return torch.ones(V, device=lo.device)
+    med = share[known].median()
+    # a view compared with no other (no neighbour within carve_pair_cos) keeps weight 1
+    return torch.nan_to_num(share / med.clamp_min(1e-6), nan=1.0).clamp(max=1.0)
