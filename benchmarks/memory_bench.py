@@ -148,8 +148,8 @@ def report(rows: list[dict]) -> str:
         for code in ("before", "after"):
             r = got.get(code)
             if r is not None:
-                parts.append(f"{r['peak_rss_gb']:.2f}" if r["status"] == "ok" else r["status"])
-        return " -> ".join(parts) or "not run"
+                parts.append(f"{code} " + (f"{r['peak_rss_gb']:.2f}" if r["status"] == "ok" else r["status"]))
+        return ", ".join(parts) or "not run"
 
     combos = sorted({(r["preset"], r["precision"]) for r in rows}, key=lambda c: (c[1], c[0]))
     lines = ["| stage | " + " | ".join(f"{p} {q}" for p, q in combos) + " |", "|---" * (len(combos) + 1) + "|"]

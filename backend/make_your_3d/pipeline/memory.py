@@ -7,7 +7,9 @@ BENCHMARKS.md "Peak memory per stage"). They were measured on the CPU, where the
 Apple's GPU (unified memory) and CUDA (VRAM) the CPU bf16 figures stand in for fp16 (same bytes per
 weight and activation) until a GPU measurement replaces them: they include the ~0.5 GB of the
 process's own libraries, so they err on the safe side for VRAM. `fast` runs the same shapes as
-`default` (fewer steps, a smaller reconstruction), so it shares default's figures.
+`default` (fewer steps, a smaller reconstruction), so it shares default's figures (SAME_SHAPES).
+The reconstruction is not in the table: it is checked against the RAM budget by
+`request.estimate_job_memory`, which grows with the requested faces and texture size.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --table`.
-MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its "after" rows).
+MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
+    ("cpu", "bfloat16"): {
+        "default": {"subject": 0.472, "subject_views": 4.122, "identity": 6.115, "edited_views": 12.491},
+        "lowvram": {"edited_views": 12.324},  # before the stage stopped holding the SD pipeline past its edits (edits._edit_views)
+    },
+    ("cpu", "float32"): {
+        "default": {"subject": 0.472},  # the other stages were not measured in fp32 (BENCHMARKS.md says why)
+    },
+}
 
 # Which measured figures stand for a device kind and precision.
 PROXY: dict[tuple[str, str], tuple[str, str]] = {
@@ -36,8 +46,16 @@ PROXY: dict[tuple[str, str], tuple[str, str]] = {
     ("mps", "bfloat16"): ("cpu", "bfloat16"),
     ("mps", "float32"): ("cpu", "float32"),
 }
-SAME_SHAPES = {"fast": "default"}  # presets whose every stage runs the shapes of another
+# Stages a preset runs with exactly another preset's shapes (none of the preset fields they read
+# differ, and with one stage per process offloading changes nothing): they share its figures.
+# fast: every model stage (fewer steps only); lowvram: all but identity and edited_views (its batch
+# sizes), which are measured on their own.
+SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fast": ("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
+    "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
+}
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
+BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
 
 
 @dataclass(frozen=True)
@@ -49,13 +67,18 @@ class Need:
 def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
     """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
     table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    return table.get(preset) or table.get(SAME_SHAPES.get(preset, ""))
+    like, stages = SAME_SHAPES.get(preset, ("", ()))
+    peaks = {s: table[like][s] for s in stages if s in table.get(like, {})}
+    peaks.update(table.get(preset, {}))
+    return peaks or None
 
 
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
-    """The largest stage of a job of `preset` (None: not measured for this device and precision)."""
+    """The largest stage of a job of `preset` (None: not measured for this device and precision).
+    Figures without the edited views (the largest stage wherever it was measured: two models and
+    six 768 px Marigold rows) are incomplete and count as not measured."""
     peaks = stage_peaks(device_kind, dtype, preset)
-    if not peaks:
+    if not peaks or BATCHED_STAGE not in peaks:
         return None
     stage = max(peaks, key=peaks.get)
     return Need(peaks[stage], stage)
@@ -129,14 +152,13 @@ def pick_preset(device_kind: str, dtype: str, budget_bytes: int | None) -> str:
 
 # GB each further image adds to a batched edited_views call (SD img2img rows and Marigold rows
 # together), on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1) / 5.
-BATCHED_STAGE = "edited_views"
 BATCH_FIELDS = ("edit_batch", "normal_batch")
 
 
-def row_gb(device_kind: str, dtype: str, preset: str) -> float | None:
+def row_gb(device_kind: str, dtype: str) -> float | None:
     """Extra GB per image of a batched edited_views call, from the measured figures (None: unknown)."""
-    table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    one, six = table.get("lowvram", {}).get(BATCHED_STAGE), table.get(SAME_SHAPES.get(preset, preset), {}).get(BATCHED_STAGE)
+    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    six = (stage_peaks(device_kind, dtype, "default") or {}).get(BATCHED_STAGE)
     if one is None or six is None:
         return None
     return max(0.0, (six - one) / 5)
@@ -155,8 +177,8 @@ def batches_for(device_kind: str, dtype: str, preset, free_bytes: int | None) ->
     """The edit and normal batch sizes a job runs with: the preset's, lowered until the batched stage
     fits the device's free memory. Returns {"edit_batch": n, "normal_batch": n, "why": ...}."""
     asked = {f: getattr(preset, f) for f in BATCH_FIELDS}
-    one = (MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {}).get("lowvram") or {}).get(BATCHED_STAGE)
-    per_row = row_gb(device_kind, dtype, preset.name)
+    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    per_row = row_gb(device_kind, dtype)
     if free_bytes is None or one is None or per_row is None:
         return {**asked, "why": "the preset's (no measured figures or free memory for this device)"}
     chosen = {f: choose_batch(n, one, per_row, free_bytes) for f, n in asked.items()}
