@@ -4,9 +4,8 @@ fits the device, which preset `auto` picks, and how many images one batched call
 The figures are peak resident memory of one process running one stage at the published model sizes
 (`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
 BENCHMARKS.md "Peak memory per stage"). They were measured on the CPU, where they are RAM; for
-Apple's GPU (unified memory) and CUDA (VRAM) the CPU bf16 figures stand in for fp16 (same bytes per
-weight and activation) until a GPU measurement replaces them: they include the ~0.5 GB of the
-process's own libraries, so they err on the safe side for VRAM. `fast` runs the same shapes as
+Apple's GPU (unified memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and
+activation); CUDA has no figures until a GPU run measures them (PROXY says why). `fast` runs the same shapes as
 `default` (fewer steps, a smaller reconstruction), so it shares default's figures (SAME_SHAPES).
 The reconstruction is not in the table: it is checked against the RAM budget by
 `request.estimate_job_memory`, which grows with the requested faces and texture size.
@@ -34,14 +33,14 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     },
 }
 
-# Which measured figures stand for a device kind and precision.
+# Which measured figures stand for a device kind and precision. Apple's GPU shares the process's
+# memory, so the CPU's resident figures stand for it. CUDA has none yet: VRAM holds only the models
+# on the card (lowvram keeps the others in RAM), so process RSS would refuse jobs that fit; with no
+# entry nothing is refused there until `memory_bench.py` runs on a GPU (its cuda_peak_gb column).
 PROXY: dict[tuple[str, str], tuple[str, str]] = {
     ("cpu", "bfloat16"): ("cpu", "bfloat16"),
     ("cpu", "float16"): ("cpu", "bfloat16"),
     ("cpu", "float32"): ("cpu", "float32"),
-    ("cuda", "float16"): ("cpu", "bfloat16"),
-    ("cuda", "bfloat16"): ("cpu", "bfloat16"),
-    ("cuda", "float32"): ("cpu", "float32"),
     ("mps", "float16"): ("cpu", "bfloat16"),
     ("mps", "bfloat16"): ("cpu", "bfloat16"),
     ("mps", "float32"): ("cpu", "float32"),
