@@ -9,7 +9,7 @@ import typing
 import pytest
 from pathlib import Path
 
-from make_your_3d.job_params import FACES_RANGE, JOB_PARAMS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE, json_schema, variant_seeds
+from make_your_3d.job_params import AUTO_PRESET, FACES_RANGE, JOB_PARAMS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES, VARIANTS_RANGE, json_schema, variant_seeds
 from make_your_3d.pipeline.presets import PRESETS
 
 ADDON = Path(__file__).resolve().parents[1] / "blender_addon"
@@ -40,7 +40,7 @@ def test_backend_spellings_agree():
     assert typing.get_args(typing.get_args(preset)[0]) == PRESET_NAMES and typing.get_args(typing.get_args(texture)[0]) == TEXTURE_SIZES
     gen = build_parser()._subparsers._group_actions[0].choices["generate"]
     preset_action = next(a for a in gen._actions if a.dest == "preset")
-    assert tuple(preset_action.choices) == PRESET_NAMES
+    assert tuple(preset_action.choices) == (*PRESET_NAMES, AUTO_PRESET)  # auto: the preset that fits the device
     faces = app.JobCreate.model_fields["faces"].metadata
     assert [m.ge for m in faces if hasattr(m, "ge")] == [FACES_RANGE[0]] and [m.le for m in faces if hasattr(m, "le")] == [FACES_RANGE[1]]
     seed = app.JobCreate.model_fields["seed"].metadata

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PRESET_NAMES: tuple[str, ...] = ("fast", "default", "quality", "lowvram")  # pipeline/presets.py PRESETS, same order
+# Not a preset: "the one that fits this device" (default, else lowvram; pipeline/memory.py pick_preset). A
+# backend's default (`serve --preset auto`) or `generate --preset auto`, resolved before the job's keys.
+AUTO_PRESET = "auto"
 FACES_RANGE: tuple[int, int] = (500, 500_000)  # triangles in the output mesh
 TEXTURE_SIZES: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # baseColor texture side, pixels
 SEED_MAX: int = 2**31 - 1  # one range everywhere: the add-on keeps seeds in Blender's 32-bit signed ints

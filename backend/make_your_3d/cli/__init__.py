@@ -12,7 +12,7 @@ from make_your_3d import __version__
 from make_your_3d.cli import checks
 from make_your_3d.errors import Make3DError
 
-from make_your_3d.job_params import PRESET_NAMES as PRESETS
+from make_your_3d.job_params import AUTO_PRESET, PRESET_NAMES as PRESETS
 # Commands that load diffusion models at once: quieting diffusers/transformers costs them nothing (they
 # import torch anyway). Not `serve`: it starts in a second and loads models on its first job, and its
 # output goes to the backend log, not the artist's console.
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _seed_arg(gen)
     gen.add_argument("--variants", type=checks.int_range(*checks.VARIANTS_RANGE, "variants"), default=1,
                      help="results per run, with seeds seed, seed+1, ...")
-    gen.add_argument("--preset", choices=PRESETS, default="default", help="speed and quality settings")
+    gen.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default="default",
+                     help="speed and quality settings; auto: default, or lowvram when default does not fit this device")
     _device_arg(gen)
     _faces_texture_args(gen)
     gen.set_defaults(handler="make_your_3d.cli.commands:generate")
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-file", metavar="F", help="where to write url, token, pid (default: DATA/state.json)")
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     serve.add_argument("--idle-timeout", type=checks.non_negative_float, help="exit after this many idle seconds (default: never)")
-    serve.add_argument("--preset", choices=PRESETS, default="default", help="preset of jobs that name none")
+    serve.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default="default",
+                       help="preset of jobs that name none; auto: default, or lowvram when default does not fit this device")
     serve.add_argument("--config", metavar="FILE", help='JSON settings: {"overrides": {preset values}, "progress_interval_s": S}')
     _device_arg(serve)
     serve.set_defaults(handler="make_your_3d.service.server:run_cli")

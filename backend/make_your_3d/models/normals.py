@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from make_your_3d.errors import WeightsMissing
@@ -144,17 +145,30 @@ def estimate_normals(
     members = len(rgb) * max(1, ensemble)
     batch = max(1, min(members, batch))
     total = -(-members // batch) * n_steps  # the pipeline denoises ceil(members / batch) batches
+    # The resizes to and from the processing resolution are done here in float32, as the pipeline
+    # does them (bilinear, antialiased on the way in, not on the way out), rather than by the pipeline
+    # in the model's dtype: the CPU has no half-precision antialiased resize (bf16 on the CPU failed).
+    width, height = rgb[0].size
+    resolution = processing_resolution if processing_resolution is not None else (pipe.default_processing_resolution or 0)
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in rgb])).permute(0, 3, 1, 2).float() / 255.0  # [N,3,H,W] in [0, 1]
+    if resolution > 0:
+        longest = max(width, height)
+        pixels = F.interpolate(pixels, (height * resolution // longest, width * resolution // longest), mode="bilinear", antialias=True)
     with _step_reports(pipe, reporter, total, "estimating normals"):
         out = pipe(
-            rgb,
+            pixels,
             num_inference_steps=steps,
             ensemble_size=ensemble,
-            processing_resolution=processing_resolution,
+            processing_resolution=0,
+            match_input_resolution=False,
             batch_size=batch,
             generator=generator,
-            output_type="np",
+            output_type="pt",
         )
-    normals = np.asarray(out.prediction, dtype=np.float32)
+    prediction = out.prediction.float()  # [N,3,h,w]
+    if prediction.shape[-2:] != (height, width):
+        prediction = F.interpolate(prediction, (height, width), mode="bilinear")
+    normals = prediction.permute(0, 2, 3, 1).cpu().numpy()
     norm = np.linalg.norm(normals, axis=-1, keepdims=True)
     return normals / np.clip(norm, 1e-6, None)
 

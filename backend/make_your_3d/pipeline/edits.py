@@ -115,11 +115,7 @@ def run_edited_views(inputs: "StageInputs", out: Path) -> None:
     source = load_views(inputs.upstream("subject_views") / "views")
     images = [composite(Image.fromarray(v.color, "RGBA")) for v in source.views]
     prompts = [view_prompt(request.subject, v.name, request.prompt) for v in source.views]
-    with inputs.models.personalized(ip_scale=preset.ip_scale) as pipe:
-        edited = edit_images(pipe, images, prompts, request.negative_prompt, size=preset.sd_size, steps=preset.sd_steps,
-                             guidance=preset.sd_guidance, strength=preset.edit_strength, seed=inputs.seed, batch=preset.edit_batch,
-                             reporter=inputs.reporter)
-    edited = [im.resize(source.image_size, Image.BICUBIC) for im in edited]
+    edited = [im.resize(source.image_size, Image.BICUBIC) for im in _edit_views(inputs, images, prompts)]
     segmenter = inputs.models.segmenter()
     masks = [generated_mask(im, segmenter, request.subject, fallback=v.mask) for im, v in zip(edited, source.views)]
     # Marigold at its published processing resolution (768 px for v1-1), as its reference usage:
@@ -135,6 +131,16 @@ def run_edited_views(inputs: "StageInputs", out: Path) -> None:
         world = camera_normals_to_world(n_cam, v.c2w)
         views.append(View(v.name, color, v.c2w, encode_normals(world, alpha), v.projection, v.ortho_size, v.K))
     save_views(out / "views", ViewSet(views))
+
+
+def _edit_views(inputs: "StageInputs", images: list[Image.Image], prompts: list[str]) -> list[Image.Image]:
+    """The personalized model's edits, in a function of their own so that no name of the stage keeps
+    the pipeline alive afterwards: lowvram drops it when the normal estimator loads (ModelHost.load)."""
+    request, preset = inputs.request, inputs.preset
+    with inputs.models.personalized(ip_scale=preset.ip_scale) as pipe:
+        return edit_images(pipe, images, prompts, request.negative_prompt, size=preset.sd_size, steps=preset.sd_steps,
+                           guidance=preset.sd_guidance, strength=preset.edit_strength, seed=inputs.seed, batch=preset.edit_batch,
+                           reporter=inputs.reporter)
 
 
 def run_front_view(inputs: "StageInputs", out: Path) -> None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from make_your_3d.errors import DiskFull, OutOfMemory
 from make_your_3d.files import check_writable
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
+from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, stage_peaks
 from make_your_3d.pipeline.model_host import ModelHost, StageModels
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset  # noqa: F401 - TEST_OVERRIDES re-exported (benchmarks)
 from make_your_3d.pipeline.reconstruct_stage import recon_options
@@ -62,6 +63,7 @@ class StageRecord:
     cached: bool
     seconds: float
     peak_gb: float | None = None  # peak CUDA memory allocated during the stage (None off CUDA)
+    released: list[str] | None = None  # models dropped before the stage so that only its own were loaded
 
 
 class Generator:
@@ -100,22 +102,54 @@ class Generator:
                 raise DiskFull("The disk is full. Free some space (or choose another output folder) and run the job again.") from None
             raise
 
-    def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
-        started = time.monotonic()
-        # Step 1: check the request and resolve every setting, before any model loads.
+    def _plan(self, request: GenerateRequest) -> tuple[Image.Image, Preset, torch.dtype, KeyContext, dict, dict]:
+        """Step 1: check the request and resolve every setting and stage key, before any model loads.
+        The batch sizes are chosen here from the device's free memory (published sizes only: the
+        figures are theirs), so the edited views' key and job.json carry the ones that ran."""
         image = validate_request(request)
-        preset = resolve_preset(request.preset, self.models_dir, {**self.overrides, **(request.overrides or {})})
+        overrides = {**self.overrides, **(request.overrides or {})}
+        name = resolve_preset_name(request.preset, self.device, lambda n: resolve_preset(n, self.models_dir, overrides).precision,
+                                   tiny=is_tiny(self.models_dir))
+        preset = resolve_preset(name, self.models_dir, overrides)
+        dtype = resolve_dtype(self.device, preset.precision)
+        if not is_tiny(self.models_dir):
+            chosen = batches_for(self.device.type, str(dtype).removeprefix("torch."), preset, available_bytes(self.device))
+            preset = replace(preset, edit_batch=chosen["edit_batch"], normal_batch=chosen["normal_batch"])
+            batches = chosen
+        else:
+            batches = {"edit_batch": preset.edit_batch, "normal_batch": preset.normal_batch, "why": "the preset's (tiny model set)"}
         recon_config = recon_options(preset, request, str(self.device), stage_seed(STAGE_TABLE["reconstruct"], request.seed)).resolved()
         check_writable(out_dir.parent, "output folder")  # every place the job writes, before any model loads
         check_writable(self.cache.root, "stage cache folder")
         from make_your_3d.models.personalized import require_roles
 
         require_roles(self.models_dir, *REQUIRED_ROLES)
-        dtype = resolve_dtype(self.device, preset.precision)
         fingerprints = models_fingerprint(self.models_dir, *REQUIRED_ROLES, *(["segmenter"] if ROLES["segmenter"].complete(self.models_dir) else []))
         context = KeyContext(device_type=self.device.type, dtype=str(dtype).removeprefix("torch."), fingerprints=fingerprints, version=__version__,
                              extra={"reconstruct": recon_config})
-        keys = stage_keys(request, preset, context)
+        return image, preset, dtype, context, stage_keys(request, preset, context), batches
+
+    def run_stage(self, request: GenerateRequest, name: str, progress: ProgressFn | None = None) -> Path:
+        """Build stage `name` alone from its upstream stages' cached results (a memory benchmark runs
+        each stage in its own process this way); returns its cache folder. Raises when an upstream
+        stage is not cached yet."""
+        image, preset, dtype, _context, keys, _batches = self._plan(request)
+        spec = STAGE_TABLE[name]
+        dirs: dict[str, Path] = {}
+        for up in spec.upstream:
+            hit = self.cache.get(up, keys[up][0])
+            if hit is None:
+                raise RuntimeError(f"stage {name} needs the {up} stage's result in the cache first")
+            dirs[up] = hit
+        key, key_inputs = keys[name]
+        rep = Reporter(name, progress, None)
+        models = StageModels(self.host, name, spec.models, spec.uses_segmenter, dtype, preset.offload)
+        inputs = build_stage_inputs(spec, request, image, preset, models, dirs, self.device, rep, None, progress)
+        return self.cache.get(name, key) or self.cache.build(name, key, lambda tmp: spec.function()(inputs, tmp), key_inputs)
+
+    def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
+        started = time.monotonic()
+        image, preset, dtype, context, keys, batches = self._plan(request)
 
         # Steps 2-8: every stage in graph order, each from the cache or built from its declared inputs.
         dirs: dict[str, Path] = {}
@@ -129,10 +163,11 @@ class Generator:
             hit = self.cache.get(spec.name, key)
             rep.step(1 if hit else 0, 1, "reused from cache" if hit else "starting")
             if hit is None:
+                released = self._make_room(spec, dtype, preset.name)
                 models = StageModels(self.host, spec.name, spec.models, spec.uses_segmenter, dtype, preset.offload)
                 inputs = build_stage_inputs(spec, request, image, preset, models, dirs, self.device, rep, cancel, progress)
                 hit = self.cache.build(spec.name, key, lambda tmp, inputs=inputs, run=spec.function(): run(inputs, tmp), key_inputs)
-                records.append(StageRecord(spec.name, key, False, 0.0))
+                records.append(StageRecord(spec.name, key, False, 0.0, released=released))
             else:
                 records.append(StageRecord(spec.name, key, True, 0.0))
             dirs[spec.name] = hit
@@ -140,12 +175,23 @@ class Generator:
             records[-1].peak_gb = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3) if self.device.type == "cuda" else None
 
         # Step 9: the job record and the outputs, published in one rename.
-        record = self._job_record(request, image, preset, context, dtype, records, dirs["reconstruct"])
+        record = self._job_record(request, image, preset, context, dtype, records, dirs["reconstruct"], batches)
         files = self._write_outputs(out_dir, dirs, record, started)
         return GenerateResult(out_dir=out_dir, files=files, cached_stages=record["cached_stages"], timings=record["timings"])
 
+    def _make_room(self, spec, dtype: torch.dtype, preset_name: str) -> list[str]:
+        """Drop the loaded models stage `spec` does not declare when the device's free memory is under
+        the stage's measured peak (pipeline/memory.py); otherwise they stay loaded for the later
+        stages and jobs that use them (loading is slow). (lowvram drops or moves every model but the
+        one in use anyway: `ModelHost.load`.)"""
+        need = (stage_peaks(self.device.type, str(dtype).removeprefix("torch."), preset_name) or {}).get(spec.name)
+        free = available_bytes(self.device)
+        if is_tiny(self.models_dir) or need is None or free is None or free >= need * GB:
+            return []
+        return self.host.release(set(spec.models) | ({"segmenter"} if spec.uses_segmenter else set()))
+
     def _job_record(self, request: GenerateRequest, image: Image.Image, preset: Preset, context: KeyContext, dtype: torch.dtype,
-                    records: list[StageRecord], recon_dir: Path) -> dict:
+                    records: list[StageRecord], recon_dir: Path, batches: dict) -> dict:
         """job.json: the inputs, every setting (preset, resolved reconstruction config, device,
         dtype), the weights' fingerprints, each stage's key, timing and cache hit, versions."""
         return {
@@ -160,11 +206,13 @@ class Generator:
                 "image_size": list(image.size),
                 "image_has_alpha": image.mode == "RGBA",
                 "overrides": dict(request.overrides or {}),
+                "preset": request.preset,  # as asked ("auto" included); "preset" below is what ran
             },
             "preset": preset.to_dict(),
             "recon": context.extra["reconstruct"],  # the whole resolved reconstruction config
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
+            "batches": batches,  # edit/normal batch sizes chosen from free memory (also in "preset")
             "models": {name: {"repo_id": ROLES[name].repo_id, "fingerprint": fp} for name, fp in context.fingerprints.items()},
             "tiny_models": is_tiny(self.models_dir),
             "stages": [r.__dict__ for r in records],

@@ -17,6 +17,7 @@ on every borrow).
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,9 +41,13 @@ class ModelHost:
         self._original_ip: dict[str, torch.Tensor] | None = None  # the published to_k_ip/to_v_ip weights
 
     def load(self, name: str, dtype: torch.dtype, offload: bool = False):
-        """A loaded model, built on first use. With `offload` (the lowvram preset) every other
-        loaded model is moved to the CPU first, so only the one in use occupies the GPU."""
+        """A loaded model, built on first use. With `offload` (the lowvram preset) only the one in use
+        occupies the device: on CUDA every other loaded model is moved to the CPU first; on the CPU
+        and Apple's GPU (one memory: moving would free nothing) the others are dropped and load
+        again, memory-mapped, when asked for."""
         key = f"{name}:{dtype}"
+        if offload and self.device.type != "cuda":
+            self.release({name, "segmenter"})
         if key not in self._loaded:
             for other in [k for k in self._loaded if k.startswith(f"{name}:")]:
                 del self._loaded[other]  # precision changed between presets
@@ -68,6 +73,21 @@ class ModelHost:
         self._original_ip = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop every loaded model whose role is not in `keep` (the roles the next stage declares), so
+        only what that stage needs is in memory; returns the dropped roles. They load again, from the
+        memory-mapped safetensors, when a later stage asks for them."""
+        dropped = [key for key in self._loaded if key.split(":")[0] not in keep]
+        for key in dropped:
+            del self._loaded[key]
+            if key.startswith("personalized:"):
+                self._original_ip = None
+        if dropped:
+            gc.collect()  # diffusers pipelines hold reference cycles
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return [key.split(":")[0] for key in dropped]
 
     def _evict(self, keep: str | None) -> None:
         if self.device.type != "cuda":
@@ -145,6 +165,7 @@ class StageModels:
         pipe = self._host.load("personalized", self.dtype, self.offload)
         load_ip_state(pipe.unet, ip_state if ip_state is not None else self._host.original_ip)
         pipe.set_ip_adapter_scale(ip_scale)
+        pipe.vae.enable_slicing()  # a batch of 512 px images through the VAE one at a time: its largest buffers
         _frozen(pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder)
         try:
             yield pipe
@@ -162,6 +183,7 @@ class StageModels:
         self._need("multiview")
         mv = self._host.load("multiview", self.dtype, self.offload)
         use_adapter(mv.unet, lora, rank)
+        mv.vae.enable_slicing()  # the 12 decoded views (6 colour + 6 normal) one at a time
         _frozen(mv.unet, mv.vae, mv.image_encoder)
         try:
             yield mv
@@ -174,6 +196,7 @@ class StageModels:
         """The single-view normal estimator (Marigold), frozen and in eval mode."""
         self._need("normal_estimator")
         pipe = self._host.load("normal_estimator", self.dtype, self.offload)
+        pipe.vae.enable_slicing()  # 768 px images through the VAE one at a time
         _frozen(pipe.unet, pipe.vae)
         yield pipe
 

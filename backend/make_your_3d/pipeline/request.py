@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
-from make_your_3d.job_params import FACES_RANGE, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
+from make_your_3d.job_params import AUTO_PRESET, FACES_RANGE, MAX_PROMPT_CHARS, MAX_RAW_PROMPT_CHARS, PRESET_NAMES, SEED_MAX, TEXTURE_SIZES
 from make_your_3d.errors import BadImage, BadPrompt, BadRequest, DecompressionBomb, NoSubject, TooHeavy
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -262,8 +262,8 @@ def validate_request(request: GenerateRequest) -> Image.Image:
     request.negative_prompt = clean_prompt(request.negative_prompt or "", "negative prompt", required=False)
     if request.subject is not None:
         request.subject = clean_prompt(request.subject, "subject description", required=False) or None
-    if request.preset not in PRESET_NAMES:
-        raise BadRequest(f"Unknown preset {request.preset!r}; use one of {', '.join(PRESET_NAMES)}.")
+    if request.preset not in PRESET_NAMES and request.preset != AUTO_PRESET:
+        raise BadRequest(f"Unknown preset {request.preset!r}; use one of {', '.join(PRESET_NAMES)} or {AUTO_PRESET}.")
     if not isinstance(request.seed, int) or not 0 <= request.seed <= SEED_MAX:
         raise BadRequest(f"The seed must be a whole number from 0 to {SEED_MAX}.")
     if request.faces is not None and not FACES_RANGE[0] <= request.faces <= FACES_RANGE[1]:

@@ -542,6 +542,7 @@ class ServiceContext:
     memory_budget_bytes: int | None
     overrides: dict | None
     max_queued: int = MAX_QUEUED_JOBS
+    device: str = "auto"  # the generator's device (serve --device): the measured budgets are per device kind
     _needed: list[tuple[str, ...]] = field(default_factory=list)
 
     def needed_roles(self) -> tuple[str, ...]:
@@ -571,13 +572,26 @@ class ServiceContext:
         return {**job.record(now), "files": self.present_files(job)}
 
     def check_memory(self, spec: JobSpec) -> None:
-        if self.memory_budget_bytes is None:
-            return
+        """Refuse (TooHeavy) a job that would not fit before it starts: its largest stage's measured
+        peak against the device's memory (VRAM on CUDA, unified memory on a Mac, the per-job RAM
+        budget on the CPU; pipeline/memory.py), and its reconstruction against the RAM budget."""
+        from make_your_3d.device import resolve_device
+        from make_your_3d.models.registry import is_tiny
+        from make_your_3d.pipeline.memory import check_fits, device_budget, resolve_preset_name
         from make_your_3d.pipeline.presets import resolve_preset
 
-        # the preset the job will run with: the generator's rule (tiny sizes, server and job overrides)
-        preset = resolve_preset(spec.preset, self.models_dir, {**(self.overrides or {}), **(spec.overrides or {})})
-        check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, self.memory_budget_bytes)
+        # the preset the job will run with: the generator's rule (auto, tiny sizes, server and job overrides)
+        overrides = {**(self.overrides or {}), **(spec.overrides or {})}
+        tiny = is_tiny(self.models_dir)
+        name = resolve_preset_name(spec.preset, resolve_device(self.device), lambda n: resolve_preset(n, self.models_dir, overrides).precision,
+                                   self.memory_budget_bytes, tiny)
+        preset = resolve_preset(name, self.models_dir, overrides)
+        if not tiny:  # the measured figures are the published sizes'
+            kind, dtype, budget = device_budget(self.device, preset.precision, self.memory_budget_bytes)
+            if budget is not None:
+                check_fits(kind, dtype, preset.name, budget)
+        if self.memory_budget_bytes is not None:
+            check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, self.memory_budget_bytes)
 
     def queue(self, specs: list[JobSpec], image: bytes) -> Created:
         """Check the first job's memory and the weights, then store every job and wake the worker."""
@@ -771,6 +785,7 @@ def create_app(
     memory_budget_bytes: int | None = None,
     overrides: dict | None = None,
     max_queued_jobs: int = MAX_QUEUED_JOBS,
+    device: str = "auto",
 ) -> FastAPI:
     """Build the API around a job store and its worker; `token` guards every route but health.
 
@@ -778,7 +793,7 @@ def create_app(
     still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger;
     `max_queued_jobs` refuses (queue_full) a request that would queue more waiting jobs."""
     activity = activity or Activity()
-    ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides, max_queued_jobs)
+    ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides, max_queued_jobs, device)
     store.subscribe(ctx.feed.changed)
 
     token_bytes = token.encode("utf-8")

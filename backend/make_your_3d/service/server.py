@@ -579,7 +579,7 @@ def serve(opts: ServeOptions) -> int:
         budget = opts.max_job_memory_bytes or default_memory_budget()
         app = create_app(store, worker, token, models_dir=opts.models_dir, default_preset=opts.preset,
                          on_shutdown=request_shutdown, activity=activity, check_host=is_loopback(opts.host),
-                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs)
+                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs, device=opts.device)
         open_files = raise_open_files_limit()
         limit = connection_limit(open_files)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",

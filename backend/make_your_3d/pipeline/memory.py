@@ -1,0 +1,212 @@
+"""How much memory each stage of a preset needs, measured, and what follows from it: whether a job
+fits the device, which preset `auto` picks, and how many images one batched call may hold.
+
+The figures are peak resident memory of one process running one stage at the published model sizes
+(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
+BENCHMARKS.md "Peak memory per stage"). They were measured on the CPU, where they are RAM; for
+Apple's GPU (unified memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and
+activation); CUDA has no figures until a GPU run measures them (PROXY says why). `fast` runs the same shapes as
+`default` (fewer steps, a smaller reconstruction), so it shares default's figures (SAME_SHAPES).
+The reconstruction is not in the table: it is checked against the RAM budget by
+`request.estimate_job_memory`, which grows with the requested faces and texture size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from make_your_3d.errors import TooHeavy
+
+GB = 1e9
+
+# (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
+# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its "after" rows).
+MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
+    ("cpu", "bfloat16"): {
+        "default": {"subject": 0.472, "subject_views": 4.122, "identity": 6.115, "edited_views": 12.491},
+        "lowvram": {"edited_views": 9.072},  # 12.324 before edits._edit_views let the SD pipeline go
+    },
+    ("cpu", "float32"): {
+        "default": {"subject": 0.472},  # the other stages were not measured in fp32 (BENCHMARKS.md says why)
+    },
+}
+
+# Which measured figures stand for a device kind and precision. Apple's GPU shares the process's
+# memory, so the CPU's resident figures stand for it. CUDA has none yet: VRAM holds only the models
+# on the card (lowvram keeps the others in RAM), so process RSS would refuse jobs that fit; with no
+# entry nothing is refused there until `memory_bench.py` runs on a GPU (its cuda_peak_gb column).
+PROXY: dict[tuple[str, str], tuple[str, str]] = {
+    ("cpu", "bfloat16"): ("cpu", "bfloat16"),
+    ("cpu", "float16"): ("cpu", "bfloat16"),
+    ("cpu", "float32"): ("cpu", "float32"),
+    ("mps", "float16"): ("cpu", "bfloat16"),
+    ("mps", "bfloat16"): ("cpu", "bfloat16"),
+    ("mps", "float32"): ("cpu", "float32"),
+}
+# Stages a preset runs with exactly another preset's shapes (none of the preset fields they read
+# differ, and with one stage per process offloading changes nothing): they share its figures.
+# fast: every model stage (fewer steps only); lowvram: all but identity and edited_views (its batch
+# sizes), which are measured on their own.
+SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fast": ("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
+    "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
+}
+FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
+BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
+
+
+@dataclass(frozen=True)
+class Need:
+    gb: float
+    stage: str
+
+
+def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
+    """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
+    table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
+    like, stages = SAME_SHAPES.get(preset, ("", ()))
+    peaks = {s: table[like][s] for s in stages if s in table.get(like, {})}
+    peaks.update(table.get(preset, {}))
+    return peaks or None
+
+
+def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
+    """The largest stage of a job of `preset` (None: not measured for this device and precision).
+    Figures without the edited views (the largest stage wherever it was measured: two models and
+    six 768 px Marigold rows) are incomplete and count as not measured."""
+    peaks = stage_peaks(device_kind, dtype, preset)
+    if not peaks or BATCHED_STAGE not in peaks:
+        return None
+    stage = max(peaks, key=peaks.get)
+    return Need(peaks[stage], stage)
+
+
+def available_bytes(device) -> int | None:
+    """Memory a job may use on `device` now: free VRAM on CUDA, what the GPU may still allocate of the
+    unified memory on Apple's GPU, available RAM on the CPU (None: cannot tell)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _where(device_kind: str) -> str:
+    return {"cuda": "of GPU memory", "mps": "of the Mac's unified memory"}.get(device_kind, "of RAM")
+
+
+def check_fits(device_kind: str, dtype: str, preset: str, budget_bytes: int) -> None:
+    """Refuse (TooHeavy) a job of `preset` whose largest measured stage does not fit `budget_bytes`,
+    with a sentence naming a preset that fits (or saying none does)."""
+    need = job_need(device_kind, dtype, preset)
+    if need is None or need.gb * GB <= budget_bytes:
+        return
+    have = f"{budget_bytes / GB:.1f} GB {_where(device_kind)}"
+    precision = dtype.replace("float", "fp").replace("bfp16", "bf16")
+    head = f"The {preset} preset needs about {need.gb:.1f} GB at its largest stage ({need.stage}) in {precision}; this machine can give it {have}."
+    for other in FALLBACK_ORDER[FALLBACK_ORDER.index(preset) + 1 if preset in FALLBACK_ORDER else 0:]:
+        other_need = job_need(device_kind, dtype, other)
+        if other != preset and other_need is not None and other_need.gb * GB <= budget_bytes:
+            raise TooHeavy(f"{head} Pick the {other} preset (about {other_need.gb:.1f} GB), or close other programs.")
+    raise TooHeavy(f"{head} No preset fits: close other programs using the memory, or run on a machine with more.")
+
+
+def resolve_preset_name(name: str, device, precision_of, ram_budget_bytes: int | None = None, tiny: bool = False) -> str:
+    """`name`, or for "auto" the preset that fits `device` (a tiny set's toy sizes always fit: default).
+    `precision_of(preset_name)` gives a preset's precision setting (after overrides)."""
+    from make_your_3d.device import resolve_dtype
+    from make_your_3d.job_params import AUTO_PRESET
+
+    if name != AUTO_PRESET:
+        return name
+    if tiny:
+        return FALLBACK_ORDER[0]
+    dtype = str(resolve_dtype(device, precision_of(FALLBACK_ORDER[0]))).removeprefix("torch.")
+    return pick_preset(device.type, dtype, capacity_bytes(device, ram_budget_bytes))
+
+
+def pick_preset(device_kind: str, dtype: str, budget_bytes: int | None) -> str:
+    """What `auto` runs: the first of FALLBACK_ORDER whose largest measured stage fits (default when
+    nothing is known about the budget or the figures)."""
+    if budget_bytes is None:
+        return FALLBACK_ORDER[0]
+    for preset in FALLBACK_ORDER:
+        need = job_need(device_kind, dtype, preset)
+        if need is None or need.gb * GB <= budget_bytes:
+            return preset
+    return FALLBACK_ORDER[-1]
+
+
+# GB each further image adds to a batched edited_views call (SD img2img rows and Marigold rows
+# together), on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1) / 5.
+BATCH_FIELDS = ("edit_batch", "normal_batch")
+
+
+def row_gb(device_kind: str, dtype: str) -> float | None:
+    """Extra GB per image of a batched edited_views call, from the measured figures (None: unknown)."""
+    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    six = (stage_peaks(device_kind, dtype, "default") or {}).get(BATCHED_STAGE)
+    if one is None or six is None:
+        return None
+    return max(0.0, (six - one) / 5)
+
+
+def choose_batch(asked: int, one_gb: float, per_row_gb: float, free_bytes: int) -> int:
+    """The largest batch up to `asked` whose stage fits `free_bytes` (at least 1)."""
+    best = 1
+    for b in range(1, asked + 1):
+        if (one_gb + (b - 1) * per_row_gb) * GB <= free_bytes:
+            best = b
+    return best
+
+
+def batches_for(device_kind: str, dtype: str, preset, free_bytes: int | None) -> dict:
+    """The edit and normal batch sizes a job runs with: the preset's, lowered until the batched stage
+    fits the device's free memory. Returns {"edit_batch": n, "normal_batch": n, "why": ...}."""
+    asked = {f: getattr(preset, f) for f in BATCH_FIELDS}
+    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    per_row = row_gb(device_kind, dtype)
+    if free_bytes is None or one is None or per_row is None:
+        return {**asked, "why": "the preset's (no measured figures or free memory for this device)"}
+    chosen = {f: choose_batch(n, one, per_row, free_bytes) for f, n in asked.items()}
+    why = (f"the preset's: fits {free_bytes / GB:.1f} GB free" if chosen == asked else
+           f"lowered from the preset's {asked}: {free_bytes / GB:.1f} GB free, {one:.1f} GB at batch 1 + {per_row:.2f} GB per image")
+    return {**chosen, "why": why}
+
+
+def capacity_bytes(device, ram_budget_bytes: int | None = None) -> int | None:
+    """What a job may use on `device` at most: the card's VRAM on CUDA, the share of unified memory
+    macOS lets the GPU have on Apple Silicon, the per-job RAM budget (else physical RAM) on the CPU.
+    The admission check uses this (free memory comes and goes; the batch choice uses that instead)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory())
+    if ram_budget_bytes is not None:
+        return ram_budget_bytes
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_budget(device_name: str, precision: str, ram_budget_bytes: int | None = None) -> tuple[str, str, int | None]:
+    """(device kind, dtype name, capacity in bytes) of the device a backend started with `device_name` runs on."""
+    from make_your_3d.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    return device.type, str(resolve_dtype(device, precision)).removeprefix("torch."), capacity_bytes(device, ram_budget_bytes)

@@ -1,0 +1,233 @@
+"""Peak memory of every stage of a preset, each stage in its own process, at the published model sizes.
+
+Why one process per stage: a process's peak resident memory (`ru_maxrss`) only grows, so the peak of
+a stage is only its own when nothing ran before it in that process. Each child process loads only
+the models its stage declares, builds the stage from the cached results of the stages before it
+(the previous children wrote them: the chain runs once, stage by stage, so the upstream inputs are
+real outputs of the previous stages at the same sizes, not synthetic stand-ins) and reports:
+
+- `peak_rss_gb`: `ru_maxrss` of the child (the whole process: torch, weights, activations);
+- `base_rss_gb`: resident memory after imports, before the stage (torch and the libraries);
+- `resident_at_peak`: which models were loaded and the last progress event when a 20 ms sampler
+  saw the highest resident memory (what was in memory at the peak);
+- `cuda_peak_gb`: `torch.cuda.max_memory_allocated` when the stage ran on CUDA.
+
+Weights are the random published-size set of `models/random_set.py` (fp16 on disk, as published);
+step counts are cut to one step per loop (peak memory does not depend on the step count), the
+identity stage's augmentation pool to 1 (its encodes are kept as 4x64x64 latents: a few KiB each),
+and the reconstruction's iterations to 30 (its buffers do not depend on them either).
+
+The parent watches the machine: a child is stopped (and its row says so) when the machine's
+available memory falls under `--reserve-gb`, so a stage that does not fit never takes the shared
+machine down. Run with one thread: `OMP_NUM_THREADS=1 python benchmarks/memory_bench.py ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_ORDER = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")
+# One step per loop: peak memory does not depend on how many there are. sd_steps 2 at strength 0.8 is one img2img step.
+MEMORY_STEPS = {"identity_steps": 1, "prior_steps": 1, "sd_steps": 2, "mv_steps": 1, "normal_steps": 1, "identity_augment_pool": 1}
+RECON_ITERATIONS = 30
+REQUEST = {"prompt": "wearing a red scarf", "subject": "a toy bear", "seed": 0}
+
+
+def overrides(precision: str, recon_preset_iterations: int = RECON_ITERATIONS) -> dict:
+    return {**MEMORY_STEPS, "precision": precision, "recon": {"iterations": recon_preset_iterations}}
+
+
+# --- the child: one stage ------------------------------------------------------------------------
+
+class Sampler:
+    """Samples this process's resident memory every `every_s`; keeps what was loaded at the highest."""
+
+    def __init__(self, host, every_s: float = 0.02):
+        import psutil
+
+        self.proc, self.host, self.every_s = psutil.Process(), host, every_s
+        self.peak, self.at_peak, self.last_event = 0, {}, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def progress(self, p) -> None:
+        self.last_event = f"{p.stage} {p.step}/{p.total} {p.message}".strip()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rss = self.proc.memory_info().rss
+            if rss > self.peak:
+                self.peak = rss
+                self.at_peak = {"models": sorted(self.host._loaded), "event": self.last_event}
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_child(args) -> dict:
+    import psutil
+    import torch
+
+    from make_your_3d.pipeline.generate import Generator
+    from make_your_3d.pipeline.request import GenerateRequest
+
+    base = psutil.Process().memory_info().rss
+    gen = Generator(args.models, args.cache, args.device, overrides=overrides(args.precision))
+    request = GenerateRequest(image=(REPO / "examples" / "toy_bear.png").read_bytes(), preset=args.preset, **REQUEST)
+    cuda = gen.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with Sampler(gen.host) as sampler:
+        gen.run_stage(request, args.stage, progress=sampler.progress)
+    seconds = time.perf_counter() - t0
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "preset": args.preset, "precision": args.precision, "stage": args.stage, "status": "ok",
+        "peak_rss_gb": round(maxrss / 1e9, 3), "sampled_peak_gb": round(sampler.peak / 1e9, 3), "base_rss_gb": round(base / 1e9, 3),
+        "resident_at_peak": sampler.at_peak, "seconds": round(seconds, 1),
+        "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+    }
+
+
+# --- the parent: every stage, one process each ------------------------------------------------------
+
+def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path) -> dict:
+    """One child; stopped when the machine's available memory falls under the reserve."""
+    import psutil
+
+    cmd = [sys.executable, __file__, "--child", "--models", str(args.models), "--cache", str(cache), "--device", args.device,
+           "--preset", preset, "--precision", precision, "--stage", stage]
+    with tempfile.TemporaryFile() as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        low = None
+        while child.poll() is None:
+            avail = psutil.virtual_memory().available
+            if avail < args.reserve_gb * 1e9:
+                rss = psutil.Process(child.pid).memory_info().rss
+                child.kill()
+                low = (rss, avail)
+                break
+            time.sleep(0.1)
+        _, err = child.communicate()
+        out.seek(0)
+        text = out.read().decode()
+    if low is not None:
+        return {"preset": preset, "precision": precision, "stage": stage, "status": "stopped",
+                "note": f"stopped at {low[0] / 1e9:.1f} GB resident: the machine had {low[1] / 1e9:.1f} GB left "
+                        f"(reserve {args.reserve_gb} GB), so the stage does not fit next to what else was running"}
+    if child.returncode != 0:
+        return {"preset": preset, "precision": precision, "stage": stage, "status": "failed", "note": err.strip().splitlines()[-1:]}
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def report(rows: list[dict]) -> str:
+    """The Markdown table (stage x preset x precision, before -> after) and `MEASURED_PEAK_GB` of
+    pipeline/memory.py, built from the "after" rows."""
+    def cell(preset: str, precision: str, stage: str) -> str:
+        got = {r["code"]: r for r in rows if (r["preset"], r["precision"], r["stage"]) == (preset, precision, stage)}
+        parts = []
+        for code in ("before", "after"):
+            r = got.get(code)
+            if r is not None:
+                parts.append(f"{code} " + (f"{r['peak_rss_gb']:.2f}" if r["status"] == "ok" else r["status"]))
+        return ", ".join(parts) or "not run"
+
+    combos = sorted({(r["preset"], r["precision"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    lines = ["| stage | " + " | ".join(f"{p} {q}" for p, q in combos) + " |", "|---" * (len(combos) + 1) + "|"]
+    for stage in STAGE_ORDER:
+        lines.append(f"| {stage} | " + " | ".join(cell(p, q, stage) for p, q in combos) + " |")
+    lines.append("| **largest** | " + " | ".join(
+        f"{max((r['peak_rss_gb'] for r in rows if (r['preset'], r['precision'], r['code']) == (p, q, 'after') and r['status'] == 'ok'), default=0):.2f}"
+        for p, q in combos) + " |")
+    table: dict = {}
+    for r in rows:
+        if r["code"] == "after" and r["status"] == "ok":
+            dtype = {"bf16": "bfloat16", "fp32": "float32"}[r["precision"]]
+            table.setdefault(("cpu", dtype), {}).setdefault(r["preset"], {})[r["stage"]] = r["peak_rss_gb"]
+    return "\n".join(lines) + "\n\nMEASURED_PEAK_GB = " + repr(table)
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    return {
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", required=True, help="a random published-size model set (models/random_set.py)")
+    parser.add_argument("--work", default=None, help="stage caches (one per preset and precision)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--presets", nargs="+", default=["default", "lowvram", "fast", "quality"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGE_ORDER))
+    parser.add_argument("--reserve-gb", type=float, default=1.5, help="stop a stage when the machine has less available")
+    parser.add_argument("--json", help="append each row to this JSON file as it is measured")
+    parser.add_argument("--label", default="after", help="which code the rows measure (before/after a change)")
+    parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return []
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return []
+    import psutil
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="memory-bench-"))
+    rows: list[dict] = []
+    out = Path(args.json) if args.json else None
+    for precision in args.precisions:
+        for preset in args.presets:
+            cache = work / f"cache-{preset}-{precision}"
+            for stage in args.stages:
+                load = os.getloadavg()
+                row = run_stage_process(args, preset, precision, stage, cache)
+                row.update({"code": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg": [round(x, 2) for x in load],
+                            "available_before_gb": round(psutil.virtual_memory().available / 1e9, 1), "machine": machine(),
+                            "models": "random published sizes (models/random_set.py, fp16 files)", "steps": MEMORY_STEPS,
+                            "recon_iterations": RECON_ITERATIONS})
+                rows.append(row)
+                print(json.dumps({k: row.get(k) for k in ("preset", "precision", "stage", "status", "peak_rss_gb", "seconds", "resident_at_peak", "note")}),
+                      flush=True)
+                if out:
+                    old = json.loads(out.read_text()) if out.is_file() else []
+                    out.write_text(json.dumps(old + [row], indent=1) + "\n")
+                if row["status"] != "ok":
+                    break  # the later stages need this one's result
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "backend"))
+    main()

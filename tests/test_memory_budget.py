@@ -1,0 +1,173 @@
+"""The memory budget: measured per-stage peaks decide whether a job fits, which preset `auto` picks,
+and how many images one batched call holds; a lowvram job keeps only the stage's models loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from make_your_3d.errors import TooHeavy
+from make_your_3d.pipeline import memory
+from make_your_3d.pipeline.memory import GB, MEASURED_PEAK_GB, batches_for, check_fits, choose_batch, job_need, pick_preset
+from make_your_3d.pipeline.presets import get_preset
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_2026-12-05.json"
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def test_the_table_is_the_measured_json():
+    """Every figure in the backend's table is a measured row's peak (the source is the benchmark)."""
+    rows = [r for r in json.loads(RESULTS.read_text()) if r["status"] == "ok" and r.get("code") == "after"]
+    measured = {("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]): r["peak_rss_gb"] for r in rows}
+    table = {(k, d, p, s): gb for (k, d), presets in MEASURED_PEAK_GB.items() for p, stages in presets.items() for s, gb in stages.items()}
+    assert table and table == measured
+    assert set(MEASURED_PEAK_GB[("cpu", "bfloat16")]) >= {"default", "lowvram"}
+
+
+@pytest.mark.parametrize("kind, dtype", [("cpu", "bfloat16"), ("mps", "float16")])
+def test_default_that_does_not_fit_is_refused_naming_lowvram(kind, dtype):
+    default, low = job_need(kind, dtype, "default"), job_need(kind, dtype, "lowvram")
+    assert default is not None and low is not None and low.gb < default.gb
+    budget = int((default.gb - 0.05) * GB)
+    with pytest.raises(TooHeavy) as err:
+        check_fits(kind, dtype, "default", budget)
+    message = str(err.value)
+    assert err.value.code == "too_heavy" and "Pick the lowvram preset" in message and default.stage in message
+    check_fits(kind, dtype, "default", int(default.gb * GB) + 1)  # enough: no refusal
+    check_fits(kind, dtype, "lowvram", budget)
+
+
+def test_nothing_fits_says_so():
+    low = job_need("cpu", "bfloat16", "lowvram")
+    with pytest.raises(TooHeavy, match="No preset fits"):
+        check_fits("cpu", "bfloat16", "default", int((low.gb - 0.05) * GB))
+
+
+def test_auto_picks_lowvram_when_default_does_not_fit():
+    default = job_need("cpu", "bfloat16", "default")
+    assert pick_preset("cpu", "bfloat16", int(default.gb * GB) + 1) == "default"
+    assert pick_preset("cpu", "bfloat16", int((default.gb - 0.05) * GB)) == "lowvram"
+    assert pick_preset("cpu", "bfloat16", None) == "default"
+
+
+def test_fast_shares_default_figures_and_unmeasured_is_not_refused():
+    assert job_need("cpu", "bfloat16", "fast") == job_need("cpu", "bfloat16", "default")
+    check_fits("cpu", "float64", "default", 1)  # no figures for this precision: nothing to refuse on
+    assert job_need("cuda", "float16", "default") is None  # VRAM not measured: CPU RSS would over-refuse
+    check_fits("cuda", "float16", "default", 1)
+
+
+def test_batch_is_lowered_until_the_batched_stage_fits():
+    assert choose_batch(6, 5.0, 0.5, int(20 * GB)) == 6
+    assert choose_batch(6, 5.0, 0.5, int(6.0 * GB)) == 3
+    assert choose_batch(6, 5.0, 0.5, int(1.0 * GB)) == 1
+    preset = get_preset("default")
+    one = MEASURED_PEAK_GB[("cpu", "bfloat16")]["lowvram"]["edited_views"]
+    plenty = batches_for("cpu", "bfloat16", preset, int(100 * GB))
+    assert (plenty["edit_batch"], plenty["normal_batch"]) == (6, 6)
+    tight = batches_for("cpu", "bfloat16", preset, int(one * GB) + 1)
+    assert (tight["edit_batch"], tight["normal_batch"]) == (1, 1) and "lowered" in tight["why"]
+    unknown = batches_for("cpu", "bfloat16", preset, None)
+    assert unknown["edit_batch"] == 6
+
+
+def test_release_keeps_only_the_declared_roles():
+    from make_your_3d.pipeline.model_host import ModelHost
+
+    host = ModelHost("/nonexistent", torch.device("cpu"))
+    host._loaded = {"multiview:torch.float32": object(), "personalized:torch.float32": object(), "normal_estimator:torch.float32": object()}
+    host._original_ip = {}
+    dropped = host.release({"personalized", "ip_adapter", "image_encoder"})
+    assert sorted(dropped) == ["multiview", "normal_estimator"] and list(host._loaded) == ["personalized:torch.float32"]
+    assert host._original_ip == {}
+
+
+def test_service_refuses_before_the_job_starts(tmp_path, monkeypatch):
+    """The service's admission check: default on a CPU whose budget is under default's largest
+    stage is refused with the sentence naming lowvram; lowvram passes."""
+    from make_your_3d.service.app import ServiceContext
+    from make_your_3d.service.store import JobSpec
+
+    need = job_need("cpu", "bfloat16", "default")
+    low = job_need("cpu", "bfloat16", "lowvram")
+    assert need is not None and low is not None
+    budget = int((need.gb + low.gb) / 2 * GB)
+    ctx = ServiceContext(None, None, tmp_path, "default", None, budget, {"precision": "bf16"}, "cpu")
+    spec = JobSpec("wearing a red scarf", "", None, 0, "default", None, None)
+    with pytest.raises(TooHeavy, match="lowvram"):
+        ctx.check_memory(spec)
+    ctx.check_memory(JobSpec("wearing a red scarf", "", None, 0, "lowvram", None, None))
+    ctx.check_memory(JobSpec("wearing a red scarf", "", None, 0, "auto", None, None))  # auto picks lowvram here
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", {})
+    ctx.check_memory(spec)  # without figures only the reconstruction estimate applies
+
+
+def test_auto_resolves_to_the_preset_that_fits(monkeypatch):
+    from make_your_3d.pipeline.memory import resolve_preset_name
+
+    default = job_need("cpu", "bfloat16", "default")
+    cpu = torch.device("cpu")
+    bf16 = lambda _name: "bf16"  # noqa: E731
+    monkeypatch.setattr(memory, "capacity_bytes", lambda device, ram=None: int((default.gb - 0.05) * GB))
+    assert resolve_preset_name("auto", cpu, bf16) == "lowvram"
+    assert resolve_preset_name("auto", cpu, bf16, tiny=True) == "default"  # toy sizes fit anywhere
+    assert resolve_preset_name("quality", cpu, bf16) == "quality"  # a named preset is never changed
+    monkeypatch.setattr(memory, "capacity_bytes", lambda device, ram=None: int(default.gb * GB) + 1)
+    assert resolve_preset_name("auto", cpu, bf16) == "default"
+
+
+def test_requests_may_ask_for_auto():
+    from make_your_3d.errors import BadRequest
+    from make_your_3d.pipeline.request import GenerateRequest, validate_request
+
+    image = (Path(__file__).resolve().parents[1] / "examples" / "toy_bear.png").read_bytes()
+    validate_request(GenerateRequest(image=image, prompt="wearing a red scarf", preset="auto"))
+    with pytest.raises(BadRequest, match="auto"):
+        validate_request(GenerateRequest(image=image, prompt="wearing a red scarf", preset="huge"))
+
+
+def test_normals_run_in_bf16_on_the_cpu_at_a_processing_resolution(tiny_models):
+    """The published 768 px processing resolution in bf16 on the CPU (the memory benchmark's proxy
+    for fp16): the pipeline's own half-precision antialiased resize does not exist there."""
+    import numpy as np
+    from PIL import Image
+
+    from make_your_3d.models.normals import estimate_normals, load_normal_estimator
+    from make_your_3d.models.registry import ROLES
+
+    pipe = load_normal_estimator(ROLES["normal_estimator"].path(tiny_models), "cpu", torch.bfloat16)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)) for i in range(2)]
+    normals = estimate_normals(pipe, images, steps=1, processing_resolution=64, generator=torch.Generator().manual_seed(0))
+    assert normals.shape == (2, 40, 40, 3) and np.isfinite(normals).all()
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=-1), 1.0, atol=1e-3)
+
+
+def test_lowvram_holds_one_model_at_a_time_on_the_cpu(tiny_models, tmp_path, monkeypatch):
+    """lowvram on the CPU: when a model loads, no other pipeline is alive anywhere (not in the host,
+    not in a stage's local names), so its memory is really given back."""
+    import gc
+
+    from diffusers import DiffusionPipeline
+
+    from make_your_3d.pipeline.generate import Generator
+    from make_your_3d.pipeline.model_host import ModelHost
+    from make_your_3d.pipeline.request import GenerateRequest
+
+    alive: list[tuple[str, list[str]]] = []
+    real_load = ModelHost.load
+
+    def load(self, name, dtype, offload=False):
+        model = real_load(self, name, dtype, offload)
+        gc.collect()
+        others = sorted({type(o).__name__ for o in gc.get_objects() if isinstance(o, DiffusionPipeline) and o is not model})
+        alive.append((name, others))
+        return model
+
+    monkeypatch.setattr(ModelHost, "load", load)
+    image = (Path(__file__).resolve().parents[1] / "examples" / "toy_bear.png").read_bytes()
+    Generator(tiny_models, tmp_path / "cache", "cpu").run(GenerateRequest(image=image, prompt="wearing a red scarf", preset="lowvram"), tmp_path / "out")
+    assert {"multiview", "personalized", "normal_estimator"} <= {name for name, _ in alive}
+    assert all(others == [] for name, others in alive if name != "segmenter"), alive
