@@ -102,8 +102,9 @@ class Generator:
                 raise DiskFull("The disk is full. Free some space (or choose another output folder) and run the job again.") from None
             raise
 
-    def _plan(self, request: GenerateRequest) -> tuple[Image.Image, Preset, torch.dtype, KeyContext, dict, dict]:
-        """Step 1: check the request and resolve every setting and stage key, before any model loads.
+    def _plan(self, request: GenerateRequest, out_dir: Path | None) -> tuple[Image.Image, Preset, torch.dtype, KeyContext, dict, dict]:
+        """Step 1: check the request, every folder the job writes (`out_dir`'s parent: None for a stage
+        run alone) and resolve every setting and stage key, before any model loads.
         The batch sizes are chosen here from the device's free memory (published sizes only: the
         figures are theirs), so the edited views' key and job.json carry the ones that ran."""
         image = validate_request(request)
@@ -119,7 +120,8 @@ class Generator:
         else:
             batches = {"edit_batch": preset.edit_batch, "normal_batch": preset.normal_batch, "why": "the preset's (tiny model set)"}
         recon_config = recon_options(preset, request, str(self.device), stage_seed(STAGE_TABLE["reconstruct"], request.seed)).resolved()
-        check_writable(out_dir.parent, "output folder")  # every place the job writes, before any model loads
+        if out_dir is not None:
+            check_writable(out_dir.parent, "output folder")  # every place the job writes, before any model loads
         check_writable(self.cache.root, "stage cache folder")
         from make_your_3d.models.personalized import require_roles
 
@@ -133,7 +135,7 @@ class Generator:
         """Build stage `name` alone from its upstream stages' cached results (a memory benchmark runs
         each stage in its own process this way); returns its cache folder. Raises when an upstream
         stage is not cached yet."""
-        image, preset, dtype, _context, keys, _batches = self._plan(request)
+        image, preset, dtype, _context, keys, _batches = self._plan(request, None)
         spec = STAGE_TABLE[name]
         dirs: dict[str, Path] = {}
         for up in spec.upstream:
@@ -149,7 +151,7 @@ class Generator:
 
     def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
         started = time.monotonic()
-        image, preset, dtype, context, keys, batches = self._plan(request)
+        image, preset, dtype, context, keys, batches = self._plan(request, out_dir)
 
         # Steps 2-8: every stage in graph order, each from the cache or built from its declared inputs.
         dirs: dict[str, Path] = {}
