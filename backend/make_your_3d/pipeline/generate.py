@@ -143,11 +143,16 @@ class Generator:
             if hit is None:
                 raise RuntimeError(f"stage {name} needs the {up} stage's result in the cache first")
             dirs[up] = hit
-        key, key_inputs = keys[name]
-        rep = Reporter(name, progress, None)
-        models = StageModels(self.host, name, spec.models, spec.uses_segmenter, dtype, preset.offload)
-        inputs = build_stage_inputs(spec, request, image, preset, models, dirs, self.device, rep, None, progress)
-        return self.cache.get(name, key) or self.cache.build(name, key, lambda tmp: spec.function()(inputs, tmp), key_inputs)
+        return self.cache.get(name, keys[name][0]) or self._build_stage(spec, keys[name], request, image, preset, dtype, dirs,
+                                                                          Reporter(name, progress, None), None, progress)
+
+    def _build_stage(self, spec, key: tuple[str, dict], request: GenerateRequest, image: Image.Image, preset: Preset, dtype: torch.dtype,
+                     dirs: dict[str, Path], rep: Reporter, cancel: CancelToken | None, progress: ProgressFn | None) -> Path:
+        """Run stage `spec` on its declared inputs into a new cache entry (`key`: its key and key inputs)."""
+        models = StageModels(self.host, spec.name, spec.models, spec.uses_segmenter, dtype, preset.offload)
+        inputs = build_stage_inputs(spec, request, image, preset, models, dirs, self.device, rep, cancel, progress)
+        run = spec.function()
+        return self.cache.build(spec.name, key[0], lambda tmp: run(inputs, tmp), key[1])
 
     def _run(self, request: GenerateRequest, out_dir: Path, progress: ProgressFn | None, cancel: CancelToken | None) -> GenerateResult:
         started = time.monotonic()
@@ -157,7 +162,7 @@ class Generator:
         dirs: dict[str, Path] = {}
         records: list[StageRecord] = []
         for spec in STAGE_SPECS:
-            key, key_inputs = keys[spec.name]
+            key = keys[spec.name][0]
             rep = Reporter(spec.name, progress, cancel)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -166,9 +171,7 @@ class Generator:
             rep.step(1 if hit else 0, 1, "reused from cache" if hit else "starting")
             if hit is None:
                 released = self._make_room(spec, dtype, preset.name)
-                models = StageModels(self.host, spec.name, spec.models, spec.uses_segmenter, dtype, preset.offload)
-                inputs = build_stage_inputs(spec, request, image, preset, models, dirs, self.device, rep, cancel, progress)
-                hit = self.cache.build(spec.name, key, lambda tmp, inputs=inputs, run=spec.function(): run(inputs, tmp), key_inputs)
+                hit = self._build_stage(spec, keys[spec.name], request, image, preset, dtype, dirs, rep, cancel, progress)
                 records.append(StageRecord(spec.name, key, False, 0.0, released=released))
             else:
                 records.append(StageRecord(spec.name, key, True, 0.0))

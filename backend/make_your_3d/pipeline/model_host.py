@@ -28,8 +28,6 @@ from make_your_3d.errors import Make3DError, WeightsBroken, WeightsMissing
 from make_your_3d.models.registry import ROLES
 from make_your_3d.pipeline.stages import UndeclaredInput
 
-LOADABLE = ("personalized", "multiview", "normal_estimator", "segmenter")  # what `ModelHost.load` builds
-
 
 class ModelHost:
     """Loads models on first use and keeps them (per precision) until `unload`."""
