@@ -161,13 +161,6 @@ def existing_result(scene: bpy.types.Scene, job_id: str, key: str) -> bpy.types.
     return found[0] if found else None
 
 
-def select_only(context: bpy.types.Context, obj: bpy.types.Object) -> None:
-    for other in context.view_layer.objects:
-        other.select_set(False)
-    obj.select_set(True)
-    context.view_layer.objects.active = obj
-
-
 def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.types.Scene, item,
                 duplicate: bool = False) -> bpy.types.Object | None:
     """Import a finished job's GLB into `scene` (must be the context's scene); errors go to the panel.
@@ -189,7 +182,7 @@ def import_item(context: bpy.types.Context, rt: "runtime.Runtime", scene: bpy.ty
             context.view_layer.update()
             copy.location = free_spot(scene.cursor.location, copy, blocking_objects(context, copy))
             existing = copy
-        select_only(context, existing)
+        quad.only_selected(context, existing, active=existing)
         item.imported = True
         item.object_name = existing.name
         if not duplicate:

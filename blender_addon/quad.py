@@ -28,7 +28,8 @@ def _size(obj: bpy.types.Object) -> float:
     return max(max(obj.dimensions), 1e-6)
 
 
-def _only_selected(context, *objects: bpy.types.Object, active: bpy.types.Object) -> None:
+def only_selected(context, *objects: bpy.types.Object, active: bpy.types.Object) -> None:
+    """Select exactly `objects`, with `active` the active one (what bpy operators act on)."""
     for other in context.view_layer.objects:
         other.select_set(False)
     for obj in objects:
@@ -94,7 +95,7 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
     bm.to_mesh(quad.data)
     bm.free()
     quad.data.materials.clear()
-    _only_selected(context, quad, active=quad)
+    only_selected(context, quad, active=quad)
     before = len(quad.data.polygons)
     try:
         result = bpy.ops.object.quadriflow_remesh(target_faces=int(target_faces), mode="FACES", seed=0)
@@ -118,7 +119,7 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
     saved = (scene.render.engine, scene.cycles.samples, scene.cycles.device)
     scene.render.engine, scene.cycles.samples, scene.cycles.device = "CYCLES", 1, "CPU"
     try:
-        _only_selected(context, source, quad, active=quad)
+        only_selected(context, source, quad, active=quad)
         cage = CAGE_FRACTION * _size(source)
         for kind, target in (("DIFFUSE", "color"), ("NORMAL", "normal")):
             mat.node_tree.nodes.active = image_nodes[target]  # the bake writes into the active image node
@@ -136,7 +137,7 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
     quad["quad_seconds"] = round(time.monotonic() - t0, 2)
     source.hide_set(True)
     source.hide_render = True
-    _only_selected(context, quad, active=quad)
+    only_selected(context, quad, active=quad)
     return quad
 
 
