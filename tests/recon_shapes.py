@@ -74,25 +74,6 @@ def _dish(p: np.ndarray) -> np.ndarray:
     return np.maximum.reduce([np.abs(x) - 0.8, np.abs(z) - 0.8, -0.3 - y, y - rim])
 
 
-def _dish_hit(o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
-    """First crossing into the dish along each ray (marched, then bisected); normals by differences."""
-    ts = np.linspace(1.5, 4.5, steps)
-    t = np.full(len(o), np.inf)
-    for i in range(0, len(o), 4096):
-        oo, dd = o[i : i + 4096], d[i : i + 4096]
-        inside = _dish(oo[:, None] + dd[:, None] * ts[None, :, None]) < 0
-        a, b = ts[np.maximum(inside.argmax(1) - 1, 0)], ts[inside.argmax(1)]
-        for _ in range(30):
-            m = 0.5 * (a + b)
-            ins = _dish(oo + dd * m[:, None]) < 0
-            a, b = np.where(ins, a, m), np.where(ins, m, b)
-        t[i : i + 4096] = np.where(inside.any(1), b, np.inf)
-    p = o + d * np.where(np.isfinite(t), t, 0)[:, None]
-    e = 1e-4 * np.eye(3)
-    n = np.stack([_dish(p + e[k]) - _dish(p - e[k]) for k in range(3)], -1)
-    return Hit(t, n / np.clip(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9, None), p)
-
-
 def _box_sdf(p: np.ndarray, lo, hi) -> np.ndarray:
     """Signed distance bound of an axis-aligned box (negative inside)."""
     c, h = (np.asarray(lo) + np.asarray(hi)) / 2, (np.asarray(hi) - np.asarray(lo)) / 2
@@ -147,7 +128,7 @@ def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.nd
     return best
 
 
-HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": _dish_hit,
+HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": lambda o, d: _sdf_hit(_dish, o, d),
         "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d)}
 
 
