@@ -170,6 +170,20 @@ class BindFailed(Make3DError):
     status = 500
 
 
+class WorkerLost(Make3DError):
+    """A farm job whose Ray worker was lost more times than the farm retries a job (farm.py)."""
+
+    code = "worker_lost"
+    status = 503
+
+
+class FarmUnavailable(Make3DError):
+    """`serve --ray` could not reach the Ray cluster, or Ray is not installed."""
+
+    code = "farm_unavailable"
+    status = 503
+
+
 def _table() -> dict[str, int]:
     table = {Make3DError.code: Make3DError.status}
     todo = list(Make3DError.__subclasses__())

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default="default",
                        help="preset of jobs that name none; auto: default, or lowvram when default does not fit this device")
     serve.add_argument("--config", metavar="FILE", help='JSON settings: {"overrides": {preset values}, "progress_interval_s": S}')
+    serve.add_argument("--ray", metavar="ADDRESS", help="run jobs on a farm of Ray workers, one per GPU: a Ray cluster's address, or auto to "
+                       "start Ray here (needs the farm extra; more settings in --config's \"farm\" object)")
     _device_arg(serve)
     serve.set_defaults(handler="make_your_3d.service.server:run_cli")
 

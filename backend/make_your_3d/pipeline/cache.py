@@ -140,6 +140,43 @@ class StageCache:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def export(self, stage: str, key: str) -> dict[str, bytes] | None:
+        """Entry `stage/key` as {relative path: bytes}, its record included (None: not cached here),
+        for moving it to another machine's cache (a farm worker: service/farm.py)."""
+        path = self.get(stage, key)
+        if path is None:
+            return None
+        return {rel: p.read_bytes() for rel, p in _files(path).items()} | {RECORD: (path / RECORD).read_bytes()}
+
+    def import_entry(self, stage: str, key: str, files: dict[str, bytes]) -> bool:
+        """Publish an entry exported by `export` elsewhere: written to a temporary folder, checked
+        against its own record (a damaged transfer is refused, not trusted), then renamed into
+        place. False when refused; an entry already here is kept."""
+        if self.get(stage, key) is not None:
+            return True
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}.{os.getpid()}.", dir=final.parent))
+        try:
+            for rel, data in files.items():
+                target = (tmp / rel).resolve()
+                if not target.is_relative_to(tmp.resolve()):
+                    log.warning("refused cache entry %s/%s: the path %r leaves the entry", stage, key[:12], rel)
+                    return False
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            problem = self.verify(tmp)
+            if problem is not None:
+                log.warning("refused cache entry %s/%s from another worker: %s", stage, key[:12], problem)
+                return False
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            return True
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def remove_partial(self, unnamed_age_s: float = UNNAMED_TEMP_AGE_S) -> list[Path]:
         """Delete the temporary folders (`<stage>/.<key>.<pid>.*`) that killed builds left behind;
         returns them. Safe while other processes build here (the cache is one per user): a folder

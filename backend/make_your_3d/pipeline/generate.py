@@ -131,6 +131,11 @@ class Generator:
                              extra={"reconstruct": recon_config})
         return image, preset, dtype, context, stage_keys(request, preset, context), batches
 
+    def stage_keys(self, request: GenerateRequest) -> dict[str, str]:
+        """Every stage's cache key for `request` (checks the request and the weights; loads no model).
+        A farm worker exports the entries of these keys to another worker (service/farm.py)."""
+        return {name: key for name, (key, _inputs) in self._plan(request, None)[4].items()}
+
     def run_stage(self, request: GenerateRequest, name: str, progress: ProgressFn | None = None) -> Path:
         """Build stage `name` alone from its upstream stages' cached results (a memory benchmark runs
         each stage in its own process this way); returns its cache folder. Raises when an upstream

@@ -40,19 +40,20 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
-from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable
+from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable, FarmUnavailable
 from make_your_3d.job_params import FACES_RANGE, TEXTURE_SIZES
 from make_your_3d.paths import default_cache_dir, default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
 from make_your_3d.process import pid_alive
 from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, create_app
+from make_your_3d.service.farm_config import FarmConfig
 from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import Job, JobSpec, JobStore
 from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
 
-CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib", "max_queued_jobs")
+CONFIG_KEYS = ("overrides", "progress_interval_s", "header_timeout_s", "max_job_memory_gib", "max_queued_jobs", "farm")
 HEADER_TIMEOUT_S = 10.0  # a request line and headers must arrive within this (slowloris)
 MAX_CONNECTIONS = 2048  # uvicorn's limit_concurrency, lowered when the open-files limit is lower
 OPEN_FILES_WANTED = 8192
@@ -79,6 +80,7 @@ class ServeOptions:
     max_queued_jobs: int = MAX_QUEUED_JOBS
     # the stage cache jobs build in: one per user, shared with `generate` and `demo`
     cache_dir: Path = field(default_factory=default_cache_dir)
+    farm: FarmConfig | None = None  # --ray: jobs run on Ray workers (service/farm.py); None: this process's worker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +122,17 @@ def load_config(path: Path) -> dict[str, Any]:
     queued = data.get("max_queued_jobs", MAX_QUEUED_JOBS)
     if not isinstance(queued, int) or isinstance(queued, bool) or not 1 <= queued <= 1_000_000:
         raise BadRequest(f"'max_queued_jobs' in {path} must be a whole number from 1 to 1000000.")
+    if "farm" in data:
+        FarmConfig.from_dict(data["farm"], f"'farm' in {path}")
     return data
+
+
+def farm_from_args(args: Any, config: dict[str, Any]) -> FarmConfig | None:
+    """The farm settings when --ray is given (its address over the config file's), else None."""
+    address = getattr(args, "ray", None)
+    if not address:
+        return None
+    return FarmConfig.from_dict({**config.get("farm", {}), "address": address}, "--ray and the config file's farm settings")
 
 
 def options_from_args(args: Any) -> ServeOptions:
@@ -147,6 +159,7 @@ def options_from_args(args: Any) -> ServeOptions:
         header_timeout_s=float(config.get("header_timeout_s", HEADER_TIMEOUT_S)),
         max_job_memory_bytes=int(config["max_job_memory_gib"] * 2**30) if config.get("max_job_memory_gib") else None,
         max_queued_jobs=int(config.get("max_queued_jobs", MAX_QUEUED_JOBS)),
+        farm=farm_from_args(args, config),
     )
 
 
@@ -526,6 +539,23 @@ def make_generator_factory(opts: ServeOptions) -> Callable[[], GeneratorLike]:
     return factory
 
 
+def make_worker(opts: ServeOptions, store: JobStore) -> Worker:
+    """What runs the jobs: this process's one worker, or with --ray the farm of Ray workers (the
+    one place that picks; Ray is imported only here, only for --ray)."""
+    inputs = InputStore(opts.data_dir / "inputs")
+    if opts.farm is None:
+        return Worker(store, inputs, opts.data_dir / "jobs", make_generator_factory(opts), progress_interval_s=opts.progress_interval_s)
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise FarmUnavailable("Ray is not installed in the backend's environment. Install the farm extra "
+                              "(pip install \"make-your-3d[farm]\") or leave --ray out.")
+    from make_your_3d.service.farm import Farm
+
+    return Farm(store, inputs, opts.data_dir / "jobs", opts.farm, models_dir=opts.models_dir, device=opts.device,  # type: ignore[return-value]
+                overrides=dict(opts.overrides) or None, progress_interval_s=opts.progress_interval_s)
+
+
 def serve(opts: ServeOptions) -> int:
     """Run the service until shutdown, a signal, the parent's exit or the idle timeout."""
     if not is_loopback(opts.host) and not opts.allow_remote:
@@ -559,13 +589,7 @@ def serve(opts: ServeOptions) -> int:
         interrupted = store.recover()
         if interrupted:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))
-        worker = Worker(
-            store,
-            InputStore(opts.data_dir / "inputs"),
-            opts.data_dir / "jobs",
-            make_generator_factory(opts),
-            progress_interval_s=opts.progress_interval_s,
-        )
+        worker = make_worker(opts, store)
         activity = Activity()
         sock = bind_socket(opts.host, opts.port)
         port = sock.getsockname()[1]

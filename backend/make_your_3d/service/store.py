@@ -354,6 +354,39 @@ class JobStore:
             self._event(row["id"], "status", {"status": "running"})
         return self.get(row["id"])
 
+    def claim(self, job_id: str) -> Job | None:
+        """Atomically move queued job `job_id` to `running` and return it (None: not queued any more).
+        A farm picks which queued job a worker takes (cache affinity) and claims it by id."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='running', started_at=?, message='starting', step=0, total=0, stage=NULL "
+                "WHERE id=? AND status='queued'",
+                (time.time(), job_id),
+            )
+            if not cur.rowcount:
+                return None
+            self._event(job_id, "status", {"status": "running"})
+        return self.get(job_id)
+
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """Put a running job back in the queue, in its old place (its worker was lost; it runs again
+        from its start, reusing what the stage cache holds); False if it is not running."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status='queued', started_at=NULL, stage=NULL, step=0, total=0, eta_s=NULL, message=? "
+                "WHERE id=? AND status='running'",
+                (f"queued again: {reason}", job_id),
+            )
+            if cur.rowcount:
+                self._event(job_id, "status", {"status": "queued", "requeued": reason})
+            return bool(cur.rowcount)
+
+    def queued(self, limit: int = 1000) -> list[Job]:
+        """The oldest `limit` queued jobs, in queue order."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            return [self._overlay(_row_to_job(r)) for r in rows]
+
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job that has not started; False if it is not queued."""
         with self._tx() as db:

@@ -3,6 +3,10 @@
 It keeps the Generator (and so the loaded models) between jobs, gives each job its own
 CancelToken, writes progress to the store (throttled), and turns every failure into an error code
 plus a sentence for the client, with the traceback going only to the log.
+
+A farm (service/farm.py) runs one Worker per Ray actor on the same store: each with its own
+`claim` (which queued job this worker takes) and a generator that runs the job on its actor; a
+generator that lost its actor raises `Requeue`, and the job goes back to the queue.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ class GeneratorLike(Protocol):
 
 
 GeneratorFactory = Callable[[], GeneratorLike]
+
+
+class Requeue(Exception):
+    """Raised by a generator whose job did not fail but must run again elsewhere (its farm worker was
+    lost): the job goes back to the queue, in its place, instead of failing. `requeued` is called
+    after the store has it queued again (a farm wakes its other workers)."""
+
+    def __init__(self, reason: str, requeued: Callable[[], None] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.requeued = requeued
 
 
 @dataclass
@@ -100,6 +115,8 @@ class Worker:
         *,
         progress_interval_s: float = 0.5,
         min_free_bytes: int = MIN_FREE_BYTES,
+        claim: Callable[[], Job | None] | None = None,
+        name: str = "make3d-worker",
     ):
         self.store = store
         self.min_free_bytes = min_free_bytes
@@ -115,7 +132,8 @@ class Worker:
         self._stopping = False
         self._unload_pending = False
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="make3d-worker", daemon=True)
+        self._claim = claim or store.claim_next  # which queued job this worker takes next (a farm's policy)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.last_activity = time.monotonic()
 
     # -- control ---------------------------------------------------------------------------------
@@ -179,13 +197,17 @@ class Worker:
         self._unload_pending = True
         return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current step: the running job becomes `interrupted`, the queue stays."""
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (`stop` also waits for it)."""
         with self._lock:
             self._stopping = True
             if self._current is not None:
                 self._current.token.cancel()
         self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current step: the running job becomes `interrupted`, the queue stays."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._thread.is_alive():
@@ -241,7 +263,7 @@ class Worker:
                     job = None
                 else:
                     try:
-                        job = self.store.claim_next()
+                        job = self._claim()
                     except Exception:
                         log.exception("could not read the job queue")
                         job = None
@@ -308,6 +330,15 @@ class Worker:
             result = gen.run(request, self.jobs_dir / job.id, progress=self._progress_fn(job, cur), cancel=cur.token)
         except Cancelled:
             self._finish_cancelled(job, cur)
+            return
+        except Requeue as exc:
+            if cur.cancel_requested_flag:  # the user cancelled it while its worker was lost: do not run it again
+                self._finish_cancelled(job, cur)
+                return
+            log.warning("job %s goes back to the queue: %s", job.id, exc.reason)
+            self.store.requeue(job.id, exc.reason)
+            if exc.requeued is not None:
+                exc.requeued()
             return
         except Make3DError as exc:
             if cur.token.cancelled and exc.code == "cancelled":

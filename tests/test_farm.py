@@ -1,0 +1,235 @@
+"""The farm (`serve --ray`, service/farm.py) on a local Ray cluster started by this module: two
+worker actors on the CPU, each holding one unit of a declared GPU-like resource, the tiny model set.
+
+The job store, API and SQLite state are in this process, as in `serve`; jobs go through the API
+(Starlette's TestClient) and run on the actors. One Ray instance serves the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from starlette.testclient import TestClient
+
+from make_your_3d.pipeline.request import GenerateRequest
+from make_your_3d.service.app import create_app
+from make_your_3d.service.farm import Farm
+from make_your_3d.service.farm_config import FarmConfig
+from make_your_3d.service.inputs import InputStore
+from make_your_3d.service.store import JobStore
+from test_service import job_body, subject_image
+
+TOKEN = "f" * 43
+BASE = "http://127.0.0.1:8765"
+RESOURCE = "mk3d_gpu"
+SHARED = {"subject", "subject_views", "identity", "edited_views", "subject_prior"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance: 2 CPUs, 2 units of the GPU-like resource, a small object store."""
+    ray.init(num_cpus=2, resources={RESOURCE: 2}, include_dashboard=False, object_store_memory=96 * 2**20,
+             configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class FarmApi:
+    """The serving side of `serve --ray`: store, inputs, the farm and the API around them."""
+
+    def __init__(self, root: Path, models: Path):
+        self.root = root
+        self.models = models
+        self.store = JobStore(root / "jobs.sqlite3")
+        config = FarmConfig(address="auto", workers=2, resource=RESOURCE, worker_cpus=0, poll_s=0.05, cache_dir=str(root / "farm_cache"))
+        self.farm = Farm(self.store, InputStore(root / "inputs"), root / "jobs", config, models_dir=models, device="cpu",
+                         progress_interval_s=0.0)
+        self.app = create_app(self.store, self.farm, TOKEN, models_dir=models, device="cpu")
+        self.farm.start()
+
+    def client(self) -> TestClient:
+        return TestClient(self.app, base_url=BASE, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    def wait(self, c: TestClient, job_id: str, statuses: set[str], timeout: float = 300.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = c.get(f"/v1/jobs/{job_id}").json()
+            if rec["status"] in statuses:
+                return rec
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s: {rec}")
+
+    def workers_of(self, job_id: str) -> list[dict]:
+        return [e for e in self.store.events(job_id) if e["kind"] == "worker"]
+
+
+@pytest.fixture(scope="module")
+def farm(cluster, tiny_models, tmp_path_factory):
+    api = FarmApi(tmp_path_factory.mktemp("farm"), tiny_models)
+    yield api
+    api.farm.stop(timeout=30)
+    api.store.close()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_models, tmp_path_factory):
+    """Local mode's generator (what `serve` without --ray runs), with its own stage cache."""
+    from make_your_3d.pipeline.generate import Generator
+
+    return Generator(tiny_models, tmp_path_factory.mktemp("local_cache"), device="cpu")
+
+
+def _volatile_free(job_json: bytes) -> dict:
+    """job.json without what differs between two runs of the same job: times, and which stages the
+    run found cached (that depends on what ran before, not on the result)."""
+    record = json.loads(job_json)
+    for key in ("created_at", "timings", "cached_stages"):
+        record.pop(key)
+    record["stages"] = [(s["name"], s["key"]) for s in record["stages"]]
+    return record
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "job.json"}
+
+
+def _same_as_local(api: FarmApi, local, job_id: str, tmp: Path) -> None:
+    """The farm's result files for `job_id` are byte for byte local mode's for the same request."""
+    job = api.store.get(job_id)
+    spec = job.spec
+    request = GenerateRequest(image=api.farm.inputs.get(job.image_sha256), prompt=spec.prompt, subject=spec.subject,
+                              negative_prompt=spec.negative_prompt, seed=spec.seed, preset=spec.preset, faces=spec.faces,
+                              texture_size=spec.texture_size, overrides=spec.overrides)
+    ref = tmp / job_id  # named by the job id, as the service names job folders (the GLB records it)
+    local.run(request, ref)
+    got = api.root / "jobs" / job_id
+    assert _digests(got) == _digests(ref), job_id
+    assert sorted(job.files) == sorted([*_digests(ref), "job.json"])
+    assert _volatile_free((got / "job.json").read_bytes()) == _volatile_free((ref / "job.json").read_bytes())
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
+
+
+def test_eight_jobs_over_two_workers_match_local_mode(farm, local, tmp_path):
+    """Two clicks of four variants each. Fails if a job is lost or fails, if one worker ran them all
+    (or nothing ran in parallel), if a variant recomputed the shared subject stages, if progress
+    or SSE do not reach the store, or if any result file differs from local mode's (a wrong seed,
+    preset or model on a worker, a file dropped or mixed up between jobs)."""
+    with farm.client() as c:
+        ids = []
+        for prompt in ("wearing a red scarf", "made of gold"):
+            r = c.post("/v1/jobs", json=job_body(prompt=prompt, subject="a toy", seed=21, variants=4))
+            assert r.status_code == 201, r.text
+            ids += r.json()["ids"]
+        with c.stream("GET", f"/v1/jobs/{ids[0]}/events") as stream:
+            events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+        recs = [farm.wait(c, i, {"done", "failed", "cancelled", "interrupted"}) for i in ids]
+    assert [r["status"] for r in recs] == ["done"] * 8, [r["error"] for r in recs]
+    assert events[-1]["status"] == "done"
+    stages = [e["stage"] for e in events if e["status"] == "running" and e["stage"]]
+    assert {"subject_views", "multiview", "reconstruct"} <= set(stages), stages
+
+    workers = {i: [e["worker"] for e in farm.workers_of(i)] for i in ids}
+    assert all(len(w) == 1 for w in workers.values()), workers
+    assert len({w[0] for w in workers.values()}) == 2, f"both workers ran jobs: {workers}"
+    for group in (recs[:4], recs[4:]):
+        assert not SHARED <= set(group[0]["cached_stages"]), "the first variant of a click builds its shared stages"
+        for r in group[1:]:
+            assert SHARED <= set(r["cached_stages"]), r["cached_stages"]  # built once per click, moved if needed
+    rows = {i: farm.store.get(i) for i in ids}
+    times = {i: {"started_at": rows[i].started_at, "finished_at": rows[i].finished_at} for i in ids}
+    parallel = [(a, b) for a in ids for b in ids if a < b and workers[a] != workers[b] and _overlap(times[a], times[b])]
+    assert parallel, "variants on different workers ran at the same time"
+
+    for job_id in ids:
+        _same_as_local(farm, local, job_id, tmp_path)
+
+
+def test_rerun_of_a_subject_hits_the_cache(farm):
+    """A new subject runs on one worker; then two re-runs with new prompts at once: the idle holder
+    takes one, the other worker takes the other with the subject's stages moved to it. Fails when
+    routing ignores the cache (the re-run on the other worker recomputes the subject stages) or
+    when the move does not reach the other worker's cache."""
+    image = subject_image(colour=(40, 160, 90))
+    with farm.client() as c:
+        first = c.post("/v1/jobs", json=job_body(image_png_b64=__import__("base64").b64encode(image).decode(), prompt="wearing a hat",
+                                                  subject="a frog", seed=5)).json()["ids"][0]
+        assert farm.wait(c, first, {"done", "failed"})["status"] == "done"
+        holder = farm.workers_of(first)[0]["worker"]
+        reruns = [c.post(f"/v1/jobs/{first}/rerun", json={"prompt": p}).json()["ids"][0] for p in ("made of wood", "made of glass")]
+        recs = [farm.wait(c, i, {"done", "failed"}) for i in reruns]
+        same = c.post(f"/v1/jobs/{first}/rerun", json={}).json()["ids"][0]
+        again = farm.wait(c, same, {"done", "failed"})
+    for rec in recs:
+        assert rec["status"] == "done", rec["error"]
+        assert {"subject", "subject_views", "identity"} <= set(rec["cached_stages"]), rec["cached_stages"]
+        assert not {"edited_views", "subject_prior"} & set(rec["cached_stages"]), "a new prompt edits again"
+        (ran,) = farm.workers_of(rec["id"])
+        assert ran["worker"] == holder or {"subject", "subject_views", "identity"} <= set(ran.get("moved", [])), ran
+    assert again["status"] == "done" and set(again["cached_stages"]) == {
+        "subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct"}
+
+
+def test_cancel_a_remote_job(farm):
+    """Cancel through the API reaches the actor's CancelToken: the job stops part-way, is recorded
+    cancelled with no files, and its worker runs the next job. Fails when the cancel is only
+    recorded in the store and not forwarded (the actor runs the job to done)."""
+    with farm.client() as c:
+        for seed in (600, 601, 602):  # a new seed renders; retry only if a tiny job outran the poll
+            job_id = c.post("/v1/jobs", json=job_body(prompt="cancel me", subject="a toy", seed=seed)).json()["ids"][0]
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                rec = c.get(f"/v1/jobs/{job_id}").json()
+                if rec["status"] not in ("queued", "running") or (rec["status"] == "running" and rec["stage"] in ("multiview", "reconstruct")):
+                    break
+                time.sleep(0.02)
+            rec = c.post(f"/v1/jobs/{job_id}/cancel").json()
+            rec = farm.wait(c, job_id, {"cancelled", "done", "failed"}, timeout=120)
+            if rec["status"] != "done":
+                break
+        assert rec["status"] == "cancelled", rec
+        assert rec["error"]["code"] == "cancelled" and rec["files"] == []
+        assert rec["stage"] in ("multiview", "reconstruct")
+        assert not (farm.root / "jobs" / job_id).exists()
+        (ran,) = farm.workers_of(job_id)
+        after = c.post("/v1/jobs", json=job_body(prompt="cancel me", subject="a toy", seed=seed)).json()["ids"][0]
+        assert farm.wait(c, after, {"done", "failed"})["status"] == "done"
+
+
+def test_worker_killed_mid_job_completes_on_the_other(farm, local, tmp_path):
+    """ray.kill on the actor running a job: the job goes back to the queue and finishes on the other
+    worker, with local mode's result. Fails when a lost actor fails the job (no retry), leaves it
+    running for ever, or retries it on the dead actor."""
+    image = subject_image(colour=(90, 90, 200))
+    with farm.client() as c:
+        job_id = c.post("/v1/jobs", json=job_body(image_png_b64=__import__("base64").b64encode(image).decode(), prompt="wearing boots",
+                                                  subject="a robot", seed=8)).json()["ids"][0]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rec = c.get(f"/v1/jobs/{job_id}").json()
+            if rec["status"] == "running" and rec["stage"] in ("subject_views", "identity"):
+                break
+            time.sleep(0.02)
+        assert rec["status"] == "running", rec
+        (ran,) = farm.workers_of(job_id)
+        victim = next(s for s in farm.farm.slots if s.name == ran["worker"])
+        ray.kill(victim.actor)
+        rec = farm.wait(c, job_id, {"done", "failed", "cancelled", "interrupted"})
+    assert rec["status"] == "done", rec
+    runs = farm.workers_of(job_id)
+    assert len(runs) == 2 and runs[1]["worker"] != ran["worker"], runs
+    assert any(e["kind"] == "status" and e.get("requeued") for e in farm.store.events(job_id))
+    _same_as_local(farm, local, job_id, tmp_path)
+    # the killed slot comes back with a new actor
+    deadline = time.monotonic() + 120
+    while not victim.ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victim.ready() and victim.name != ran["worker"]
