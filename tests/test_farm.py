@@ -233,3 +233,69 @@ def test_worker_killed_mid_job_completes_on_the_other(farm, local, tmp_path):
     while not victim.ready() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert victim.ready() and victim.name != ran["worker"]
+
+
+@ray.remote(num_cpus=0, resources={RESOURCE: 1})
+class _Squatter:
+    """Holds one unit of the GPU-like resource: while two of these live, no farm worker can start
+    (as when every GPU node of a cluster is gone)."""
+
+    def ping(self) -> int:
+        return 1
+
+
+def test_whole_farm_lost_jobs_stay_queued_and_resume(farm):
+    """Every worker gone and no GPU left to start new ones: a new job stays queued (not failed, not
+    lost); once GPUs return, new workers start and run it. Fails when a farm with no live worker
+    fails or drops the job, or never replaces its dead actors (the job stays queued for ever)."""
+    deadline = time.monotonic() + 120
+    while not all(s.ready() for s in farm.farm.slots) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    old = {s.name for s in farm.farm.slots}
+    squatters = [_Squatter.remote() for _ in range(2)]  # pending: the workers hold both units
+    for slot in farm.farm.slots:
+        ray.kill(slot.actor)
+    ray.get([q.ping.remote() for q in squatters], timeout=120)  # the freed units went to them
+    with farm.client() as c:
+        job_id = c.post("/v1/jobs", json=job_body(prompt="after the outage", subject="a toy", seed=77)).json()["ids"][0]
+        time.sleep(4.0)
+        rec = c.get(f"/v1/jobs/{job_id}").json()
+        assert rec["status"] == "queued" and rec["error"] is None, rec
+        assert farm.workers_of(job_id) == []
+        for q in squatters:
+            ray.kill(q)
+        rec = farm.wait(c, job_id, {"done", "failed", "cancelled", "interrupted"})
+    assert rec["status"] == "done", rec
+    (ran,) = farm.workers_of(job_id)
+    assert ran["worker"] not in old
+
+
+def test_farm_settings_are_checked_before_ray_starts(tmp_path, monkeypatch):
+    """`serve --ray` reads its settings from --ray and the config file's "farm" object, refusing
+    unknown keys and bad values with a sentence; without Ray installed it says how to get it.
+    Fails when a typo'd setting is silently ignored or a missing Ray surfaces as an ImportError."""
+    import importlib.util
+    import types
+
+    from make_your_3d.errors import BadRequest, FarmUnavailable
+    from make_your_3d.service import server
+
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"farm": {"workers": 3, "resource": RESOURCE, "poll_s": 0.2}}))
+    args = types.SimpleNamespace(data=str(tmp_path / "data"), state_file=None, config=str(cfg), port=0, idle_timeout=None, models=str(tmp_path),
+                                 host="127.0.0.1", allow_remote=False, parent_pid=None, preset="default", device="cpu", ray="10.0.0.5:6379")
+    opts = server.options_from_args(args)
+    assert opts.farm == FarmConfig(address="10.0.0.5:6379", workers=3, resource=RESOURCE, poll_s=0.2)
+    assert server.options_from_args(types.SimpleNamespace(**{**vars(args), "ray": None})).farm is None
+    for bad, word in (({"wokers": 2}, "unknown keys"), ({"workers": 0}, "workers"), ({"poll_s": -1}, "poll_s"), ({"max_attempts": 0}, "max_attempts")):
+        cfg.write_text(json.dumps({"farm": bad}))
+        with pytest.raises(BadRequest, match=word):
+            server.options_from_args(args)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        with pytest.raises(FarmUnavailable, match=r"make-your-3d\[farm\]"):
+            server.make_worker(opts, store)
+    finally:
+        store.close()

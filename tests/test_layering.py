@@ -62,3 +62,28 @@ def test_command_handlers_live_in_cli():
             continue
         assert not re.search(r"^def run_\w*cli\(", path.read_text(), re.M), f"{rel} defines a command handler"
         assert not re.search(r"\bargs\.\w", path.read_text()), f"{rel} reads parsed arguments"
+
+
+def test_local_mode_never_imports_ray():
+    """Ray is the farm extra's (`serve --ray`): the service in local mode, the command line and the
+    add-on's backend start must work without it, so none of them may import it. Builds the local
+    worker the way `serve` does, in a fresh interpreter."""
+    code = (
+        "import json, sys, types\n"
+        "from pathlib import Path\n"
+        "import make_your_3d.cli, make_your_3d.service.app, make_your_3d.service.server as server, make_your_3d.service.farm_config\n"
+        "from make_your_3d.service.store import JobStore\n"
+        "args = make_your_3d.cli.build_parser().parse_args(['serve', '--data', sys.argv[1], '--device', 'cpu'])\n"
+        "opts = server.options_from_args(args)\n"
+        "worker = server.make_worker(opts, JobStore(Path(sys.argv[1]) / 'jobs.sqlite3'))\n"
+        "assert opts.farm is None and type(worker).__name__ == 'Worker', (opts.farm, worker)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m == "ray" or m.startswith("ray.")], "local mode imported ray"
+    assert "make_your_3d.service.farm" not in loaded

@@ -151,6 +151,20 @@ class FarmSlot:
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
+    def alive(self) -> bool:
+        """Whether the ready actor still answers (an idle actor's death is seen only when asked);
+        a dead one is dropped, so the next `ready` starts another."""
+        if self.actor is None or not self._ready:
+            return False
+        try:
+            ray.get(self.actor.info.remote(), timeout=RPC_TIMEOUT_S)
+            return True
+        except Exception as exc:  # noqa: BLE001 - gone, or not answering
+            log.warning("farm worker %s does not answer (%s); starting another", self.name, type(exc).__name__)
+            self.drop()
+            self.farm.slot_lost(self.index)
+            return False
+
     def unload(self) -> None:
         if self.actor is not None and self._ready:
             self.actor.unload.remote()
@@ -229,6 +243,8 @@ class FarmSlot:
             return False
 
     def _lost(self, job_id: str, exc: BaseException) -> GenerateResult:
+        """The actor died under a job: requeue it, or fail it after `max_attempts` losses (an idle
+        actor's death is found before a job is given to it: `alive` in the claim)."""
         name = self.name
         self.drop()
         self.farm.slot_lost(self.index)
@@ -370,6 +386,8 @@ class Farm:
         with self._lock:
             self._release(i)
         if not slot.ready():
+            return None
+        if not self.store.queued(1) or not slot.alive():
             return None
         with self._lock:
             for job in self.store.queued():
