@@ -270,6 +270,33 @@ def test_whole_farm_lost_jobs_stay_queued_and_resume(farm):
     assert ran["worker"] not in old
 
 
+def test_serve_ray_auto_runs_a_job_end_to_end(tiny_models, tmp_path):
+    """The command line: `make-your-3d serve --ray auto` starts Ray inside the backend, runs a job on
+    a worker actor over HTTP, and on shutdown stops the worker and Ray and exits 0. Fails when
+    --ray is ignored (the job's events name no farm worker) or the farm does not stop cleanly."""
+    from test_service import service_config, start_server
+
+    config = {**service_config(), "farm": {"workers": 1, "resource": "mk3d_auto", "worker_cpus": 0}}
+    server = start_server(tiny_models, tmp_path / "data", "--ray", "auto", config=config)
+    try:
+        with server.client() as c:
+            job_id = c.post("/v1/jobs", json=job_body(prompt="served by the farm", seed=3)).json()["ids"][0]
+            deadline = time.monotonic() + 300
+            while (rec := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("done", "failed") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert rec["status"] == "done", rec
+            assert c.get(f"/v1/jobs/{job_id}/files/subject.glb").content[:4] == b"glTF"
+    finally:
+        code = server.stop(timeout=60)
+    assert code == 0, server.output()
+    log = (server.data_dir / "logs" / "serve.log").read_text()
+    assert "farm of 1 worker(s) on Ray (auto, one mk3d_auto each)" in log and "farm worker mk3d-worker-0.1 ready" in log
+    store = JobStore(server.data_dir / "jobs.sqlite3")
+    events = store.events(job_id)
+    store.close()
+    assert [e["worker"] for e in events if e["kind"] == "worker"] == ["mk3d-worker-0.1"]
+
+
 def test_farm_settings_are_checked_before_ray_starts(tmp_path, monkeypatch):
     """`serve --ray` reads its settings from --ray and the config file's "farm" object, refusing
     unknown keys and bad values with a sentence; without Ray installed it says how to get it.

@@ -60,7 +60,8 @@ class FarmWorker:
         from make_your_3d.paths import default_cache_dir
         from make_your_3d.pipeline.generate import Generator  # torch: only inside the actor's process
 
-        root = Path(cache_root) if cache_root else default_cache_dir().parent / "farm"
+        user = default_cache_dir()
+        root = Path(cache_root) if cache_root else user.with_name(f"{user.name}-farm")  # beside the user's cache, not in it
         self.cache_dir = root / f"slot-{slot}"
         self.generator = Generator(models_dir, self.cache_dir, device=device, overrides=overrides)
         self.generator.cache.remove_partial()  # what a killed worker of this slot left half-built

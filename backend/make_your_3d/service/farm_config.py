@@ -34,8 +34,8 @@ class FarmConfig:
     max_attempts: int = 3
     # The weights' folder on the worker nodes; None: serve's --models (the same path on every node).
     models_dir: str | None = None
-    # Root of the workers' stage caches on their nodes (worker i uses ROOT/slot-i); None: the
-    # node's per-user cache folder's sibling "farm".
+    # Root of the workers' stage caches on their nodes (worker i uses ROOT/slot-i); None: beside the
+    # node's per-user stage cache, its name + "-farm" (~/.cache/make-your-3d/stages-farm on Linux).
     cache_dir: str | None = None
     # Environment variables every worker process gets (Ray's runtime_env env_vars).
     env_vars: dict[str, str] = field(default_factory=dict)
