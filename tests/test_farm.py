@@ -326,3 +326,22 @@ def test_farm_settings_are_checked_before_ray_starts(tmp_path, monkeypatch):
             server.make_worker(opts, store)
     finally:
         store.close()
+
+
+def test_moved_cache_entries_are_checked_on_arrival(tmp_path):
+    """A cache entry moved between workers is published only when every file matches the entry's
+    own checksums and stays inside the entry. Fails when a flipped byte or a path like ../x in a
+    transfer is written into the receiving worker's cache."""
+    from make_your_3d.pipeline.cache import StageCache
+
+    source, target = StageCache(tmp_path / "a"), StageCache(tmp_path / "b")
+    source.build("identity", "k1", lambda d: (d / "ip_adapter.safetensors").write_bytes(b"weights" * 100))
+    files = source.export("identity", "k1")
+    assert files is not None and ".complete" in files and source.export("identity", "nope") is None
+    damaged = {**files, "ip_adapter.safetensors": b"Weights" + files["ip_adapter.safetensors"][7:]}
+    assert not target.import_entry("identity", "k1", damaged) and target.get("identity", "k1") is None
+    assert not target.import_entry("identity", "k1", {**files, "../escape.bin": b"x"}) and not (tmp_path / "b" / "identity" / "escape.bin").exists()
+    assert target.import_entry("identity", "k1", files)
+    got = target.get("identity", "k1")
+    assert got is not None and (got / "ip_adapter.safetensors").read_bytes() == b"weights" * 100
+    assert not [p for p in (tmp_path / "b" / "identity").iterdir() if p.name.startswith(".")], "no temporary folder left"
