@@ -156,13 +156,18 @@ class FarmSlot:
         a dead one is dropped, so the next `ready` starts another."""
         if self.actor is None or not self._ready:
             return False
+        if self._answers():
+            return True
+        log.warning("farm worker %s does not answer; starting another", self.name)
+        self.drop()
+        self.farm.slot_lost(self.index)
+        return False
+
+    def _answers(self) -> bool:
         try:
             ray.get(self.actor.info.remote(), timeout=RPC_TIMEOUT_S)
             return True
-        except Exception as exc:  # noqa: BLE001 - gone, or not answering
-            log.warning("farm worker %s does not answer (%s); starting another", self.name, type(exc).__name__)
-            self.drop()
-            self.farm.slot_lost(self.index)
+        except Exception:  # noqa: BLE001 - gone, or not answering
             return False
 
     def unload(self) -> None:
@@ -226,7 +231,7 @@ class FarmSlot:
         try:
             got = ray.get(self.actor.import_entries.remote(source.actor.export_entries.remote(request)), timeout=600)
         except _LOST:
-            if not self._alive():
+            if not self._answers():
                 raise
             log.info("the cache move from %s to %s failed: the source is gone", source.name, self.name)
             return {"moved_from": source.name, "moved": [], "move_error": "source lost"}
@@ -234,13 +239,6 @@ class FarmSlot:
             log.info("the cache move from %s to %s failed (%s)", source.name, self.name, type(exc).__name__)
             return {"moved_from": source.name, "moved": [], "move_error": type(exc).__name__}
         return {"moved_from": source.name, "moved": got["stages"], "moved_bytes": got["bytes"], "move_s": round(time.monotonic() - t0, 4)}
-
-    def _alive(self) -> bool:
-        try:
-            ray.get(self.actor.info.remote(), timeout=RPC_TIMEOUT_S)
-            return True
-        except Exception:  # noqa: BLE001
-            return False
 
     def _lost(self, job_id: str, exc: BaseException) -> GenerateResult:
         """The actor died under a job: requeue it, or fail it after `max_attempts` losses (an idle
