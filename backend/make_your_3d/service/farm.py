@@ -77,6 +77,8 @@ def connect(config: FarmConfig) -> bool:
         if config.object_store_bytes:
             kwargs["object_store_memory"] = int(config.object_store_bytes)
         kwargs["address"] = "local"
+    elif config.address.startswith("ray://"):
+        kwargs = {"address": config.address}  # Ray Client takes no local-instance options
     else:
         kwargs["address"] = config.address
     try:
