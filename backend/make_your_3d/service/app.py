@@ -243,7 +243,8 @@ def shown(text: str, limit: int = MAX_ECHO_CHARS) -> str:
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # only the leading location is dropped: a body field may itself be called "path" (or "body")
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)]
     return ".".join(parts)
 
 
