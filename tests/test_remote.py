@@ -570,3 +570,33 @@ def test_slow_clients_are_cut_off_on_the_tls_listener(studio):
         finally:
             sock.close()
     assert time.monotonic() - t0 < HEAD_TIMEOUT_S + 10, "closed by the head/handshake timeout, not asyncio's 60 s default"
+
+
+def test_a_database_from_before_users_is_migrated(tmp_path):
+    """A job database written before per-user tokens gains the owner column; its jobs are the local
+    token's (listed locally) and no remote user's."""
+    import sqlite3
+
+    from make_your_3d.service.store import JobSpec, JobStore
+
+    old = tmp_path / "jobs.sqlite3"
+    con = sqlite3.connect(old)
+    con.executescript("""
+        CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, grp TEXT NOT NULL, status TEXT NOT NULL,
+            stage TEXT, step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '',
+            eta_s REAL, error_code TEXT, error_message TEXT, files TEXT NOT NULL DEFAULT '[]', cached_stages TEXT NOT NULL DEFAULT '[]',
+            request TEXT NOT NULL, image_sha256 TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL);
+        INSERT INTO jobs(id, grp, status, request, image_sha256, created_at)
+            VALUES ('oldjob', 'g', 'queued', '{"prompt": "p", "negative_prompt": "", "seed": 1, "preset": "fast"}', 'x', 1.0);
+        PRAGMA user_version=1;
+    """)
+    con.close()
+    store = JobStore(old)
+    try:
+        assert store.get("oldjob").owner is None
+        new = store.add_jobs([JobSpec("q", "", None, 2, "fast", None, None)], "y", owner="alice")[0]
+        assert [j.id for j in store.page(10)[0]] == ["oldjob", new.id]
+        assert [j.id for j in store.page(10, owner="alice")[0]] == [new.id]
+        assert store.page(10, owner="bob")[0] == []
+    finally:
+        store.close()
