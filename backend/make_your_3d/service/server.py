@@ -312,7 +312,10 @@ def check_state_file_free(path: Path) -> None:
     import urllib.request
 
     # health is public and sends no token, so an unverified TLS connection tells us only "alive"
-    context = ssl._create_unverified_context() if url.startswith("https://") else None
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
         with urllib.request.urlopen(f"{url}/v1/health", timeout=3, context=context) as resp:
             answer = json.loads(resp.read(4096))
@@ -629,6 +632,7 @@ def serve(opts: ServeOptions) -> int:
         if opts.allow_remote:
             tls = ensure_tls(opts.data_dir, opts.host, opts.tls_cert, opts.tls_key, TlsConfig(extra_names=opts.public_names))
             remote = RemoteAccess(UserStore(opts.data_dir), remote_hosts(opts.host, opts.public_names))
+            remote.users.list()  # a damaged users file is a clear error now, not a refused request later
         sock = bind_socket(opts.host, opts.port)
         port = sock.getsockname()[1]
         url_host = _connect_host(opts.host)
