@@ -46,10 +46,11 @@ class BackendInfo:
     token: str
     pid: int
     version: str
+    fingerprint: str = ""  # a remote backend's certificate fingerprint (the pin)
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.url, self.token)
+        return Endpoint(self.url, self.token, self.fingerprint)
 
 
 @dataclass(frozen=True)

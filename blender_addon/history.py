@@ -49,6 +49,7 @@ class MAKE_YOUR_3D_PG_history_item(bpy.types.PropertyGroup):
     stage_label: StringProperty(name="Stage", description="The current stage, in words")
     job_eta_s: FloatProperty(name="Time left", default=-1.0)
     device: StringProperty(name="Device", description="Where the backend ran the job (from its job.json)")
+    backend: StringProperty(name="Backend", description="Which backend ran the job: 'local', or the remote backend's URL")
     image_name: StringProperty(name="Reference image", description="The image datablock the job was made from")
     tiny_models: BoolProperty(name="Tiny models", default=False)
     overrides_json: StringProperty(name="Overrides", description="The job's own sampling settings (JSON)")

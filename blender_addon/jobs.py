@@ -44,6 +44,7 @@ def apply_event(rt: "runtime.Runtime", event: "runtime.Event") -> None:
             if history.find_item(scene, job_id) is None:
                 item = history.add_item(scene, job_id, event.data.get("group", ""), i, req)
                 item.import_requested = props.auto_import
+                item.backend = str(request.get("backend") or "local")
         if seeds:
             props.last_seed = seeds[0]
             span = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
@@ -116,6 +117,8 @@ def read_job_record(folder: Path) -> dict:
 def finished_message(item, record: dict) -> str:
     """What the panel says when a job is done: which, where it ran, how long it took, where it went."""
     where = f" on {item.device}" if item.device else ""
+    if item.backend and item.backend != "local":
+        where += f" at {item.backend}"
     took = ""
     timings = record.get("timings") if isinstance(record, dict) else None
     if isinstance(timings, dict) and isinstance(timings.get("total"), (int, float)):
@@ -250,6 +253,7 @@ def tick() -> float | None:
     if rt is None:
         return None
     try:
+        rt.configure_remote(runtime.addon_prefs())  # the Remote backend preference, for the worker threads
         changed = rt.drain(max_items=200) > 0
         changed |= refresh_running(rt)
         changed |= rt.status_changed()

@@ -25,6 +25,10 @@ def backend_blocker(context: bpy.types.Context) -> str | None:
     rt = runtime.get()
     if rt is None:
         return "Make-Your-3D is not enabled"
+    rt.configure_remote(runtime.addon_prefs(context))
+    problem = rt.remote_problem()
+    if problem:
+        return problem
     st = rt.backend_state()
     if st.status in ("running", "starting"):
         return None
@@ -485,6 +489,27 @@ class MAKE_YOUR_3D_OT_cache_clear(bpy.types.Operator):
 
 
 # -- backend and models (preferences) -------------------------------------------------------------
+class MAKE_YOUR_3D_OT_remote_test(bpy.types.Operator):
+    """Connect to the remote backend with the URL, token and fingerprint set here (nothing is sent if the certificate differs)"""
+
+    bl_idname = "make_your_3d.remote_test"
+    bl_label = "Test Connection"
+
+    @classmethod
+    def poll(cls, context):
+        rt = runtime.get()
+        if rt is None:
+            return _allow(cls, "Make-Your-3D is not enabled")
+        rt.configure_remote(runtime.addon_prefs(context))
+        return _allow(cls, rt.remote_problem() or (None if rt.remote is not None else "Choose the Remote backend first"))
+
+    def execute(self, context):
+        runtime.get().test_remote()
+        self.report({"INFO"}, "Testing the connection...")
+        return {"FINISHED"}
+
+
+
 class MAKE_YOUR_3D_OT_backend_start(bpy.types.Operator):
     """Start the backend service"""
 
@@ -635,6 +660,7 @@ CLASSES = (
     MAKE_YOUR_3D_OT_recall_job,
     MAKE_YOUR_3D_OT_cache_refresh,
     MAKE_YOUR_3D_OT_cache_clear,
+    MAKE_YOUR_3D_OT_remote_test,
     MAKE_YOUR_3D_OT_backend_start,
     MAKE_YOUR_3D_OT_backend_stop,
     MAKE_YOUR_3D_OT_backend_open_log,

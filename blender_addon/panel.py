@@ -42,7 +42,11 @@ class VIEW3D_PT_make_your_3d(_SidebarPanel, bpy.types.Panel):
         props = context.scene.make_your_3d
         rt = runtime.get()
 
-        if rt is not None:
+        if rt is not None and rt.remote is not None:
+            layout.label(text=f"Backend: remote, {rt.remote.url}", icon="URL")
+        elif rt is not None and rt.remote_problem():
+            layout.label(text=rt.remote_problem()[:180], icon="ERROR")
+        elif rt is not None:
             st = rt.backend_state()
             if st.status == "running" and rt.restart_needed(runtime.addon_prefs(context)):
                 layout.label(text="Preferences changed: restart the backend to apply them", icon="FILE_REFRESH")
@@ -186,6 +190,9 @@ class VIEW3D_PT_make_your_3d_history(_SidebarPanel, bpy.types.Panel):
         box.label(text=f"{item.status}: {item.prompt}", icon=history.status_icon(item.status))
         box.label(text=f"seed {item.seed}, preset {item.preset}" + (f", ran on {item.device}" if item.device else "")
                   + f", job {item.job_id[:8]}")
+        if item.backend:
+            box.label(text="backend: this computer" if item.backend == "local" else f"backend: {item.backend}", icon="URL"
+                      if item.backend != "local" else "CONSOLE")
         if item.subject:
             box.label(text=f"subject: {item.subject}")
         if item.error_message:

@@ -19,10 +19,20 @@ PRECISIONS = [
     ("bf16", "bf16", "bfloat16 (recent CUDA GPUs)"),
     ("fp32", "fp32", "Full precision: most memory, most exact"),
 ]
+BACKEND_MODES = [
+    ("LOCAL", "This computer", "Start the bundled backend here and talk to it over loopback"),
+    ("REMOTE", "Remote backend", "A studio's GPU machine running `make-your-3d serve --allow-remote`: HTTPS, your own user token"),
+]
 TEXTURE_MODES = [
     ("PACK", "Pack into .blend", "The texture travels with the .blend file"),
     ("LINK", "Link to job folder", "The texture stays a file next to the job's results"),
 ]
+
+
+def _remote_changed(self, context: bpy.types.Context) -> None:
+    rt = runtime.get()
+    if rt is not None:
+        rt.configure_remote(self)
 
 
 class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
@@ -45,13 +55,37 @@ class MAKE_YOUR_3D_AP_preferences(bpy.types.AddonPreferences):
                             description="After an import, move a 3D view that does not show the new object so it does")
     hf_token: StringProperty(name="Hugging Face token", subtype="PASSWORD",
                              description="Only for gated model repositories; used by Fetch, never stored in .blend files")
+    backend_mode: EnumProperty(name="Backend", items=BACKEND_MODES, default="LOCAL", update=_remote_changed,
+                               description="Where jobs run: this computer, or a remote backend")
+    remote_url: StringProperty(name="URL", update=_remote_changed,
+                               description="The remote backend's address, e.g. https://gpu-box.studio:8765 (its operator gives it)")
+    remote_token: StringProperty(name="Token", subtype="PASSWORD", update=_remote_changed,
+                                 description="Your user token from `make-your-3d users add NAME` (kept in the preferences, never in .blend files)")
+    remote_fingerprint: StringProperty(name="Certificate fingerprint", update=_remote_changed,
+                                       description="The SHA-256 fingerprint the backend printed when it started; the connection is refused, "
+                                                   "before the token is sent, if the backend shows another certificate. Empty: trust "
+                                                   "certificates signed by an authority this computer knows")
 
     def draw(self, context: bpy.types.Context) -> None:
         rt = runtime.get()
         layout = self.layout
 
+        layout.prop(self, "backend_mode", expand=True)
+        if self.backend_mode == "REMOTE":
+            box = layout.box()
+            box.label(text="Remote backend", icon="URL")
+            box.prop(self, "remote_url")
+            box.prop(self, "remote_token")
+            box.prop(self, "remote_fingerprint")
+            box.operator("make_your_3d.remote_test", icon="LINKED")
+            problem = rt.remote_problem() if rt is not None else None
+            if problem:
+                box.label(text=problem[:180], icon="ERROR")
+            elif rt is not None and rt.remote_checked:
+                box.label(text=rt.remote_checked[:180], icon="INFO")
+
         box = layout.box()
-        box.label(text="Backend", icon="CONSOLE")
+        box.label(text="Backend on this computer", icon="CONSOLE")
         box.prop(self, "python_path")
         problem = rt.python_problem(self) if rt is not None else None
         if problem:

@@ -19,9 +19,9 @@ from typing import Callable
 
 import bpy
 
-from .backend import (BackendConfig, BackendError, BackendProcess, BackendState, build_env, bundled_backend_root,
+from .backend import (BackendConfig, BackendError, BackendInfo, BackendProcess, BackendState, build_env, bundled_backend_root,
                       missing_modules, packages_problem, python_problem, venv_python)
-from .client import ApiError, Client, watch_job
+from .client import ApiError, Client, Endpoint, normalise_fingerprint, watch_job
 from .progress import FALLBACK_PLAN, StagePlan, StageTimes
 from .tasks import Step, SubprocessTask
 
@@ -65,6 +65,35 @@ def addon_prefs(context: bpy.types.Context | None = None):
     return addon.preferences if addon is not None else None
 
 
+def remote_settings(prefs) -> tuple[Endpoint | None, str | None]:
+    """The remote backend the preferences name, or why they name none usable (None, None: local mode).
+    A token travels only over HTTPS (plain HTTP only to this machine, e.g. an SSH tunnel)."""
+    if prefs is None or getattr(prefs, "backend_mode", "LOCAL") != "REMOTE":
+        return None, None
+    from urllib.parse import urlsplit
+
+    url = prefs.remote_url.strip().rstrip("/")
+    where = "Preferences > Add-ons > Make-Your-3D > Remote backend"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return None, f"The remote backend URL {url[:80]!r} is not a URL: set it in {where}"
+    if not url:
+        return None, f"No remote backend URL: set it (https://HOST:PORT) in {where}"
+    if parts.scheme not in ("https", "http") or not host:
+        return None, f"The remote backend URL must look like https://HOST:PORT: fix it in {where}"
+    if parts.scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        return None, f"A remote backend must be reached over https:// (the token would travel in clear): fix the URL in {where}"
+    if not prefs.remote_token.strip():
+        return None, f"No user token: paste the one the backend's operator gave you into {where}"
+    fingerprint = prefs.remote_fingerprint.strip()
+    if fingerprint and not normalise_fingerprint(fingerprint):
+        return None, f"The certificate fingerprint is not a SHA-256 fingerprint (64 hex digits, colons allowed): fix it in {where}"
+    return Endpoint(url, prefs.remote_token.strip(), fingerprint), None
+
+
 def user_dir() -> Path:
     """Per-user folder for the venv, the state file and logs (Blender's extension user folder)."""
     try:
@@ -106,6 +135,11 @@ class Runtime:
         self._last_cfg: BackendConfig | None = None  # what the backend was last started with (read by worker threads)
         self._gpu_kind: str | None = None  # "cuda" or "cpu" once nvidia-smi was asked (job_estimate)
         self._gpu_probe_started = False
+        # the Remote backend preference, copied on the main thread (configure_remote) for worker threads
+        self._remote_mode = False
+        self._remote: Endpoint | None = None
+        self._remote_problem: str | None = None
+        self._remote_checked = ""  # what the last connection test said
 
     # -- paths and configuration (main thread) ------------------------------------------------
     @property
@@ -173,12 +207,75 @@ class Runtime:
         now = self.backend_config(prefs)
         return any(getattr(started, f) != getattr(now, f) for f in RESTART_FIELDS)
 
+    # -- the remote backend ------------------------------------------------------------------
+    def configure_remote(self, prefs) -> None:
+        """Copy the Remote backend preference (main thread: it reads bpy data) for the worker threads.
+        A changed endpoint loads its schema, models and this user's jobs in a thread."""
+        endpoint, problem = remote_settings(prefs)
+        mode = prefs is not None and getattr(prefs, "backend_mode", "LOCAL") == "REMOTE"
+        with self._lock:
+            changed = endpoint != self._remote
+            self._remote_mode, self._remote, self._remote_problem = mode, endpoint, problem
+            if changed:
+                self._remote_checked = ""
+        if changed and endpoint is not None:
+            self._spawn(lambda: self._after_connect(Client(endpoint)), "remote")
+
+    @property
+    def remote(self) -> Endpoint | None:
+        with self._lock:
+            return self._remote if self._remote_mode else None
+
+    def backend_label(self) -> str:
+        """What the history records as where a job ran: 'local' or the remote URL."""
+        remote = self.remote
+        return remote.url if remote is not None else "local"
+
+    def test_remote(self) -> None:
+        """Preferences > Test Connection: health, then the token (GET /v1/jobs), pinned as every request."""
+        remote = self.remote
+
+        def work() -> None:
+            if remote is None:
+                return
+            try:
+                client = Client(remote)
+                version = client.health(timeout=10.0).get("version", "?")
+                count = len(client.jobs())
+                text = f"Connected to {remote.url} (backend {version}); {count} job(s) of yours there"
+            except ApiError as exc:
+                text = exc.message
+                self.events.put(Event(EventKind.ERROR, data={"message": text, "code": exc.code}))
+            else:
+                self.events.put(Event(EventKind.INFO, data={"message": text}))
+            with self._lock:
+                self._remote_checked = text
+
+        self._spawn(work, "remote-test")
+
+    @property
+    def remote_checked(self) -> str:
+        with self._lock:
+            return self._remote_checked
+
     # -- state read by the UI -----------------------------------------------------------------
     def backend_state(self) -> BackendState:
+        with self._lock:
+            mode, remote, problem = self._remote_mode, self._remote, self._remote_problem
+        if mode:  # the remote backend is someone else's process: "running" as far as the add-on can act
+            if remote is None:
+                return BackendState("stopped", problem or "The remote backend is not set up")
+            return BackendState("running", f"Remote backend at {remote.url}",
+                                BackendInfo(remote.url, remote.token, 0, "", remote.fingerprint))
         if not self._adopted:
             self._adopted = True
             self.backend.adopt(self.state_file)
         return self.backend.state()
+
+    def remote_problem(self) -> str | None:
+        """Why the Remote backend preference cannot be used (None: it can, or local mode)."""
+        with self._lock:
+            return self._remote_problem if self._remote_mode else None
 
     @property
     def models(self) -> dict | None:
@@ -196,7 +293,7 @@ class Runtime:
             return self._pending
 
     def client(self) -> Client:
-        st = self.backend.state()
+        st = self.backend_state()  # the remote backend's endpoint in remote mode
         if st.info is None:
             raise ApiError("unreachable", "The backend is not running; start it in Preferences > Add-ons > Make-Your-3D.")
         return Client(st.info.endpoint)
@@ -218,6 +315,12 @@ class Runtime:
             self._models = None
 
     def _ready_client(self, timeout: float = 180.0) -> Client:
+        remote = self.remote
+        if remote is not None:
+            return Client(remote)
+        problem = self.remote_problem()
+        if problem:
+            raise BackendError(problem)
         info = self.backend.wait_ready(timeout=timeout, stop=self._stop)
         return Client(info.endpoint)
 
@@ -227,11 +330,15 @@ class Runtime:
         except BackendError as exc:
             self.events.put(Event(EventKind.INFO, data={"message": str(exc)}))
             return
+        self._after_connect(client)
+        if self._last_cfg is not None:
+            self._cache_run(self._last_cfg, "info")  # the cache size shows without a click
+
+    def _after_connect(self, client: Client) -> None:
+        """What the add-on learns from a backend it (re)connects to: stages, weights, jobs."""
         self._load_schema(client)
         self._load_models(client)
         self._sync_jobs(client)
-        if self._last_cfg is not None:
-            self._cache_run(self._last_cfg, "info")  # the cache size shows without a click
 
     def _load_models(self, client: Client) -> None:
         try:
@@ -277,7 +384,11 @@ class Runtime:
     def submit(self, scene_name: str, payload: dict, prefs, local: dict | None = None) -> None:
         """Start the backend if needed, POST the job(s), then follow each one (all in a thread).
         `local`: what the history keeps beside the request (e.g. the image datablock's name)."""
-        if self.backend.state().status not in ("running", "starting"):
+        self.configure_remote(prefs)
+        if self.remote_problem():
+            raise BackendError(self.remote_problem())
+        local = {**(local or {}), "backend": self.backend_label()}
+        if self.remote is None and self.backend.state().status not in ("running", "starting"):
             self.start_backend(prefs)
         with self._lock:
             self._pending += 1
@@ -300,7 +411,10 @@ class Runtime:
 
     def rerun(self, scene_name: str, job_id: str, changes: dict, request: dict, prefs=None) -> None:
         """Start the backend if it is down (as Generate does), then ask it to re-run the job."""
-        if prefs is not None and self.backend.state().status not in ("running", "starting"):
+        if prefs is not None:
+            self.configure_remote(prefs)
+        request = {**request, "backend": self.backend_label()}
+        if prefs is not None and self.remote is None and self.backend.state().status not in ("running", "starting"):
             self.start_backend(prefs)
         with self._lock:
             self._pending += 1
@@ -340,6 +454,8 @@ class Runtime:
         thread.start()
 
     def _backend_alive(self) -> bool:
+        if self.remote is not None:
+            return True  # another machine's process: only its answers tell (watch_job gives up after 20 s without)
         return self.backend.state().status in ("running", "starting")
 
     def _watch(self, job_id: str) -> None:
@@ -361,6 +477,10 @@ class Runtime:
     def _lost_event(self, job_id: str) -> Event:
         """What losing a job's backend means: a crash (its process is gone: the job is interrupted, and
         the reason is the backend's) or a backend that is alive but not answering (still running there)."""
+        if self.remote is not None:
+            return Event(EventKind.LOST, job_id=job_id, data={
+                "crashed": False, "message": f"The remote backend at {self.remote.url} has not answered for 20 s; the job continues "
+                                             "there. Refresh the history to follow it again"})
         st = self.backend.state()
         if st.status in ("crashed", "stopped"):
             return Event(EventKind.LOST, job_id=job_id, data={"crashed": True, "message": st.message})

@@ -110,7 +110,7 @@ def start_server(models: Path, data: Path, *extra: str, config: dict | None = No
             except ValueError:
                 state = None  # cannot happen with an atomic write; retry rather than guess
             if state:
-                return Server(proc, state_file, data, state["url"], state["token"], log)
+                return Server(proc, state_file, data, state["url"], state.get("token", ""), log)  # remote: user tokens only
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"no state file after {START_TIMEOUT_S} s:\n{log.read_text(errors='replace')}")
@@ -318,13 +318,15 @@ def test_refuses_non_loopback_without_allow_remote(models, tmp_path):
     assert r.returncode == 2
     assert "--allow-remote" in r.stderr and "0.0.0.0" in r.stderr
     assert not state_file.exists()
-    # with the explicit flag it binds; the state file still gives local clients a loopback URL
+    # with the explicit flag it binds, over HTTPS only (test_remote.py tests that listener); the state
+    # file still gives local clients a loopback URL
     srv = start_server(models, tmp_path / "remote", "--host", "0.0.0.0", "--allow-remote")
     try:
-        assert srv.url.startswith("http://127.0.0.1:") and srv.healthy()
-        assert httpx.get(f"{srv.url}/v1/jobs", timeout=10).status_code == 401
+        assert srv.url.startswith("https://127.0.0.1:")
+        assert httpx.get(f"{srv.url}/v1/jobs", timeout=10, verify=False).status_code == 401
     finally:
-        assert srv.stop() == 0
+        srv.proc.terminate()
+        assert srv.proc.wait(30) == 0
 
 
 def test_parent_pid_exit_and_data_dir_lock(models, tmp_path):

@@ -62,6 +62,13 @@ class Unauthorized(Make3DError):
     status = 401
 
 
+class Forbidden(Make3DError):
+    """A user token on the remote listener asked for an operator's action (shutdown, unload)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class BadHost(Make3DError):
     """A Host header that is not a loopback name (DNS rebinding)."""
 

@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     _models_arg(serve)
     serve.add_argument("--data", metavar="DIR", help="job database and outputs (default: the user data folder)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--allow-remote", action="store_true", help="required to bind anything but loopback")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="the remote listener (required to bind anything but loopback): HTTPS, per-user tokens (`users add`)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="with --allow-remote: your certificate (default: one generated into DATA/tls/)")
+    serve.add_argument("--tls-key", metavar="PEM", help="with --allow-remote: the key of --tls-cert (unencrypted PEM)")
+    serve.add_argument("--public-name", action="append", metavar="NAME",
+                       help="with --allow-remote: a DNS name or address clients use for this machine (repeatable)")
     serve.add_argument("--port", type=checks.int_range(0, 65535, "port"), default=0, help="port to listen on (0 picks a free one)")
     serve.add_argument("--state-file", metavar="F", help="where to write url, token, pid (default: DATA/state.json)")
     serve.add_argument("--parent-pid", type=int, help="exit when this process is gone")
@@ -161,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "start Ray here (needs the farm extra; more settings in --config's \"farm\" object)")
     _device_arg(serve)
     serve.set_defaults(handler="make_your_3d.service.server:run_cli")
+
+    # users ----------------------------------------------------------------------------------
+    users = _sub(sub, "users", help="per-user tokens for the remote backend (serve --allow-remote)",
+                 description="Who may use the remote backend. Each user gets one token, printed once. Pick an action:")
+    users.set_defaults(help_parser=users)
+    usub = users.add_subparsers(dest="users_command", metavar="ACTION")
+    for action, text in (("add", "add a user and print their token (shown once; stored hashed)"), ("list", "show the users"),
+                         ("remove", "remove a user (their token stops working at once)")):
+        p = _sub(usub, action, help=text)
+        if action != "list":
+            p.add_argument("name", metavar="NAME", help="user name: letters, digits, '.', '_', '-', '@'")
+        p.add_argument("--data", metavar="DIR", help="the backend's data folder (default: the user data folder)")
+        _json_arg(p)
+        p.set_defaults(handler=f"make_your_3d.cli.users:run_{action}")
 
     # cache ----------------------------------------------------------------------------------
     cache = _sub(sub, "cache", help="show or clear the stage cache (one per user)",

@@ -33,14 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from make_your_3d import __version__
-from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, BadPrompt, BadRequest, Make3DError, NotFound,
-                                 Unauthorized, WeightsBroken, WeightsMissing)
+from make_your_3d.errors import (STATUS_FOR_CODE, BadHost, BadImage, BadOrigin, BadPrompt, BadRequest, Forbidden, Make3DError,
+                                 NotFound, Unauthorized, WeightsBroken, WeightsMissing)
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.presets import JOB_OVERRIDES
 from make_your_3d.pipeline.request import (MAX_IMAGE_BYTES, GenerateRequest, check_job_memory, prompt_too_long,
                                            validate_request)
 from make_your_3d.job_params import JOB_PARAMS, PRESET_NAMES, Param, variant_seeds
 from make_your_3d.service.store import Job, JobSpec, JobStore
+from make_your_3d.service.users import UserStore
 from make_your_3d.service.worker import Worker, classify_exception
 
 log = logging.getLogger("make_your_3d.service")
@@ -242,7 +243,8 @@ def shown(text: str, limit: int = MAX_ECHO_CHARS) -> str:
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # only the leading location is dropped: a body field may itself be called "path" (or "body")
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)]
     return ".".join(parts)
 
 
@@ -365,34 +367,86 @@ def is_loopback_origin(origin: str) -> bool:
     return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and is_loopback_host(rest)
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request: `user` None is the local token (every job); a name is a remote user,
+    who sees only their own jobs and may not stop or unload the shared backend."""
+
+    user: str | None
+    operator: bool
+
+
+LOCAL_PRINCIPAL = Principal(user=None, operator=True)
+
+
+@dataclass(frozen=True)
+class RemoteAccess:
+    """The remote listener's policy (`serve --allow-remote`): per-user tokens from `users`, the
+    Host names it answers to (its certificate's names: the bound address, this machine's names,
+    `--public-name`), and no requests from web pages at all."""
+
+    users: UserStore
+    hosts: frozenset[str]
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without the port, brackets or a trailing dot, lower-case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
 class Guard:
     """ASGI middleware run before routing, so nothing is read or parsed for a request it refuses:
     the Host and Origin checks (DNS rebinding: a web page must not reach the backend through a
     name that resolves to 127.0.0.1), the bearer token (every route but health), the body size
-    limit (header and streamed), and the last-activity time for the idle timer."""
+    limit (header and streamed), and the last-activity time for the idle timer. The caller it
+    authenticated goes into the request's state as `principal`."""
 
-    def __init__(self, app: Any, limit: int, activity: "Activity", token: str = "", check_host: bool = True):
+    def __init__(self, app: Any, limit: int, activity: "Activity", token: str = "", check_host: bool = True,
+                 remote: RemoteAccess | None = None):
         self.app = app
         self.limit = limit
         self.activity = activity
         self.token = token.encode("utf-8")
         self.check_host = check_host
+        self.remote = remote
+
+    def _principal(self, value: str) -> Principal | None:
+        if self.remote is not None:  # the remote listener: user tokens only, never the local one
+            user = self.remote.users.authenticate(value)
+            return Principal(user=user, operator=False) if user is not None else None
+        if not self.token or hmac.compare_digest(value.encode("latin-1"), self.token):
+            return LOCAL_PRINCIPAL
+        return None
 
     def _refusal(self, scope: dict) -> Make3DError | None:
         headers: dict[bytes, bytes] = {}
         for key, value in scope.get("headers", ()):
             headers.setdefault(key, value)
         host = headers.get(b"host", b"").decode("latin-1")
-        if self.check_host and not is_loopback_host(host):
+        if self.remote is not None:
+            if host_name(host) not in self.remote.hosts:
+                return BadHost(f"This backend does not answer to {host[:100]!r}. Use the URL its operator gave you, or start it with "
+                               "--public-name NAME for that name.")
+        elif self.check_host and not is_loopback_host(host):
             return BadHost(f"Requests must be addressed to 127.0.0.1 or localhost, not {host[:100]!r}. "
                            "Use the URL in the backend's state file.")
         origin = headers.get(b"origin")
-        if origin is not None and not is_loopback_origin(origin.decode("latin-1")):
+        if origin is not None and (self.remote is not None or not is_loopback_origin(origin.decode("latin-1"))):
             return BadOrigin("Requests from web pages are refused. Use the Blender add-on or a local client.")
-        if scope.get("path") not in PUBLIC_PATHS and self.token:
+        if scope.get("path") not in PUBLIC_PATHS:
             scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("latin-1"), self.token):
-                return Unauthorized("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.")
+            principal = self._principal(value.strip()) if scheme.lower() == "bearer" else None
+            if principal is None:
+                return Unauthorized("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'."
+                                    if self.remote is None else
+                                    "A valid user token is required ('Authorization: Bearer TOKEN'): ask the backend's operator for one "
+                                    "(`make-your-3d users add NAME`).")
+            scope.setdefault("state", {})["principal"] = principal
         return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -551,9 +605,11 @@ class ServiceContext:
             self._needed.append(required_roles())
         return self._needed[0]
 
-    def get_job(self, job_id: str) -> Job:
+    def get_job(self, job_id: str, who: Principal = LOCAL_PRINCIPAL) -> Job:
+        """The job, if `who` may see it. Another user's job is answered exactly as a job that does
+        not exist (404, same sentence): ids must not tell a user what others run."""
         job = self.store.get(job_id)
-        if job is None:
+        if job is None or (who.user is not None and job.owner != who.user):
             raise NotFound(f"There is no job {shown(job_id)}. List jobs with GET /v1/jobs.")
         return job
 
@@ -593,12 +649,12 @@ class ServiceContext:
         if self.memory_budget_bytes is not None:
             check_job_memory(preset.recon_preset, spec.faces or preset.faces, spec.texture_size or preset.texture_size, self.memory_budget_bytes)
 
-    def queue(self, specs: list[JobSpec], image: bytes) -> Created:
-        """Check the first job's memory and the weights, then store every job and wake the worker."""
+    def queue(self, specs: list[JobSpec], image: bytes, who: Principal = LOCAL_PRINCIPAL) -> Created:
+        """Check the first job's memory and the weights, then store every job (owned by `who`) and wake the worker."""
         self.check_memory(specs[0])
         _check_weights(self.models_dir, self.needed_roles())
         digest = self.worker.inputs.put(image)
-        jobs = self.store.add_jobs(specs, digest, max_queued=self.max_queued)
+        jobs = self.store.add_jobs(specs, digest, max_queued=self.max_queued, owner=who.user)
         self.worker.wake()
         log.info("queued %d job(s) in group %s", len(jobs), jobs[0].group)
         return Created(ids=[j.id for j in jobs], group=jobs[0].group, seeds=[j.spec.seed for j in jobs])
@@ -609,7 +665,7 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
     api = APIRouter(**router_args)
 
     @api.post("/jobs", status_code=201, response_model=Created)
-    def create_jobs(body: JobCreate) -> Created:
+    def create_jobs(body: JobCreate, who: Principal = Depends(caller)) -> Created:
         image = _decode_image(body.image_png_b64)
         try:
             seeds = variant_seeds(body.seed, body.variants)
@@ -618,39 +674,40 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
         spec = JobSpec(body.prompt, body.negative_prompt, body.subject, seeds[0], body.preset or ctx.default_preset, body.faces,
                        body.texture_size, _overrides(body.overrides))
         spec = _clean_spec(spec, image)
-        return ctx.queue([JobSpec(**{**spec.to_dict(), "seed": seed}) for seed in seeds], image)
+        return ctx.queue([JobSpec(**{**spec.to_dict(), "seed": seed}) for seed in seeds], image, who)
 
     @api.get("/jobs", response_model=JobList)
     def list_jobs(limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="jobs per page"),
-                  before: int | None = Query(None, ge=0, description="the `next` cursor of the previous page")) -> dict[str, Any]:
-        """The newest jobs first by page; within a page, oldest first."""
+                  before: int | None = Query(None, ge=0, description="the `next` cursor of the previous page"),
+                  who: Principal = Depends(caller)) -> dict[str, Any]:
+        """The newest jobs first by page; within a page, oldest first (a remote user's own jobs only)."""
         now = time.time()
-        jobs, cursor = ctx.store.page(limit, before)
+        jobs, cursor = ctx.store.page(limit, before, owner=who.user)
         return {"jobs": [ctx.record(j, now) for j in jobs], "next": cursor}
 
     @api.get("/jobs/{job_id}", response_model=JobRecord)
-    def job_record(job_id: str) -> dict[str, Any]:
-        return ctx.record(ctx.get_job(job_id))
+    def job_record(job_id: str, who: Principal = Depends(caller)) -> dict[str, Any]:
+        return ctx.record(ctx.get_job(job_id, who))
 
     @api.get(
         "/jobs/{job_id}/events",
         response_class=StreamingResponse,
         responses={200: {"content": {"text/event-stream": {}}, "description": "one `data: <job record>` event per change"}},
     )
-    async def job_events(job_id: str) -> StreamingResponse:
-        await run_in_threadpool(ctx.get_job, job_id)
+    async def job_events(job_id: str, who: Principal = Depends(caller)) -> StreamingResponse:
+        await run_in_threadpool(ctx.get_job, job_id, who)
         return StreamingResponse(_job_stream(ctx, job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.post("/jobs/{job_id}/cancel", response_model=JobRecord)
-    def cancel(job_id: str) -> dict[str, Any]:
-        ctx.get_job(job_id)
+    def cancel(job_id: str, who: Principal = Depends(caller)) -> dict[str, Any]:
+        ctx.get_job(job_id, who)
         ctx.worker.cancel(job_id)
-        return ctx.record(ctx.get_job(job_id))
+        return ctx.record(ctx.get_job(job_id, who))
 
     @api.post("/jobs/{job_id}/rerun", status_code=201, response_model=Created)
-    def rerun(job_id: str, body: JobRerun | None = None) -> Created:
-        job = ctx.get_job(job_id)
+    def rerun(job_id: str, body: JobRerun | None = None, who: Principal = Depends(caller)) -> Created:
+        job = ctx.get_job(job_id, who)
         changes = body.model_dump(exclude_unset=True) if body is not None else {}
         spec = job.spec.to_dict()
         for key, value in changes.items():
@@ -662,12 +719,14 @@ def jobs_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
                 value = _overrides(value)  # null or {}: back to the preset's settings
             spec[key] = value
         image = ctx.worker.inputs.get(job.image_sha256)
-        return ctx.queue([_clean_spec(JobSpec.from_dict(spec), image)], image)
+        return ctx.queue([_clean_spec(JobSpec.from_dict(spec), image)], image, who)
 
     @api.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse,
              responses={200: {"content": {"model/gltf-binary": {}, "image/png": {}, "application/json": {}}}})
-    def job_file(job_id: str, name: str) -> FileResponse:
-        job = ctx.get_job(job_id)
+    def job_file(job_id: str, name: str, who: Principal = Depends(caller)) -> FileResponse:
+        """A result file; HTTP Range requests (and If-Range) are answered with 206, so a client resumes
+        a broken download of a large GLB where it stopped."""
+        job = ctx.get_job(job_id, who)
         not_found = NotFound(f"Job {job.id} has no file {shown(name)}; its files are listed in GET /v1/jobs/{job.id}.")
         if name not in job.files:
             raise not_found
@@ -690,9 +749,9 @@ def groups_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
     api = APIRouter(**router_args)
 
     @api.post("/groups/{group}/cancel", response_model=GroupCancelled)
-    def cancel_group(group: str) -> dict[str, Any]:
+    def cancel_group(group: str, who: Principal = Depends(caller)) -> dict[str, Any]:
         """Cancel every job of a group: queued ones at once, the running one at its next check."""
-        jobs = ctx.store.group(group)
+        jobs = [j for j in ctx.store.group(group) if who.user is None or j.owner == who.user]
         if not jobs:
             raise NotFound(f"There is no group {shown(group)}. A job's group is in its record (GET /v1/jobs/{{id}}).")
         cancelled, stopping = ctx.worker.cancel_group(group)
@@ -701,6 +760,19 @@ def groups_router(ctx: ServiceContext, **router_args: Any) -> APIRouter:
         return {"group": group, "cancelled": cancelled, "stopping": stopping, "finished": finished}
 
     return api
+
+
+def caller(request: Request) -> Principal:
+    """Who sent the request (the Guard authenticated it before routing)."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):  # never reached behind the Guard; refuse rather than assume
+        raise Unauthorized("A valid bearer token is required ('Authorization: Bearer TOKEN').")
+    return principal
+
+
+def _operator_only(who: Principal, what: str) -> None:
+    if not who.operator:
+        raise Forbidden(f"Only the backend's operator may {what}; it is shared by other users. Ask the operator.")
 
 
 async def _job_stream(ctx: ServiceContext, job_id: str):
@@ -757,12 +829,14 @@ def system_router(ctx: ServiceContext, app: FastAPI, on_shutdown: Callable[[], N
         return {"models_dir": str(models_dir), "tiny": is_tiny(models_dir), "complete": complete, "roles": roles}
 
     @api.post("/unload", response_model=Unloaded)
-    def unload() -> dict[str, bool]:
+    def unload(who: Principal = Depends(caller)) -> dict[str, bool]:
+        _operator_only(who, "free the models")
         immediate = ctx.worker.unload()
         return {"unloaded": True, "deferred": not immediate}
 
     @api.post("/shutdown", response_model=Stopping)
-    def shutdown(background: BackgroundTasks) -> dict[str, bool]:
+    def shutdown(background: BackgroundTasks, who: Principal = Depends(caller)) -> dict[str, bool]:
+        _operator_only(who, "stop the backend")
         log.info("shutdown requested over the API")
         if on_shutdown is not None:
             background.add_task(on_shutdown)
@@ -786,22 +860,23 @@ def create_app(
     overrides: dict | None = None,
     max_queued_jobs: int = MAX_QUEUED_JOBS,
     device: str = "auto",
+    remote: RemoteAccess | None = None,
 ) -> FastAPI:
     """Build the API around a job store and its worker; `token` guards every route but health.
 
     `check_host` False (a backend started with --allow-remote) accepts any Host header; the token
     still applies. `memory_budget_bytes` refuses requests whose estimated memory is larger;
-    `max_queued_jobs` refuses (queue_full) a request that would queue more waiting jobs."""
+    `max_queued_jobs` refuses (queue_full) a request that would queue more waiting jobs. `remote`
+    makes this the remote listener: user tokens instead of `token`, each user's own jobs only."""
     activity = activity or Activity()
     ctx = ServiceContext(store, worker, Path(models_dir), default_preset, ChangeFeed(), memory_budget_bytes, overrides, max_queued_jobs, device)
     store.subscribe(ctx.feed.changed)
 
-    token_bytes = token.encode("utf-8")
-    bearer = HTTPBearer(auto_error=False, description="the token from the state file")
+    bearer = HTTPBearer(auto_error=False, description="the token from the state file, or a user token on the remote listener")
 
-    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not hmac.compare_digest(creds.credentials.encode("utf-8", "surrogateescape"), token_bytes):
-            raise Unauthorized("A valid bearer token is required: send the token from the state file as 'Authorization: Bearer TOKEN'.")
+    def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        # the Guard checked the token before routing; this dependency puts the scheme in the OpenAPI document
+        caller(request)
 
     app = FastAPI(
         title="Make-Your-3D local service",
@@ -812,7 +887,7 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(Guard, limit=max_body_bytes, activity=activity, token=token, check_host=check_host)
+    app.add_middleware(Guard, limit=max_body_bytes, activity=activity, token=token, check_host=check_host, remote=remote)
     app.state.activity = activity
 
     public = APIRouter(prefix="/v1")

@@ -11,12 +11,19 @@ half-built entries of the per-user stage cache whose building process is gone. T
 private (0700, umask 077).
 Against slow or idle clients: a request head must arrive within `header_timeout_s`, connections
 are capped (`limit_concurrency`) and the soft open-files limit is raised to allow that many.
+
+`--allow-remote` makes it the remote listener (a studio's GPU box), on any address including
+loopback: HTTPS only (the operator's certificate or one generated into DATA/tls/, its SHA-256
+fingerprint printed for artists to pin), per-user tokens (service/users.py) instead of the state
+file's token, each user seeing only their own jobs, Host names limited to the certificate's, and
+the same size limits and slow-client protections, the TLS handshake included.
 """
 
 from __future__ import annotations
 
 import errno
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -45,10 +52,12 @@ from make_your_3d.job_params import FACES_RANGE, TEXTURE_SIZES
 from make_your_3d.paths import default_cache_dir, default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
 from make_your_3d.process import pid_alive
-from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, create_app
+from make_your_3d.service.app import MAX_QUEUED_JOBS, Activity, RemoteAccess, create_app
 from make_your_3d.service.farm_config import FarmConfig
 from make_your_3d.service.inputs import InputStore
 from make_your_3d.service.store import Job, JobSpec, JobStore
+from make_your_3d.service.tls import TlsConfig, TlsFiles, ensure_tls, machine_names
+from make_your_3d.service.users import UserStore
 from make_your_3d.service.worker import GeneratorLike, Worker
 
 log = logging.getLogger("make_your_3d.service")
@@ -81,6 +90,11 @@ class ServeOptions:
     # the stage cache jobs build in: one per user, shared with `generate` and `demo`
     cache_dir: Path = field(default_factory=default_cache_dir)
     farm: FarmConfig | None = None  # --ray: jobs run on Ray workers (service/farm.py); None: this process's worker
+    # the remote listener (allow_remote): the operator's certificate and key (None: DATA/tls/, generated
+    # once) and further names clients use for this machine (DNS names, addresses behind NAT)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    public_names: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +174,9 @@ def options_from_args(args: Any) -> ServeOptions:
         max_job_memory_bytes=int(config["max_job_memory_gib"] * 2**30) if config.get("max_job_memory_gib") else None,
         max_queued_jobs=int(config.get("max_queued_jobs", MAX_QUEUED_JOBS)),
         farm=farm_from_args(args, config),
+        tls_cert=Path(args.tls_cert).expanduser() if getattr(args, "tls_cert", None) else None,
+        tls_key=Path(args.tls_key).expanduser() if getattr(args, "tls_key", None) else None,
+        public_names=tuple(getattr(args, "public_name", None) or ()),
     )
 
 
@@ -183,12 +200,13 @@ def write_state_file(path: Path, state: dict[str, Any]) -> None:
 
 
 def remove_state_file(path: Path, token: str) -> None:
-    """Remove the state file only if it is still ours (a newer backend may have replaced it)."""
+    """Remove the state file only if it is still ours (a newer backend may have replaced it): it
+    holds our token (local) or our instance id (remote, where no token is written)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if isinstance(data, dict) and data.get("token") == token:
+    if isinstance(data, dict) and token in (data.get("token"), data.get("instance")):
         path.unlink(missing_ok=True)
 
 
@@ -301,12 +319,18 @@ def check_state_file_free(path: Path) -> None:
         pid, url = int(state["pid"]), str(state["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # absent or unreadable: nobody to protect
-    if pid == os.getpid() or not pid_alive(pid) or not url.startswith("http://"):
+    if pid == os.getpid() or not pid_alive(pid) or not url.startswith(("http://", "https://")):
         return
+    import ssl
     import urllib.request
 
+    # health is public and sends no token, so an unverified TLS connection tells us only "alive"
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{url}/v1/health", timeout=3) as resp:
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=3, context=context) as resp:
             answer = json.loads(resp.read(4096))
     except (OSError, ValueError):
         return  # a stale file whose pid was reused
@@ -468,11 +492,14 @@ def setup_logging(data_dir: Path) -> Path:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn with a hook that runs once the sockets accept connections."""
+    """uvicorn with a hook that runs once the sockets accept connections, and (TLS) a handshake
+    timeout: the head timer starts only once the handshake is done, so without one a client that
+    connects and never says hello would hold its connection for asyncio's default 60 s."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None], handshake_timeout_s: float | None = None):
         super().__init__(config)
         self._on_ready = on_ready
+        self._handshake_timeout_s = handshake_timeout_s
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Stop gracefully and return, rather than uvicorn's re-raising the signal after shutdown,
@@ -483,7 +510,15 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        loop = asyncio.get_running_loop()
+        patched = bool(self.config.is_ssl and self._handshake_timeout_s)
+        if patched:  # uvicorn has no setting for it; its create_server call gets one for this start-up only
+            loop.create_server = functools.partial(loop.create_server, ssl_handshake_timeout=self._handshake_timeout_s)  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            if patched:
+                del loop.create_server
         if not self.should_exit:
             self._on_ready()
 
@@ -554,12 +589,35 @@ def make_worker(opts: ServeOptions, store: JobStore) -> Worker:
 
     return Farm(store, inputs, opts.data_dir / "jobs", opts.farm, models_dir=opts.models_dir, device=opts.device,  # type: ignore[return-value]
                 overrides=dict(opts.overrides) or None, progress_interval_s=opts.progress_interval_s)
+def remote_hosts(host: str, public_names: tuple[str, ...]) -> frozenset[str]:
+    """The Host names the remote listener answers to: this machine's names and addresses (those its
+    own name resolves to), the bound address, and the operator's `--public-name`s."""
+    names = set(machine_names(host)) | set(public_names)
+    try:
+        names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return frozenset(n.strip("[]").lower().rstrip(".") for n in names if n)
+
+
+def announce_tls(tls: TlsFiles, url: str, users: UserStore, data_dir: Path) -> None:
+    """Print what the operator hands to artists: the URL and the certificate fingerprint to pin."""
+    made = "generated" if tls.generated else "in use"
+    lines = [f"Remote backend at {url} (HTTPS). Certificate {made}: {tls.cert}",
+             f"  SHA-256 fingerprint (artists paste it into the add-on's Remote backend preference): {tls.fingerprint}"]
+    if not users.list():
+        lines.append(f"  No users yet: add one with `make-your-3d users add NAME --data {data_dir}` (it prints the user's token).")
+    for line in lines:
+        log.info("%s", line)
 
 
 def serve(opts: ServeOptions) -> int:
     """Run the service until shutdown, a signal, the parent's exit or the idle timeout."""
     if not is_loopback(opts.host) and not opts.allow_remote:
-        raise BadRequest(f"Refusing to listen on {opts.host}: only loopback is allowed. Add --allow-remote to expose the backend (the token still applies).")
+        raise BadRequest(f"Refusing to listen on {opts.host}: only loopback is allowed. Add --allow-remote to expose the backend "
+                         "(over HTTPS, with per-user tokens).")
+    if not opts.allow_remote and (opts.tls_cert or opts.tls_key or opts.public_names):
+        raise BadRequest("--tls-cert, --tls-key and --public-name are for the remote listener: add --allow-remote.")
     if os.name != "nt":
         os.umask(0o077)  # the database, log, inputs and results are this user's alone
     prepare_data_dir(opts.data_dir)
@@ -591,10 +649,16 @@ def serve(opts: ServeOptions) -> int:
             log.info("marked %d job(s) interrupted by the last stop: %s", len(interrupted), ", ".join(interrupted))
         worker = make_worker(opts, store)
         activity = Activity()
+        tls: TlsFiles | None = None
+        remote: RemoteAccess | None = None
+        if opts.allow_remote:
+            tls = ensure_tls(opts.data_dir, opts.host, opts.tls_cert, opts.tls_key, TlsConfig(extra_names=opts.public_names))
+            remote = RemoteAccess(UserStore(opts.data_dir), remote_hosts(opts.host, opts.public_names))
+            remote.users.list()  # a damaged users file is a clear error now, not a refused request later
         sock = bind_socket(opts.host, opts.port)
         port = sock.getsockname()[1]
         url_host = _connect_host(opts.host)
-        url = f"http://{url_host}:{port}"
+        url = f"{'https' if tls else 'http'}://{url_host}:{port}"
         server_ref: list[uvicorn.Server] = []
 
         def request_shutdown() -> None:
@@ -603,22 +667,35 @@ def serve(opts: ServeOptions) -> int:
         budget = opts.max_job_memory_bytes or default_memory_budget()
         app = create_app(store, worker, token, models_dir=opts.models_dir, default_preset=opts.preset,
                          on_shutdown=request_shutdown, activity=activity, check_host=is_loopback(opts.host),
-                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs, device=opts.device)
+                         memory_budget_bytes=budget, overrides=opts.overrides, max_queued_jobs=opts.max_queued_jobs, device=opts.device,
+                         remote=remote)
         open_files = raise_open_files_limit()
         limit = connection_limit(open_files)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", ws="none",
                                 timeout_graceful_shutdown=5, timeout_keep_alive=30, limit_concurrency=limit,
-                                http=head_timeout_protocol(opts.header_timeout_s), h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+                                http=head_timeout_protocol(opts.header_timeout_s), h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                                # TLS: the handshake timeout is set on asyncio's create_server (see _Server)
+                                loop="asyncio" if tls else "auto",
+                                ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None)
         log.info("open-files limit %s, at most %d connections, request heads within %.1f s, job memory budget %s",
                  open_files if open_files is not None else "unlimited", limit, opts.header_timeout_s,
                  f"{budget / 2**30:.1f} GiB" if budget else "none")
 
         def on_ready() -> None:
-            write_state_file(opts.state_file, {"url": url, "token": token, "pid": os.getpid(), "version": __version__})
+            if tls is None:
+                state = {"url": url, "token": token, "pid": os.getpid(), "version": __version__}
+            else:  # no token: the remote listener takes user tokens only
+                state = {"url": url, "instance": token, "fingerprint": tls.fingerprint, "pid": os.getpid(), "version": __version__,
+                         "remote": True}
+            write_state_file(opts.state_file, state)
             log.info("Make-Your-3D backend %s listening on %s:%d as %s (data %s, log %s)", __version__, opts.host, port, url, opts.data_dir,
                      log_path)
+            if tls is not None and remote is not None:
+                wildcard = opts.host.strip("[]") in ("", "0.0.0.0", "::")
+                public = (opts.public_names[0] if opts.public_names else socket.getfqdn()) if wildcard else url_host
+                announce_tls(tls, f"https://{public}:{port}", remote.users, opts.data_dir)
 
-        server = _Server(config, on_ready)
+        server = _Server(config, on_ready, handshake_timeout_s=opts.header_timeout_s)
         server_ref.append(server)
         worker.start()
         watcher = threading.Thread(target=_watch, args=(server, opts, worker, store, activity, stop_watch), daemon=True, name="make3d-watch")

@@ -26,7 +26,7 @@ from make_your_3d.errors import DataUnwritable, QueueFull
 
 log = logging.getLogger("make_your_3d.service")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.owner (the remote listener's user; NULL for the local token)
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 TERMINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
 
@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     image_sha256 TEXT NOT NULL,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE INDEX IF NOT EXISTS jobs_group ON jobs(grp, seq);
@@ -122,6 +123,7 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    owner: str | None = None  # the remote user who submitted it; None: the local token's
 
     @property
     def terminal(self) -> bool:
@@ -172,6 +174,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        owner=row["owner"],
     )
 
 
@@ -214,6 +217,10 @@ class JobStore:
                 if problems != ["ok"]:
                     raise sqlite3.DatabaseError(f"integrity check failed: {'; '.join(problems[:3])}")
                 db.executescript(_SCHEMA)
+                columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+                if "owner" not in columns:  # a database from before per-user tokens: its jobs are the local token's
+                    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+                db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq)")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             db.close()
@@ -314,8 +321,9 @@ class JobStore:
             return {r["id"] for r in self._db.execute("SELECT id FROM jobs")}
 
     # -- writes ----------------------------------------------------------------------------------
-    def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None, *, max_queued: int | None = None) -> list[Job]:
-        """Queue one job per spec (in order) in one transaction; returns them. With `max_queued`,
+    def add_jobs(self, specs: list[JobSpec], image_sha256: str, group: str | None = None, *, max_queued: int | None = None,
+                 owner: str | None = None) -> list[Job]:
+        """Queue one job per spec (in order) in one transaction, owned by `owner`; returns them. With `max_queued`,
         refuse (QueueFull, nothing written) when the queue would then hold more waiting jobs; the
         count and the insert are one transaction, so two requests cannot both slip under it."""
         group = group or new_id()
@@ -334,8 +342,9 @@ class JobStore:
             for spec in specs:
                 job_id = new_id()
                 db.execute(
-                    "INSERT INTO jobs(id, grp, status, message, request, image_sha256, created_at) VALUES (?, ?, 'queued', 'queued', ?, ?, ?)",
-                    (job_id, group, json.dumps(spec.to_dict()), image_sha256, now),
+                    "INSERT INTO jobs(id, grp, status, message, request, image_sha256, created_at, owner) "
+                    "VALUES (?, ?, 'queued', 'queued', ?, ?, ?, ?)",
+                    (job_id, group, json.dumps(spec.to_dict()), image_sha256, now, owner),
                 )
                 self._event(job_id, "status", {"status": "queued"})
                 ids.append(job_id)
@@ -504,14 +513,18 @@ class JobStore:
             jobs = [self._overlay(_row_to_job(r)) for r in rows]
         return jobs if status is None else [j for j in jobs if j.status == status]
 
-    def page(self, limit: int, before: int | None = None) -> tuple[list[Job], int | None]:
+    def page(self, limit: int, before: int | None = None, owner: str | None = None) -> tuple[list[Job], int | None]:
         """The newest `limit` jobs older than cursor `before` (a seq), oldest first, and the cursor
-        of the next older page (None when there is none)."""
+        of the next older page (None when there is none). With `owner`, only that user's jobs."""
+        where, params = ["1=1"], []
+        if before is not None:
+            where.append("seq < ?")
+            params.append(before)
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         with self._lock:
-            if before is None:
-                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
-            else:
-                rows = self._db.execute("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before, limit + 1)).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
             jobs = [self._overlay(_row_to_job(r)) for r in rows[:limit]]
         jobs.reverse()
         return jobs, (jobs[0].seq if len(rows) > limit and jobs else None)
