@@ -97,7 +97,25 @@ def _step(p: np.ndarray) -> np.ndarray:
     return np.maximum(_box_sdf(p, *STEP_BLOCK), -_box_sdf(p, *STEP_CUT))
 
 
-SDFS = {"dish": _dish, "open_box": _open_box, "step": _step}
+# a rack: a base bar with four thin upright slats (0.08 thick, 1.5 coarse voxels at 48 points), narrow gaps
+RACK_BASE = ((-0.7, -0.6, -0.2), (0.7, -0.35, 0.2))
+RACK_SLATS = [((x - 0.04, -0.35, -0.15), (x + 0.04, 0.6, 0.15)) for x in (-0.54, -0.18, 0.18, 0.54)]
+
+
+def _rack(p: np.ndarray) -> np.ndarray:
+    return np.minimum.reduce([_box_sdf(p, *RACK_BASE)] + [_box_sdf(p, *b) for b in RACK_SLATS])
+
+
+# a stool: a seat slab on four thin legs (0.1 square, 2.5 coarse voxels at 48 points)
+STOOL_SEAT = ((-0.6, -0.05, -0.45), (0.6, 0.1, 0.45))
+STOOL_LEGS = [((x - 0.05, -0.7, z - 0.05), (x + 0.05, -0.05, z + 0.05)) for x in (-0.5, 0.5) for z in (-0.35, 0.35)]
+
+
+def _stool(p: np.ndarray) -> np.ndarray:
+    return np.minimum.reduce([_box_sdf(p, *STOOL_SEAT)] + [_box_sdf(p, *b) for b in STOOL_LEGS])
+
+
+SDFS = {"dish": _dish, "open_box": _open_box, "step": _step, "rack": _rack, "stool": _stool}
 
 
 def _sdf_hit(sdf, o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
@@ -129,7 +147,8 @@ def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.nd
 
 
 HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": lambda o, d: _sdf_hit(_dish, o, d),
-        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d)}
+        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d),
+        "rack": lambda o, d: _sdf_hit(_rack, o, d), "stool": lambda o, d: _sdf_hit(_stool, o, d)}
 
 
 def albedo(points: np.ndarray) -> np.ndarray:
@@ -217,8 +236,8 @@ def surface_samples(shape: str, n: int = 20000, seed: int = 0) -> np.ndarray:
 
 def surface_distance(shape: str, points: np.ndarray) -> np.ndarray:
     """Unsigned distance from points to the exact surface (exact for the sphere, CSG bound for the frame,
-    the open box and the step)."""
-    if shape in ("open_box", "step"):
+    the SDF shapes)."""
+    if shape in SDFS:
         return np.abs(SDFS[shape](points))
     if shape == "sphere":
         return np.abs(np.linalg.norm(points, axis=1) - SPHERE_R)

@@ -258,6 +258,15 @@ class SurfConfig:
                                  "issue 23", lo=-1)
     carve_passes: int = knob(40, "most carving passes (each removes at most one layer of voxels)", "passes",
                              "issue 23; untuned", lo=0)
+    contour_voxels: float = knob(1.5, "points that project within this many grid steps of a view's silhouette "
+                                 "contour are never carved by a pair of views that includes that view (it sees a facet of a "
+                                 "convex edge there that its neighbour may not; 0: no protection)", "grid steps",
+                                 "issue 23: the chair's leg corners started a carving that ate its seat (Chamfer "
+                                 "0.0020 -> 0.0183 with the guard alone; 0 points carved with it); untuned", lo=0)
+    guard_cells: int = knob(1, "the silhouette guard's slack: a carved point stays carved only if a point left "
+                            "within this many grid steps of it (in the view's image) still covers its foreground "
+                            "pixel in every view (0: no guard)", "grid steps",
+                            "issue 23: a backstop (the chair's carving restored 88 coarse points); untuned", lo=0)
     carve_min_weight: float = knob(0.5, "views weighted below this (agreement with the others) do not vote in the "
                                    "carving", "weight", "issue 23; untuned", lo=0)
 

@@ -279,7 +279,7 @@ def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig,
     to every view (recon/surface_fit.py), warm-started from it. Only where the carving emptied the coarse
     grid does the fused field change (set outside, or the fitted distance where that is larger): the
     fused field keeps its resolution everywhere the views agree with it."""
-    from make_your_3d.recon.surface_fit import Grid, fit_surface, sample_grid
+    from make_your_3d.recon.surface_fit import Grid, fit_surface, sample_grid, silhouette_guard, view_residual
 
     lo = torch.tensor(scene.lo, dtype=torch.float32, device=device)
     hi = torch.tensor(scene.hi, dtype=torch.float32, device=device)
@@ -299,8 +299,24 @@ def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig,
         slab = torch.tensor(out[i].reshape(-1), device=device)
         slab = torch.where(gone, torch.maximum(slab, d).clamp_min(1e-3), slab)  # carved: outside
         out[i] = slab.reshape(ny, nz).cpu().numpy()
+    before = torch.tensor(tsdf < 0, device=device)
+    after, restored = silhouette_guard(before, torch.tensor(out < 0, device=device), lo, step, scene.fuse, cfg.surf)
+    back = (after & ~torch.tensor(out < 0, device=device)).cpu().numpy()
+    out[back] = tsdf[back]  # the guard at the fused grid's resolution (thin parts finer than the coarse grid)
     record["carved_fine_voxels"] = int((out > 0).sum() - (tsdf > 0).sum())
-    return out, record
+    record["restored_fine_voxels"] = restored
+    if record["carved_fine_voxels"] == 0:
+        return out, record
+    # accepted only if the carved surface renders closer to the views than the fused one (the data term)
+    weights = torch.tensor(record["view_weights"][0], device=device) if record["view_weights"] else None
+    residual = []
+    for candidate in (tsdf, out):
+        m = field_to_mesh(clean_field(candidate, cfg.mesh.smooth_sigma), scene.lo, step)
+        residual.append(view_residual(torch.tensor(m.vertices, dtype=torch.float32, device=device),
+                                      torch.tensor(m.faces, device=device), scene.fuse, cfg.surf, weights))
+    record["view_residual"] = {"fused": round(residual[0], 5), "carved": round(residual[1], 5)}
+    record["accepted"] = residual[1] < residual[0]
+    return (out if record["accepted"] else tsdf), record
 
 
 def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],

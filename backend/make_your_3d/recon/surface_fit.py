@@ -35,7 +35,7 @@ from make_your_3d.recon.camera import pixel_rays_world, pixel_size, project, sam
 from make_your_3d.recon.config import SurfConfig
 from make_your_3d.recon.scene import ViewTargets, grid_counts
 
-__all__ = ["Grid", "carve", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init"]
+__all__ = ["Grid", "carve", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init", "silhouette_guard", "view_residual"]
 
 
 @dataclass
@@ -293,7 +293,7 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
     w = torch.ones(V, device=inside.device) if weights is None else weights
     voting = [v for v in range(V) if bool(targets.has_normal[v]) and float(w[v]) >= cfg.carve_min_weight]
     inside = inside.clone()
-    removed = 0
+    removed = restored = 0
     passes = 0
     for passes in range(1, cfg.carve_passes + 1):
         idx = _surface_voxels(inside)
@@ -306,6 +306,7 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
         occ = inside.float()
         ev = {v: _view_evidence(pts, n_cur, occ, lo, step, targets, v, cfg) for v in voting}
         bad = torch.zeros(len(pts), dtype=torch.bool, device=lo.device)
+        contour = near_contour(pts, step, targets, cfg)
         for a in voting:
             sa, na, nba, da = ev[a]
             for b in voting:
@@ -318,13 +319,81 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
                 ba = (nbb * na[:, None]).sum(-1).amax(1)
                 # opposite normals at one voxel: the two sides of a part thinner than a voxel, not a lid
                 two_sides = (na * nb_).sum(-1) < cfg.carve_thin_cos
-                bad |= both & (torch.minimum(ab, ba) < cfg.carve_cos) & ~two_sides
+                bad |= both & (torch.minimum(ab, ba) < cfg.carve_cos) & ~two_sides & ~(contour[a] | contour[b])
         if not bool(bad.any()):
             break
         i = idx[bad]
-        inside[i[:, 0], i[:, 1], i[:, 2]] = False
-        removed += int(bad.sum())
-    return inside, {"passes": passes, "removed": removed, "voting": voting}
+        after = inside.clone()
+        after[i[:, 0], i[:, 1], i[:, 2]] = False
+        after, kept = silhouette_guard(inside, after, lo, step, targets, cfg)
+        restored += kept
+        if bool((after == inside).all()):
+            break
+        removed += int((inside & ~after).sum())
+        inside = after
+    return inside, {"passes": passes, "removed": removed, "restored": restored, "voting": voting}
+
+
+def near_contour(pts: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig) -> Tensor:
+    """(V, N) whether each point projects within cfg.contour_voxels grid steps of view v's silhouette
+    contour (inside its mask). Why: there the view sees a facet of a convex edge that a neighbouring view
+    may not (a thin leg's corner, a slat's edge), and the two disagree without anything being wrong. A
+    pair of views does not carve near either one's contour; a filled cavity's lid lies inside the
+    silhouettes of the views that carve it."""
+    V = targets.mask.shape[0]
+    out = torch.zeros(V, len(pts), dtype=torch.bool, device=pts.device)
+    if cfg.contour_voxels <= 0:
+        return out
+    W, H = targets.width, targets.height
+    for v in range(V):
+        cam = targets.camera(v)
+        uv, z = project(pts, cam)
+        fg = (targets.mask[v] > 0.5).cpu().numpy()
+        dist = torch.tensor(ndimage.distance_transform_edt(fg), dtype=pts.dtype, device=pts.device)
+        d = sample_image(dist[..., None], uv, W, H)[:, 0]
+        out[v] = (d > 0) & (d < cfg.contour_voxels * step / pixel_size(cam, z))
+    return out
+
+
+def silhouette_guard(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: ViewTargets,
+                     cfg: SurfConfig) -> tuple[Tensor, int]:
+    """`after` with every removed point put back whose removal would empty a foreground ray: the point
+    projects inside some view's mask (above cfg.core_mask) and no point of `after` projects into its
+    cell of that view (cells one grid step wide in pixels, one cell of slack around). Why: the views'
+    silhouettes are their most certain evidence; carving may move a surface along a ray but never
+    take the last of the object off one (a thin leg, a slat, a bowl's rim). Returns the guarded
+    occupancy and how many points it restored."""
+    gone = torch.nonzero(before & ~after)
+    if len(gone) == 0 or cfg.guard_cells <= 0:
+        return after, 0
+    keep = torch.zeros(len(gone), dtype=torch.bool, device=after.device)
+    pts_gone = lo + gone.to(lo.dtype) * step
+    pts_left = lo + torch.nonzero(after).to(lo.dtype) * step
+    W, H = targets.width, targets.height
+    for v in range(targets.mask.shape[0]):
+        cam = targets.camera(v)
+        uv_g, z_g = project(pts_gone, cam)
+        fg = sample_image(targets.mask[v][..., None], uv_g, W, H)[:, 0] > cfg.core_mask
+        if not bool(fg.any()):
+            continue
+        cell = float((step / pixel_size(cam, z_g.median()[None]))[0].clamp_min(1.0))  # a step in pixels
+        cw, ch = int(np.ceil(W / cell)) + 2, int(np.ceil(H / cell)) + 2
+        covered = torch.zeros(ch, cw, dtype=torch.bool, device=after.device)
+        if len(pts_left):
+            uv_l, _ = project(pts_left, cam)
+            c = (uv_l / cell).floor().long() + 1
+            ok = (c[:, 0] >= 0) & (c[:, 0] < cw) & (c[:, 1] >= 0) & (c[:, 1] < ch)
+            covered[c[ok, 1], c[ok, 0]] = True
+        k = 2 * cfg.guard_cells + 1
+        covered = F.max_pool2d(covered.float()[None, None], k, 1, cfg.guard_cells)[0, 0] > 0.5
+        c = ((uv_g / cell).floor().long() + 1).clamp_min(0)
+        c[:, 0].clamp_(max=cw - 1)
+        c[:, 1].clamp_(max=ch - 1)
+        keep |= fg & ~covered[c[:, 1], c[:, 0]]
+    out = after.clone()
+    i = gone[keep]
+    out[i[:, 0], i[:, 1], i[:, 2]] = True
+    return out, int(keep.sum())
 
 
 def view_agreement(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig) -> Tensor:
@@ -360,3 +429,37 @@ def view_agreement(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets
     med = share[known].median()
     # a view compared with no other (no neighbour within carve_pair_cos) keeps weight 1
     return torch.nan_to_num(share / med.clamp_min(1e-6), nan=1.0).clamp(max=1.0)
+
+
+# ------------------------------------------------------------------ the data term, as the acceptance test
+
+def view_residual(vertices: Tensor, faces: Tensor, targets: ViewTargets, cfg: SurfConfig,
+                  weights: Tensor | None = None) -> float:
+    """How far a mesh renders from the views: per view with normals, the mean 1 - cos between the mesh's
+    face normal (turned to face the camera) and the view's normal over its confident foreground, plus the
+    share of that foreground the mesh misses; views averaged with `weights` (their agreement). Why: the
+    carving is accepted only if it brings the surface closer to what the views show (a carving that
+    leaves a jagged wedge in a cavity renders worse than the lid it replaced)."""
+    from make_your_3d.recon.texture import raster_triangles
+
+    V = targets.mask.shape[0]
+    w = torch.ones(V, device=vertices.device) if weights is None else weights
+    fn = F.normalize(torch.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]],
+                                 vertices[faces[:, 2]] - vertices[faces[:, 0]], dim=-1), dim=-1, eps=1e-12)
+    total, wsum = 0.0, 0.0
+    for v in range(V):
+        if targets.normal is None or not bool(targets.has_normal[v]):
+            continue
+        cam = targets.camera(v)
+        uv, z = project(vertices, cam)
+        fid, _, _ = raster_triangles(uv[faces], z[faces], targets.width, targets.height)
+        core = targets.mask[v] > cfg.core_mask
+        hit = core & (fid >= 0)
+        n = fn[fid[hit]]
+        jj, ii = torch.nonzero(hit, as_tuple=True)
+        _, d = pixel_rays_world(ii, jj, cam)
+        n = torch.where(((n * d).sum(-1) > 0)[:, None], -n, n)
+        err = (1 - (n * targets.normal[v][hit]).sum(-1)).sum() + (core & ~hit).sum() * 2.0
+        total += float(w[v]) * float(err) / max(int(core.sum()), 1)
+        wsum += float(w[v])
+    return total / max(wsum, 1e-9)
