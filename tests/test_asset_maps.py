@@ -27,7 +27,7 @@ from make_your_3d.recon.glb import asset_glb, write_asset
 from make_your_3d.recon.mesh import simplify
 from make_your_3d.recon.occlusion import occlusion
 from make_your_3d.recon.tangents import mikk_tangents, smooth_normals
-from make_your_3d.recon.texture import UVMesh, unwrap
+from make_your_3d.recon.texture import unwrap
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 256

@@ -56,15 +56,35 @@ def closest_on_triangles(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return bary
 
 
+def smoothed_vertex_normals(mesh: trimesh.Trimesh, iterations: int, edge_cos: float = 0.8) -> np.ndarray:
+    """The mesh's vertex normals (V,3), each averaged `iterations` times with those of its edge neighbours
+    that differ from it by less than arccos(`edge_cos`): marching cubes terraces a smooth surface at the
+    scale of a voxel (normals off by 10-20 degrees), which is noise, while a crease (a chair's edge, about
+    90 degrees) is detail and is not averaged across."""
+    n = np.asarray(mesh.vertex_normals, np.float64)
+    if iterations <= 0 or len(mesh.edges_unique) == 0:
+        return n
+    from scipy.sparse import coo_matrix
+
+    e = np.asarray(mesh.edges_unique)
+    i = np.concatenate([e[:, 0], e[:, 1], np.arange(len(n))])
+    j = np.concatenate([e[:, 1], e[:, 0], np.arange(len(n))])
+    for _ in range(iterations):
+        w = ((n[i] * n[j]).sum(1) > edge_cos).astype(np.float64)
+        n = coo_matrix((w, (i, j)), shape=(len(n), len(n))).tocsr() @ n
+        n /= np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
+    return n
+
+
 def fine_normals_at(points: Tensor, normals: Tensor, fine: trimesh.Trimesh, tree: cKDTree, k: int, reach: float,
-                    chunk: int = 65536) -> tuple[Tensor, Tensor]:
+                    chunk: int = 65536, smooth: int = 0, edge_cos: float = 0.8) -> tuple[Tensor, Tensor]:
     """The fine surface's smooth normal (N,3) at the point closest to each of `points` (N,3) among the `k`
     fine triangles whose centroids are nearest, counting only triangles that face within 90 degrees of
     `normals` (so the far side of a thin part is never taken) and closer than `reach`; and whether one
     was found (N,) bool."""
     fv = torch.tensor(np.asarray(fine.vertices), dtype=torch.float32)
     ff = torch.tensor(np.asarray(fine.faces), dtype=torch.long)
-    fvn = torch.tensor(np.asarray(fine.vertex_normals), dtype=torch.float32)
+    fvn = torch.tensor(smoothed_vertex_normals(fine, smooth, edge_cos), dtype=torch.float32)
     ffn = torch.tensor(np.asarray(fine.face_normals), dtype=torch.float32)
     out = torch.zeros_like(points)
     found = torch.zeros(points.shape[0], dtype=torch.bool)
@@ -126,7 +146,8 @@ def bake_normal_map(uvm: UVMesh, normals: np.ndarray, tangents: np.ndarray, fine
     w = torch.tensor(tangents[:, 3], dtype=torch.float32)[faces[tx.face, 0]]
     tree = cKDTree(np.asarray(fine.triangles_center))
     world, found = fine_normals_at(P, torch.nn.functional.normalize(N, dim=-1), fine, tree, cfg.normal_candidates,
-                                   cfg.normal_reach * scene_size)
+                                   cfg.normal_reach * scene_size, smooth=cfg.normal_smooth,
+                                   edge_cos=cfg.normal_smooth_cos)
     world = torch.where(found[:, None], world, torch.nn.functional.normalize(N, dim=-1))
     ts = encode_tangent_space(world, T, N, w, cfg.normal_min_z)
     img = np.zeros((size, size, 3), np.float32)
