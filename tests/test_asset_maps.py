@@ -25,13 +25,14 @@ from make_your_3d.recon.camera import orbit_c2w
 from make_your_3d.recon.config import BakeConfig, ReconConfig
 from make_your_3d.recon.glb import asset_glb, write_asset
 from make_your_3d.recon.mesh import simplify
+from make_your_3d.recon.normal_bake import smoothed_vertex_normals
 from make_your_3d.recon.occlusion import occlusion
 from make_your_3d.recon.tangents import mikk_tangents, smooth_normals
 from make_your_3d.recon.texture import unwrap
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 256
-CFG = dataclasses.replace(BakeConfig(), texture_size=SIZE)
+CFG = dataclasses.replace(BakeConfig(), texture_size=SIZE, normal_smooth=0)  # the test surfaces are exact, not terraced
 
 
 def bumpy_sphere() -> trimesh.Trimesh:
@@ -82,6 +83,32 @@ def test_normal_map_brings_back_the_fine_surfaces_shading(fine, asset_glb_path):
         assert without > 2.0, without  # the simplification did lose shading detail
         assert with_map * 2 <= without, (az, without, with_map)
         assert flipped > without * 0.9, (az, without, flipped)
+
+
+def test_fine_normal_smoothing_removes_jitter_and_keeps_creases():
+    """A finely subdivided cube whose vertices are jittered along their normals (marching cubes' terracing
+    stands in): the default smoothing brings the flat faces' normals back, the cube's edges stay sharp;
+    smoothing across creases too (edge_cos -1, the wrong variant) rounds the vertices beside the edges."""
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    for _ in range(5):
+        box = box.subdivide()
+    v = np.asarray(box.vertices)
+    true = np.where(np.abs(v) >= 0.5 - 1e-9, np.sign(v), 0.0)
+    flat = (np.abs(true).sum(1) == 1) & (np.sort(np.abs(v), 1)[:, 1] < 0.45)  # interior of a face
+    near_edge = (np.abs(true).sum(1) == 1) & (np.sort(np.abs(v), 1)[:, 1] > 0.46)  # one vertex from an edge
+    rng = np.random.default_rng(0)
+    jitter = box.copy()
+    jitter.vertices = v + true * rng.normal(0, 0.004, (len(v), 1))
+    cfg = BakeConfig()
+
+    def err(n, sel):
+        return float(np.degrees(np.arccos(np.clip((n[sel] * true[sel]).sum(1), -1, 1))).mean())
+
+    raw = np.asarray(jitter.vertex_normals)
+    smooth = smoothed_vertex_normals(jitter, cfg.normal_smooth, cfg.normal_smooth_cos)
+    across = smoothed_vertex_normals(jitter, cfg.normal_smooth, -1.0)
+    assert err(smooth, flat) * 2 < err(raw, flat), (err(smooth, flat), err(raw, flat))
+    assert err(smooth, near_edge) < 0.5 * err(across, near_edge), (err(smooth, near_edge), err(across, near_edge))
 
 
 def test_tangents_are_unit_perpendicular_and_follow_the_uvs():
