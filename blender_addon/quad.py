@@ -3,8 +3,11 @@
 
 QuadriFlow (Blender's Remesh > QuadriFlow) rebuilds the surface as quads for subdivision and
 sculpting; Cycles' selected-to-active bake then carries the base colour and the shading (as a
-tangent-space normal map) from the original onto the quad mesh's own UVs (Smart UV Project). The
-original stays in the collection, hidden, so nothing is lost. Main thread only (bpy operators).
+tangent-space normal map) from the original onto the quad mesh's own UVs (Smart UV Project). Cycles'
+normal bake reads the original's shading normal with its own normal map applied, so the fine-surface
+detail the backend baked into the GLB carries over (tests/test_asset_maps.py); the occlusion map is
+not re-baked (glTF keeps it outside the shading, and the quad copy is for sculpting and subdivision).
+The original stays in the collection, hidden, so nothing is lost. Main thread only (bpy operators).
 """
 
 from __future__ import annotations
