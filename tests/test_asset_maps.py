@@ -289,7 +289,9 @@ def test_maps_and_factors_in_the_material(asset_glb_path):
     assert pbr["metallicFactor"] == 0.0 and pbr["roughnessFactor"] == 1.0
     assert [i["mimeType"] for i in doc["images"]] == ["image/png"] * 3
     sizes = {t: doc["images"][doc["textures"][t]["source"]] for t in range(3)}
-    orm = load_script("normal_map_bench").read_glb(asset_glb_path)["images"]["orm"]
+    images = load_script("normal_map_bench").read_glb(asset_glb_path)["images"]
+    orm = images["orm"]
+    assert images["baseColor"].shape[:2] == images["normal"].shape[:2] == (SIZE, SIZE)  # the size asked for
     assert orm.shape[:2] == (SIZE // CFG.orm_divisor,) * 2 and len(sizes) == 3
     assert np.allclose(orm[..., 1], round(CFG.roughness * 255) / 255) and np.all(orm[..., 2] == 0)
     assert orm[..., 0].min() < 1.0  # the bumps occlude a little
