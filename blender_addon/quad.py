@@ -3,8 +3,11 @@
 
 QuadriFlow (Blender's Remesh > QuadriFlow) rebuilds the surface as quads for subdivision and
 sculpting; Cycles' selected-to-active bake then carries the base colour and the shading (as a
-tangent-space normal map) from the original onto the quad mesh's own UVs (Smart UV Project). The
-original stays in the collection, hidden, so nothing is lost. Main thread only (bpy operators).
+tangent-space normal map) from the original onto the quad mesh's own UVs (Smart UV Project). Cycles'
+normal bake reads the original's shading normal with its own normal map applied, so the fine-surface
+detail the backend baked into the GLB carries over (tests/test_asset_maps.py); the occlusion map is
+not re-baked (glTF keeps it outside the shading, and the quad copy is for sculpting and subdivision).
+The original stays in the collection, hidden, so nothing is lost. Main thread only (bpy operators).
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import time
 
 import bmesh
 import bpy
+from mathutils import Matrix
 
 WELD_FRACTION = 1e-5  # vertices closer than this share of the object's size are one (the GLB splits them at UV seams)
 CAGE_FRACTION = 0.02  # bake rays start this share of the object's size outside the quad surface
 BAKE_MARGIN_PX = 8  # texels the bake extends past each UV island (mip-mapping shows no seams)
+QUADRIFLOW_MIN_EDGE = 2e-4  # object units: twice the edge length below which QuadriFlow refuses a mesh
+MAX_QUADRIFLOW_SCALE = 1e4  # at most this much scaling to lift the shortest edge over it
 MIN_QUAD_SHARE = 0.5  # fewer quads than this share of the faces means QuadriFlow did not run
 
 
@@ -92,6 +98,12 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
     bm = bmesh.new()  # weld the vertices the GLB split at UV seams: QuadriFlow needs one connected surface
     bm.from_mesh(quad.data)
     bmesh.ops.remove_doubles(bm, verts=bm.verts, dist=WELD_FRACTION * _size(source))
+    # QuadriFlow refuses a mesh with an edge shorter than 1e-4 on every axis ("needs to be manifold and
+    # have consistent normals"), an absolute length; decimated reconstructions have slivers with such
+    # edges. Collapsing them can pinch the surface, so the mesh is scaled up for QuadriFlow instead.
+    shortest = min((max(abs(a - b) for a, b in zip(e.verts[0].co, e.verts[1].co)) for e in bm.edges), default=1.0)
+    scale = min(max(1.0, QUADRIFLOW_MIN_EDGE / max(shortest, 1e-12)), MAX_QUADRIFLOW_SCALE)
+    bm.transform(Matrix.Scale(scale, 4))
     bm.to_mesh(quad.data)
     bm.free()
     quad.data.materials.clear()
@@ -102,6 +114,7 @@ def quad_remesh(context: bpy.types.Context, source: bpy.types.Object, target_fac
         problem = None if result == {"FINISHED"} else "it gave up"
     except RuntimeError as exc:
         problem = str(exc).strip().splitlines()[-1]
+    quad.data.transform(Matrix.Scale(1.0 / scale, 4))
     quads = sum(len(p.vertices) == 4 for p in quad.data.polygons)
     if problem is None and (len(quad.data.polygons) == before or quads < MIN_QUAD_SHARE * len(quad.data.polygons)):
         problem = "it left the mesh unchanged (QuadriFlow needs one closed, manifold surface)"

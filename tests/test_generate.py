@@ -114,6 +114,10 @@ def test_end_to_end_writes_glb_with_texture_and_complete_job_json(generator: Gen
     assert len(mesh.faces) > 0 and mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
     texture = mesh.visual.material.baseColorTexture
     assert texture is not None and min(texture.size) >= 64
+    # issue 26: base colour, normal and occlusion maps by default (the normal map with its tangents)
+    glb = (out / "subject.glb").read_bytes()
+    material = json.loads(glb[20:20 + int.from_bytes(glb[12:16], "little")])["materials"][0]
+    assert {"normalTexture", "occlusionTexture"} <= set(material) and "baseColorTexture" in material["pbrMetallicRoughness"]
     job = json.loads((out / "job.json").read_text())
     assert job["inputs"]["prompt"] == "wearing a red scarf" and job["inputs"]["seed"] == 0
     assert [s["name"] for s in job["stages"]] == list(STAGES)

@@ -316,6 +316,43 @@ class BakeConfig:
     fill_smoothness: float = knob(1.0, "Laplacian weight of the smooth fill of unseen texels", "weight",
                                   "2a1c6bd; untuned", lo=0)
     fill_pull: float = knob(1e-6, "faint pull to mid-grey keeping the fill's system regular", "weight", lo=0)
+    # the asset's texture set (issue 26): which maps the GLB carries, and how each is baked
+    base_color_map: bool = knob(True, "write the baked colour as baseColorTexture (False: a mid-grey baseColorFactor "
+                                "only)", "", "issue 26: on by default")
+    normal_map: bool = knob(True, "bake the fine surface (before simplification) into a tangent-space normalTexture "
+                            "on the final UVs, and write MikkTSpace TANGENTs", "",
+                            "issue 26, BENCHMARKS 'Asset maps': shading-normal error at held-out views")
+    occlusion_map: bool = knob(True, "bake ambient occlusion of the final mesh into the R channel of an ORM texture "
+                               "(occlusionTexture)", "", "issue 26: on by default")
+    normal_scale: float = knob(1.0, "the normalTexture's scale (glTF: x and y of the map are multiplied by it)",
+                               "factor", "glTF default; the map is baked for 1", lo=0)
+    normal_candidates: int = knob(16, "fine triangles (nearest centroids) searched for each texel's closest fine "
+                                  "surface point", "triangles", "issue 26; untuned (8 missed a few at grid 512)", lo=1)
+    normal_reach: float = knob(0.02, "a fine surface point farther than this from the texel is not the same surface "
+                               "(the texel keeps the simplified mesh's own normal)", "scene sizes",
+                               "issue 26; about 7 voxels at grid 512; untuned", lo=0)
+    normal_smooth: int = knob(8, "passes of averaging the fine surface's vertex normals with their neighbours' before "
+                              "the bake (marching cubes' voxel-scale terracing is noise, not detail)", "passes",
+                              "issue 26, BENCHMARKS 'Asset maps': chair 4.54 -> 3.68 deg, head 5.90 -> 4.57 (0 / 8 passes)", lo=0)
+    normal_smooth_cos: float = knob(0.9, "... only across neighbours whose normals agree to this cosine (a crease is "
+                                    "kept)", "cosine", "issue 26, BENCHMARKS 'Asset maps': 0.8 with 16 passes rounded the chair (4.87 deg)", lo=-1)
+    normal_min_z: float = knob(0.05, "smallest z of a tangent-space normal (a fine normal turned away from the face "
+                               "is kept just above its horizon)", "cosine", "issue 26; untuned", lo=0)
+    orm_divisor: int = knob(2, "the ORM texture's side is texture_size / this (occlusion varies slowly)", "ratio",
+                            "issue 26; untuned", lo=1)
+    occlusion_directions: int = knob(48, "directions over the sphere each texel's occlusion is sampled in",
+                                     "directions", "issue 26; untuned", lo=1)
+    occlusion_map_px: int = knob(256, "side of the depth map rendered from each direction", "px",
+                                 "issue 26; untuned", lo=8)
+    occlusion_bias_px: float = knob(1.0, "a texel sees a direction if within this (plus the slope's share) of the "
+                                    "depth map's front", "depth-map pixels", "issue 26; untuned", lo=0)
+    occlusion_strength: float = knob(1.0, "the occlusionTexture's strength (glTF)", "factor", "glTF default", lo=0)
+    roughness: float = knob(0.9, "the material's roughness (G of the ORM texture, else roughnessFactor): a matte "
+                            "surface, since the baked colour already holds the views' lighting", "roughness",
+                            "constant; no measured reason to vary it", lo=0)
+    metallic: float = knob(0.0, "the material's metallic (B of the ORM texture, metallicFactor): the views give no "
+                           "way to tell metal; the add-on's quad re-bake needs 0 to bake diffuse colour", "metallic",
+                           "constant", lo=0)
 
 
 SECTIONS = ("hull", "lift", "joint", "fit", "fuse", "surf", "mesh", "bake")
@@ -325,7 +362,8 @@ FLAT_ALIASES = {
     "iterations": "fit.iterations", "render_size": "fit.render_size", "num_gaussians": "fit.num_gaussians",
     "views_per_step": "fit.views_per_step", "grid_res": "fuse.grid_res", "fuse_size": "fuse.view_size",
     "faces": "mesh.faces", "texture_size": "bake.texture_size", "extra_views": "fuse.extra_views",
-    "fuse_extra": "fuse.extra_depth",
+    "fuse_extra": "fuse.extra_depth", "base_color_map": "bake.base_color_map", "normal_map": "bake.normal_map",
+    "occlusion_map": "bake.occlusion_map",
 }
 
 

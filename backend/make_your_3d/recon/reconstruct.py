@@ -11,7 +11,8 @@
    quadric simplification to the face budget;
 6. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
    from Gaussian renders (`fuse.extra_views`), then a smooth fill from the colours seen around them;
-   dilated islands (recon/texture.py);
+   dilated islands (recon/texture.py); the fine surface of step 5 (before simplification) baked into a
+   tangent-space normal map, ambient occlusion into an ORM texture (recon/asset_maps.py, issue 26);
 7. GLB written atomically (recon/glb.py) plus a job.json-style record.
 
 Every tuned number comes from one `ReconConfig` (recon/config.py); `ReconOptions` is its front for the
@@ -38,7 +39,8 @@ from make_your_3d.progress import CancelToken, ProgressFn, Reporter
 from make_your_3d.recon.camera import Cameras, cameras_for, orbit_cameras
 from make_your_3d.recon.config import PRESETS, ReconConfig, parse_settings, preset_config  # noqa: F401 - parse_settings re-exported (benchmarks)
 from make_your_3d.recon.fit import Gaussians, fit_gaussians, init_from_lift, render
-from make_your_3d.recon.glb import textured_mesh, write_glb
+from make_your_3d.recon.asset_maps import build_asset
+from make_your_3d.recon.glb import write_asset
 from make_your_3d.recon.lift import depth_slopes
 from make_your_3d.recon.mesh import (DepthView, Silhouette, clean_field, field_to_mesh, keep_largest, silhouettes, simplify,
                                      snap_to_silhouettes, surface_report, tsdf_field)
@@ -174,7 +176,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                 tsdf, surf_record = _surface_fit(tsdf, step, scene, cfg, gen, device)
         reporter.step(cfg.fit.iterations + 2, total, "extracting surface")
         with _timed(timings, "mesh"):  # 5. surface
-            mesh, raw_faces, repairs = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
+            mesh, raw_faces, repairs, fine = _extract_mesh(tsdf, scene.lo, step, depth_views, sils, cfg)
         reporter.step(cfg.fit.iterations + 3, total, "unwrapping and baking texture")
         with _timed(timings, "uv"):  # 6a. UVs
             uvm = unwrap(mesh, cfg.bake.texture_size, cfg.bake)
@@ -182,9 +184,11 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
             full, _ = _full_res_sources(viewset, device)
             texture, tex_stats = bake(uvm, full + extra_sources, cfg.bake.texture_size,
                                       depth_tol=cfg.bake.depth_tol_voxels * step, device=device, cfg=cfg.bake)
+        with _timed(timings, "maps"):  # 6c. normal map of the fine surface, occlusion (issue 26)
+            asset, maps_record = build_asset(uvm, texture, fine, cfg.bake, scene.size, cfg.seed)
         reporter.step(cfg.fit.iterations + 4, total, "writing GLB")
         with _timed(timings, "write"):  # 7. GLB
-            out_glb = write_glb(textured_mesh(uvm, texture), out_glb)
+            out_glb = write_asset(asset, out_glb)
     timings["total"] = time.perf_counter() - t_all
     timings = {k: round(v, 3) for k, v in timings.items()}
     reporter.step(total, total, "done")
@@ -195,6 +199,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
     record = _record(options, cfg, device, viewset, scene, g, losses, raw_faces, uvm, mesh, tex_stats, timings, surface)
     if cfg.surf.enabled:
         record["surface_fit"] = surf_record
+    record["maps"] = maps_record
     return ReconResult(Path(out_glb), int(len(uvm.vertices)), int(len(uvm.faces)), timings, record)
 
 
@@ -322,15 +327,16 @@ def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig,
 def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],
                   sils: list[Silhouette | None], cfg: ReconConfig):
     """Step 5: marching cubes, the largest parts, contour snapping, simplification; also the raw face
-    count and the MeshFix outcomes of the simplification."""
+    count, the MeshFix outcomes of the simplification and the fine surface (before it: the normal map's)."""
     try:
         mesh = field_to_mesh(clean_field(tsdf, cfg.mesh.smooth_sigma), lo, step)
     except ValueError:
         raise BadViews("no surface could be reconstructed from these views (check the masks and cameras).") from None
     mesh = snap_to_silhouettes(keep_largest(mesh, cfg.mesh.keep_fraction), depth_views, step, sils=sils, cfg=cfg.mesh)
     raw_faces = len(mesh.faces)
+    fine = mesh
     mesh, repairs = simplify(mesh, cfg.mesh.faces, cfg.mesh)
-    return mesh, raw_faces, repairs
+    return mesh, raw_faces, repairs, fine
 
 
 def _record(options, cfg: ReconConfig, device: torch.device, viewset: ViewSet, scene: _Scene, g: Gaussians,

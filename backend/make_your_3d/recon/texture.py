@@ -117,6 +117,42 @@ def raster_triangles(xy: Tensor, z: Tensor | None, W: int, H: int, chunk: int = 
     return fid.reshape(H, W), bary_out.reshape(H, W, 3), best_d.reshape(H, W)
 
 
+@dataclass
+class Texels:
+    """The texels inside the charts of a `size` x `size` atlas: which ones (chart, (size,size) bool) and,
+    for each of them in row-major order, its face and barycentric coordinates."""
+
+    size: int
+    chart: Tensor
+    face: Tensor  # (N,) long
+    bary: Tensor  # (N,3)
+
+    def interpolate(self, values: Tensor, faces: Tensor) -> Tensor:
+        """Per-vertex values (V,D) at the texels (N,D), linearly across each face."""
+        return (values[faces[self.face]] * self.bary[..., None]).sum(1)
+
+
+def chart_texels(uvm: UVMesh, size: int, device: torch.device = torch.device("cpu")) -> Texels:
+    """Rasterize the UV layout at `size` (texel centres; v up, so row 0 is v = 1)."""
+    uv = torch.tensor(uvm.uvs, dtype=torch.float32, device=device)
+    faces = torch.tensor(uvm.faces, dtype=torch.long, device=device)
+    tex_xy = torch.stack([uv[:, 0] * size, (1 - uv[:, 1]) * size], -1)
+    fid, bary, _ = raster_triangles(tex_xy[faces], None, size, size)
+    chart = fid >= 0
+    return Texels(size, chart, fid[chart], bary[chart])
+
+
+def dilate(img: np.ndarray, filled: np.ndarray, fallback: float = 0.5) -> np.ndarray:
+    """Every texel outside `filled` copies its nearest filled texel (island edges extended over the whole
+    atlas, so bilinear and mip-mapped lookups near a chart's edge read that chart's colours)."""
+    if not filled.any():
+        out = np.array(img, copy=True)
+        out[:] = fallback
+        return out
+    _, (ri, ci) = ndimage.distance_transform_edt(~filled, return_indices=True)
+    return img[ri, ci]
+
+
 def mesh_depth(vertices: Tensor, faces: Tensor, cams: Cameras) -> Tensor:
     """Z-buffer (H,W) of the mesh in one camera (inf where empty)."""
     uv, z = project(vertices, cams)
@@ -195,11 +231,7 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, depth_tol: float = 
         "seen_by_views": float(primary.float().mean()) if P.shape[0] else 0.0,
         "filled": float(has.float().mean()) if P.shape[0] else 0.0,
     }
-    if filled_np.any():
-        _, (ri, ci) = ndimage.distance_transform_edt(~filled_np, return_indices=True)
-        img = img[ri, ci]
-    else:
-        img[:] = 0.5
+    img = dilate(img, filled_np)
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8), stats
 
 
