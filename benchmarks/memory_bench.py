@@ -89,9 +89,16 @@ def run_child(args) -> dict:
     from make_your_3d.pipeline.generate import Generator
     from make_your_3d.pipeline.request import GenerateRequest
 
+    if not args.planner:
+        # Measure the preset as configured: the memory planner (memory.batches_for) would otherwise lower
+        # the batches or hold one model at a time whenever the shared machine is short of memory.
+        import make_your_3d.pipeline.generate as generate
+
+        generate.available_bytes = lambda _device: None
     base = psutil.Process().memory_info().rss
     gen = Generator(args.models, args.cache, args.device, overrides=overrides(args.precision))
     request = GenerateRequest(image=(REPO / "examples" / "toy_bear.png").read_bytes(), preset=args.preset, **REQUEST)
+    batches = gen._plan(request, None)[-1]  # what the memory planner chose for this machine's free memory (job.json's "batches")
     cuda = gen.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -105,6 +112,7 @@ def run_child(args) -> dict:
         "peak_rss_gb": round(maxrss / 1e9, 3), "sampled_peak_gb": round(sampler.peak / 1e9, 3), "base_rss_gb": round(base / 1e9, 3),
         "resident_at_peak": sampler.at_peak, "seconds": round(seconds, 1),
         "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "batches": batches,
     }
 
 
@@ -115,7 +123,7 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     import psutil
 
     cmd = [sys.executable, __file__, "--child", "--models", str(args.models), "--cache", str(cache), "--device", args.device,
-           "--preset", preset, "--precision", precision, "--stage", stage]
+           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner"] if args.planner else [])
     with tempfile.TemporaryFile() as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
         low = None
@@ -189,6 +197,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reserve-gb", type=float, default=1.5, help="stop a stage when the machine has less available")
     parser.add_argument("--json", help="append each row to this JSON file as it is measured")
     parser.add_argument("--label", default="after", help="which code the rows measure (before/after a change)")
+    parser.add_argument("--planner", action="store_true",
+                        help="let the memory planner choose batches and one-model-at-a-time from the machine's free memory "
+                             "(default: measure each preset as configured)")
     parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for stage in args.stages:
                 load = os.getloadavg()
                 row = run_stage_process(args, preset, precision, stage, cache)
-                row.update({"code": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg": [round(x, 2) for x in load],
+                row.update({"code": args.label, "planner": args.planner, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg": [round(x, 2) for x in load],
                             "available_before_gb": round(psutil.virtual_memory().available / 1e9, 1), "machine": machine(),
                             "models": "random published sizes (models/random_set.py, fp16 files)", "steps": MEMORY_STEPS,
                             "recon_iterations": RECON_ITERATIONS})

@@ -171,3 +171,74 @@ def test_lowvram_holds_one_model_at_a_time_on_the_cpu(tiny_models, tmp_path, mon
     Generator(tiny_models, tmp_path / "cache", "cpu").run(GenerateRequest(image=image, prompt="wearing a red scarf", preset="lowvram"), tmp_path / "out")
     assert {"multiview", "personalized", "normal_estimator"} <= {name for name, _ in alive}
     assert all(others == [] for name, others in alive if name != "segmenter"), alive
+
+
+def test_edits_keep_the_pipeline_dtype(tiny_models):
+    """diffusers' `from_pipe` casts the components it shares to float32 unless told otherwise: a bf16
+    pipeline must still be bf16 after an edit (it was silently turned into float32 in place: twice
+    the memory at published sizes, and every later stage ran in float32)."""
+    from PIL import Image
+
+    from make_your_3d.models.personalized import load_personalized
+    from make_your_3d.pipeline.edits import edit_images
+
+    pipe = load_personalized(tiny_models, torch.device("cpu"), torch.bfloat16)
+    image = Image.open(Path(__file__).resolve().parents[1] / "examples" / "toy_bear.png")
+    [out] = edit_images(pipe, [image], ["a bear"], "", size=32, steps=2, guidance=7.5, strength=0.8, seed=0)
+    assert out.size == (32, 32)
+    dtypes = {p.dtype for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder) for p in module.parameters()}
+    assert dtypes == {torch.bfloat16}
+
+
+SYNTHETIC = {("cpu", "float32"): {"default": {"edited_views": 20.0}, "lowvram": {"edited_views": 10.0}}}
+
+
+def test_both_models_that_do_not_fit_are_held_one_at_a_time(monkeypatch):
+    """Default keeps both edited-views models loaded when its measured peak fits the free memory; when it
+    does not, the stage holds one model at a time and the batches come from the one-model figures."""
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", SYNTHETIC)
+    preset = get_preset("default")
+    roomy = batches_for("cpu", "float32", preset, int(20.5 * GB))
+    assert roomy["one_model_at_a_time"] is False and (roomy["edit_batch"], roomy["normal_batch"]) == (6, 6)
+    short = batches_for("cpu", "float32", preset, int(19.5 * GB))  # per image (20 - 10) / 5 = 2 GB: 10 + 5 x 2 > 19.5
+    assert short["one_model_at_a_time"] is True and (short["edit_batch"], short["normal_batch"]) == (5, 5)
+    assert "one model at a time" in short["why"]
+    low = batches_for("cpu", "float32", get_preset("lowvram"), int(100 * GB))
+    assert low["one_model_at_a_time"] is True and low["edit_batch"] == 1
+
+
+def test_default_short_of_memory_runs_one_model_at_a_time(tiny_models, tmp_path, monkeypatch):
+    """The whole chain under a default job whose two edited-views models do not fit the free memory:
+    the planner holds one model at a time (no other pipeline alive when a model loads), lowers the
+    batches, and job.json records the choice. The tiny set stands in for the published one here
+    (its figures: SYNTHETIC; free memory: 15 GB)."""
+    import gc
+
+    from diffusers import DiffusionPipeline
+
+    from make_your_3d.pipeline import generate
+    from make_your_3d.pipeline.generate import Generator
+    from make_your_3d.pipeline.model_host import ModelHost
+    from make_your_3d.pipeline.request import GenerateRequest
+
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", SYNTHETIC)
+    monkeypatch.setattr(generate, "is_tiny", lambda _dir: False)
+    monkeypatch.setattr(generate, "available_bytes", lambda _device: int(15 * GB))
+    alive: list[tuple[str, list[str]]] = []
+    real_load = ModelHost.load
+
+    def load(self, name, dtype, offload=False):
+        model = real_load(self, name, dtype, offload)
+        gc.collect()
+        alive.append((name, sorted({type(o).__name__ for o in gc.get_objects() if isinstance(o, DiffusionPipeline) and o is not model})))
+        return model
+
+    monkeypatch.setattr(ModelHost, "load", load)
+    image = (Path(__file__).resolve().parents[1] / "examples" / "toy_bear.png").read_bytes()
+    out = tmp_path / "out"
+    Generator(tiny_models, tmp_path / "cache", "cpu").run(GenerateRequest(image=image, prompt="wearing a red scarf", preset="default"), out)
+    record = json.loads((out / "job.json").read_text())
+    assert record["batches"]["one_model_at_a_time"] is True and record["preset"]["offload"] is True
+    assert (record["batches"]["edit_batch"], record["preset"]["edit_batch"]) == (3, 3)  # 10 + 2 x 2 <= 15 < 10 + 3 x 2
+    assert {"multiview", "personalized", "normal_estimator"} <= {name for name, _ in alive}
+    assert all(others == [] for name, others in alive if name != "segmenter"), alive

@@ -173,17 +173,29 @@ def choose_batch(asked: int, one_gb: float, per_row_gb: float, free_bytes: int) 
 
 
 def batches_for(device_kind: str, dtype: str, preset, free_bytes: int | None) -> dict:
-    """The edit and normal batch sizes a job runs with: the preset's, lowered until the batched stage
-    fits the device's free memory. Returns {"edit_batch": n, "normal_batch": n, "why": ...}."""
+    """How the batched stage (the edited views) runs in the device's free memory: the edit and normal
+    batch sizes and whether its two models are held one at a time. Returns {"edit_batch": n,
+    "normal_batch": n, "one_model_at_a_time": bool, "why": ...} (job.json's "batches").
+
+    A preset that keeps both models loaded (default, fast, quality) keeps doing so when its measured
+    peak for the stage fits `free_bytes`. When it does not, the stage holds one model at a time
+    (the personalized model is dropped before the normal estimator loads, as lowvram does), and the
+    batches are lowered from the one-model figures until that fits: a job then runs slower (the
+    models load again) instead of running out of memory."""
     asked = {f: getattr(preset, f) for f in BATCH_FIELDS}
     one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
     per_row = row_gb(device_kind, dtype)
+    both = None if preset.offload else (stage_peaks(device_kind, dtype, preset.name) or {}).get(BATCHED_STAGE)
     if free_bytes is None or one is None or per_row is None:
-        return {**asked, "why": "the preset's (no measured figures or free memory for this device)"}
+        return {**asked, "one_model_at_a_time": preset.offload, "why": "the preset's (no measured figures or free memory for this device)"}
+    free = f"{free_bytes / GB:.1f} GB free"
+    if both is not None and both * GB <= free_bytes:
+        return {**asked, "one_model_at_a_time": False, "why": f"the preset's: both models fit {free} ({both:.1f} GB measured)"}
     chosen = {f: choose_batch(n, one, per_row, free_bytes) for f, n in asked.items()}
-    why = (f"the preset's: fits {free_bytes / GB:.1f} GB free" if chosen == asked else
-           f"lowered from the preset's {asked}: {free_bytes / GB:.1f} GB free, {one:.1f} GB at batch 1 + {per_row:.2f} GB per image")
-    return {**chosen, "why": why}
+    held = "one model at a time (the preset's)" if preset.offload else (
+        f"one model at a time: both models need {both:.1f} GB" if both is not None else "one model at a time: no figure for both models")
+    sizes = "the preset's batches fit" if chosen == asked else f"batches lowered from the preset's {asked}: {one:.1f} GB at batch 1 + {per_row:.2f} GB per image"
+    return {**chosen, "one_model_at_a_time": True, "why": f"{held}; {sizes} ({free})"}
 
 
 def capacity_bytes(device, ram_budget_bytes: int | None = None) -> int | None:
