@@ -207,6 +207,21 @@ def test_both_models_that_do_not_fit_are_held_one_at_a_time(monkeypatch):
     assert low["one_model_at_a_time"] is True and low["edit_batch"] == 1
 
 
+def test_unmeasured_fp32_is_planned_from_bf16_doubled(monkeypatch):
+    """fp32's two-model figure cannot be measured on a 24 GB machine: the planner doubles bf16's (every
+    byte twice), so a default fp32 job that would not fit holds one model at a time; a precision with
+    no figures at all keeps the preset's settings."""
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", {("cpu", "bfloat16"): {"default": {"edited_views": 9.0}, "lowvram": {"edited_views": 4.0}}})
+    preset = get_preset("default")
+    assert memory.batched_figure("cpu", "float32", "default") == (18.0, "estimated: bfloat16 x 2")
+    assert memory.row_gb("cpu", "float32") == pytest.approx(2.0)
+    short = batches_for("cpu", "float32", preset, int(17 * GB))
+    assert short["one_model_at_a_time"] is True and short["edit_batch"] == 5 and "estimated" in short["why"]
+    assert batches_for("cpu", "float32", preset, int(18.5 * GB))["one_model_at_a_time"] is False
+    assert batches_for("cpu", "float64", preset, int(1 * GB)) == {"edit_batch": 6, "normal_batch": 6, "one_model_at_a_time": False,
+                                                                  "why": "the preset's (no figures or free memory for this device)"}
+
+
 def test_default_short_of_memory_runs_one_model_at_a_time(tiny_models, tmp_path, monkeypatch):
     """The whole chain under a default job whose two edited-views models do not fit the free memory:
     the planner holds one model at a time (no other pipeline alive when a model loads), lowers the

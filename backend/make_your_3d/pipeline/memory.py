@@ -149,15 +149,37 @@ def pick_preset(device_kind: str, dtype: str, budget_bytes: int | None) -> str:
     return FALLBACK_ORDER[-1]
 
 
-# GB each further image adds to a batched edited_views call (SD img2img rows and Marigold rows
-# together), on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1) / 5.
 BATCH_FIELDS = ("edit_batch", "normal_batch")
+
+# The planner's figures for a precision whose batched stage was not measured, from a measured one:
+# dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): default's
+# fp32 edited views with both models resident does not fit this 24 GB machine next to the other
+# developers' work, so that figure is not measured. Only `batches_for` uses estimates; the
+# admission check (`check_fits`) and `auto` use measured figures alone.
+ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
+
+
+def batched_figure(device_kind: str, dtype: str, preset: str) -> tuple[float | None, str]:
+    """`preset`'s peak GB for the batched stage at its own batches, and where it comes from
+    ("measured", "estimated: bfloat16 x 2.0", or "" with None when neither is known)."""
+    measured = (stage_peaks(device_kind, dtype, preset) or {}).get(BATCHED_STAGE)
+    if measured is not None:
+        return measured, "measured"
+    if dtype in ESTIMATE_FROM:
+        other, factor = ESTIMATE_FROM[dtype]
+        base = (stage_peaks(device_kind, other, preset) or {}).get(BATCHED_STAGE)
+        if base is not None:
+            return base * factor, f"estimated: {other} x {factor:g}"
+    return None, ""
 
 
 def row_gb(device_kind: str, dtype: str) -> float | None:
-    """Extra GB per image of a batched edited_views call, from the measured figures (None: unknown)."""
-    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
-    six = (stage_peaks(device_kind, dtype, "default") or {}).get(BATCHED_STAGE)
+    """Extra GB each further image adds to a batched edited_views call (SD img2img rows and Marigold
+    rows together) on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1)
+    / 5, an upper bound (default's figure also holds the second model). None: unknown."""
+    one, _ = batched_figure(device_kind, dtype, "lowvram")
+    six, _ = batched_figure(device_kind, dtype, "default")
     if one is None or six is None:
         return None
     return max(0.0, (six - one) / 5)
@@ -183,18 +205,18 @@ def batches_for(device_kind: str, dtype: str, preset, free_bytes: int | None) ->
     batches are lowered from the one-model figures until that fits: a job then runs slower (the
     models load again) instead of running out of memory."""
     asked = {f: getattr(preset, f) for f in BATCH_FIELDS}
-    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    one, one_source = batched_figure(device_kind, dtype, "lowvram")
     per_row = row_gb(device_kind, dtype)
-    both = None if preset.offload else (stage_peaks(device_kind, dtype, preset.name) or {}).get(BATCHED_STAGE)
-    if free_bytes is None or one is None or per_row is None:
-        return {**asked, "one_model_at_a_time": preset.offload, "why": "the preset's (no measured figures or free memory for this device)"}
+    both, both_source = (None, "") if preset.offload else batched_figure(device_kind, dtype, preset.name)
+    if free_bytes is None or one is None or per_row is None or (both is None and not preset.offload):
+        return {**asked, "one_model_at_a_time": preset.offload, "why": "the preset's (no figures or free memory for this device)"}
     free = f"{free_bytes / GB:.1f} GB free"
     if both is not None and both * GB <= free_bytes:
-        return {**asked, "one_model_at_a_time": False, "why": f"the preset's: both models fit {free} ({both:.1f} GB measured)"}
+        return {**asked, "one_model_at_a_time": False, "why": f"the preset's: both models fit {free} ({both:.1f} GB, {both_source})"}
     chosen = {f: choose_batch(n, one, per_row, free_bytes) for f, n in asked.items()}
-    held = "one model at a time (the preset's)" if preset.offload else (
-        f"one model at a time: both models need {both:.1f} GB" if both is not None else "one model at a time: no figure for both models")
-    sizes = "the preset's batches fit" if chosen == asked else f"batches lowered from the preset's {asked}: {one:.1f} GB at batch 1 + {per_row:.2f} GB per image"
+    held = "one model at a time (the preset's)" if preset.offload else f"one model at a time: both models need {both:.1f} GB ({both_source})"
+    sizes = "the preset's batches fit" if chosen == asked else (
+        f"batches lowered from the preset's {asked}: {one:.1f} GB at batch 1 ({one_source}) + {per_row:.2f} GB per image")
     return {**chosen, "one_model_at_a_time": True, "why": f"{held}; {sizes} ({free})"}
 
 
