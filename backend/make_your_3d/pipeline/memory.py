@@ -54,6 +54,7 @@ SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
 }
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
+MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
 BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
 
 
@@ -75,8 +76,16 @@ def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] |
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures without the edited views (the largest stage wherever it was measured: two models and
-    six 768 px Marigold rows) are incomplete and count as not measured."""
+    six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
+    the preset's own two-model figure could not be measured (default in fp32 does not fit a 24 GB
+    machine) but every other stage was, the memory planner runs its edited views one model at a
+    time (`batches_for`), so the least it needs there is lowvram's measured one-model figure."""
     peaks = stage_peaks(device_kind, dtype, preset)
+    if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
+        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+        if one is not None:
+            peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
+            return Need(max(peaks.values()), max(peaks, key=peaks.get))
     if not peaks or BATCHED_STAGE not in peaks:
         return None
     stage = max(peaks, key=peaks.get)
