@@ -179,6 +179,8 @@ def report(rows: list[dict]) -> str:
 
     def cell(preset: str, precision: str, stage: str) -> str:
         got = [r for r in rows if (r["preset"], r["precision"], r["stage"]) == (preset, precision, stage) and r["code"] in CODES]
+        ok = {r["code"] for r in got if r["status"] == "ok"}
+        got = [r for r in got if r["status"] == "ok" or r["code"] not in ok]  # a stopped run that was rerun: the rerun
         return ", ".join(one(r) for r in sorted(got, key=lambda r: CODES.index(r["code"]))) or "not run"
 
     combos = sorted({(r["preset"], r["precision"]) for r in rows}, key=lambda c: (c[1], c[0]))
