@@ -3,12 +3,16 @@ fits the device, which preset `auto` picks, and how many images one batched call
 
 The figures are peak resident memory of one process running one stage at the published model sizes
 (`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
-BENCHMARKS.md "Peak memory per stage"). They were measured on the CPU, where they are RAM; for
-Apple's GPU (unified memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and
-activation); CUDA has no figures until a GPU run measures them (PROXY says why). `fast` runs the same shapes as
-`default` (fewer steps, a smaller reconstruction), so it shares default's figures (SAME_SHAPES).
-The reconstruction is not in the table: it is checked against the RAM budget by
-`request.estimate_job_memory`, which grows with the requested faces and texture size.
+BENCHMARKS.md "Peak memory per stage"), each preset as configured (default: both edited-views models
+resident, batches of 6). They were measured on the CPU, where they are RAM; for Apple's GPU (unified
+memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
+figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
+`default` (fewer steps), so it shares default's figures for those (SAME_SHAPES). The reconstruction's
+figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+separate per-request check of the faces and texture asked for). fp32 has no figures yet: at one
+step per loop its stages take about four times bf16's seconds on this CPU, which did not fit the
+session that measured the table (BENCHMARKS.md); the planner estimates its batched stage from bf16
+(ESTIMATE_FROM) meanwhile.
 """
 
 from __future__ import annotations
@@ -22,14 +26,13 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its "after" rows).
+# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its
+# "after" rows measured as configured). lowvram's other model stages are default's (SAME_SHAPES).
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
-        "default": {"subject": 0.472, "subject_views": 4.122, "identity": 6.115, "edited_views": 12.491},
-        "lowvram": {"edited_views": 9.072},  # 12.324 before edits._edit_views let the SD pipeline go
-    },
-    ("cpu", "float32"): {
-        "default": {"subject": 0.472},  # the other stages were not measured in fp32 (BENCHMARKS.md says why)
+        "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
+                    "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
+        "lowvram": {"edited_views": 6.07},
     },
 }
 
