@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_script
 
 from make_your_3d.errors import TooHeavy
 from make_your_3d.pipeline import memory
@@ -18,19 +19,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memo
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def _bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("memory_bench", RESULTS.parents[1] / "memory_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_table_is_the_measured_json():
     """Every figure in the backend's table is a measured row's peak (the source is the benchmark): the
     "after" rows that measured their preset as configured (not the planner's one-model-at-a-time runs)."""
-    bench = _bench()
+    bench = load_script("memory_bench")
     rows = [r for r in json.loads(RESULTS.read_text()) if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
     measured = {("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]): r["peak_rss_gb"] for r in rows}
     table = {(k, d, p, s): gb for (k, d), presets in MEASURED_PEAK_GB.items() for p, stages in presets.items() for s, gb in stages.items()}
