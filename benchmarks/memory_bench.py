@@ -187,9 +187,11 @@ def report(rows: list[dict]) -> str:
     lines = ["| stage | " + " | ".join(f"{p} {q}" for p, q in combos) + " |", "|---" * (len(combos) + 1) + "|"]
     for stage in STAGE_ORDER:
         lines.append(f"| {stage} | " + " | ".join(cell(p, q, stage) for p, q in combos) + " |")
-    lines.append("| **largest (after, as configured)** | " + " | ".join(
-        f"{max((r['peak_rss_gb'] for r in rows if (r['preset'], r['precision'], r['code']) == (p, q, 'after') and r['status'] == 'ok' and as_configured(r)), default=0):.2f}"
-        for p, q in combos) + " |")
+    def largest(p: str, q: str) -> str:
+        got = [r["peak_rss_gb"] for r in rows if (r["preset"], r["precision"], r["code"]) == (p, q, "after") and r["status"] == "ok" and as_configured(r)]
+        return f"{max(got):.2f}" if got else "none"
+
+    lines.append("| **largest of its own rows (after, as configured)** | " + " | ".join(largest(p, q) for p, q in combos) + " |")
     table: dict = {}
     for r in rows:
         if r["code"] == "after" and r["status"] == "ok" and as_configured(r):

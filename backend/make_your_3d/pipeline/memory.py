@@ -32,7 +32,7 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
-        "lowvram": {"edited_views": 6.07},
+        "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
     },
 }
 
