@@ -80,8 +80,8 @@ def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures without the edited views (the largest stage wherever it was measured: two models and
     six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
-    the preset's own two-model figure could not be measured (default in fp32 does not fit a 24 GB
-    machine) but every other stage was, the memory planner runs its edited views one model at a
+    the preset's own two-model figure could not be measured (default in fp32 needs about 19 GB by
+    bf16's bytes, more than a shared 24 GB machine has free) but every other stage was, the memory planner runs its edited views one model at a
     time (`batches_for`), so the least it needs there is lowvram's measured one-model figure."""
     peaks = stage_peaks(device_kind, dtype, preset)
     if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
@@ -165,10 +165,9 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
-# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): default's
-# fp32 edited views with both models resident does not fit this 24 GB machine next to the other
-# developers' work, so that figure is not measured. Only `batches_for` uses estimates; the
-# admission check (`check_fits`) and `auto` use measured figures alone.
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): no fp32 stage
+# is measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
+# (`check_fits`) and `auto` use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
 
 
