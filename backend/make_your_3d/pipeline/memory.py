@@ -9,10 +9,10 @@ memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activa
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
 `default` (fewer steps), so it shares default's figures for those (SAME_SHAPES). The reconstruction's
 figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
-separate per-request check of the faces and texture asked for). fp32 has no figures yet: at one
-step per loop its stages take about four times bf16's seconds on this CPU, which did not fit the
-session that measured the table (BENCHMARKS.md); the planner estimates its batched stage from bf16
-(ESTIMATE_FROM) meanwhile.
+separate per-request check of the faces and texture asked for). fp32 has two figures so far (subject,
+subject_views): at one step per loop its stages take several times bf16's seconds on this CPU, and the
+rest did not fit the session that measured the table (BENCHMARKS.md); the planner estimates its
+batched stage from bf16 (ESTIMATE_FROM) meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
+    },
+    ("cpu", "float32"): {
+        "default": {"subject": 0.473, "subject_views": 6.561},  # the rest not measured yet (BENCHMARKS.md says why)
     },
 }
 
@@ -165,8 +168,8 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
-# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): no fp32 stage
-# is measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): fp32's edited
+# views are not measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
 # (`check_fits`) and `auto` use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
 
