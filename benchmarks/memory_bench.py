@@ -89,9 +89,17 @@ def run_child(args) -> dict:
     from make_your_3d.pipeline.generate import Generator
     from make_your_3d.pipeline.request import GenerateRequest
 
+    # The memory planner (memory.batches_for) decides once per job, from the free memory at its start;
+    # here the parent read it once per chain (--free-gb) so that every stage process of the chain
+    # plans alike (its batches are in the stage keys). Without --planner: each preset as configured.
+    import make_your_3d.pipeline.generate as generate
+
+    free = int(args.free_gb * 1e9) if args.planner else None
+    generate.available_bytes = lambda _device: free
     base = psutil.Process().memory_info().rss
     gen = Generator(args.models, args.cache, args.device, overrides=overrides(args.precision))
     request = GenerateRequest(image=(REPO / "examples" / "toy_bear.png").read_bytes(), preset=args.preset, **REQUEST)
+    batches = gen._plan(request, None)[-1]  # what the memory planner chose for this machine's free memory (job.json's "batches")
     cuda = gen.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -105,6 +113,7 @@ def run_child(args) -> dict:
         "peak_rss_gb": round(maxrss / 1e9, 3), "sampled_peak_gb": round(sampler.peak / 1e9, 3), "base_rss_gb": round(base / 1e9, 3),
         "resident_at_peak": sampler.at_peak, "seconds": round(seconds, 1),
         "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "batches": batches,
     }
 
 
@@ -115,7 +124,7 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     import psutil
 
     cmd = [sys.executable, __file__, "--child", "--models", str(args.models), "--cache", str(cache), "--device", args.device,
-           "--preset", preset, "--precision", precision, "--stage", stage]
+           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner", "--free-gb", str(args.free_gb)] if args.planner else [])
     with tempfile.TemporaryFile() as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
         low = None
@@ -139,28 +148,53 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     return json.loads(text.strip().splitlines()[-1])
 
 
+CODES = ("before", "first", "after")  # main's code; this work's first pass (edits ran in fp32: from_pipe); now
+
+
+def as_configured(row: dict) -> bool:
+    """Whether a row measured its preset as configured: not a batched stage that the memory planner
+    ran one model at a time or with lowered batches (those rows are the planner's, not the preset's
+    figure, and stay out of MEASURED_PEAK_GB)."""
+    from make_your_3d.pipeline.memory import BATCHED_STAGE
+    from make_your_3d.pipeline.presets import get_preset
+
+    b = row.get("batches") or {}
+    if row["stage"] != BATCHED_STAGE or not b:
+        return True
+    preset = get_preset(row["preset"])
+    return b.get("one_model_at_a_time", preset.offload) == preset.offload and (b["edit_batch"], b["normal_batch"]) == (preset.edit_batch, preset.normal_batch)
+
+
 def report(rows: list[dict]) -> str:
-    """The Markdown table (stage x preset x precision, before -> after) and `MEASURED_PEAK_GB` of
-    pipeline/memory.py, built from the "after" rows."""
+    """The Markdown table (stage x preset x precision, before -> first -> after) and `MEASURED_PEAK_GB`
+    of pipeline/memory.py, built from the "after" rows that measured their preset as configured."""
+    def one(r: dict) -> str:
+        if r["status"] != "ok":
+            return f"{r['code']} {r['status']}"
+        text = f"{r['code']} {r['peak_rss_gb']:.2f}"
+        if not as_configured(r):
+            b = r["batches"]
+            text += f" (planner: {'one model at a time, ' if b.get('one_model_at_a_time') else ''}batches {b['edit_batch']}/{b['normal_batch']})"
+        return text
+
     def cell(preset: str, precision: str, stage: str) -> str:
-        got = {r["code"]: r for r in rows if (r["preset"], r["precision"], r["stage"]) == (preset, precision, stage)}
-        parts = []
-        for code in ("before", "after"):
-            r = got.get(code)
-            if r is not None:
-                parts.append(f"{code} " + (f"{r['peak_rss_gb']:.2f}" if r["status"] == "ok" else r["status"]))
-        return ", ".join(parts) or "not run"
+        got = [r for r in rows if (r["preset"], r["precision"], r["stage"]) == (preset, precision, stage) and r["code"] in CODES]
+        ok = {r["code"] for r in got if r["status"] == "ok"}
+        got = [r for r in got if r["status"] == "ok" or r["code"] not in ok]  # a stopped run that was rerun: the rerun
+        return ", ".join(one(r) for r in sorted(got, key=lambda r: CODES.index(r["code"]))) or "not run"
 
     combos = sorted({(r["preset"], r["precision"]) for r in rows}, key=lambda c: (c[1], c[0]))
     lines = ["| stage | " + " | ".join(f"{p} {q}" for p, q in combos) + " |", "|---" * (len(combos) + 1) + "|"]
     for stage in STAGE_ORDER:
         lines.append(f"| {stage} | " + " | ".join(cell(p, q, stage) for p, q in combos) + " |")
-    lines.append("| **largest** | " + " | ".join(
-        f"{max((r['peak_rss_gb'] for r in rows if (r['preset'], r['precision'], r['code']) == (p, q, 'after') and r['status'] == 'ok'), default=0):.2f}"
-        for p, q in combos) + " |")
+    def largest(p: str, q: str) -> str:
+        got = [r["peak_rss_gb"] for r in rows if (r["preset"], r["precision"], r["code"]) == (p, q, "after") and r["status"] == "ok" and as_configured(r)]
+        return f"{max(got):.2f}" if got else "none"
+
+    lines.append("| **largest of its own rows (after, as configured)** | " + " | ".join(largest(p, q) for p, q in combos) + " |")
     table: dict = {}
     for r in rows:
-        if r["code"] == "after" and r["status"] == "ok":
+        if r["code"] == "after" and r["status"] == "ok" and as_configured(r):
             dtype = {"bf16": "bfloat16", "fp32": "float32"}[r["precision"]]
             table.setdefault(("cpu", dtype), {}).setdefault(r["preset"], {})[r["stage"]] = r["peak_rss_gb"]
     return "\n".join(lines) + "\n\nMEASURED_PEAK_GB = " + repr(table)
@@ -189,6 +223,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reserve-gb", type=float, default=1.5, help="stop a stage when the machine has less available")
     parser.add_argument("--json", help="append each row to this JSON file as it is measured")
     parser.add_argument("--label", default="after", help="which code the rows measure (before/after a change)")
+    parser.add_argument("--planner", action="store_true",
+                        help="let the memory planner choose batches and one-model-at-a-time from the machine's free memory "
+                             "(default: measure each preset as configured)")
+    parser.add_argument("--free-gb", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -210,10 +248,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for precision in args.precisions:
         for preset in args.presets:
             cache = work / f"cache-{preset}-{precision}"
+            if args.planner:  # one plan per chain, as one job plans once
+                args.free_gb = round(psutil.virtual_memory().available / 1e9 - args.reserve_gb, 1)
             for stage in args.stages:
                 load = os.getloadavg()
                 row = run_stage_process(args, preset, precision, stage, cache)
-                row.update({"code": args.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg": [round(x, 2) for x in load],
+                row.update({"code": args.label, "planner_free_gb": args.free_gb if args.planner else None, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg": [round(x, 2) for x in load],
                             "available_before_gb": round(psutil.virtual_memory().available / 1e9, 1), "machine": machine(),
                             "models": "random published sizes (models/random_set.py, fp16 files)", "steps": MEMORY_STEPS,
                             "recon_iterations": RECON_ITERATIONS})

@@ -40,7 +40,10 @@ def _per_image_img2img(pipe):
                                             do_classifier_free_guidance):
             return [e.to(device) for e in ip_adapter_image_embeds]
 
-    img2img = PerImageAdapterImg2Img.from_pipe(pipe)
+    # from_pipe casts the components it shares with `pipe` to its `dtype` argument, float32 when not
+    # given: a bf16/fp16 pipeline would be turned into float32 in place (twice the memory, for every
+    # later user of the loaded model). Keep the pipeline's own dtype.
+    img2img = PerImageAdapterImg2Img.from_pipe(pipe, dtype=pipe.unet.dtype)
     img2img.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own: schedulers keep stepping state
     img2img.set_progress_bar_config(disable=True)
     return img2img

@@ -105,8 +105,9 @@ class Generator:
     def _plan(self, request: GenerateRequest, out_dir: Path | None) -> tuple[Image.Image, Preset, torch.dtype, KeyContext, dict, dict]:
         """Step 1: check the request, every folder the job writes (`out_dir`'s parent: None for a stage
         run alone) and resolve every setting and stage key, before any model loads.
-        The batch sizes are chosen here from the device's free memory (published sizes only: the
-        figures are theirs), so the edited views' key and job.json carry the ones that ran."""
+        The batch sizes, and whether the models are held one at a time, are chosen here from the
+        device's free memory (published sizes only: the figures are theirs; `memory.batches_for`), so
+        the edited views' key and job.json carry the ones that ran."""
         image = validate_request(request)
         overrides = {**self.overrides, **(request.overrides or {})}
         name = resolve_preset_name(request.preset, self.device, lambda n: resolve_preset(n, self.models_dir, overrides).precision,
@@ -115,10 +116,12 @@ class Generator:
         dtype = resolve_dtype(self.device, preset.precision)
         if not is_tiny(self.models_dir):
             chosen = batches_for(self.device.type, str(dtype).removeprefix("torch."), preset, available_bytes(self.device))
-            preset = replace(preset, edit_batch=chosen["edit_batch"], normal_batch=chosen["normal_batch"])
+            preset = replace(preset, edit_batch=chosen["edit_batch"], normal_batch=chosen["normal_batch"],
+                             offload=preset.offload or chosen["one_model_at_a_time"])
             batches = chosen
         else:
-            batches = {"edit_batch": preset.edit_batch, "normal_batch": preset.normal_batch, "why": "the preset's (tiny model set)"}
+            batches = {"edit_batch": preset.edit_batch, "normal_batch": preset.normal_batch, "one_model_at_a_time": preset.offload,
+                       "why": "the preset's (tiny model set)"}
         recon_config = recon_options(preset, request, str(self.device), stage_seed(STAGE_TABLE["reconstruct"], request.seed)).resolved()
         if out_dir is not None:
             check_writable(out_dir.parent, "output folder")  # every place the job writes, before any model loads

@@ -3,12 +3,16 @@ fits the device, which preset `auto` picks, and how many images one batched call
 
 The figures are peak resident memory of one process running one stage at the published model sizes
 (`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
-BENCHMARKS.md "Peak memory per stage"). They were measured on the CPU, where they are RAM; for
-Apple's GPU (unified memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and
-activation); CUDA has no figures until a GPU run measures them (PROXY says why). `fast` runs the same shapes as
-`default` (fewer steps, a smaller reconstruction), so it shares default's figures (SAME_SHAPES).
-The reconstruction is not in the table: it is checked against the RAM budget by
-`request.estimate_job_memory`, which grows with the requested faces and texture size.
+BENCHMARKS.md "Peak memory per stage"), each preset as configured (default: both edited-views models
+resident, batches of 6). They were measured on the CPU, where they are RAM; for Apple's GPU (unified
+memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
+figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
+`default` (fewer steps), so it shares default's figures for those (SAME_SHAPES). The reconstruction's
+figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+separate per-request check of the faces and texture asked for). fp32 has two figures so far (subject,
+subject_views): at one step per loop its stages take several times bf16's seconds on this CPU, and the
+rest did not fit the session that measured the table (BENCHMARKS.md); the planner estimates its
+batched stage from bf16 (ESTIMATE_FROM) meanwhile.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its "after" rows).
+# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its
+# "after" rows measured as configured). lowvram's other model stages are default's (SAME_SHAPES).
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
-        "default": {"subject": 0.472, "subject_views": 4.122, "identity": 6.115, "edited_views": 12.491},
-        "lowvram": {"edited_views": 9.072},  # 12.324 before edits._edit_views let the SD pipeline go
+        "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
+                    "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
+        "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
     },
     ("cpu", "float32"): {
-        "default": {"subject": 0.472},  # the other stages were not measured in fp32 (BENCHMARKS.md says why)
+        "default": {"subject": 0.473, "subject_views": 6.561},  # the rest not measured yet (BENCHMARKS.md says why)
     },
 }
 
@@ -54,6 +60,7 @@ SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
 }
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
+MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
 BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
 
 
@@ -75,8 +82,16 @@ def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] |
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures without the edited views (the largest stage wherever it was measured: two models and
-    six 768 px Marigold rows) are incomplete and count as not measured."""
+    six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
+    the preset's own two-model figure could not be measured (default in fp32 needs about 19 GB by
+    bf16's bytes, more than a shared 24 GB machine has free) but every other stage was, the memory planner runs its edited views one model at a
+    time (`batches_for`), so the least it needs there is lowvram's measured one-model figure."""
     peaks = stage_peaks(device_kind, dtype, preset)
+    if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
+        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+        if one is not None:
+            peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
+            return Need(max(peaks.values()), max(peaks, key=peaks.get))
     if not peaks or BATCHED_STAGE not in peaks:
         return None
     stage = max(peaks, key=peaks.get)
@@ -149,15 +164,36 @@ def pick_preset(device_kind: str, dtype: str, budget_bytes: int | None) -> str:
     return FALLBACK_ORDER[-1]
 
 
-# GB each further image adds to a batched edited_views call (SD img2img rows and Marigold rows
-# together), on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1) / 5.
 BATCH_FIELDS = ("edit_batch", "normal_batch")
+
+# The planner's figures for a precision whose batched stage was not measured, from a measured one:
+# dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): fp32's edited
+# views are not measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
+# (`check_fits`) and `auto` use measured figures alone.
+ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
+
+
+def batched_figure(device_kind: str, dtype: str, preset: str) -> tuple[float | None, str]:
+    """`preset`'s peak GB for the batched stage at its own batches, and where it comes from
+    ("measured", "estimated: bfloat16 x 2.0", or "" with None when neither is known)."""
+    measured = (stage_peaks(device_kind, dtype, preset) or {}).get(BATCHED_STAGE)
+    if measured is not None:
+        return measured, "measured"
+    if dtype in ESTIMATE_FROM:
+        other, factor = ESTIMATE_FROM[dtype]
+        base = (stage_peaks(device_kind, other, preset) or {}).get(BATCHED_STAGE)
+        if base is not None:
+            return base * factor, f"estimated: {other} x {factor:g}"
+    return None, ""
 
 
 def row_gb(device_kind: str, dtype: str) -> float | None:
-    """Extra GB per image of a batched edited_views call, from the measured figures (None: unknown)."""
-    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
-    six = (stage_peaks(device_kind, dtype, "default") or {}).get(BATCHED_STAGE)
+    """Extra GB each further image adds to a batched edited_views call (SD img2img rows and Marigold
+    rows together) on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1)
+    / 5, an upper bound (default's figure also holds the second model). None: unknown."""
+    one, _ = batched_figure(device_kind, dtype, "lowvram")
+    six, _ = batched_figure(device_kind, dtype, "default")
     if one is None or six is None:
         return None
     return max(0.0, (six - one) / 5)
@@ -173,17 +209,29 @@ def choose_batch(asked: int, one_gb: float, per_row_gb: float, free_bytes: int) 
 
 
 def batches_for(device_kind: str, dtype: str, preset, free_bytes: int | None) -> dict:
-    """The edit and normal batch sizes a job runs with: the preset's, lowered until the batched stage
-    fits the device's free memory. Returns {"edit_batch": n, "normal_batch": n, "why": ...}."""
+    """How the batched stage (the edited views) runs in the device's free memory: the edit and normal
+    batch sizes and whether its two models are held one at a time. Returns {"edit_batch": n,
+    "normal_batch": n, "one_model_at_a_time": bool, "why": ...} (job.json's "batches").
+
+    A preset that keeps both models loaded (default, fast, quality) keeps doing so when its measured
+    peak for the stage fits `free_bytes`. When it does not, the stage holds one model at a time
+    (the personalized model is dropped before the normal estimator loads, as lowvram does), and the
+    batches are lowered from the one-model figures until that fits: a job then runs slower (the
+    models load again) instead of running out of memory."""
     asked = {f: getattr(preset, f) for f in BATCH_FIELDS}
-    one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+    one, one_source = batched_figure(device_kind, dtype, "lowvram")
     per_row = row_gb(device_kind, dtype)
-    if free_bytes is None or one is None or per_row is None:
-        return {**asked, "why": "the preset's (no measured figures or free memory for this device)"}
+    both, both_source = (None, "") if preset.offload else batched_figure(device_kind, dtype, preset.name)
+    if free_bytes is None or one is None or per_row is None or (both is None and not preset.offload):
+        return {**asked, "one_model_at_a_time": preset.offload, "why": "the preset's (no figures or free memory for this device)"}
+    free = f"{free_bytes / GB:.1f} GB free"
+    if both is not None and both * GB <= free_bytes:
+        return {**asked, "one_model_at_a_time": False, "why": f"the preset's: both models fit {free} ({both:.1f} GB, {both_source})"}
     chosen = {f: choose_batch(n, one, per_row, free_bytes) for f, n in asked.items()}
-    why = (f"the preset's: fits {free_bytes / GB:.1f} GB free" if chosen == asked else
-           f"lowered from the preset's {asked}: {free_bytes / GB:.1f} GB free, {one:.1f} GB at batch 1 + {per_row:.2f} GB per image")
-    return {**chosen, "why": why}
+    held = "one model at a time (the preset's)" if preset.offload else f"one model at a time: both models need {both:.1f} GB ({both_source})"
+    sizes = "the preset's batches fit" if chosen == asked else (
+        f"batches lowered from the preset's {asked}: {one:.1f} GB at batch 1 ({one_source}) + {per_row:.2f} GB per image")
+    return {**chosen, "one_model_at_a_time": True, "why": f"{held}; {sizes} ({free})"}
 
 
 def capacity_bytes(device, ram_budget_bytes: int | None = None) -> int | None:
