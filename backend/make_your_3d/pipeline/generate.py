@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -37,7 +36,7 @@ from PIL import Image
 from make_your_3d import __version__
 from make_your_3d.device import resolve_device, resolve_dtype
 from make_your_3d.errors import DiskFull, OutOfMemory
-from make_your_3d.files import check_writable
+from make_your_3d.files import check_writable, replace_dir
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
 from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, stage_peaks
@@ -258,13 +257,7 @@ class Generator:
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + ["job.json"]
             record["files"] = sorted(files)
             (tmp / "job.json").write_text(json.dumps(record, indent=2, default=str))
-            if out_dir.exists():
-                trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-                os.replace(out_dir, trash)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from make_your_3d.files import replace_dir
 from make_your_3d.errors import Cancelled, FarmUnavailable, Make3DError, WorkerLost
 from make_your_3d.pipeline.cache import digest
 from make_your_3d.pipeline.request import GenerateRequest, GenerateResult
@@ -270,13 +271,7 @@ def write_files_atomically(out_dir: Path, files: dict[str, bytes]) -> list[str]:
                 raise Make3DError(f"A farm worker returned a file name outside the job folder ({name[:80]!r}).", code="internal")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

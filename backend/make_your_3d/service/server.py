@@ -48,6 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from make_your_3d import __version__
 from make_your_3d.errors import BadRequest, BindFailed, Busy, DataUnwritable, FarmUnavailable
+from make_your_3d.files import atomic_write_bytes
 from make_your_3d.job_params import FACES_RANGE, TEXTURE_SIZES
 from make_your_3d.paths import default_cache_dir, default_data_dir, resolve_models_dir
 from make_your_3d.pipeline.cache import StageCache
@@ -184,19 +185,8 @@ def options_from_args(args: Any) -> ServeOptions:
 # Process plumbing
 # ---------------------------------------------------------------------------------------------
 def write_state_file(path: Path, state: dict[str, Any]) -> None:
-    """Write JSON readable only by this user: temp file created 0600 in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON readable only by this user, atomically (files.atomic_write_bytes, mode 0600)."""
+    atomic_write_bytes(path, json.dumps(state).encode("utf-8"), 0o600)
 
 
 def remove_state_file(path: Path, token: str) -> None:

@@ -16,11 +16,11 @@ import ipaddress
 import os
 import socket
 import ssl
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from make_your_3d.errors import BadRequest, DataUnwritable
+from make_your_3d.files import atomic_write_bytes
 
 TLS_DIR = "tls"
 CERT_NAME = "cert.pem"
@@ -87,20 +87,6 @@ def machine_names(host: str) -> list[str]:
     return names
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_self_signed(cert_path: Path, key_path: Path, names: list[str], config: TlsConfig = TlsConfig()) -> None:
     """Write a new EC P-256 key and a self-signed certificate for `names` (DNS names and IPs)."""
     from cryptography import x509
@@ -131,8 +117,8 @@ def generate_self_signed(cert_path: Path, key_path: Path, names: list[str], conf
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _atomic_write(key_path, key_pem, 0o600)  # the key first: a certificate never exists without its key
-    _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(key_path, key_pem, 0o600)  # the key first: a certificate never exists without its key
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _usable_pair(cert: Path, key: Path) -> bool:
