@@ -97,25 +97,7 @@ def _step(p: np.ndarray) -> np.ndarray:
     return np.maximum(_box_sdf(p, *STEP_BLOCK), -_box_sdf(p, *STEP_CUT))
 
 
-# a rack: a base bar with four thin upright slats (0.08 thick, 1.5 coarse voxels at 48 points), narrow gaps
-RACK_BASE = ((-0.7, -0.6, -0.2), (0.7, -0.35, 0.2))
-RACK_SLATS = [((x - 0.04, -0.35, -0.15), (x + 0.04, 0.6, 0.15)) for x in (-0.54, -0.18, 0.18, 0.54)]
-
-
-def _rack(p: np.ndarray) -> np.ndarray:
-    return np.minimum.reduce([_box_sdf(p, *RACK_BASE)] + [_box_sdf(p, *b) for b in RACK_SLATS])
-
-
-# a stool: a seat slab on four thin legs (0.1 square, 2.5 coarse voxels at 48 points)
-STOOL_SEAT = ((-0.6, -0.05, -0.45), (0.6, 0.1, 0.45))
-STOOL_LEGS = [((x - 0.05, -0.7, z - 0.05), (x + 0.05, -0.05, z + 0.05)) for x in (-0.5, 0.5) for z in (-0.35, 0.35)]
-
-
-def _stool(p: np.ndarray) -> np.ndarray:
-    return np.minimum.reduce([_box_sdf(p, *STOOL_SEAT)] + [_box_sdf(p, *b) for b in STOOL_LEGS])
-
-
-SDFS = {"dish": _dish, "open_box": _open_box, "step": _step, "rack": _rack, "stool": _stool}
+SDFS = {"dish": _dish, "open_box": _open_box, "step": _step}
 
 
 def _sdf_hit(sdf, o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
@@ -147,8 +129,7 @@ def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.nd
 
 
 HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": lambda o, d: _sdf_hit(_dish, o, d),
-        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d),
-        "rack": lambda o, d: _sdf_hit(_rack, o, d), "stool": lambda o, d: _sdf_hit(_stool, o, d)}
+        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d)}
 
 
 def albedo(points: np.ndarray) -> np.ndarray:
