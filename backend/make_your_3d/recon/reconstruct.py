@@ -305,8 +305,9 @@ def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig,
         slab = torch.where(gone, torch.maximum(slab, d).clamp_min(1e-3), slab)  # carved: outside
         out[i] = slab.reshape(ny, nz).cpu().numpy()
     before = torch.tensor(tsdf < 0, device=device)
-    after, restored = silhouette_guard(before, torch.tensor(out < 0, device=device), lo, step, scene.fuse, cfg.surf)
-    back = (after & ~torch.tensor(out < 0, device=device)).cpu().numpy()
+    carved = torch.tensor(out < 0, device=device)
+    after, restored = silhouette_guard(before, carved, lo, step, scene.fuse, cfg.surf)
+    back = (after & ~carved).cpu().numpy()
     out[back] = tsdf[back]  # the guard at the fused grid's resolution (thin parts finer than the coarse grid)
     record["carved_fine_voxels"] = int((out > 0).sum() - (tsdf > 0).sum())
     record["restored_fine_voxels"] = restored

@@ -295,6 +295,7 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
     inside = inside.clone()
     removed = restored = 0
     passes = 0
+    edge_px = contour_distance(targets)  # the masks do not change between passes
     for passes in range(1, cfg.carve_passes + 1):
         idx = _surface_voxels(inside)
         if len(idx) == 0:
@@ -306,7 +307,7 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
         occ = inside.float()
         ev = {v: _view_evidence(pts, n_cur, occ, lo, step, targets, v, cfg) for v in voting}
         bad = torch.zeros(len(pts), dtype=torch.bool, device=lo.device)
-        contour = near_contour(pts, step, targets, cfg)
+        contour = near_contour(pts, step, targets, cfg, edge_px)
         for a in voting:
             sa, na, nba, da = ev[a]
             for b in voting:
@@ -334,12 +335,19 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
     return inside, {"passes": passes, "removed": removed, "restored": restored, "voting": voting}
 
 
-def near_contour(pts: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig) -> Tensor:
+def contour_distance(targets: ViewTargets) -> Tensor:
+    """(V, H, W) each foreground pixel's distance in pixels to its view's silhouette contour (0 outside)."""
+    fg = (targets.mask > 0.5).cpu().numpy()
+    return torch.tensor(np.stack([ndimage.distance_transform_edt(m) for m in fg]), dtype=torch.float32,
+                        device=targets.mask.device)
+
+
+def near_contour(pts: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig, edge_px: Tensor) -> Tensor:
     """(V, N) whether each point projects within cfg.contour_voxels grid steps of view v's silhouette
-    contour (inside its mask). Why: there the view sees a facet of a convex edge that a neighbouring view
-    may not (a thin leg's corner, a slat's edge), and the two disagree without anything being wrong. A
-    pair of views does not carve near either one's contour; a filled cavity's lid lies inside the
-    silhouettes of the views that carve it."""
+    contour (inside its mask; `edge_px` from `contour_distance`). Why: there the view sees a facet of a
+    convex edge that a neighbouring view may not (a thin leg's corner, a slat's edge), and the two
+    disagree without anything being wrong. A pair of views does not carve near either one's contour; a
+    filled cavity's lid lies inside the silhouettes of the views that carve it."""
     V = targets.mask.shape[0]
     out = torch.zeros(V, len(pts), dtype=torch.bool, device=pts.device)
     if cfg.contour_voxels <= 0:
@@ -348,9 +356,7 @@ def near_contour(pts: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig
     for v in range(V):
         cam = targets.camera(v)
         uv, z = project(pts, cam)
-        fg = (targets.mask[v] > 0.5).cpu().numpy()
-        dist = torch.tensor(ndimage.distance_transform_edt(fg), dtype=pts.dtype, device=pts.device)
-        d = sample_image(dist[..., None], uv, W, H)[:, 0]
+        d = sample_image(edge_px[v][..., None].to(pts.dtype), uv, W, H)[:, 0]
         out[v] = (d > 0) & (d < cfg.contour_voxels * step / pixel_size(cam, z))
     return out
 
