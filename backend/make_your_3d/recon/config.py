@@ -267,6 +267,10 @@ class SurfConfig:
                             "within this many grid steps of it (in the view's image) still covers its foreground "
                             "pixel in every view (0: no guard)", "grid steps",
                             "issue 23: a backstop (the chair's carving restored 88 coarse points); untuned", lo=0)
+    bridge_closure_voxels: float = knob(1.0, "after the carving, a view joins two of its openings across the closed "
+                                        "pixels between them when its normals, integrated from one to the other, "
+                                        "land within this many grid steps of the second (0: no bridging)",
+                                        "grid steps", "issue 23; untuned", lo=0)
     carve_min_weight: float = knob(0.5, "views weighted below this (agreement with the others) do not vote in the "
                                    "carving", "weight", "issue 23; untuned", lo=0)
 

@@ -180,6 +180,8 @@ def fit_surface(init: Grid, targets: ViewTargets, cfg: SurfConfig, gen: torch.Ge
                         weights = view_agreement(inside, lo, step, targets, cfg)
                     inside, carved = carve(inside, lo, step, targets, cfg, weights)
                     record["carve"] = carved
+                    if cfg.bridge_closure_voxels > 0:
+                        inside, record["bridge"] = bridge(before, inside, lo, step, targets, cfg, carved["voting"])
                     record["view_weights"].append([round(float(w), 3) for w in weights])
                 removed = Grid((before & ~inside).float(), lo, step)
                 start = torch.tensor(signed_distance_init(inside.cpu().numpy(), step), device=dev)
@@ -333,6 +335,116 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
         removed += int((inside & ~after).sum())
         inside = after
     return inside, {"passes": passes, "removed": removed, "restored": restored, "voting": voting}
+
+
+def first_hits(inside: Tensor, lo: Tensor, step: float, o: Tensor, d: Tensor) -> Tensor:
+    """(N,) ray parameter of each ray's first point inside the occupancy (inf: none), marched at half a
+    grid step."""
+    hi = lo + step * (torch.tensor(inside.shape, dtype=lo.dtype, device=lo.device) - 1)
+    t0, t1 = _box_hits(o, d, lo, hi)
+    n = int(np.ceil(float((t1 - t0).clamp_min(0).max()) / (0.5 * step))) + 1 if len(o) else 0
+    out = torch.full((len(o),), float("inf"), device=o.device)
+    occ = inside.float()[None]
+    for i in range(0, len(o), 8192):
+        oo, dd, a = o[i:i + 8192], d[i:i + 8192], t0[i:i + 8192]
+        t = a[:, None] + 0.5 * step * torch.arange(n, device=o.device, dtype=o.dtype)[None]
+        pts = oo[:, None] + dd[:, None] * t[..., None]
+        hit = (sample_grid(occ, pts.reshape(-1, 3), lo, step).reshape(t.shape) > 0.5) & (t <= t1[i:i + 8192, None])
+        first = hit.float().argmax(1)
+        out[i:i + 8192] = torch.where(hit.any(1), t.gather(1, first[:, None])[:, 0], out[i:i + 8192])
+    return out
+
+
+def _bridge_line(t_before: np.ndarray, t_after: np.ndarray, ok: np.ndarray, o: np.ndarray, d: np.ndarray,
+                 n: np.ndarray, step: float, cfg: SurfConfig) -> np.ndarray:
+    """One image line (a row or a column) of one view. Along a run of pixels with no crease between
+    neighbours, the view's normals give its surface up to one offset (integrated plane to plane). The
+    carving emptied the space in front of each opened pixel, so the surface lies at least as deep as the
+    deepest opening on either side says. Where the deepest openings on its two sides agree on that
+    offset within cfg.bridge_closure_voxels, a pixel gets the surface at the shallower of the two. Returns the bridged ray parameters (nan: none, or not deeper than now)."""
+    out = np.full(len(ok), np.nan)
+    brk = np.ones(len(ok), dtype=bool)  # brk[k]: a run ends after pixel k
+    brk[:-1] = ~(ok[:-1] & ok[1:]) | ((n[1:] * n[:-1]).sum(-1) < cfg.carve_cos)
+    opened = ok & (t_after > t_before + step)
+    s = 0
+    for e in np.nonzero(brk)[0]:
+        run = slice(s, e + 1)
+        s = e + 1
+        if not ok[run.start] or opened[run].sum() < 2:
+            continue
+        rel = np.zeros(e + 1 - run.start)  # the integral, relative to the run's first pixel
+        p = o[run.start] + t_after[run.start] * d[run.start]
+        for k in range(1, len(rel)):
+            g = run.start + k
+            m = n[g - 1] + n[g]
+            den = float(m @ d[g])
+            if abs(den) < 1e-6:
+                rel = None
+                break
+            t = float(m @ (p - o[g])) / den
+            rel[k] = t - t_after[run.start]
+            p = o[g] + t * d[g]
+        if rel is None:
+            continue
+        off = np.where(opened[run], t_after[run] - rel, -np.inf)  # opened: the integral's offset is at least this
+        left, right = np.maximum.accumulate(off), np.maximum.accumulate(off[::-1])[::-1]
+        with np.errstate(invalid="ignore"):
+            agree = np.isfinite(left) & np.isfinite(right) & (np.abs(left - right) <= cfg.bridge_closure_voxels * step)
+        t = rel + np.minimum(left, right)
+        out[run] = np.where(agree & (t > t_after[run] + step), t, np.nan)
+    return out
+
+
+def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig,
+           voting: list[int]) -> tuple[Tensor, dict]:
+    """The carving's openings joined across what it left closed between them. Why: where every view sees
+    a flat floor, a lid at the wrong depth agrees with all of them, so the carving opens a recess only
+    near its walls (where a diagonal view sees a wall through the lid) and leaves the lid in the middle.
+    A view's normals say whether the floor it sees is one surface from one opening to the next; if the
+    integral of its normals from one opening closes on the other, the pixels between lie on that
+    surface, and the space in front of it along their rays is empty. Each voting view in turn; the
+    silhouette guard after each."""
+    removed = 0
+    W, H = targets.width, targets.height
+    jj, ii = torch.meshgrid(torch.arange(H, device=lo.device), torch.arange(W, device=lo.device), indexing="ij")
+    for v in voting:
+        cam = targets.camera(v)
+        o, d = pixel_rays_world(ii.reshape(-1), jj.reshape(-1), cam)
+        tb = first_hits(before, lo, step, o, d).reshape(H, W)
+        ta = first_hits(after, lo, step, o, d).reshape(H, W)
+        n = targets.normal[v]
+        ok = (targets.mask[v] > cfg.core_mask) & ((n * -d.reshape(H, W, 3)).sum(-1) > cfg.grazing_cos) & torch.isfinite(ta)
+        a = [x.cpu().numpy().astype(np.float64) for x in (tb, ta, o.reshape(H, W, 3), d.reshape(H, W, 3), n)]
+        okn = ok.cpu().numpy()
+        rows = np.stack([_bridge_line(a[0][r], a[1][r], okn[r], a[2][r], a[3][r], a[4][r], step, cfg) for r in range(H)])
+        cols = np.stack([_bridge_line(a[0][:, c], a[1][:, c], okn[:, c], a[2][:, c], a[3][:, c], a[4][:, c], step, cfg)
+                         for c in range(W)], 1)
+        t = np.fmin(rows, cols)  # both: the shallower; one: that one
+        if not np.isfinite(t).any():
+            continue
+        # a point goes when every pixel of its footprint was bridged deeper than it (by a step)
+        depth = torch.tensor(np.where(np.isfinite(t), t, -np.inf), dtype=torch.float32, device=lo.device)
+        idx = torch.nonzero(after)
+        pts = lo + idx.to(lo.dtype) * step
+        uv, _ = project(pts, cam)
+        r = int(np.ceil(float((step / pixel_size(cam, torch.ones(1, device=lo.device)))[0]) / 2))
+        floor = -F.max_pool2d(-depth[None, None], 2 * r + 1, 1, r)[0, 0]
+        px = uv.floor().long()
+        inimg = (px[:, 0] >= 0) & (px[:, 0] < W) & (px[:, 1] >= 0) & (px[:, 1] < H)
+        px[:, 0].clamp_(0, W - 1)
+        px[:, 1].clamp_(0, H - 1)
+        o1, d1 = pixel_rays_world(px[:, 0], px[:, 1], cam)
+        t_pt = ((pts - o1) * d1).sum(-1)
+        go = inimg & (t_pt < floor[px[:, 1], px[:, 0]] - step)
+        if not bool(go.any()):
+            continue
+        new = after.clone()
+        i = idx[go]
+        new[i[:, 0], i[:, 1], i[:, 2]] = False
+        new, _ = silhouette_guard(after, new, lo, step, targets, cfg)
+        removed += int((after & ~new).sum())
+        after = new
+    return after, {"removed": removed}
 
 
 def contour_distance(targets: ViewTargets) -> Tensor:
