@@ -87,6 +87,8 @@ OPEN_BOX_CAVITY = ((-0.5, -0.4, -0.1), (0.5, 0.4, 9.0))
 # a step seen head-on: a block whose lower middle is recessed 0.35 (a ledge under a lintel, open at the bottom)
 STEP_BLOCK = ((-0.7, -0.6, -0.5), (0.7, 0.6, 0.5))
 STEP_CUT = ((-0.45, -9.0, 0.15), (0.45, 0.0, 9.0))
+# the open box with a shelf across its cavity, 0.1 thick, its front flush with the rim (a crate's shelf)
+SHELF = ((-0.7, -0.05, -0.5), (0.7, 0.05, 0.5))
 
 
 def _open_box(p: np.ndarray) -> np.ndarray:
@@ -97,7 +99,11 @@ def _step(p: np.ndarray) -> np.ndarray:
     return np.maximum(_box_sdf(p, *STEP_BLOCK), -_box_sdf(p, *STEP_CUT))
 
 
-SDFS = {"dish": _dish, "open_box": _open_box, "step": _step}
+def _shelf(p: np.ndarray) -> np.ndarray:
+    return np.minimum(_open_box(p), _box_sdf(p, *SHELF))
+
+
+SDFS = {"dish": _dish, "open_box": _open_box, "step": _step, "shelf": _shelf}
 
 
 def _sdf_hit(sdf, o: np.ndarray, d: np.ndarray, steps: int = 300) -> Hit:
@@ -129,7 +135,8 @@ def _boxes_hit(o: np.ndarray, d: np.ndarray, boxes: list[tuple[np.ndarray, np.nd
 
 
 HITS = {"sphere": _sphere_hit, "frame": _frame_hit, "dish": lambda o, d: _sdf_hit(_dish, o, d),
-        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d)}
+        "open_box": lambda o, d: _sdf_hit(_open_box, o, d), "step": lambda o, d: _sdf_hit(_step, o, d),
+        "shelf": lambda o, d: _sdf_hit(_shelf, o, d)}
 
 
 def albedo(points: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from make_your_3d.recon.config import SurfConfig  # noqa: E402
 from make_your_3d.recon.mesh import field_to_mesh  # noqa: E402
 from make_your_3d.recon.reconstruct import ReconOptions, reconstruct  # noqa: E402
 from make_your_3d.recon.scene import HullField, grid_points, mask_tensors, scene_bounds, targets_for  # noqa: E402
+from make_your_3d.recon import surface_fit  # noqa: E402
 from make_your_3d.recon.surface_fit import Grid, fit_surface  # noqa: E402
 from make_your_3d.recon.texture import mesh_depth  # noqa: E402
 from make_your_3d.views import encode_normals  # noqa: E402
@@ -114,6 +115,27 @@ def test_visibility_carves_what_the_old_chain_fills(shape, old_min, tmp_path):
     # wrong variant 2: the carving alone, no bridging: the lid stays in the middle of the recess
     lid, _ = _fit_from_hull(views, replace(FIT, bridge_closure_voxels=0.0))
     assert _errors_px(shape, lid, views)["recess_median"] > 6.0
+
+
+def test_bridging_follows_the_parallax_and_keeps_a_shelf(monkeypatch):
+    # a shelf flush with the rim, across the open box: for views on a horizontal orbit a point moves only
+    # along the image rows from view to view, so the carving's openings above and below the shelf say
+    # nothing about it. Bridging along the rows (the epipolar lines) keeps its front; the wrong variant,
+    # bridging along the columns, joins the openings above and below it and removes it
+    views = render_views("shelf", S)
+    true = _true_front_depth("shelf")
+    c = (np.arange(S) + 0.5) / S * 2.0 - 1.0  # pixel centres in world units
+    front = (np.abs(c)[:, None] < 0.04) & (np.abs(c)[None, :] < 0.45)  # the shelf's front between the walls
+    mesh, _ = _fit_from_hull(views, FIT)
+    with np.errstate(invalid="ignore"):
+        err = np.abs(_front_depth(mesh, views) - true) * S / 2.0
+    off = (err[front] > 3.0).mean()  # share of the shelf's front more than 3 px from where it is
+    assert off < 0.1 and _errors_px("shelf", mesh, views)["recess_median"] < 3.0, off
+    monkeypatch.setattr(surface_fit, "_epipolar_rows", lambda *a: False)
+    wrong, _ = _fit_from_hull(views, FIT)
+    with np.errstate(invalid="ignore"):
+        err = np.abs(_front_depth(wrong, views) - true) * S / 2.0
+    assert (err[front] > 3.0).mean() > 0.3
 
 
 def test_view_weights_from_agreement_drop_an_inconsistent_view():

@@ -395,6 +395,25 @@ def _bridge_line(t_before: np.ndarray, t_after: np.ndarray, ok: np.ndarray, o: n
     return out
 
 
+def _epipolar_rows(v: int, voting: list[int], lo: Tensor, step: float, occ: Tensor, targets: ViewTargets,
+                   cfg: SurfConfig) -> bool:
+    """Whether view v's neighbours (the views it is compared with in the carving) displace a point's image
+    mostly along v's rows (True) or its columns. Why: depth shows only as parallax along the epipolar
+    lines, so the carving's openings say something about depth only along them; across them (a
+    horizontal shelf for views on a horizontal orbit) two openings can lie on either side of a real
+    part that no view can tell from a lid, and bridging there would remove it."""
+    centre = (lo + 0.5 * step * (torch.tensor(occ.shape, dtype=lo.dtype, device=lo.device) - 1))[None]
+    cam = targets.camera(v)
+    dv = view_dirs(centre, cam)[0]
+    w2c = cam.viewmats[0, :3, :3]
+    along = torch.zeros(2, device=lo.device)
+    for b in voting:
+        db = view_dirs(centre, targets.camera(b))[0]
+        if b != v and float(dv @ db) > cfg.carve_pair_cos:
+            along += (w2c @ db)[:2].abs()
+    return bool(along[0] >= along[1])
+
+
 def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: SurfConfig,
            voting: list[int]) -> tuple[Tensor, dict]:
     """The carving's openings joined across what it left closed between them. Why: where every view sees
@@ -402,8 +421,8 @@ def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: View
     near its walls (where a diagonal view sees a wall through the lid) and leaves the lid in the middle.
     A view's normals say whether the floor it sees is one surface from one opening to the next; if the
     integral of its normals from one opening closes on the other, the pixels between lie on that
-    surface, and the space in front of it along their rays is empty. Each voting view in turn; the
-    silhouette guard after each."""
+    surface, and the space in front of it along their rays is empty. Only along the lines on which the
+    views' parallax lies (`_epipolar_rows`). Each voting view in turn; the silhouette guard after each."""
     removed = 0
     W, H = targets.width, targets.height
     jj, ii = torch.meshgrid(torch.arange(H, device=lo.device), torch.arange(W, device=lo.device), indexing="ij")
@@ -416,10 +435,11 @@ def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: View
         ok = (targets.mask[v] > cfg.core_mask) & ((n * -d.reshape(H, W, 3)).sum(-1) > cfg.grazing_cos) & torch.isfinite(ta)
         a = [x.cpu().numpy().astype(np.float64) for x in (tb, ta, o.reshape(H, W, 3), d.reshape(H, W, 3), n)]
         okn = ok.cpu().numpy()
-        rows = np.stack([_bridge_line(a[0][r], a[1][r], okn[r], a[2][r], a[3][r], a[4][r], step, cfg) for r in range(H)])
-        cols = np.stack([_bridge_line(a[0][:, c], a[1][:, c], okn[:, c], a[2][:, c], a[3][:, c], a[4][:, c], step, cfg)
-                         for c in range(W)], 1)
-        t = np.fmin(rows, cols)  # both: the shallower; one: that one
+        if _epipolar_rows(v, voting, lo, step, after, targets, cfg):
+            t = np.stack([_bridge_line(a[0][r], a[1][r], okn[r], a[2][r], a[3][r], a[4][r], step, cfg) for r in range(H)])
+        else:
+            t = np.stack([_bridge_line(a[0][:, c], a[1][:, c], okn[:, c], a[2][:, c], a[3][:, c], a[4][:, c], step, cfg)
+                          for c in range(W)], 1)
         if not np.isfinite(t).any():
             continue
         # a point goes when every pixel of its footprint was bridged deeper than it (by a step)
