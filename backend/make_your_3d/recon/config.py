@@ -213,9 +213,10 @@ class SurfConfig:
     """One signed-distance grid fitted to every view at once (recon/surface_fit.py): volume-rendered
     silhouettes and normals, with visibility (transmittance), per-view weights from agreement."""
 
-    enabled: bool = knob(False, "refine the fused field by the global fit before meshing", "",
-                         "issue 23 first version: opt-in until the benchmark says otherwise (BENCHMARKS "
-                         "'global surface fit')")
+    enabled: bool = knob(True, "carve (and bridge) the fused field by the global fit before meshing; kept only when "
+                         "its mesh renders closer to the views", "",
+                         "issue 23 third version: the default (BENCHMARKS 'Third version'); off in the fast preset "
+                         "(its time budget)")
     coarse_res: int = knob(48, "grid points along the longest side in the first stage", "points",
                            "issue 23; untuned", lo=8)
     fine_res: int = knob(96, "grid points along the longest side in the last stage", "points",
@@ -517,7 +518,7 @@ DEFAULT = ReconConfig()
 PRESETS: dict[str, ReconConfig] = {
     "fast": DEFAULT.with_overrides({"fit.iterations": 100, "fit.render_size": 96, "fit.num_gaussians": 6000,
                                     "fuse.grid_res": 320, "fuse.view_size": 256, "mesh.faces": 20000,
-                                    "bake.texture_size": 1024}),
+                                    "bake.texture_size": 1024, "surf.enabled": False}),
     "default": DEFAULT,
     "quality": DEFAULT.with_overrides({"fit.iterations": 600, "fit.render_size": 192, "fit.num_gaussians": 25000,
                                        "fit.views_per_step": 3, "fuse.grid_res": 576, "fuse.view_size": 512,

@@ -10,7 +10,9 @@ pushes it back; a region seen by two diagonal views is placed by both.
 Two parts. `carve`: space carving with the world normal as the consistent quantity: a surface voxel
 that two neighbouring views see (visibility by marching the occupancy towards each camera) with
 normals that disagree is not on the surface and goes; views vote with weights from their agreement
-with the others (`view_agreement`). Then `fit_surface` refines the carved grid by rendering (off by
+with the others (`view_agreement`). The carving opens a recess only near its walls; `bridge` then
+joins its openings across the lid left between them, along each view's epipolar lines, by the view's
+own integrated normals. Then `fit_surface` refines the carved grid by rendering (off by
 default, `SurfConfig.iterations`: measured not to pay yet, BENCHMARKS 'Global surface fit').
 
 Rendering (NeuS-style, discrete): samples along a ray inside the box, opacity of each interval from the
@@ -35,7 +37,7 @@ from make_your_3d.recon.camera import pixel_rays_world, pixel_size, project, sam
 from make_your_3d.recon.config import SurfConfig
 from make_your_3d.recon.scene import ViewTargets, grid_counts
 
-__all__ = ["Grid", "carve", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init", "silhouette_guard", "view_residual"]
+__all__ = ["Grid", "bridge", "carve", "first_hits", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init", "silhouette_guard", "view_residual"]
 
 
 @dataclass
