@@ -39,7 +39,7 @@ from make_your_3d.errors import DiskFull, OutOfMemory
 from make_your_3d.files import check_writable, replace_dir
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
-from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, stage_peaks
+from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, stage_need_gb
 from make_your_3d.pipeline.model_host import ModelHost, StageModels
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset  # noqa: F401 - TEST_OVERRIDES re-exported (benchmarks)
 from make_your_3d.pipeline.reconstruct_stage import recon_options
@@ -196,7 +196,7 @@ class Generator:
         the stage's measured peak (pipeline/memory.py); otherwise they stay loaded for the later
         stages and jobs that use them (loading is slow). (lowvram drops or moves every model but the
         one in use anyway: `ModelHost.load`.)"""
-        need = (stage_peaks(self.device.type, str(dtype).removeprefix("torch."), preset_name) or {}).get(spec.name)
+        need = stage_need_gb(self.device.type, str(dtype).removeprefix("torch."), preset_name, spec.name)
         free = available_bytes(self.device)
         if is_tiny(self.models_dir) or need is None or free is None or free >= need * GB:
             return []

@@ -188,6 +188,19 @@ def batched_figure(device_kind: str, dtype: str, preset: str) -> tuple[float | N
     return None, ""
 
 
+def stage_need_gb(device_kind: str, dtype: str, preset: str, stage: str) -> float | None:
+    """`preset`'s peak GB for any `stage`: measured, else estimated from another precision (ESTIMATE_FROM),
+    else None. Only the release of loaded models before a stage (`Generator._make_room`) uses this: an
+    fp32 job whose stages are not all measured must still drop the models a stage does not need
+    (the multi-view model before the edited views), or the chain runs out of memory there."""
+    measured = (stage_peaks(device_kind, dtype, preset) or {}).get(stage)
+    if measured is not None or dtype not in ESTIMATE_FROM:
+        return measured
+    other, factor = ESTIMATE_FROM[dtype]
+    base = (stage_peaks(device_kind, other, preset) or {}).get(stage)
+    return None if base is None else base * factor
+
+
 def row_gb(device_kind: str, dtype: str) -> float | None:
     """Extra GB each further image adds to a batched edited_views call (SD img2img rows and Marigold
     rows together) on top of the stage at batch 1: (default's peak at batch 6 - lowvram's at batch 1)
