@@ -284,3 +284,75 @@ def test_default_short_of_memory_runs_one_model_at_a_time(tiny_models, tmp_path,
     assert (record["batches"]["edit_batch"], record["preset"]["edit_batch"]) == (3, 3)  # 10 + 2 x 2 <= 15 < 10 + 3 x 2
     assert {"multiview", "personalized", "normal_estimator"} <= {name for name, _ in alive}
     assert all(others == [] for name, others in alive if name != "segmenter"), alive
+
+
+# --- the per-request reconstruction estimate (request.estimate_job_memory) against the measured table ---
+
+def _measured_recon(preset: str) -> float:
+    return MEASURED_PEAK_GB[("cpu", "bfloat16")][preset]["reconstruct"]
+
+
+def test_recon_estimate_is_the_measured_peak_at_the_preset_defaults():
+    """At a reconstruction preset's own faces and texture the estimate is the measured peak of that
+    preset's grid (default's 512 points, fast's 320 through lowvram). The earlier formula put default
+    at 1.9 GB against 9.71 measured: it fails here."""
+    from make_your_3d.pipeline.request import estimate_job_memory
+
+    assert estimate_job_memory("default", None, None) == int(_measured_recon("default") * GB)
+    assert estimate_job_memory("fast", None, None) == int(_measured_recon("lowvram") * GB)
+    assert estimate_job_memory("default", 40_000, 2048) == estimate_job_memory("default", None, None)  # the preset's own
+
+
+def test_recon_estimate_grows_only_with_what_is_asked_beyond_the_preset():
+    """More faces and a larger texture add their own cost on top of the measured peak; fewer and
+    smaller do not lower it (the peak is the surface extraction on the grid). Fails on a variant that
+    scales the whole figure with the texture or subtracts for a smaller request."""
+    from make_your_3d.pipeline import request
+
+    base = request.estimate_job_memory("default", None, None)
+    more = request.estimate_job_memory("default", 80_000, 4096)
+    assert more - base == request._BYTES_PER_TEXEL * (4096**2 - 2048**2) + request._BYTES_PER_FACE * 40_000
+    assert request.estimate_job_memory("default", 5_000, 512) == base
+
+
+def test_unmeasured_quality_recon_is_estimated_above_default():
+    """quality's reconstruction (576-point grid) was not measured: its estimate lies on the line through
+    the measured grids, above default's 512-point figure. Fails if quality falls back to the earlier
+    base (about 2.5 GB, under the measured default)."""
+    from make_your_3d.pipeline.request import estimate_job_memory
+
+    gb, source = memory.recon_peak_gb("quality")
+    assert source.startswith("estimated") and _measured_recon("default") < gb < 2 * _measured_recon("default")
+    assert estimate_job_memory("quality", None, None) == int(gb * GB)
+
+
+def test_recon_too_heavy_names_what_fits():
+    """The admission check of the reconstruction against a RAM budget between the measured fast and
+    default figures: default is refused with a sentence naming lowvram (whose fast reconstruction fits),
+    lowvram's is accepted; a request whose preset fits only at its own faces and texture is told to
+    lower them. With the earlier 1.9 GB estimate default was accepted here."""
+    from make_your_3d.pipeline.request import check_job_memory
+
+    budget = int((_measured_recon("default") + _measured_recon("lowvram")) / 2 * GB)
+    with pytest.raises(TooHeavy, match="Pick the lowvram preset") as err:
+        check_job_memory("default", None, None, budget)
+    assert err.value.code == "too_heavy" and "default reconstruction" in str(err.value)
+    check_job_memory("fast", None, None, budget)
+    roomy = int((_measured_recon("default") + 0.5) * GB)
+    check_job_memory("default", None, None, roomy)
+    with pytest.raises(TooHeavy, match="Lower the face count or the texture size"):
+        check_job_memory("default", 40_000, 4096, roomy)
+    with pytest.raises(TooHeavy, match="No preset's reconstruction fits"):
+        check_job_memory("default", None, None, int((_measured_recon("lowvram") - 0.1) * GB))
+
+
+def test_release_before_a_stage_uses_the_estimate_where_fp32_is_not_measured(monkeypatch):
+    """`Generator._make_room` drops the models a stage does not need when free memory is under the stage's
+    figure. Where fp32 has no figure for a stage it must still have one (bf16's doubled): with none,
+    an fp32 chain kept the multi-view model loaded into the edited views and ran out of memory there.
+    Fails on a variant that reads the measured table only (None for fp32's edited views)."""
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", {("cpu", "bfloat16"): {"default": {"edited_views": 9.0, "subject": 0.5}},
+                                                    ("cpu", "float32"): {"default": {"subject": 0.6}}})
+    assert memory.stage_need_gb("cpu", "float32", "default", "edited_views") == 18.0
+    assert memory.stage_need_gb("cpu", "float32", "default", "subject") == 0.6  # measured wins
+    assert memory.stage_need_gb("cpu", "float64", "default", "edited_views") is None

@@ -98,6 +98,39 @@ def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     return Need(peaks[stage], stage)
 
 
+def recon_peak_gb(recon_preset: str) -> tuple[float, str] | None:
+    """The reconstruction's peak GB at `recon_preset`'s own grid, faces and texture size, and where it
+    comes from. Measured: the largest reconstruct figure of the presets that run this reconstruction
+    preset, in any precision (the stage loads no model and computes in float32 whatever the job's
+    precision). Not measured (quality): a straight line in the fused grid's point count (grid_res
+    cubed: its peak is the surface extraction on that grid) through the measured presets, least
+    squares, never under the largest measured figure of a smaller grid. None: nothing measured."""
+    from make_your_3d.pipeline.presets import PRESETS
+    from make_your_3d.recon.config import PRESETS as RECON_PRESETS
+
+    measured: dict[str, float] = {}
+    for table in MEASURED_PEAK_GB.values():
+        for preset, stages in table.items():
+            if "reconstruct" in stages and preset in PRESETS:
+                recon = PRESETS[preset].recon_preset
+                measured[recon] = max(measured.get(recon, 0.0), stages["reconstruct"])
+    if recon_preset in measured:
+        return measured[recon_preset], "measured"
+    if recon_preset not in RECON_PRESETS or not measured:
+        return None
+    points = {name: RECON_PRESETS[name].fuse.grid_res ** 3 for name in [*measured, recon_preset]}
+    want = points[recon_preset]
+    smaller = [gb for name, gb in measured.items() if points[name] <= want]
+    if len(measured) < 2:
+        (name, gb), = measured.items()
+        return max(gb, gb * want / points[name]) if want >= points[name] else gb, f"estimated: {name}'s figure x grid points"
+    xs, ys = [points[n] for n in measured], list(measured.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) or 1)
+    line = my + slope * (want - mx)
+    return max([line, *smaller]), f"estimated: linear in grid points through {', '.join(sorted(measured))}"
+
+
 def available_bytes(device) -> int | None:
     """Memory a job may use on `device` now: free VRAM on CUDA, what the GPU may still allocate of the
     unified memory on Apple's GPU, available RAM on the CPU (None: cannot tell)."""
