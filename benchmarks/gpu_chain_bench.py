@@ -168,9 +168,11 @@ class RssWatch:
             if rss / 1e9 > row["peak_rss_gb"]:
                 row.update(peak_rss_gb=round(rss / 1e9, 3), models=sorted(self.host._loaded), event=self.last_event)
             if avail < self.reserve_gb * 1e9:
-                self.on_stop(f"stopped in {self.stage} at {rss / 1e9:.1f} GB resident: the machine had {avail / 1e9:.1f} GB "
-                             f"available (reserve {self.reserve_gb} GB); last event: {self.last_event}")
-                os.kill(os.getpid(), signal.SIGKILL)
+                try:
+                    self.on_stop(f"stopped in {self.stage} at {rss / 1e9:.1f} GB resident: the machine had {avail / 1e9:.1f} GB "
+                                 f"available (reserve {self.reserve_gb} GB); last event: {self.last_event}")
+                finally:  # whatever the report did, the machine comes first
+                    os.kill(os.getpid(), signal.SIGKILL)
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> "RssWatch":
@@ -274,6 +276,9 @@ def run_bench(args) -> dict:
     full_totals = run_totals if args.one_step else step_totals(full)  # a memory run extrapolates nothing
     scenarios = {}
     watch = None
+    header = lambda: {"benchmark": "gpu_chain_bench", "date": str(date.today()), "preset": args.preset, "sizes": args.sizes,
+                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "one_step": args.one_step,
+                      "available_at_start_gb": available_at_start, "load_avg_at_start": load_at_start}
     if not cuda and args.reserve_gb > 0:
         def on_stop(note: str) -> None:  # the watcher's last word before the process kills itself
             print(note, file=sys.stderr, flush=True)
@@ -282,9 +287,6 @@ def run_bench(args) -> dict:
                            "load_at_stage_start": watch.load_at_start, "ru_maxrss_gb": ru_maxrss_gb()}
                 write_json(args.json, partial)
         watch = RssWatch(gen.host, args.reserve_gb, on_stop).__enter__()
-    header = lambda: {"benchmark": "gpu_chain_bench", "date": str(date.today()), "preset": args.preset, "sizes": args.sizes,
-                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "one_step": args.one_step,
-                      "available_at_start_gb": available_at_start, "load_avg_at_start": load_at_start}
     for name, prompt, seed in SCENARIOS[:args.scenarios]:
         rec = Recorder(cuda)
         if watch is not None:  # each scenario's own per-stage peaks (cached stages report one event)
