@@ -25,8 +25,18 @@ def test_the_table_is_the_measured_json():
     bench = load_script("memory_bench")
     rows = [r for r in json.loads(RESULTS.read_text()) if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
     measured = {("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]): r["peak_rss_gb"] for r in rows}
+    # In-chain peaks (one whole-chain process, benchmarks/results/memory_chain_*.json) fill only the
+    # stages that have no per-stage row, and memory.IN_CHAIN names exactly those.
+    in_chain = set()
+    for path in sorted(RESULTS.parent.glob("memory_chain_*.json")):
+        for r in bench.chain_rows(json.loads(path.read_text()), path.name):
+            key = ("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"])
+            if r["status"] == "ok" and bench.as_configured(r) and key not in measured:
+                measured[key] = r["peak_rss_gb"]
+                in_chain.add(key)
     table = {(k, d, p, s): gb for (k, d), presets in MEASURED_PEAK_GB.items() for p, stages in presets.items() for s, gb in stages.items()}
     assert table and table == measured
+    assert {(k, d, p, s) for (k, d), presets in memory.IN_CHAIN.items() for p, stages in presets.items() for s in stages} == in_chain
     assert {"default", "lowvram"} <= set(MEASURED_PEAK_GB[("cpu", "bfloat16")])
     assert "edited_views" in MEASURED_PEAK_GB[("cpu", "bfloat16")]["lowvram"]
 

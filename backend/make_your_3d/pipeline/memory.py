@@ -39,6 +39,12 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     },
 }
 
+# The figures above that are in-chain peaks (`memory_bench.py --report --chain`: one whole-chain process,
+# as a service job runs, `gpu_chain_bench.py --one-step --scenarios 1`): the highest resident memory while
+# the progress events named the stage, with whatever earlier stages left loaded. The others are each
+# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds.
+IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
+
 # Which measured figures stand for a device kind and precision. Apple's GPU shares the process's
 # memory, so the CPU's resident figures stand for it. CUDA has none yet: VRAM holds only the models
 # on the card (lowvram keeps the others in RAM), so process RSS would refuse jobs that fit; with no
