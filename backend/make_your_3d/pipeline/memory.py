@@ -7,7 +7,7 @@ BENCHMARKS.md "Peak memory per stage"), each preset as configured (default: both
 resident, batches of 6). They were measured on the CPU, where they are RAM; for Apple's GPU (unified
 memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
-`default` (fewer steps), so it shares default's figures for those (SAME_SHAPES). The reconstruction's
+`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction (SAME_SHAPES). The reconstruction's
 figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
 separate per-request check of the faces and texture asked for). fp32 has two figures so far (subject,
 subject_views): at one step per loop its stages take several times bf16's seconds on this CPU, and the
@@ -59,11 +59,13 @@ PROXY: dict[tuple[str, str], tuple[str, str]] = {
 }
 # Stages a preset runs with exactly another preset's shapes (none of the preset fields they read
 # differ, and with one stage per process offloading changes nothing): they share its figures.
-# fast: every model stage (fewer steps only); lowvram: all but identity and edited_views (its batch
-# sizes), which are measured on their own.
-SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "fast": ("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
-    "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
+# fast: every model stage is default's (fewer steps only), its reconstruction lowvram's (both run the
+# fast reconstruction preset on the same six 256 px views; it loads no model); lowvram: all but
+# identity and edited_views (its batch sizes), which are measured on their own.
+SAME_SHAPES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "fast": (("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
+             ("lowvram", ("reconstruct",))),
+    "lowvram": (("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),),
 }
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
 MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
@@ -79,8 +81,7 @@ class Need:
 def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
     """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
     table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    like, stages = SAME_SHAPES.get(preset, ("", ()))
-    peaks = {s: table[like][s] for s in stages if s in table.get(like, {})}
+    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in table.get(like, {})}
     peaks.update(table.get(preset, {}))
     return peaks or None
 
