@@ -100,6 +100,12 @@ def run_child(args) -> dict:
     gen = Generator(args.models, args.cache, args.device, overrides=overrides(args.precision))
     request = GenerateRequest(image=(REPO / "examples" / "toy_bear.png").read_bytes(), preset=args.preset, **REQUEST)
     batches = gen._plan(request, None)[-1]  # what the memory planner chose for this machine's free memory (job.json's "batches")
+    if args.views_from and args.stage == "reconstruct":  # another chain's multiview result under this preset's key (same shapes)
+        import shutil
+
+        target = gen.cache.path("multiview", gen.stage_keys(request)["multiview"])
+        if not target.exists():
+            shutil.copytree(args.views_from, target)
     cuda = gen.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +130,8 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     import psutil
 
     cmd = [sys.executable, __file__, "--child", "--models", str(args.models), "--cache", str(cache), "--device", args.device,
-           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner", "--free-gb", str(args.free_gb)] if args.planner else [])
+           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner", "--free-gb", str(args.free_gb)] if args.planner else []) + (
+           ["--views-from", str(args.views_from)] if args.views_from else [])
     with tempfile.TemporaryFile() as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
         low = None
@@ -273,6 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
     parser.add_argument("--chain", nargs="+", metavar="JSON",
                         help="with --report: also the first scenario of these gpu_chain_bench results (in-chain peaks, code 'chain')")
+    parser.add_argument("--views-from", metavar="DIR",
+                        help="a multiview cache entry (six 256 px views) to reconstruct from: copied under the preset's own multiview key, "
+                             "so `--stages reconstruct` measures a reconstruction preset without running its model stages")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -305,6 +315,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "available_before_gb": round(psutil.virtual_memory().available / 1e9, 1), "machine": machine(),
                             "models": "random published sizes (models/random_set.py, fp16 files)", "steps": MEMORY_STEPS,
                             "recon_iterations": RECON_ITERATIONS})
+                if args.views_from and stage == "reconstruct":
+                    row["views_from"] = str(args.views_from)
                 rows.append(row)
                 print(json.dumps({k: row.get(k) for k in ("preset", "precision", "stage", "status", "peak_rss_gb", "seconds", "resident_at_peak", "note")}),
                       flush=True)
