@@ -240,6 +240,12 @@ def report(rows: list[dict]) -> str:
 
     lines.append("| **largest of its own rows (after, as configured)** | " + " | ".join(largest(p, q) for p, q in combos) + " |")
     table = table_rows(rows)
+
+    def largest_in_table(p: str, q: str) -> str:
+        got = table.get(("cpu", {"bf16": "bfloat16", "fp32": "float32"}[q]), {}).get(p, {})
+        return f"{max(got.values()):.2f} ({max(got, key=got.get)})" if got else "none"
+
+    lines.append("| **largest in the backend's table (after, then chain)** | " + " | ".join(largest_in_table(p, q) for p, q in combos) + " |")
     after = {(r["precision"], r["preset"], r["stage"]) for r in rows if r["code"] == "after" and r["status"] == "ok" and as_configured(r)}
     in_chain: dict = {}
     for (kind, dtype), presets in table.items():

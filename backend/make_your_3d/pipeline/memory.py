@@ -1,18 +1,19 @@
 """How much memory each stage of a preset needs, measured, and what follows from it: whether a job
 fits the device, which preset `auto` picks, and how many images one batched call may hold.
 
-The figures are peak resident memory of one process running one stage at the published model sizes
-(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
-BENCHMARKS.md "Peak memory per stage"), each preset as configured (default: both edited-views models
-resident, batches of 6). They were measured on the CPU, where they are RAM; for Apple's GPU (unified
+The figures are peak resident memory at the published model sizes, each preset as configured (default:
+both edited-views models resident, batches of 6): of one process running one stage
+(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`), or, for fp32's
+later stages, the peak within the stage of one process running the whole chain as a service job does
+(`benchmarks/gpu_chain_bench.py --one-step --scenarios 1`, `benchmarks/results/memory_chain_fp32_2026-12-05.json`;
+IN_CHAIN names them: they include what earlier stages left loaded). Table in BENCHMARKS.md "Peak memory per stage". They were measured on the CPU, where they are RAM; for Apple's GPU (unified
 memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
-`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction (SAME_SHAPES). The reconstruction's
-figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
-separate per-request check of the faces and texture asked for). fp32 has two figures so far (subject,
-subject_views): at one step per loop its stages take several times bf16's seconds on this CPU, and the
-rest did not fit the session that measured the table (BENCHMARKS.md); the planner estimates its
-batched stage from bf16 (ESTIMATE_FROM) meanwhile.
+`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction
+(SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+separate per-request check of the faces and texture asked for). Where a precision has no figure for a
+stage, the planner and the release of models before a stage estimate it from bf16 (ESTIMATE_FROM);
+the admission check and `auto` use measured figures only.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its
-# "after" rows measured as configured). lowvram's other model stages are default's (SAME_SHAPES).
+# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json --chain
+# benchmarks/results/memory_chain_fp32_2026-12-05.json`: its "after" rows measured as configured, then
+# the whole fp32 chain's in-chain peaks for the stages with no row of their own (IN_CHAIN).
+# lowvram's other model stages are default's, fast's all default's but its reconstruction (SAME_SHAPES).
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
     },
-    ("cpu", "float32"): {
-        "default": {"subject": 0.473, "subject_views": 6.561},  # the rest not measured yet (BENCHMARKS.md says why)
+    ("cpu", "float32"): {  # all but subject and subject_views are in-chain peaks (IN_CHAIN)
+        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315, "subject_prior": 14.066,
+                    "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
     },
 }
 
@@ -46,7 +50,9 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
 # as a service job runs, `gpu_chain_bench.py --one-step --scenarios 1`): the highest resident memory while
 # the progress events named the stage, with whatever earlier stages left loaded. The others are each
 # stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds.
-IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
+IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")},
+}
 
 # Which measured figures stand for a device kind and precision. Apple's GPU shares the process's
 # memory, so the CPU's resident figures stand for it. CUDA has none yet: VRAM holds only the models
@@ -93,9 +99,9 @@ def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures without the edited views (the largest stage wherever it was measured: two models and
     six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
-    the preset's own two-model figure could not be measured (default in fp32 needs about 19 GB by
-    bf16's bytes, more than a shared 24 GB machine has free) but every other stage was, the memory planner runs its edited views one model at a
-    time (`batches_for`), so the least it needs there is lowvram's measured one-model figure."""
+    the preset's own two-model figure is missing but every other stage was measured, the memory
+    planner runs its edited views one model at a time when both do not fit (`batches_for`), so the
+    least it needs there is lowvram's measured one-model figure."""
     peaks = stage_peaks(device_kind, dtype, preset)
     if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
         one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
@@ -237,9 +243,10 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
-# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): fp32's edited
-# views are not measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
-# (`check_fits`) and `auto` use measured figures alone.
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high). Default's fp32 stages
+# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's are not.
+# Only `batches_for` and `stage_need_gb` use estimates; the admission check (`check_fits`) and `auto`
+# use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
 
 
