@@ -344,14 +344,22 @@ def test_recon_estimate_grows_only_with_what_is_asked_beyond_the_preset():
     assert request.estimate_job_memory("default", 5_000, 512) == base
 
 
-def test_unmeasured_quality_recon_is_estimated_above_default():
-    """quality's reconstruction (576-point grid) was not measured: its estimate lies on the line through
-    the measured grids, above default's 512-point figure. Fails if quality falls back to the earlier
-    base (about 2.5 GB, under the measured default)."""
+def test_quality_recon_is_measured_and_an_unmeasured_grid_lies_on_the_line(monkeypatch):
+    """quality's reconstruction is measured (576-point grid): its estimate at its own faces and texture is
+    that figure. Without it, the estimate is the straight line in grid points through the measured
+    grids (default 512, fast 320), here on synthetic figures. Fails if an unmeasured preset falls back
+    to the earlier base (about 2.3 GB for quality) or to the nearest measured figure."""
     from make_your_3d.pipeline.request import estimate_job_memory
+    from make_your_3d.recon.config import PRESETS as RECON
 
     gb, source = memory.recon_peak_gb("quality")
-    assert source.startswith("estimated") and _measured_recon("default") < gb < 2 * _measured_recon("default")
+    assert source == "measured" and gb == MEASURED_PEAK_GB[("cpu", "bfloat16")]["quality"]["reconstruct"]
+    assert estimate_job_memory("quality", None, None) == int(gb * GB)
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", {("cpu", "bfloat16"): {"default": {"reconstruct": 10.0}, "lowvram": {"reconstruct": 4.0}}})
+    n = {name: RECON[name].fuse.grid_res ** 3 for name in ("fast", "default", "quality")}
+    line = 10.0 + (10.0 - 4.0) / (n["default"] - n["fast"]) * (n["quality"] - n["default"])
+    gb, source = memory.recon_peak_gb("quality")
+    assert source.startswith("estimated") and gb == pytest.approx(line) and gb > 10.0
     assert estimate_job_memory("quality", None, None) == int(gb * GB)
 
 

@@ -39,6 +39,7 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
+        "quality": {"reconstruct": 12.693},  # on the fp32 chain's views (memory_bench --views-from); its model stages not run
     },
     ("cpu", "float32"): {  # all but subject and subject_views are in-chain peaks (IN_CHAIN)
         "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315, "subject_prior": 14.066,
@@ -118,7 +119,7 @@ def recon_peak_gb(recon_preset: str) -> tuple[float, str] | None:
     """The reconstruction's peak GB at `recon_preset`'s own grid, faces and texture size, and where it
     comes from. Measured: the largest reconstruct figure of the presets that run this reconstruction
     preset, in any precision (the stage loads no model and computes in float32 whatever the job's
-    precision). Not measured (quality): a straight line in the fused grid's point count (grid_res
+    precision). Not measured (a preset nobody ran): a straight line in the fused grid's point count (grid_res
     cubed: its peak is the surface extraction on that grid) through the measured presets, least
     squares, never under the largest measured figure of a smaller grid. None: nothing measured."""
     from make_your_3d.pipeline.presets import PRESETS
