@@ -22,6 +22,12 @@ printout says which figures are measured and which are estimated.
 On CUDA a warm-up run (one step per stage, small reconstruction) loads every model and compiles the
 kernels first; its seconds are reported as the cold start. Peak memory per stage is
 `torch.cuda.max_memory_allocated`, reset whenever the progress events move to another stage.
+
+Off CUDA (issue 24's memory run: `--device cpu --one-step --scenarios 1`): a 20 ms sampler of the process's
+resident memory keyed by the progress events' stage gives each stage's in-chain peak and what was loaded
+then, `ru_maxrss` the whole; the run stops itself, after writing what it measured to --json, when the
+machine's available memory falls under --reserve-gb. `memory_bench.py --report --chain` turns the result
+into table rows.
 """
 
 from __future__ import annotations
