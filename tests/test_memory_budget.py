@@ -63,6 +63,19 @@ def test_the_fp32_default_chain_ran_to_the_end_within_24_gb():
     assert need.gb == max(r["rss"]["peak_rss_gb"] for r in sc["stages"].values()) and sc["ru_maxrss_gb"] < 24.0
 
 
+def test_fp32_default_that_does_not_fit_names_lowvram_though_unmeasured():
+    """fp32 default is measured (the chain's 16.9 GB), lowvram in fp32 is not: a 12 GB machine is refused
+    default with a sentence pointing to lowvram (unmeasured is not "does not fit"), and `auto` picks
+    lowvram there. Fails on the variant that skips unmeasured presets ("No preset fits")."""
+    need = job_need("cpu", "float32", "default")
+    assert need is not None and job_need("cpu", "float32", "lowvram") is None
+    with pytest.raises(TooHeavy, match="Pick the lowvram preset") as err:
+        check_fits("cpu", "float32", "default", int(12 * GB))
+    assert "fp32" in str(err.value) and need.stage in str(err.value)
+    check_fits("cpu", "float32", "default", int((need.gb + 0.1) * GB))
+    assert pick_preset("cpu", "float32", int(12 * GB)) == "lowvram"
+
+
 @pytest.mark.parametrize("kind, dtype", [("cpu", "bfloat16"), ("mps", "float16")])
 def test_default_that_does_not_fit_is_refused_naming_lowvram(kind, dtype):
     default, low = job_need(kind, dtype, "default"), job_need(kind, dtype, "lowvram")

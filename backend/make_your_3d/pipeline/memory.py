@@ -211,6 +211,9 @@ def check_fits(device_kind: str, dtype: str, preset: str, budget_bytes: int) -> 
         other_need = job_need(device_kind, dtype, other)
         if other != preset and other_need is not None and other_need.gb * GB <= budget_bytes:
             raise TooHeavy(f"{head} Pick the {other} preset (about {other_need.gb:.1f} GB), or close other programs.")
+        if other != preset and other_need is None:  # not measured in this precision (lowvram in fp32): not known not to fit
+            raise TooHeavy(f"{head} Pick the {other} preset (it holds one model at a time; its peak in {precision} is not measured), "
+                           "or close other programs.")
     raise TooHeavy(f"{head} No preset fits: close other programs using the memory, or run on a machine with more.")
 
 
