@@ -100,6 +100,12 @@ def run_child(args) -> dict:
     gen = Generator(args.models, args.cache, args.device, overrides=overrides(args.precision))
     request = GenerateRequest(image=(REPO / "examples" / "toy_bear.png").read_bytes(), preset=args.preset, **REQUEST)
     batches = gen._plan(request, None)[-1]  # what the memory planner chose for this machine's free memory (job.json's "batches")
+    if args.views_from and args.stage == "reconstruct":  # another chain's multiview result under this preset's key (same shapes)
+        import shutil
+
+        target = gen.cache.path("multiview", gen.stage_keys(request)["multiview"])
+        if not target.exists():
+            shutil.copytree(args.views_from, target)
     cuda = gen.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +130,8 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     import psutil
 
     cmd = [sys.executable, __file__, "--child", "--models", str(args.models), "--cache", str(cache), "--device", args.device,
-           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner", "--free-gb", str(args.free_gb)] if args.planner else [])
+           "--preset", preset, "--precision", precision, "--stage", stage] + (["--planner", "--free-gb", str(args.free_gb)] if args.planner else []) + (
+           ["--views-from", str(args.views_from)] if args.views_from else [])
     with tempfile.TemporaryFile() as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
         low = None
@@ -148,7 +155,47 @@ def run_stage_process(args, preset: str, precision: str, stage: str, cache: Path
     return json.loads(text.strip().splitlines()[-1])
 
 
-CODES = ("before", "first", "after")  # main's code; this work's first pass (edits ran in fp32: from_pipe); now
+CODES = ("before", "first", "after", "chain")  # main's code; this work's first pass (edits ran in fp32: from_pipe); now; in-chain
+# "chain" rows come from one whole-chain process (`gpu_chain_bench.py --one-step --scenarios 1` off CUDA,
+# `chain_rows`): each stage's peak is the highest resident memory a 20 ms sampler saw while the progress
+# events named that stage, with whatever earlier stages left loaded (what a service job has), not a
+# process of its own. They fill only the stages with no per-stage ("after") row of their own.
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def chain_rows(res: dict, source: str) -> list[dict]:
+    """Rows (memory_bench's format, code "chain") from a gpu_chain_bench result's first scenario."""
+    if res.get("sizes") != "published" or res.get("device") != "cpu":
+        raise SystemExit(f"{source}: not a published-size CPU run ({res.get('sizes')}, {res.get('device')}): its peaks are not the table's")
+    name, sc = next(iter(res["scenarios"].items()))
+    rows = []
+    for stage in STAGE_ORDER:
+        row = (sc.get("stages") or {}).get(stage) or {}
+        rss = row.get("rss") or (sc.get("rss_by_stage") or {}).get(stage)
+        if not rss:
+            continue
+        rows.append({"preset": res["preset"], "precision": PRECISIONS[res["dtype"]], "stage": stage, "status": "ok", "code": "chain",
+                     "peak_rss_gb": rss["peak_rss_gb"], "resident_at_peak": {"models": rss.get("models"), "event": rss.get("event")},
+                     "seconds": row.get("measured_s"), "released": row.get("released"), "batches": sc.get("batches"),
+                     "load_avg": row.get("load_avg_at_start"), "date": res["date"], "scenario": name, "source": source,
+                     "process_ru_maxrss_gb": sc.get("ru_maxrss_gb") or res.get("ru_maxrss_gb")})
+    if "error" in sc or res.get("stopped"):
+        stage = sc.get("last_stage") or next(reversed(sc.get("rss_by_stage") or res.get("rss_by_stage") or {"?": 0}))
+        rows.append({"preset": res["preset"], "precision": PRECISIONS[res["dtype"]], "stage": stage, "status": "stopped" if res.get("stopped") else "failed",
+                     "code": "chain", "note": res.get("stopped") or sc.get("error"), "date": res["date"], "source": source})
+    return rows
+
+
+def table_rows(rows: list[dict]) -> dict:
+    """MEASURED_PEAK_GB from the rows: "after" rows that measured their preset as configured, then
+    "chain" rows (as configured) for the stages that have none."""
+    table: dict = {}
+    for code in ("after", "chain"):
+        for r in rows:
+            if r["code"] == code and r["status"] == "ok" and as_configured(r):
+                dtype = {"bf16": "bfloat16", "fp32": "float32"}[r["precision"]]
+                table.setdefault(("cpu", dtype), {}).setdefault(r["preset"], {}).setdefault(r["stage"], r["peak_rss_gb"])
+    return table
 
 
 def as_configured(row: dict) -> bool:
@@ -192,12 +239,21 @@ def report(rows: list[dict]) -> str:
         return f"{max(got):.2f}" if got else "none"
 
     lines.append("| **largest of its own rows (after, as configured)** | " + " | ".join(largest(p, q) for p, q in combos) + " |")
-    table: dict = {}
-    for r in rows:
-        if r["code"] == "after" and r["status"] == "ok" and as_configured(r):
-            dtype = {"bf16": "bfloat16", "fp32": "float32"}[r["precision"]]
-            table.setdefault(("cpu", dtype), {}).setdefault(r["preset"], {})[r["stage"]] = r["peak_rss_gb"]
-    return "\n".join(lines) + "\n\nMEASURED_PEAK_GB = " + repr(table)
+    table = table_rows(rows)
+
+    def largest_in_table(p: str, q: str) -> str:
+        got = table.get(("cpu", {"bf16": "bfloat16", "fp32": "float32"}[q]), {}).get(p, {})
+        return f"{max(got.values()):.2f} ({max(got, key=got.get)})" if got else "none"
+
+    lines.append("| **largest in the backend's table (after, then chain)** | " + " | ".join(largest_in_table(p, q) for p, q in combos) + " |")
+    after = {(r["precision"], r["preset"], r["stage"]) for r in rows if r["code"] == "after" and r["status"] == "ok" and as_configured(r)}
+    in_chain: dict = {}
+    for (kind, dtype), presets in table.items():
+        for preset, stages in presets.items():
+            got = tuple(s for s in stages if (PRECISIONS[dtype], preset, s) not in after)
+            if got:
+                in_chain.setdefault((kind, dtype), {})[preset] = got
+    return "\n".join(lines) + "\n\nMEASURED_PEAK_GB = " + repr(table) + "\nIN_CHAIN = " + repr(in_chain)
 
 
 def machine() -> dict:
@@ -228,6 +284,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "(default: measure each preset as configured)")
     parser.add_argument("--free-gb", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
+    parser.add_argument("--chain", nargs="+", metavar="JSON",
+                        help="with --report: also the first scenario of these gpu_chain_bench results (in-chain peaks, code 'chain')")
+    parser.add_argument("--views-from", metavar="DIR",
+                        help="a multiview cache entry (six 256 px views) to reconstruct from: copied under the preset's own multiview key, "
+                             "so `--stages reconstruct` measures a reconstruction preset without running its model stages")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -238,7 +299,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_child(args)))
         return []
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        rows = json.loads(Path(args.report).read_text())
+        for path in args.chain or []:
+            rows += chain_rows(json.loads(Path(path).read_text()), Path(path).name)
+        print(report(rows))
         return []
     import psutil
 
@@ -257,6 +321,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "available_before_gb": round(psutil.virtual_memory().available / 1e9, 1), "machine": machine(),
                             "models": "random published sizes (models/random_set.py, fp16 files)", "steps": MEMORY_STEPS,
                             "recon_iterations": RECON_ITERATIONS})
+                if args.views_from and stage == "reconstruct":
+                    row["views_from"] = str(args.views_from)
                 rows.append(row)
                 print(json.dumps({k: row.get(k) for k in ("preset", "precision", "stage", "status", "peak_rss_gb", "seconds", "resident_at_peak", "note")}),
                       flush=True)

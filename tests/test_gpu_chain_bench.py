@@ -4,6 +4,7 @@ meta device, tiny sizes written and loaded by the real loaders) and the whole sc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,36 @@ def test_flop_floor_counts_the_backward_from_the_first_trained_layer_only():
     everything = floor.count(lambda: unet(torch.empty(1, 4, 32, 32, device="meta"), torch.empty(1, device="meta"),
                                           encoder_hidden_states=torch.empty(1, 81, 768, device="meta")).sample.float().square().mean().backward())
     assert everything / forward > 2.6
+
+
+def test_one_step_memory_run_of_the_first_scenario(tmp_path):
+    """The memory run of issue 24: the first scenario only, one step per loop, each stage's peak
+    resident memory from the sampler and the memory planner's choice from job.json. Fails if
+    --scenarios runs more, if a stage has no RSS peak, or if one-step seconds are extrapolated."""
+    bench = _bench()
+    res = bench.main(["--sizes", "tiny", "--device", "cpu", "--one-step", "--scenarios", "1", "--work", str(tmp_path / "work")])
+    assert list(res["scenarios"]) == ["new subject"] and res["one_step"] and not res["extrapolated"]
+    sc = res["scenarios"]["new subject"]
+    assert sc["batches"]["edit_batch"] == 6 and "why" in sc["batches"]
+    for stage in ("subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct"):
+        row = sc["stages"][stage]
+        assert 0.1 < row["rss"]["peak_rss_gb"] <= sc["ru_maxrss_gb"] + 0.01, (stage, row["rss"])
+        assert row["estimated_s"] == row["measured_s"] and len(row["load_avg_at_start"]) == 3
+    assert res["run_steps"]["identity_steps"] == 1 and res["ru_maxrss_gb"] >= sc["ru_maxrss_gb"]
+
+
+def test_the_machine_guard_stops_the_run_and_keeps_what_it_measured(tmp_path):
+    """Under the reserve the run kills itself (the machine must not go down with it) after writing its
+    partial results. A reserve no machine has makes it stop at once."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "partial.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_chain_bench.py"), "--sizes", "tiny", "--device", "cpu", "--one-step", "--scenarios", "1",
+                           "--work", str(tmp_path / "work"), "--json", str(out), "--reserve-gb", "1e6"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = json.loads(out.read_text())
+    assert partial["stopped"].startswith("stopped in ") and "reserve 1000000.0 GB" in partial["stopped"]
+    assert partial["ru_maxrss_gb"] > 0 and "rss_by_stage" in partial

@@ -385,11 +385,12 @@ def test_unusable_data_folder_is_a_clear_error(tmp_path):
 def test_too_heavy_request_is_refused(tmp_path, tiny_models):
     from make_your_3d.pipeline.request import estimate_job_memory
 
-    heavy = estimate_job_memory("quality", faces=500_000, texture_size=4096)
-    light = estimate_job_memory("default", faces=None, texture_size=None)
-    assert 3.5 * 2**30 < heavy < 5.5 * 2**30, heavy / 2**30  # the measured 4.3 GiB
-    assert light < heavy / 2
-    a = Api(tmp_path, tiny_models, memory_budget_bytes=3 * 2**30)
+    # A tiny set runs the fast reconstruction (TEST_OVERRIDES): measured 3.87 GB at its own faces and
+    # texture; 500,000 faces and 4096 px add about 2.6 GB to it (pipeline/request.py).
+    heavy = estimate_job_memory("fast", faces=500_000, texture_size=4096)
+    light = estimate_job_memory("fast", faces=20_000, texture_size=1024)
+    assert light < 5e9 < heavy, (light, heavy)
+    a = Api(tmp_path, tiny_models, memory_budget_bytes=int(5e9))
     try:
         with a.client() as c:
             r = c.post("/v1/jobs", json=job_body(faces=500_000, texture_size=4096, preset="quality"))

@@ -39,7 +39,7 @@ from make_your_3d.errors import DiskFull, OutOfMemory
 from make_your_3d.files import check_writable, replace_dir
 from make_your_3d.models.registry import ROLES, is_tiny
 from make_your_3d.pipeline.cache import StageCache, digest, models_fingerprint
-from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, stage_peaks
+from make_your_3d.pipeline.memory import GB, available_bytes, batches_for, resolve_preset_name, return_freed_memory, stage_need_gb
 from make_your_3d.pipeline.model_host import ModelHost, StageModels
 from make_your_3d.pipeline.presets import TEST_OVERRIDES, Preset, resolve_preset  # noqa: F401 - TEST_OVERRIDES re-exported (benchmarks)
 from make_your_3d.pipeline.reconstruct_stage import recon_options
@@ -186,6 +186,8 @@ class Generator:
             records[-1].seconds = round(time.monotonic() - t0, 3)
             records[-1].peak_gb = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3) if self.device.type == "cuda" else None
 
+        return_freed_memory()  # the reconstruction's buffers: a service keeps running between jobs
+
         # Step 9: the job record and the outputs, published in one rename.
         record = self._job_record(request, image, preset, context, dtype, records, dirs["reconstruct"], batches)
         files = self._write_outputs(out_dir, dirs, record, started)
@@ -196,11 +198,14 @@ class Generator:
         the stage's measured peak (pipeline/memory.py); otherwise they stay loaded for the later
         stages and jobs that use them (loading is slow). (lowvram drops or moves every model but the
         one in use anyway: `ModelHost.load`.)"""
-        need = (stage_peaks(self.device.type, str(dtype).removeprefix("torch."), preset_name) or {}).get(spec.name)
+        return_freed_memory()  # what the stages before freed goes back to the system before free memory is read
+        need = stage_need_gb(self.device.type, str(dtype).removeprefix("torch."), preset_name, spec.name)
         free = available_bytes(self.device)
         if is_tiny(self.models_dir) or need is None or free is None or free >= need * GB:
             return []
-        return self.host.release(set(spec.models) | ({"segmenter"} if spec.uses_segmenter else set()))
+        released = self.host.release(set(spec.models) | ({"segmenter"} if spec.uses_segmenter else set()))
+        return_freed_memory()
+        return released
 
     def _job_record(self, request: GenerateRequest, image: Image.Image, preset: Preset, context: KeyContext, dtype: torch.dtype,
                     records: list[StageRecord], recon_dir: Path, batches: dict) -> dict:

@@ -1,23 +1,27 @@
 """How much memory each stage of a preset needs, measured, and what follows from it: whether a job
 fits the device, which preset `auto` picks, and how many images one batched call may hold.
 
-The figures are peak resident memory of one process running one stage at the published model sizes
-(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`, table in
-BENCHMARKS.md "Peak memory per stage"), each preset as configured (default: both edited-views models
-resident, batches of 6). They were measured on the CPU, where they are RAM; for Apple's GPU (unified
+The figures are peak resident memory at the published model sizes, each preset as configured (default:
+both edited-views models resident, batches of 6): of one process running one stage
+(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`), or, for fp32's
+later stages, the peak within the stage of one process running the whole chain as a service job does
+(`benchmarks/gpu_chain_bench.py --one-step --scenarios 1`, `benchmarks/results/memory_chain_fp32_2026-12-05.json`;
+IN_CHAIN names them: they include what earlier stages left loaded). Table in BENCHMARKS.md "Peak memory per stage". They were measured on the CPU, where they are RAM; for Apple's GPU (unified
 memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
-`default` (fewer steps), so it shares default's figures for those (SAME_SHAPES). The reconstruction's
-figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
-separate per-request check of the faces and texture asked for). fp32 has two figures so far (subject,
-subject_views): at one step per loop its stages take several times bf16's seconds on this CPU, and the
-rest did not fit the session that measured the table (BENCHMARKS.md); the planner estimates its
-batched stage from bf16 (ESTIMATE_FROM) meanwhile.
+`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction
+(SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+separate per-request check of the faces and texture asked for). Where a precision has no figure for a
+stage, the planner and the release of models before a stage estimate it from bf16 (ESTIMATE_FROM);
+the admission check and `auto` use measured figures only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +30,29 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled from benchmarks/results/memory_2026-12-05.json by `benchmarks/memory_bench.py --report` (its
-# "after" rows measured as configured). lowvram's other model stages are default's (SAME_SHAPES).
+# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json --chain
+# benchmarks/results/memory_chain_fp32_2026-12-05.json`: its "after" rows measured as configured, then
+# the whole fp32 chain's in-chain peaks for the stages with no row of their own (IN_CHAIN).
+# lowvram's other model stages are default's, fast's all default's but its reconstruction (SAME_SHAPES).
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
+        "quality": {"reconstruct": 12.693},  # on the fp32 chain's views (memory_bench --views-from); its model stages not run
     },
-    ("cpu", "float32"): {
-        "default": {"subject": 0.473, "subject_views": 6.561},  # the rest not measured yet (BENCHMARKS.md says why)
+    ("cpu", "float32"): {  # all but subject and subject_views are in-chain peaks (IN_CHAIN)
+        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315, "subject_prior": 14.066,
+                    "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
     },
+}
+
+# The figures above that are in-chain peaks (`memory_bench.py --report --chain`: one whole-chain process,
+# as a service job runs, `gpu_chain_bench.py --one-step --scenarios 1`): the highest resident memory while
+# the progress events named the stage, with whatever earlier stages left loaded. The others are each
+# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds.
+IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")},
 }
 
 # Which measured figures stand for a device kind and precision. Apple's GPU shares the process's
@@ -53,11 +69,13 @@ PROXY: dict[tuple[str, str], tuple[str, str]] = {
 }
 # Stages a preset runs with exactly another preset's shapes (none of the preset fields they read
 # differ, and with one stage per process offloading changes nothing): they share its figures.
-# fast: every model stage (fewer steps only); lowvram: all but identity and edited_views (its batch
-# sizes), which are measured on their own.
-SAME_SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "fast": ("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
-    "lowvram": ("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),
+# fast: every model stage is default's (fewer steps only), its reconstruction lowvram's (both run the
+# fast reconstruction preset on the same six 256 px views; it loads no model); lowvram: all but
+# identity and edited_views (its batch sizes), which are measured on their own.
+SAME_SHAPES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "fast": (("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
+             ("lowvram", ("reconstruct",))),
+    "lowvram": (("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),),
 }
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
 MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
@@ -73,8 +91,7 @@ class Need:
 def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
     """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
     table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    like, stages = SAME_SHAPES.get(preset, ("", ()))
-    peaks = {s: table[like][s] for s in stages if s in table.get(like, {})}
+    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in table.get(like, {})}
     peaks.update(table.get(preset, {}))
     return peaks or None
 
@@ -83,9 +100,9 @@ def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures without the edited views (the largest stage wherever it was measured: two models and
     six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
-    the preset's own two-model figure could not be measured (default in fp32 needs about 19 GB by
-    bf16's bytes, more than a shared 24 GB machine has free) but every other stage was, the memory planner runs its edited views one model at a
-    time (`batches_for`), so the least it needs there is lowvram's measured one-model figure."""
+    the preset's own two-model figure is missing but every other stage was measured, the memory
+    planner runs its edited views one model at a time when both do not fit (`batches_for`), so the
+    least it needs there is lowvram's measured one-model figure."""
     peaks = stage_peaks(device_kind, dtype, preset)
     if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
         one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
@@ -96,6 +113,65 @@ def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
         return None
     stage = max(peaks, key=peaks.get)
     return Need(peaks[stage], stage)
+
+
+def recon_peak_gb(recon_preset: str) -> tuple[float, str] | None:
+    """The reconstruction's peak GB at `recon_preset`'s own grid, faces and texture size, and where it
+    comes from. Measured: the largest reconstruct figure of the presets that run this reconstruction
+    preset, in any precision (the stage loads no model and computes in float32 whatever the job's
+    precision). Not measured (a preset nobody ran): a straight line in the fused grid's point count (grid_res
+    cubed: its peak is the surface extraction on that grid) through the measured presets, least
+    squares, never under the largest measured figure of a smaller grid. None: nothing measured."""
+    from make_your_3d.pipeline.presets import PRESETS
+    from make_your_3d.recon.config import PRESETS as RECON_PRESETS
+
+    measured: dict[str, float] = {}
+    for table in MEASURED_PEAK_GB.values():
+        for preset, stages in table.items():
+            if "reconstruct" in stages and preset in PRESETS:
+                recon = PRESETS[preset].recon_preset
+                measured[recon] = max(measured.get(recon, 0.0), stages["reconstruct"])
+    if recon_preset in measured:
+        return measured[recon_preset], "measured"
+    if recon_preset not in RECON_PRESETS or not measured:
+        return None
+    points = {name: RECON_PRESETS[name].fuse.grid_res ** 3 for name in [*measured, recon_preset]}
+    want = points[recon_preset]
+    smaller = [gb for name, gb in measured.items() if points[name] <= want]
+    if len(measured) < 2:
+        (name, gb), = measured.items()
+        return max(gb, gb * want / points[name]) if want >= points[name] else gb, f"estimated: {name}'s figure x grid points"
+    xs, ys = [points[n] for n in measured], list(measured.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) or 1)
+    line = my + slope * (want - mx)
+    return max([line, *smaller]), f"estimated: linear in grid points through {', '.join(sorted(measured))}"
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library or system: nothing to call)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Hand the memory the process has freed back to the system (glibc's `malloc_trim(0)`); False where
+    there is nothing to call. Why: glibc keeps freed blocks under its mmap threshold in the process's
+    heap, and that threshold grows to 32 MB once large blocks are freed, so most weight and activation
+    tensors land there. Measured at the published sizes in fp32 (BENCHMARKS.md "Peak memory per stage"):
+    a chain held 17 GB resident at the start of front_view with no model loaded, and the
+    reconstruction then ran out of room on top of it; one fp32 multi-view model plus the personalized
+    model loaded and released left 3.55 GB resident, 0.59 GB after this call (0.09 s)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def available_bytes(device) -> int | None:
@@ -135,6 +211,9 @@ def check_fits(device_kind: str, dtype: str, preset: str, budget_bytes: int) -> 
         other_need = job_need(device_kind, dtype, other)
         if other != preset and other_need is not None and other_need.gb * GB <= budget_bytes:
             raise TooHeavy(f"{head} Pick the {other} preset (about {other_need.gb:.1f} GB), or close other programs.")
+        if other != preset and other_need is None:  # not measured in this precision (lowvram in fp32): not known not to fit
+            raise TooHeavy(f"{head} Pick the {other} preset (it holds one model at a time; its peak in {precision} is not measured), "
+                           "or close other programs.")
     raise TooHeavy(f"{head} No preset fits: close other programs using the memory, or run on a machine with more.")
 
 
@@ -168,9 +247,10 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
-# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high): fp32's edited
-# views are not measured yet (BENCHMARKS.md says why). Only `batches_for` uses estimates; the admission check
-# (`check_fits`) and `auto` use measured figures alone.
+# twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high). Default's fp32 stages
+# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's are not.
+# Only `batches_for` and `stage_need_gb` use estimates; the admission check (`check_fits`) and `auto`
+# use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
 
 
@@ -186,6 +266,19 @@ def batched_figure(device_kind: str, dtype: str, preset: str) -> tuple[float | N
         if base is not None:
             return base * factor, f"estimated: {other} x {factor:g}"
     return None, ""
+
+
+def stage_need_gb(device_kind: str, dtype: str, preset: str, stage: str) -> float | None:
+    """`preset`'s peak GB for any `stage`: measured, else estimated from another precision (ESTIMATE_FROM),
+    else None. Only the release of loaded models before a stage (`Generator._make_room`) uses this: an
+    fp32 job whose stages are not all measured must still drop the models a stage does not need
+    (the multi-view model before the edited views), or the chain runs out of memory there."""
+    measured = (stage_peaks(device_kind, dtype, preset) or {}).get(stage)
+    if measured is not None or dtype not in ESTIMATE_FROM:
+        return measured
+    other, factor = ESTIMATE_FROM[dtype]
+    base = (stage_peaks(device_kind, other, preset) or {}).get(stage)
+    return None if base is None else base * factor
 
 
 def row_gb(device_kind: str, dtype: str) -> float | None:

@@ -226,34 +226,67 @@ def clean_prompt(text: str, field_name: str = "prompt", *, required: bool = True
 
 
 # --- memory a job needs -------------------------------------------------------------------------
-# Peak resident memory of the reconstruction (meshing, UV unwrap, texture bake), by recon preset,
-# plus per texel and per face. Calibrated to one measurement (faces 500000, texture 4096, quality:
-# 4.3 GiB peak RSS on a CPU run): the texel term is the bake's per-texel buffers (positions,
-# barycentrics, accumulators, fill indices ~120 B/texel), the face term xatlas and the fill.
-_RECON_BASE_BYTES = {"fast": int(0.8 * 2**30), "default": int(1.2 * 2**30), "quality": int(1.6 * 2**30)}
-_RECON_DEFAULTS = {"fast": (20000, 1024), "default": (40000, 2048), "quality": (50000, 2048)}  # recon/reconstruct.py PRESETS
+# The reconstruction is the stage whose memory grows with the request (faces, texture size). Its peak
+# at a reconstruction preset's own faces and texture is measured (pipeline/memory.py `recon_peak_gb`:
+# default 9.7 GB, its 512-point fused grid; fast 3.9 GB, 320 points; BENCHMARKS.md "Peak memory per
+# stage"): that is the base. Only what a request asks beyond the preset's faces and texture is added,
+# with the per-texel and per-face costs below (the bake's per-texel buffers: positions, barycentrics,
+# accumulators, fill indices, ~120 B/texel; xatlas and the fill per face), calibrated on one CPU run
+# (faces 500000, texture 4096). Fewer faces or a smaller texture do not lower it: the peak is the
+# surface extraction on the grid, which they do not change.
 _BYTES_PER_TEXEL = 120
 _BYTES_PER_FACE = 1536
+# Used only where no reconstruction figure is measured at all (an empty table): the earlier base,
+# calibrated on that one run (it underestimates the grids measured since).
+_RECON_BASE_BYTES = {"fast": int(0.8 * 2**30), "default": int(1.2 * 2**30), "quality": int(1.6 * 2**30)}
+# The presets a too-heavy request is pointed to, lightest reconstruction last (their recon presets).
+_SUGGEST = ("default", "lowvram")
+
+
+def _recon_defaults(recon_preset: str) -> tuple[int, int]:
+    from make_your_3d.recon.config import PRESETS as RECON_PRESETS
+
+    config = RECON_PRESETS.get(recon_preset, RECON_PRESETS["quality"])  # as estimate_job_memory reads an unknown name
+    return int(config.mesh.faces), int(config.bake.texture_size)
 
 
 def estimate_job_memory(recon_preset: str, faces: int | None, texture_size: int | None) -> int:
-    """Estimated peak bytes of a job's reconstruction (the stage whose memory grows with the request)."""
-    preset = recon_preset if recon_preset in _RECON_BASE_BYTES else "quality"
-    default_faces, default_texture = _RECON_DEFAULTS[preset]
+    """Estimated peak bytes of a job's reconstruction: the measured peak of `recon_preset` at its own
+    faces and texture, plus what the faces and texture asked for add beyond those."""
+    from make_your_3d.pipeline.memory import GB, recon_peak_gb
+    from make_your_3d.recon.config import PRESETS as RECON_PRESETS
+
+    preset = recon_preset if recon_preset in RECON_PRESETS else "quality"
+    default_faces, default_texture = _recon_defaults(preset)
     faces = faces or default_faces
     texture_size = texture_size or default_texture
-    return _RECON_BASE_BYTES[preset] + _BYTES_PER_TEXEL * texture_size * texture_size + _BYTES_PER_FACE * faces
+    grow = _BYTES_PER_TEXEL * max(0, texture_size**2 - default_texture**2) + _BYTES_PER_FACE * max(0, faces - default_faces)
+    peak = recon_peak_gb(preset)
+    if peak is not None:
+        return int(peak[0] * GB) + grow
+    return _RECON_BASE_BYTES[preset] + _BYTES_PER_TEXEL * default_texture**2 + _BYTES_PER_FACE * default_faces + grow
 
 
 def check_job_memory(recon_preset: str, faces: int | None, texture_size: int | None, budget_bytes: int) -> None:
-    """Refuse (TooHeavy) a request whose estimated memory is over `budget_bytes`."""
+    """Refuse (TooHeavy) a request whose estimated reconstruction memory is over `budget_bytes`, with a
+    sentence saying what fits: the preset's own face count and texture size, or a lighter preset."""
+    from make_your_3d.pipeline.presets import PRESETS
+
     need = estimate_job_memory(recon_preset, faces, texture_size)
-    if need > budget_bytes:
-        raise TooHeavy(
-            f"This job would need about {need / 2**30:.1f} GiB of memory (faces {faces or 'default'}, texture {texture_size or 'default'}, "
-            f"{recon_preset} reconstruction); this backend allows {budget_bytes / 2**30:.1f} GiB per job. "
-            "Lower the face count or the texture size (e.g. 2048), or pick the default preset."
-        )
+    if need <= budget_bytes:
+        return
+    head = (f"This job's reconstruction would need about {need / 1e9:.1f} GB of memory (faces {faces or 'default'}, texture "
+            f"{texture_size or 'default'}, {recon_preset} reconstruction); this backend allows {budget_bytes / 1e9:.1f} GB per job.")
+    if (faces or texture_size) and estimate_job_memory(recon_preset, None, None) <= budget_bytes:
+        default_faces, default_texture = _recon_defaults(recon_preset)
+        raise TooHeavy(f"{head} Lower the face count or the texture size (this preset's own: {default_faces} faces, {default_texture} px).")
+    for name in _SUGGEST:
+        other = PRESETS[name].recon_preset
+        if other != recon_preset and estimate_job_memory(other, faces, texture_size) <= budget_bytes:
+            raise TooHeavy(f"{head} Pick the {name} preset (its reconstruction: about {estimate_job_memory(other, faces, texture_size) / 1e9:.1f} GB).")
+    lightest = min(estimate_job_memory(PRESETS[name].recon_preset, None, None) for name in _SUGGEST)
+    raise TooHeavy(f"{head} No preset's reconstruction fits (the lightest needs about {lightest / 1e9:.1f} GB at its own faces and "
+                   "texture): raise the backend's per-job memory budget, or run on a machine with more memory.")
 
 
 def validate_request(request: GenerateRequest) -> Image.Image:
