@@ -508,7 +508,7 @@ def silhouette_guard(before: Tensor, after: Tensor, lo: Tensor, step: float, tar
         return after, 0
     keep = torch.zeros(len(gone), dtype=torch.bool, device=after.device)
     pts_gone = lo + gone.to(lo.dtype) * step
-    pts_left = lo + torch.nonzero(after).to(lo.dtype) * step
+    pts_left = lo + _surface_voxels(after).to(lo.dtype) * step  # a solid's surface covers every pixel its inside does
     W, H = targets.width, targets.height
     for v in range(targets.mask.shape[0]):
         cam = targets.camera(v)
