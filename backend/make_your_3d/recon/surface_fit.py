@@ -40,6 +40,11 @@ from make_your_3d.recon.scene import ViewTargets, grid_counts
 __all__ = ["Grid", "bridge", "carve", "first_hits", "fit_surface", "grid_over", "render_rays", "sample_grid", "signed_distance_init", "silhouette_guard", "view_residual"]
 
 
+def grid_hi(lo: Tensor, step: float, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The last grid point of a grid of `shape` points from `lo`, `step` apart (the box's far corner)."""
+    return lo + step * (torch.tensor(tuple(shape), dtype=lo.dtype, device=lo.device) - 1)
+
+
 @dataclass
 class Grid:
     """A field on the points lo + ijk * step (shape (nx, ny, nz), x slowest, like recon/mesh.py's grids)."""
@@ -54,7 +59,7 @@ class Grid:
 
     @property
     def hi(self) -> Tensor:
-        return self.lo + self.step * (torch.tensor(self.shape, dtype=self.lo.dtype, device=self.lo.device) - 1)
+        return grid_hi(self.lo, self.step, self.shape)
 
     def points(self) -> Tensor:
         """(nx, ny, nz, 3) world coordinates of the grid points."""
@@ -119,7 +124,7 @@ def render_rays(values: Tensor, grad: Tensor, lo: Tensor, step: float, o: Tensor
     where the ray leaves the surface); its weight is that opacity times the transmittance in front of it
     (`visibility`), or the opacity alone (every entering crossing along the ray counts: the tests' wrong
     variant)."""
-    hi = lo + step * (torch.tensor(values.shape, dtype=lo.dtype, device=lo.device) - 1)
+    hi = grid_hi(lo, step, values.shape)
     t0, t1 = _box_hits(o, d, lo, hi)
     hit = t1 > t0
     t0 = torch.where(hit, t0, torch.zeros_like(t0))
@@ -277,7 +282,7 @@ def _view_evidence(pts: Tensor, n_cur: Tensor, occ: Tensor, lo: Tensor, step: fl
     if cfg.visibility:
         k = torch.arange(2, cfg.samples + 2, device=pts.device, dtype=pts.dtype) * step
         ray = pts[:, None] - d[:, None] * k[None, :, None]  # towards the camera
-        hi = lo + step * (torch.tensor(occ.shape, dtype=lo.dtype, device=lo.device) - 1)
+        hi = grid_hi(lo, step, occ.shape)
         inbox = ((ray >= lo) & (ray <= hi)).all(-1)
         o = sample_grid(occ[None], ray.reshape(-1, 3), lo, step).reshape(ray.shape[:2])
         sees &= ~((o > 0.5) & inbox).any(1)
@@ -342,7 +347,7 @@ def carve(inside: Tensor, lo: Tensor, step: float, targets: ViewTargets, cfg: Su
 def first_hits(inside: Tensor, lo: Tensor, step: float, o: Tensor, d: Tensor) -> Tensor:
     """(N,) ray parameter of each ray's first point inside the occupancy (inf: none), marched at half a
     grid step."""
-    hi = lo + step * (torch.tensor(inside.shape, dtype=lo.dtype, device=lo.device) - 1)
+    hi = grid_hi(lo, step, inside.shape)
     t0, t1 = _box_hits(o, d, lo, hi)
     n = int(np.ceil(float((t1 - t0).clamp_min(0).max()) / (0.5 * step))) + 1 if len(o) else 0
     out = torch.full((len(o),), float("inf"), device=o.device)
@@ -397,18 +402,17 @@ def _bridge_line(t_before: np.ndarray, t_after: np.ndarray, ok: np.ndarray, o: n
     return out
 
 
-def _epipolar_rows(v: int, voting: list[int], lo: Tensor, step: float, occ: Tensor, targets: ViewTargets,
-                   cfg: SurfConfig) -> bool:
+def _epipolar_rows(v: int, voting: list[int], centre: Tensor, targets: ViewTargets, cfg: SurfConfig) -> bool:
     """Whether view v's neighbours (the views it is compared with in the carving) displace a point's image
     mostly along v's rows (True) or its columns. Why: depth shows only as parallax along the epipolar
     lines, so the carving's openings say something about depth only along them; across them (a
     horizontal shelf for views on a horizontal orbit) two openings can lie on either side of a real
-    part that no view can tell from a lid, and bridging there would remove it."""
-    centre = (lo + 0.5 * step * (torch.tensor(occ.shape, dtype=lo.dtype, device=lo.device) - 1))[None]
+    part that no view can tell from a lid, and bridging there would remove it. `centre`: (1, 3), the grid's
+    centre, where the views' directions are compared (pinhole views differ across the image)."""
     cam = targets.camera(v)
     dv = view_dirs(centre, cam)[0]
     w2c = cam.viewmats[0, :3, :3]
-    along = torch.zeros(2, device=lo.device)
+    along = torch.zeros(2, device=centre.device)
     for b in voting:
         db = view_dirs(centre, targets.camera(b))[0]
         if b != v and float(dv @ db) > cfg.carve_pair_cos:
@@ -428,6 +432,7 @@ def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: View
     removed = 0
     W, H = targets.width, targets.height
     jj, ii = torch.meshgrid(torch.arange(H, device=lo.device), torch.arange(W, device=lo.device), indexing="ij")
+    centre = (0.5 * (lo + grid_hi(lo, step, after.shape)))[None]
     for v in voting:
         cam = targets.camera(v)
         o, d = pixel_rays_world(ii.reshape(-1), jj.reshape(-1), cam)
@@ -435,13 +440,16 @@ def bridge(before: Tensor, after: Tensor, lo: Tensor, step: float, targets: View
         ta = first_hits(after, lo, step, o, d).reshape(H, W)
         n = targets.normal[v]
         ok = (targets.mask[v] > cfg.core_mask) & ((n * -d.reshape(H, W, 3)).sum(-1) > cfg.grazing_cos) & torch.isfinite(ta)
-        a = [x.cpu().numpy().astype(np.float64) for x in (tb, ta, o.reshape(H, W, 3), d.reshape(H, W, 3), n)]
-        okn = ok.cpu().numpy()
-        if _epipolar_rows(v, voting, lo, step, after, targets, cfg):
-            t = np.stack([_bridge_line(a[0][r], a[1][r], okn[r], a[2][r], a[3][r], a[4][r], step, cfg) for r in range(H)])
+        tb_, ta_, o_, d_, n_ = (x.cpu().numpy().astype(np.float64) for x in (tb, ta, o.reshape(H, W, 3), d.reshape(H, W, 3), n))
+        ok_ = ok.cpu().numpy()
+
+        def line(sel) -> np.ndarray:
+            return _bridge_line(tb_[sel], ta_[sel], ok_[sel], o_[sel], d_[sel], n_[sel], step, cfg)
+
+        if _epipolar_rows(v, voting, centre, targets, cfg):
+            t = np.stack([line(np.s_[r]) for r in range(H)])
         else:
-            t = np.stack([_bridge_line(a[0][:, c], a[1][:, c], okn[:, c], a[2][:, c], a[3][:, c], a[4][:, c], step, cfg)
-                          for c in range(W)], 1)
+            t = np.stack([line(np.s_[:, c]) for c in range(W)], 1)
         if not np.isfinite(t).any():
             continue
         # a point goes when every pixel of its footprint was bridged deeper than it (by a step)
