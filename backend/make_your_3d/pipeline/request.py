@@ -282,8 +282,11 @@ def check_job_memory(recon_preset: str, faces: int | None, texture_size: int | N
         raise TooHeavy(f"{head} Lower the face count or the texture size (this preset's own: {default_faces} faces, {default_texture} px).")
     for name in _SUGGEST:
         other = PRESETS[name].recon_preset
-        if other != recon_preset and estimate_job_memory(other, faces, texture_size) <= budget_bytes:
-            raise TooHeavy(f"{head} Pick the {name} preset (its reconstruction: about {estimate_job_memory(other, faces, texture_size) / 1e9:.1f} GB).")
+        if other == recon_preset:
+            continue
+        other_need = estimate_job_memory(other, faces, texture_size)
+        if other_need <= budget_bytes:
+            raise TooHeavy(f"{head} Pick the {name} preset (its reconstruction: about {other_need / 1e9:.1f} GB).")
     lightest = min(estimate_job_memory(PRESETS[name].recon_preset, None, None) for name in _SUGGEST)
     raise TooHeavy(f"{head} No preset's reconstruction fits (the lightest needs about {lightest / 1e9:.1f} GB at its own faces and "
                    "texture): raise the backend's per-job memory budget, or run on a machine with more memory.")
