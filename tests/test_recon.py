@@ -95,6 +95,29 @@ def test_rasterizer_front_to_back_order_and_gradients():
     assert means.grad.abs().sum() > 0 and colors.grad[1].abs().sum() > colors.grad[0].abs().sum()
 
 
+def test_rasterizer_tile_size_changes_speed_only():
+    # FitConfig.tile_size is documented as speed only: the image and every gradient must not depend on it,
+    # also where the image side (62) is not a multiple of the tile. A wrong tiling (a Gaussian listed only in
+    # the tile of its centre) fails: its footprint is cut at the tile edges.
+    torch.manual_seed(0)
+    n = 300
+    base = [torch.randn(n, 3) * 0.4, torch.randn(n, 4), torch.rand(n, 3) * 0.08 + 0.01, torch.rand(n) * 0.9 + 0.05,
+            torch.rand(n, 3)]
+    cam = _ortho_cam(62)
+    results = []
+    for ts in (3, 4, 8, 16):
+        args = [a.clone().requires_grad_(True) for a in base]
+        out = rasterize(*args, cam, tile_size=ts)
+        (out.features.sum() + 0.3 * out.alpha.sum() + 0.1 * out.depth.sum()).backward()
+        results.append((out.features.detach(), out.alpha.detach(), out.depth.detach(), [a.grad for a in args]))
+    f0, a0, d0, g0 = results[0]
+    assert float(a0.max()) > 0.5  # something was drawn
+    for f, a, d, g in results[1:]:
+        assert torch.allclose(f, f0, atol=1e-5) and torch.allclose(a, a0, atol=1e-5) and torch.allclose(d, d0, atol=1e-4)
+        for x, y in zip(g, g0):
+            assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA device: gsplat's CUDA path cannot run here")
 def test_rasterizer_cuda_matches_torch_path():
     torch.manual_seed(0)

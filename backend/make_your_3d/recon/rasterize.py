@@ -88,7 +88,7 @@ def rasterize(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
-    tile_size: int = 8,
+    tile_size: int = 4,  # FitConfig.tile_size's default (the fit passes its own)
     force_torch: bool = False,
 ) -> RenderOut:
     """Render N Gaussians into C cameras.
