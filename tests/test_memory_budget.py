@@ -18,6 +18,9 @@ from make_your_3d.pipeline.memory import GB, MEASURED_PEAK_GB, batches_for, chec
 from make_your_3d.pipeline.presets import get_preset
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_2026-12-05.json"
+# Every per-stage results file (memory_<date>.json: one session's memory_bench rows each); not the
+# whole-chain files (memory_chain_*) nor the kept pre-fix chain (memory_fp32_chain_before_trim_*).
+PER_STAGE_RESULTS = sorted(RESULTS.parent.glob("memory_2*.json"))
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -25,8 +28,11 @@ def test_the_table_is_the_measured_json():
     """Every figure in the backend's table is a measured row's peak (the source is the benchmark): the
     "after" rows that measured their preset as configured (not the planner's one-model-at-a-time runs)."""
     bench = load_script("memory_bench")
-    rows = [r for r in json.loads(RESULTS.read_text()) if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
-    measured = {("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]): r["peak_rss_gb"] for r in rows}
+    rows = [r for path in PER_STAGE_RESULTS for r in json.loads(path.read_text())
+            if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
+    measured: dict = {}
+    for r in rows:  # the first measurement of a cell, as memory_bench.table_rows keeps it
+        measured.setdefault(("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]), r["peak_rss_gb"])
     # In-chain peaks (one whole-chain process, benchmarks/results/memory_chain_*.json) fill only the
     # stages that have no per-stage row, and memory.IN_CHAIN names exactly those.
     in_chain = set()
@@ -430,3 +436,41 @@ def test_freed_memory_goes_back_to_the_system():
     base, freed, trimmed, ran = json.loads(out.stdout.strip().splitlines()[-1])
     assert ran and freed - base > 0.5, (base, freed)  # the retention this guards against happens here
     assert trimmed - base < 0.1, (base, freed, trimmed)
+
+
+def test_shared_figures_are_only_where_no_shape_differs():
+    """A preset shares another's figure for a stage (memory.SAME_SHAPES) only where every preset field
+    the stage reads (its StageSpec's preset_fields) is equal in both presets or changes no shape
+    (memory.SHAPE_FREE_FIELDS). Fails if quality's subject_views or multiview (guidance 3: the guided
+    batch of twice the rows) or subject_prior (LoRA rank 16) borrowed default's figure, or if
+    lowvram's identity (batch 1) borrowed default's."""
+    from make_your_3d.pipeline.presets import PRESETS
+    from make_your_3d.pipeline.stages import STAGES
+
+    shared = 0
+    for preset, likes in memory.SAME_SHAPES.items():
+        for like, stages in likes:
+            for stage in stages:
+                differ = {f for f in STAGES[stage].preset_fields if getattr(PRESETS[preset], f) != getattr(PRESETS[like], f)}
+                assert differ <= set(memory.SHAPE_FREE_FIELDS), (preset, like, stage, differ)
+                shared += 1
+    assert shared >= 13
+    for field in ("mv_guidance", "lora_rank", "identity_batch", "edit_batch", "normal_batch", "recon_preset", "mv_size", "sd_size"):
+        assert field not in memory.SHAPE_FREE_FIELDS
+    # quality's own stages are the ones its guidance and rank change
+    quality_own = {s for s in memory.MODEL_STAGES if any(
+        getattr(PRESETS["quality"], f) != getattr(PRESETS["default"], f) and f not in memory.SHAPE_FREE_FIELDS for f in STAGES[s].preset_fields)}
+    assert quality_own == {"subject_views", "subject_prior", "multiview"}
+
+
+def test_an_incomplete_table_is_not_a_need(monkeypatch):
+    """A preset's need counts only when every model stage has a figure (its own or shared): quality in
+    fp32 shares default's identity and edited views but its guided multi-view stages have no fp32 figure,
+    so it has no need there (nothing is refused on a floor). Fails on the earlier rule that counted a
+    table as complete once it had the edited views."""
+    table = {("cpu", "float32"): {"default": {s: 5.0 for s in memory.MODEL_STAGES}, "quality": {"subject_views": 7.0}}}
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    assert memory.stage_peaks("cpu", "float32", "quality")["edited_views"] == 5.0
+    assert job_need("cpu", "float32", "quality") is None
+    table[("cpu", "float32")]["quality"].update(subject_prior=6.0, multiview=8.0)
+    assert job_need("cpu", "float32", "quality") == memory.Need(8.0, "multiview")

@@ -3,14 +3,15 @@ fits the device, which preset `auto` picks, and how many images one batched call
 
 The figures are peak resident memory at the published model sizes, each preset as configured (default:
 both edited-views models resident, batches of 6): of one process running one stage
-(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`), or, for fp32's
+(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json` and
+`memory_2026-12-06.json`), or, for fp32's
 later stages, the peak within the stage of one process running the whole chain as a service job does
 (`benchmarks/gpu_chain_bench.py --one-step --scenarios 1`, `benchmarks/results/memory_chain_fp32_2026-12-05.json`;
 IN_CHAIN names them: they include what earlier stages left loaded). Table in BENCHMARKS.md "Peak memory per stage". They were measured on the CPU, where they are RAM; for Apple's GPU (unified
 memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
-`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction
-(SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction;
+`quality` shares default's where it changes only step counts (SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
 separate per-request check of the faces and texture asked for). Where a precision has no figure for a
 stage, the planner and the release of models before a stage estimate it from bf16 (ESTIMATE_FROM);
 the admission check and `auto` use measured figures only.
@@ -71,12 +72,24 @@ PROXY: dict[tuple[str, str], tuple[str, str]] = {
 # differ, and with one stage per process offloading changes nothing): they share its figures.
 # fast: every model stage is default's (fewer steps only), its reconstruction lowvram's (both run the
 # fast reconstruction preset on the same six 256 px views; it loads no model); lowvram: all but
-# identity and edited_views (its batch sizes), which are measured on their own.
+# identity and edited_views (its batch sizes), which are measured on their own; quality: its subject,
+# identity, edited views and front view read only step counts that differ (sd_steps, identity_steps),
+# while its guidance 3 doubles the multi-view UNet's batch (subject_views, multiview) and its LoRA
+# rank 16 changes subject_prior and multiview, so those three are measured on their own.
 SAME_SHAPES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "fast": (("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
              ("lowvram", ("reconstruct",))),
     "lowvram": (("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),),
+    "quality": (("default", ("subject", "identity", "edited_views", "front_view")),),
 }
+# The preset fields that change how long a stage runs or what it computes but no tensor's shape, so
+# no peak: step counts, learning rates and their schedule, DDIM's eta (noise amount), the img2img strength and
+# the IP-Adapter scale (a factor). Every stage in SAME_SHAPES reads, of the fields where the two presets
+# differ, only these (tests/test_memory_budget.py checks it against the stages' declared fields). Not here:
+# guidance (1.0 runs one batch, anything else the guided batch of twice the rows), sizes, batches,
+# the LoRA rank, the reconstruction preset.
+SHAPE_FREE_FIELDS = ("mv_steps", "sd_steps", "identity_steps", "prior_steps", "normal_steps", "identity_lr", "prior_lr",
+                     "lr_schedule", "mv_eta", "edit_strength", "ip_scale")
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
 MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
 BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
@@ -98,19 +111,22 @@ def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] |
 
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
-    Figures without the edited views (the largest stage wherever it was measured: two models and
-    six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
-    the preset's own two-model figure is missing but every other stage was measured, the memory
-    planner runs its edited views one model at a time when both do not fit (`batches_for`), so the
-    least it needs there is lowvram's measured one-model figure."""
+    Figures that miss a model stage are incomplete and count as not measured (their largest would
+    be a floor, not the job's need: quality in fp32 shares default's identity and edited views
+    by SAME_SHAPES but its guided multi-view stages are not measured), with one exception: where
+    the preset's own two-model edited views are missing but every other model stage was measured,
+    the memory planner runs them one model at a time when both do not fit (`batches_for`), so the
+    least it needs there is lowvram's measured one-model figure. The reconstruction may be missing
+    (fast in fp32): `request.estimate_job_memory` checks it per request."""
     peaks = stage_peaks(device_kind, dtype, preset)
-    if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
-        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
-        if one is not None:
-            peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
-            return Need(max(peaks.values()), max(peaks, key=peaks.get))
-    if not peaks or BATCHED_STAGE not in peaks:
+    missing = set(MODEL_STAGES) - set(peaks or {})
+    if not peaks or missing - {BATCHED_STAGE}:
         return None
+    if missing:
+        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+        if one is None:
+            return None
+        peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
     stage = max(peaks, key=peaks.get)
     return Need(peaks[stage], stage)
 
