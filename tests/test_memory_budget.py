@@ -474,3 +474,20 @@ def test_an_incomplete_table_is_not_a_need(monkeypatch):
     assert job_need("cpu", "float32", "quality") is None
     table[("cpu", "float32")]["quality"].update(subject_prior=6.0, multiview=8.0)
     assert job_need("cpu", "float32", "quality") == memory.Need(8.0, "multiview")
+
+
+def test_in_chain_figures_stand_only_for_a_preset_that_releases_alike(monkeypatch):
+    """default's fp32 figures after subject_views are in-chain (what its earlier stages left loaded:
+    front_view 16.1 GB holds the multi-view model too). lowvram holds one model at a time, so they do not
+    stand for its stages; fast releases as default does, so they do. Fails on the variant that shares
+    every figure alike (lowvram in fp32 would need default's in-chain front view and `auto` would find no
+    preset for a 12 GB machine)."""
+    table = {("cpu", "float32"): {"default": {**{s: 6.0 for s in memory.MODEL_STAGES}, "front_view": 16.0},
+                                  "lowvram": {"identity": 9.0, "edited_views": 10.0}}}
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    monkeypatch.setattr(memory, "IN_CHAIN", {("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview")}})
+    low = memory.stage_peaks("cpu", "float32", "lowvram")
+    assert set(low) == {"subject", "subject_views", "identity", "edited_views"} and job_need("cpu", "float32", "lowvram") is None
+    assert memory.stage_peaks("cpu", "float32", "fast")["front_view"] == 16.0
+    monkeypatch.setattr(memory, "IN_CHAIN", {})  # the same figures from processes of their own: shared
+    assert job_need("cpu", "float32", "lowvram") == memory.Need(16.0, "front_view")

@@ -103,8 +103,20 @@ class Need:
 
 def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
     """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
-    table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in table.get(like, {})}
+    from make_your_3d.pipeline.presets import PRESETS
+
+    where = PROXY.get((device_kind, dtype), ("", ""))
+    table, in_chain = MEASURED_PEAK_GB.get(where, {}), IN_CHAIN.get(where, {})
+
+    def shared(like: str, stage: str) -> bool:
+        # An in-chain figure holds what the earlier stages of `like`'s chain left loaded, which its
+        # release of models decides (offload: one model at a time): it stands for a preset only
+        # where that is the same (fast for default, not lowvram).
+        if stage not in table.get(like, {}):
+            return False
+        return stage not in in_chain.get(like, ()) or (preset in PRESETS and like in PRESETS and PRESETS[preset].offload == PRESETS[like].offload)
+
+    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if shared(like, s)}
     peaks.update(table.get(preset, {}))
     return peaks or None
 
