@@ -491,3 +491,22 @@ def test_in_chain_figures_stand_only_for_a_preset_that_releases_alike(monkeypatc
     assert memory.stage_peaks("cpu", "float32", "fast")["front_view"] == 16.0
     monkeypatch.setattr(memory, "IN_CHAIN", {})  # the same figures from processes of their own: shared
     assert job_need("cpu", "float32", "lowvram") == memory.Need(16.0, "front_view")
+
+
+def test_quality_is_admission_checked_from_its_measured_stages():
+    """quality in bf16 has a figure for every stage now (its guided multi-view stages measured on their own):
+    its need is its largest stage, and a machine short of it is told to pick default, or lowvram where
+    default does not fit either. `auto` never picks quality (it tries default, then lowvram). Fails when
+    quality has no need (the earlier table: only its reconstruction) or borrows default's multi-view figures."""
+    peaks = memory.stage_peaks("cpu", "bfloat16", "quality")
+    own = MEASURED_PEAK_GB[("cpu", "bfloat16")]["quality"]
+    assert {s: peaks[s] for s in ("subject_views", "subject_prior", "multiview")} == {s: own[s] for s in ("subject_views", "subject_prior", "multiview")}
+    need, default = job_need("cpu", "bfloat16", "quality"), job_need("cpu", "bfloat16", "default")
+    assert need is not None and need.gb == max(peaks.values()) and need.gb > default.gb
+    check_fits("cpu", "bfloat16", "quality", int(need.gb * GB) + 1)
+    with pytest.raises(TooHeavy, match="Pick the default preset") as err:
+        check_fits("cpu", "bfloat16", "quality", int((need.gb - 0.05) * GB))
+    assert need.stage in str(err.value)
+    with pytest.raises(TooHeavy, match="Pick the lowvram preset"):
+        check_fits("cpu", "bfloat16", "quality", int((default.gb - 0.05) * GB))
+    assert pick_preset("cpu", "bfloat16", int((need.gb - 0.05) * GB)) == "default"

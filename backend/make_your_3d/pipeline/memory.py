@@ -31,20 +31,23 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json --chain
-# benchmarks/results/memory_chain_fp32_2026-12-05.json`: its "after" rows measured as configured, then
-# the whole fp32 chain's in-chain peaks for the stages with no row of their own (IN_CHAIN).
-# lowvram's other model stages are default's, fast's all default's but its reconstruction (SAME_SHAPES).
+# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json
+# benchmarks/results/memory_2026-12-06.json --chain benchmarks/results/memory_chain_fp32_2026-12-05.json`:
+# its "after" rows measured as configured (the first row of a cell), then the whole fp32 chain's in-chain
+# peaks for the stages with no row of their own (IN_CHAIN). lowvram's other model stages are default's,
+# fast's all default's but its reconstruction, quality's step-only stages default's where it has no row
+# (SAME_SHAPES). quality bf16 ran its whole chain stage by stage, so it has a row for each stage.
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
-        "quality": {"reconstruct": 12.693},  # on the fp32 chain's views (memory_bench --views-from); its model stages not run
+        "quality": {"subject": 0.473, "subject_views": 4.157, "identity": 6.094, "edited_views": 9.538, "subject_prior": 7.245,
+                    "front_view": 5.62, "multiview": 4.165, "reconstruct": 12.693},
     },
-    ("cpu", "float32"): {  # all but subject and subject_views are in-chain peaks (IN_CHAIN)
-        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315, "subject_prior": 14.066,
-                    "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
+    ("cpu", "float32"): {
+        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315,
+                    "subject_prior": 14.066, "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
     },
 }
 
