@@ -48,6 +48,9 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "float32"): {
         "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315,
                     "subject_prior": 14.066, "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
+        "lowvram": {"subject": 0.475, "subject_views": 6.544, "identity": 9.597, "edited_views": 9.444, "subject_prior": 13.976,
+                    "front_view": 9.009, "multiview": 6.523},
+        "quality": {"subject": 0.474, "subject_views": 7.011},
     },
 }
 
