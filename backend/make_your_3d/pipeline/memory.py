@@ -57,7 +57,14 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
 # The figures above that are in-chain peaks (`memory_bench.py --report --chain`: one whole-chain process,
 # as a service job runs, `gpu_chain_bench.py --one-step --scenarios 1`): the highest resident memory while
 # the progress events named the stage, with whatever earlier stages left loaded. The others are each
-# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds.
+# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds, and
+# default's fp32 cells keep it: it is what a service job of default holds (measured, third session: the same
+# subject_prior, front_view and multiview computations in processes of their own, lowvram's fp32 rows, peak
+# at 13.98, 9.01 and 6.52 GB against 14.07, 16.13 and 15.78 in the chain). default's fp32 identity and
+# edited views have no per-stage row (not run: time). The reconstruction computes in float32 whatever the
+# job's precision, so its fp32 per-stage figure is the bf16 process's on the same views (11.46 GB on the
+# fp32 chain's, code "views-of-fp32-chain" in memory_2026-12-05.json): no run of its own needed, and the
+# in-chain 15.71 GB stays.
 IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     ("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")},
 }
@@ -245,7 +252,7 @@ def check_fits(device_kind: str, dtype: str, preset: str, budget_bytes: int) -> 
         other_need = job_need(device_kind, dtype, other)
         if other != preset and other_need is not None and other_need.gb * GB <= budget_bytes:
             raise TooHeavy(f"{head} Pick the {other} preset (about {other_need.gb:.1f} GB), or close other programs.")
-        if other != preset and other_need is None:  # not measured in this precision (lowvram in fp32): not known not to fit
+        if other != preset and other_need is None:  # not measured in this precision: not known not to fit
             raise TooHeavy(f"{head} Pick the {other} preset (it holds one model at a time; its peak in {precision} is not measured), "
                            "or close other programs.")
     raise TooHeavy(f"{head} No preset fits: close other programs using the memory, or run on a machine with more.")
@@ -282,7 +289,8 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
 # twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high). Default's fp32 stages
-# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's are not.
+# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's too
+# (9.44 GB for its edited views against 12.1 estimated); quality's fp32 stages after subject_views are not.
 # Only `batches_for` and `stage_need_gb` use estimates; the admission check (`check_fits`) and `auto`
 # use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
