@@ -253,7 +253,20 @@ def report(rows: list[dict]) -> str:
             got = tuple(s for s in stages if (PRECISIONS[dtype], preset, s) not in after)
             if got:
                 in_chain.setdefault((kind, dtype), {})[preset] = got
-    return "\n".join(lines) + "\n\nMEASURED_PEAK_GB = " + repr(table) + "\nIN_CHAIN = " + repr(in_chain)
+    return "\n".join(lines) + "\n\n" + row_list(rows) + "\n\nMEASURED_PEAK_GB = " + repr(table) + "\nIN_CHAIN = " + repr(in_chain)
+
+
+def row_list(rows: list[dict]) -> str:
+    """One line per measured row: when it ran and under what load (the table's cells have no room for it)."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["precision"], r["preset"], STAGE_ORDER.index(r["stage"]) if r["stage"] in STAGE_ORDER else 99, r.get("date") or "")):
+        if r["code"] not in CODES:
+            continue
+        peak = f"{r['peak_rss_gb']:.2f} GB" if r["status"] == "ok" else r["status"]
+        load = "/".join(f"{x:.1f}" for x in r["load_avg"]) if r.get("load_avg") else "?"
+        lines.append(f"- {r['preset']} {r['precision']} {r['stage']} ({r['code']}): {peak}, {r.get('date') or '?'}, "
+                     f"load {load}, {r.get('seconds') if r.get('seconds') is not None else '?'} s")
+    return "\n".join(lines)
 
 
 def machine() -> dict:
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="let the memory planner choose batches and one-model-at-a-time from the machine's free memory "
                              "(default: measure each preset as configured)")
     parser.add_argument("--free-gb", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--report", metavar="JSON", help="print the Markdown table and the backend's table of a results file, then exit")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="print the Markdown table and the backend's table of these results files (their rows together), then exit")
     parser.add_argument("--chain", nargs="+", metavar="JSON",
                         help="with --report: also the first scenario of these gpu_chain_bench results (in-chain peaks, code 'chain')")
     parser.add_argument("--views-from", metavar="DIR",
@@ -299,7 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_child(args)))
         return []
     if args.report:
-        rows = json.loads(Path(args.report).read_text())
+        rows = [row for path in args.report for row in json.loads(Path(path).read_text())]
         for path in args.chain or []:
             rows += chain_rows(json.loads(Path(path).read_text()), Path(path).name)
         print(report(rows))

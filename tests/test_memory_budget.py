@@ -18,6 +18,9 @@ from make_your_3d.pipeline.memory import GB, MEASURED_PEAK_GB, batches_for, chec
 from make_your_3d.pipeline.presets import get_preset
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_2026-12-05.json"
+# Every per-stage results file (memory_<date>.json: one session's memory_bench rows each); not the
+# whole-chain files (memory_chain_*) nor the kept pre-fix chain (memory_fp32_chain_before_trim_*).
+PER_STAGE_RESULTS = sorted(RESULTS.parent.glob("memory_2*.json"))
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -25,8 +28,11 @@ def test_the_table_is_the_measured_json():
     """Every figure in the backend's table is a measured row's peak (the source is the benchmark): the
     "after" rows that measured their preset as configured (not the planner's one-model-at-a-time runs)."""
     bench = load_script("memory_bench")
-    rows = [r for r in json.loads(RESULTS.read_text()) if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
-    measured = {("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]): r["peak_rss_gb"] for r in rows}
+    rows = [r for path in PER_STAGE_RESULTS for r in json.loads(path.read_text())
+            if r["status"] == "ok" and r.get("code") == "after" and bench.as_configured(r)]
+    measured: dict = {}
+    for r in rows:  # the first measurement of a cell, as memory_bench.table_rows keeps it
+        measured.setdefault(("cpu", DTYPE_NAMES[r["precision"]], r["preset"], r["stage"]), r["peak_rss_gb"])
     # In-chain peaks (one whole-chain process, benchmarks/results/memory_chain_*.json) fill only the
     # stages that have no per-stage row, and memory.IN_CHAIN names exactly those.
     in_chain = set()
@@ -63,16 +69,27 @@ def test_the_fp32_default_chain_ran_to_the_end_within_24_gb():
     assert need.gb == max(r["rss"]["peak_rss_gb"] for r in sc["stages"].values()) and sc["ru_maxrss_gb"] < 24.0
 
 
-def test_fp32_default_that_does_not_fit_names_lowvram_though_unmeasured():
-    """fp32 default is measured (the chain's 16.9 GB), lowvram in fp32 is not: a 12 GB machine is refused
-    default with a sentence pointing to lowvram (unmeasured is not "does not fit"), and `auto` picks
-    lowvram there. Fails on the variant that skips unmeasured presets ("No preset fits")."""
-    need = job_need("cpu", "float32", "default")
-    assert need is not None and job_need("cpu", "float32", "lowvram") is None
-    with pytest.raises(TooHeavy, match="Pick the lowvram preset") as err:
-        check_fits("cpu", "float32", "default", int(12 * GB))
+def test_fp32_default_that_does_not_fit_names_lowvram(monkeypatch):
+    """fp32 default is measured (the chain's 16.9 GB) and lowvram in fp32 too now (its own stages in
+    processes of their own, third session): a machine between the two is refused default with a sentence
+    naming lowvram and its figure, and `auto` picks lowvram there. With lowvram's fp32 figures taken away
+    the sentence still names it (unmeasured is not "does not fit"). Fails on the earlier table (lowvram
+    fp32 had no need) and on the variant that skips unmeasured presets ("No preset fits")."""
+    need, low = job_need("cpu", "float32", "default"), job_need("cpu", "float32", "lowvram")
+    assert need is not None and low is not None and low.gb < need.gb
+    budget = int((low.gb + 0.05) * GB)
+    with pytest.raises(TooHeavy, match=f"Pick the lowvram preset \\(about {low.gb:.1f} GB\\)") as err:
+        check_fits("cpu", "float32", "default", budget)
     assert "fp32" in str(err.value) and need.stage in str(err.value)
     check_fits("cpu", "float32", "default", int((need.gb + 0.1) * GB))
+    check_fits("cpu", "float32", "lowvram", budget)
+    assert pick_preset("cpu", "float32", budget) == "lowvram"
+    table = {k: {p: dict(v) for p, v in t.items()} for k, t in MEASURED_PEAK_GB.items()}
+    del table[("cpu", "float32")]["lowvram"]
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    assert job_need("cpu", "float32", "lowvram") is None
+    with pytest.raises(TooHeavy, match="its peak in fp32 is not measured"):
+        check_fits("cpu", "float32", "default", int(12 * GB))
     assert pick_preset("cpu", "float32", int(12 * GB)) == "lowvram"
 
 
@@ -430,3 +447,77 @@ def test_freed_memory_goes_back_to_the_system():
     base, freed, trimmed, ran = json.loads(out.stdout.strip().splitlines()[-1])
     assert ran and freed - base > 0.5, (base, freed)  # the retention this guards against happens here
     assert trimmed - base < 0.1, (base, freed, trimmed)
+
+
+def test_shared_figures_are_only_where_no_shape_differs():
+    """A preset shares another's figure for a stage (memory.SAME_SHAPES) only where every preset field
+    the stage reads (its StageSpec's preset_fields) is equal in both presets or changes no shape
+    (memory.SHAPE_FREE_FIELDS). Fails if quality's subject_views or multiview (guidance 3: the guided
+    batch of twice the rows) or subject_prior (LoRA rank 16) borrowed default's figure, or if
+    lowvram's identity (batch 1) borrowed default's."""
+    from make_your_3d.pipeline.presets import PRESETS
+    from make_your_3d.pipeline.stages import STAGES
+
+    shared = 0
+    for preset, likes in memory.SAME_SHAPES.items():
+        for like, stages in likes:
+            for stage in stages:
+                differ = {f for f in STAGES[stage].preset_fields if getattr(PRESETS[preset], f) != getattr(PRESETS[like], f)}
+                assert differ <= set(memory.SHAPE_FREE_FIELDS), (preset, like, stage, differ)
+                shared += 1
+    assert shared >= 13
+    for field in ("mv_guidance", "lora_rank", "identity_batch", "edit_batch", "normal_batch", "recon_preset", "mv_size", "sd_size"):
+        assert field not in memory.SHAPE_FREE_FIELDS
+    # quality's own stages are the ones its guidance and rank change
+    quality_own = {s for s in memory.MODEL_STAGES if any(
+        getattr(PRESETS["quality"], f) != getattr(PRESETS["default"], f) and f not in memory.SHAPE_FREE_FIELDS for f in STAGES[s].preset_fields)}
+    assert quality_own == {"subject_views", "subject_prior", "multiview"}
+
+
+def test_an_incomplete_table_is_not_a_need(monkeypatch):
+    """A preset's need counts only when every model stage has a figure (its own or shared): quality in
+    fp32 shares default's identity and edited views but its guided multi-view stages have no fp32 figure,
+    so it has no need there (nothing is refused on a floor). Fails on the earlier rule that counted a
+    table as complete once it had the edited views."""
+    table = {("cpu", "float32"): {"default": {s: 5.0 for s in memory.MODEL_STAGES}, "quality": {"subject_views": 7.0}}}
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    assert memory.stage_peaks("cpu", "float32", "quality")["edited_views"] == 5.0
+    assert job_need("cpu", "float32", "quality") is None
+    table[("cpu", "float32")]["quality"].update(subject_prior=6.0, multiview=8.0)
+    assert job_need("cpu", "float32", "quality") == memory.Need(8.0, "multiview")
+
+
+def test_in_chain_figures_stand_only_for_a_preset_that_releases_alike(monkeypatch):
+    """default's fp32 figures after subject_views are in-chain (what its earlier stages left loaded:
+    front_view 16.1 GB holds the multi-view model too). lowvram holds one model at a time, so they do not
+    stand for its stages; fast releases as default does, so they do. Fails on the variant that shares
+    every figure alike (lowvram in fp32 would need default's in-chain front view and `auto` would find no
+    preset for a 12 GB machine)."""
+    table = {("cpu", "float32"): {"default": {**{s: 6.0 for s in memory.MODEL_STAGES}, "front_view": 16.0},
+                                  "lowvram": {"identity": 9.0, "edited_views": 10.0}}}
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    monkeypatch.setattr(memory, "IN_CHAIN", {("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview")}})
+    low = memory.stage_peaks("cpu", "float32", "lowvram")
+    assert set(low) == {"subject", "subject_views", "identity", "edited_views"} and job_need("cpu", "float32", "lowvram") is None
+    assert memory.stage_peaks("cpu", "float32", "fast")["front_view"] == 16.0
+    monkeypatch.setattr(memory, "IN_CHAIN", {})  # the same figures from processes of their own: shared
+    assert job_need("cpu", "float32", "lowvram") == memory.Need(16.0, "front_view")
+
+
+def test_quality_is_admission_checked_from_its_measured_stages():
+    """quality in bf16 has a figure for every stage now (its guided multi-view stages measured on their own):
+    its need is its largest stage, and a machine short of it is told to pick default, or lowvram where
+    default does not fit either. `auto` never picks quality (it tries default, then lowvram). Fails when
+    quality has no need (the earlier table: only its reconstruction) or borrows default's multi-view figures."""
+    peaks = memory.stage_peaks("cpu", "bfloat16", "quality")
+    own = MEASURED_PEAK_GB[("cpu", "bfloat16")]["quality"]
+    assert {s: peaks[s] for s in ("subject_views", "subject_prior", "multiview")} == {s: own[s] for s in ("subject_views", "subject_prior", "multiview")}
+    need, default = job_need("cpu", "bfloat16", "quality"), job_need("cpu", "bfloat16", "default")
+    assert need is not None and need.gb == max(peaks.values()) and need.gb > default.gb
+    check_fits("cpu", "bfloat16", "quality", int(need.gb * GB) + 1)
+    with pytest.raises(TooHeavy, match="Pick the default preset") as err:
+        check_fits("cpu", "bfloat16", "quality", int((need.gb - 0.05) * GB))
+    assert need.stage in str(err.value)
+    with pytest.raises(TooHeavy, match="Pick the lowvram preset"):
+        check_fits("cpu", "bfloat16", "quality", int((default.gb - 0.05) * GB))
+    assert pick_preset("cpu", "bfloat16", int((need.gb - 0.05) * GB)) == "default"

@@ -3,14 +3,15 @@ fits the device, which preset `auto` picks, and how many images one batched call
 
 The figures are peak resident memory at the published model sizes, each preset as configured (default:
 both edited-views models resident, batches of 6): of one process running one stage
-(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json`), or, for fp32's
+(`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json` and
+`memory_2026-12-06.json`), or, for fp32's
 later stages, the peak within the stage of one process running the whole chain as a service job does
 (`benchmarks/gpu_chain_bench.py --one-step --scenarios 1`, `benchmarks/results/memory_chain_fp32_2026-12-05.json`;
 IN_CHAIN names them: they include what earlier stages left loaded). Table in BENCHMARKS.md "Peak memory per stage". They were measured on the CPU, where they are RAM; for Apple's GPU (unified
 memory) the CPU bf16 figures stand in for fp16 (same bytes per weight and activation); CUDA has no
 figures until a GPU run measures them (PROXY says why). `fast` runs the same model-stage shapes as
-`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction
-(SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
+`default` (fewer steps), so it shares default's figures for those, and lowvram's reconstruction;
+`quality` shares default's where it changes only step counts (SAME_SHAPES). The reconstruction's figure is at its preset's default faces and texture size (`request.estimate_job_memory` is the
 separate per-request check of the faces and texture asked for). Where a precision has no figure for a
 stage, the planner and the release of models before a stage estimate it from bf16 (ESTIMATE_FROM);
 the admission check and `auto` use measured figures only.
@@ -30,27 +31,40 @@ from make_your_3d.errors import TooHeavy
 GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
-# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json --chain
-# benchmarks/results/memory_chain_fp32_2026-12-05.json`: its "after" rows measured as configured, then
-# the whole fp32 chain's in-chain peaks for the stages with no row of their own (IN_CHAIN).
-# lowvram's other model stages are default's, fast's all default's but its reconstruction (SAME_SHAPES).
+# Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json
+# benchmarks/results/memory_2026-12-06.json --chain benchmarks/results/memory_chain_fp32_2026-12-05.json`:
+# its "after" rows measured as configured (the first row of a cell), then the whole fp32 chain's in-chain
+# peaks for the stages with no row of their own (IN_CHAIN). lowvram's other model stages are default's,
+# fast's all default's but its reconstruction, quality's step-only stages default's where it has no row
+# (SAME_SHAPES). quality bf16 ran its whole chain stage by stage, so it has a row for each stage.
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
         "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
-        "quality": {"reconstruct": 12.693},  # on the fp32 chain's views (memory_bench --views-from); its model stages not run
+        "quality": {"subject": 0.473, "subject_views": 4.157, "identity": 6.094, "edited_views": 9.538, "subject_prior": 7.245,
+                    "front_view": 5.62, "multiview": 4.165, "reconstruct": 12.693},
     },
-    ("cpu", "float32"): {  # all but subject and subject_views are in-chain peaks (IN_CHAIN)
-        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315, "subject_prior": 14.066,
-                    "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
+    ("cpu", "float32"): {
+        "default": {"subject": 0.473, "subject_views": 6.561, "identity": 16.915, "edited_views": 16.315,
+                    "subject_prior": 14.066, "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
+        "lowvram": {"subject": 0.475, "subject_views": 6.544, "identity": 9.597, "edited_views": 9.444, "subject_prior": 13.976,
+                    "front_view": 9.009, "multiview": 6.523},
+        "quality": {"subject": 0.474, "subject_views": 7.011},
     },
 }
 
 # The figures above that are in-chain peaks (`memory_bench.py --report --chain`: one whole-chain process,
 # as a service job runs, `gpu_chain_bench.py --one-step --scenarios 1`): the highest resident memory while
 # the progress events named the stage, with whatever earlier stages left loaded. The others are each
-# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds.
+# stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds, and
+# default's fp32 cells keep it: it is what a service job of default holds (measured, third session: the same
+# subject_prior, front_view and multiview computations in processes of their own, lowvram's fp32 rows, peak
+# at 13.98, 9.01 and 6.52 GB against 14.07, 16.13 and 15.78 in the chain). default's fp32 identity and
+# edited views have no per-stage row (not run: time). The reconstruction computes in float32 whatever the
+# job's precision, so its fp32 per-stage figure is the bf16 process's on the same views (11.46 GB on the
+# fp32 chain's, code "views-of-fp32-chain" in memory_2026-12-05.json): no run of its own needed, and the
+# in-chain 15.71 GB stays.
 IN_CHAIN: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     ("cpu", "float32"): {"default": ("identity", "edited_views", "subject_prior", "front_view", "multiview", "reconstruct")},
 }
@@ -71,12 +85,24 @@ PROXY: dict[tuple[str, str], tuple[str, str]] = {
 # differ, and with one stage per process offloading changes nothing): they share its figures.
 # fast: every model stage is default's (fewer steps only), its reconstruction lowvram's (both run the
 # fast reconstruction preset on the same six 256 px views; it loads no model); lowvram: all but
-# identity and edited_views (its batch sizes), which are measured on their own.
+# identity and edited_views (its batch sizes), which are measured on their own; quality: its subject,
+# identity, edited views and front view read only step counts that differ (sd_steps, identity_steps),
+# while its guidance 3 doubles the multi-view UNet's batch (subject_views, multiview) and its LoRA
+# rank 16 changes subject_prior and multiview, so those three are measured on their own.
 SAME_SHAPES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "fast": (("default", ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")),
              ("lowvram", ("reconstruct",))),
     "lowvram": (("default", ("subject", "subject_views", "subject_prior", "front_view", "multiview")),),
+    "quality": (("default", ("subject", "identity", "edited_views", "front_view")),),
 }
+# The preset fields that change how long a stage runs or what it computes but no tensor's shape, so
+# no peak: step counts, learning rates and their schedule, DDIM's eta (noise amount), the img2img strength and
+# the IP-Adapter scale (a factor). Every stage in SAME_SHAPES reads, of the fields where the two presets
+# differ, only these (tests/test_memory_budget.py checks it against the stages' declared fields). Not here:
+# guidance (1.0 runs one batch, anything else the guided batch of twice the rows), sizes, batches,
+# the LoRA rank, the reconstruction preset.
+SHAPE_FREE_FIELDS = ("mv_steps", "sd_steps", "identity_steps", "prior_steps", "normal_steps", "identity_lr", "prior_lr",
+                     "lr_schedule", "mv_eta", "edit_strength", "ip_scale")
 FALLBACK_ORDER = ("default", "lowvram")  # what `auto` tries, first that fits
 MODEL_STAGES = ("subject", "subject_views", "identity", "edited_views", "subject_prior", "front_view", "multiview")  # the model stages
 BATCHED_STAGE = "edited_views"  # the stage whose batch sizes are chosen from free memory, and the largest
@@ -90,27 +116,42 @@ class Need:
 
 def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
     """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
-    table = MEASURED_PEAK_GB.get(PROXY.get((device_kind, dtype), ("", "")), {})
-    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in table.get(like, {})}
+    from make_your_3d.pipeline.presets import PRESETS
+
+    where = PROXY.get((device_kind, dtype), ("", ""))
+    table, in_chain = MEASURED_PEAK_GB.get(where, {}), IN_CHAIN.get(where, {})
+
+    def shared(like: str, stage: str) -> bool:
+        # An in-chain figure holds what the earlier stages of `like`'s chain left loaded, which its
+        # release of models decides (offload: one model at a time): it stands for a preset only
+        # where that is the same (fast for default, not lowvram).
+        if stage not in table.get(like, {}):
+            return False
+        return stage not in in_chain.get(like, ()) or (preset in PRESETS and like in PRESETS and PRESETS[preset].offload == PRESETS[like].offload)
+
+    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if shared(like, s)}
     peaks.update(table.get(preset, {}))
     return peaks or None
 
 
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
-    Figures without the edited views (the largest stage wherever it was measured: two models and
-    six 768 px Marigold rows) are incomplete and count as not measured, with one exception: where
-    the preset's own two-model figure is missing but every other stage was measured, the memory
-    planner runs its edited views one model at a time when both do not fit (`batches_for`), so the
-    least it needs there is lowvram's measured one-model figure."""
+    Figures that miss a model stage are incomplete and count as not measured (their largest would
+    be a floor, not the job's need: quality in fp32 shares default's identity and edited views
+    by SAME_SHAPES but its guided multi-view stages are not measured), with one exception: where
+    the preset's own two-model edited views are missing but every other model stage was measured,
+    the memory planner runs them one model at a time when both do not fit (`batches_for`), so the
+    least it needs there is lowvram's measured one-model figure. The reconstruction may be missing
+    (fast in fp32): `request.estimate_job_memory` checks it per request."""
     peaks = stage_peaks(device_kind, dtype, preset)
-    if peaks and BATCHED_STAGE not in peaks and set(MODEL_STAGES) - {BATCHED_STAGE} <= set(peaks):
-        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
-        if one is not None:
-            peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
-            return Need(max(peaks.values()), max(peaks, key=peaks.get))
-    if not peaks or BATCHED_STAGE not in peaks:
+    missing = set(MODEL_STAGES) - set(peaks or {})
+    if not peaks or missing - {BATCHED_STAGE}:
         return None
+    if missing:
+        one = (stage_peaks(device_kind, dtype, "lowvram") or {}).get(BATCHED_STAGE)
+        if one is None:
+            return None
+        peaks = {**peaks, f"{BATCHED_STAGE} (one model at a time)": one}
     stage = max(peaks, key=peaks.get)
     return Need(peaks[stage], stage)
 
@@ -211,7 +252,7 @@ def check_fits(device_kind: str, dtype: str, preset: str, budget_bytes: int) -> 
         other_need = job_need(device_kind, dtype, other)
         if other != preset and other_need is not None and other_need.gb * GB <= budget_bytes:
             raise TooHeavy(f"{head} Pick the {other} preset (about {other_need.gb:.1f} GB), or close other programs.")
-        if other != preset and other_need is None:  # not measured in this precision (lowvram in fp32): not known not to fit
+        if other != preset and other_need is None:  # not measured in this precision: not known not to fit
             raise TooHeavy(f"{head} Pick the {other} preset (it holds one model at a time; its peak in {precision} is not measured), "
                            "or close other programs.")
     raise TooHeavy(f"{head} No preset fits: close other programs using the memory, or run on a machine with more.")
@@ -248,7 +289,8 @@ BATCH_FIELDS = ("edit_batch", "normal_batch")
 # The planner's figures for a precision whose batched stage was not measured, from a measured one:
 # dtype -> (measured dtype, factor). float32 from bfloat16 x 2 (every weight and activation takes
 # twice the bytes; the ~0.3 GB of libraries doubled too, so the estimate errs high). Default's fp32 stages
-# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's are not.
+# are measured now (in-chain: 16.3 GB for the edited views against 19.2 estimated), lowvram's too
+# (9.44 GB for its edited views against 12.1 estimated); quality's fp32 stages after subject_views are not.
 # Only `batches_for` and `stage_need_gb` use estimates; the admission check (`check_fits`) and `auto`
 # use measured figures alone.
 ESTIMATE_FROM: dict[str, tuple[str, float]] = {"float32": ("bfloat16", 2.0)}
