@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from make_your_3d.recon.camera import Cameras, view_K  # noqa: F401  (view_K re-exported)
+from make_your_3d.recon.config import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def rasterize(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
-    tile_size: int = 4,  # FitConfig.tile_size's default (the fit passes its own)
+    tile_size: int = FitConfig.tile_size,
     force_torch: bool = False,
 ) -> RenderOut:
     """Render N Gaussians into C cameras.
