@@ -71,8 +71,8 @@ def test_shared_numbers_are_defined_once():
 
 
 def test_presets_keep_their_knobs():
-    # the table PRESETS held in reconstruct.py before the config tree
-    old = {"fast": (100, 96, 6000, 2, 320, 256, 20000, 1024), "default": (200, 128, 12000, 2, 512, 256, 40000, 2048),
+    # the table PRESETS held in reconstruct.py before the config tree (default 200 -> 100 fit steps: 2026-12-06)
+    old = {"fast": (100, 96, 6000, 2, 320, 256, 20000, 1024), "default": (100, 128, 12000, 2, 512, 256, 40000, 2048),
            "quality": (600, 192, 25000, 3, 576, 512, 50000, 2048)}
     for name, vals in old.items():
         c = PRESETS[name]
