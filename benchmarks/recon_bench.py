@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="default")
     ap.add_argument("--split", default="all", choices=["tuning", "heldout", "fresh", "all"],
                     help="which shapes of shape_split.json (tune on 'tuning' only; 'heldout' and issue 23's 'fresh' "
-                         "set are for reporting; 'all' is tuning + heldout)")
+                         "set are for reporting; 'all' is all three)")
     ap.add_argument("--shapes", default=None, help="comma list (overrides --split)")
     ap.add_argument("--noise", default="none", help="comma list of view degradations: none, mild, strong (recon/degrade.py)")
     ap.add_argument("--noise-seed", type=int, default=0)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = args.shapes.split(",")
     elif args.split == "all":
-        shapes = split["tuning"] + split["heldout"]
+        shapes = split["tuning"] + split["heldout"] + split["fresh"]
     else:
         shapes = split[args.split]
     for shape in shapes:

@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     split = json.loads((Path(__file__).parent / "shape_split.json").read_text())
-    shapes = args.shapes.split(",") if args.shapes else split["tuning"] + split["heldout"]
+    shapes = args.shapes.split(",") if args.shapes else split["tuning"] + split["heldout"] + split["fresh"]
     for shape in shapes:
         t = time.time()
         bpy.ops.wm.read_factory_settings(use_empty=True)
