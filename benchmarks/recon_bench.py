@@ -27,6 +27,7 @@ lists the targets it misses.
 
 Run: python benchmarks/recon_bench.py --data bench_data --presets default --split all --noise none,mild,strong
      [--out results.json] [--part 0/2] [--ceiling];  --merge a.json,b.json --out all.json joins parts
+     [--beside earlier.json,...] (each row beside an earlier method's row of the same shape and noise)
      [--set lift.contact_px=1.0 ...]  (any ReconConfig setting by dotted name, to sweep without editing code)
 """
 
@@ -167,6 +168,51 @@ def print_table(rows: list[dict]) -> None:
               f"{', '.join(r['misses']) or '-'} |")
 
 
+def earlier_rows(paths: list[str]) -> dict[tuple[str, str], dict]:
+    """(shape, noise) -> an earlier method's row, from recon_bench results or the surface-fit harness's
+    results (rows with `surf: false` are the method before the fit; "cubby_strong" is cubby under strong)."""
+    out: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for r in doc["rows"] if isinstance(doc, dict) else doc:
+            if r.get("surf") is True or r.get("preset", "default") != "default":
+                continue
+            shape, _, noise = r["shape"].partition("_")
+            out.setdefault((shape, r.get("noise") or noise or "none"), {**r, "from": Path(path).name})
+    return out
+
+
+def beside_table(rows: list[dict], before: dict[tuple[str, str], dict], worse: float = 0.10) -> str:
+    """Each row with the earlier method's row for the same shape and noise, and which of Chamfer-L1,
+    F@0.02, held-out IoU and PSNR got worse by more than `worse` (relative; PSNR: in linear error)."""
+    def fmt(r: dict | None, key: str, spec: str) -> str:
+        return "-" if r is None or r.get(key) is None else format(r[key], spec)
+
+    def regressed(new: dict, old: dict | None) -> list[str]:
+        if old is None:
+            return []
+        out = []
+        if old.get("chamfer_l1") and new["chamfer_l1"] > old["chamfer_l1"] * (1 + worse):
+            out.append("Chamfer")
+        for key, name in (("fscore", "F"), ("heldout_iou", "IoU")):
+            if old.get(key) and new[key] < old[key] * (1 - worse):
+                out.append(name)
+        if old.get("heldout_psnr") and 10 ** ((old["heldout_psnr"] - new["heldout_psnr"]) / 10) > 1 + worse:
+            out.append("PSNR")
+        return out
+
+    lines = ["| set | shape | noise | Chamfer-L1 (before) | F@0.02 (before) | held-out IoU (before) | PSNR dB (before) "
+             "| watertight (parts) | seconds | load | misses | >10% worse |", "|" + "---|" * 12]
+    for r in rows:
+        o = before.get((r["shape"], r["noise"]))
+        lines.append(f"| {r['set']} | {r['shape']} | {r['noise']} | {r['chamfer_l1']:.4f} ({fmt(o, 'chamfer_l1', '.4f')}) | "
+                     f"{r['fscore']:.3f} ({fmt(o, 'fscore', '.3f')}) | {r['heldout_iou']:.3f} ({fmt(o, 'heldout_iou', '.3f')}) | "
+                     f"{r['heldout_psnr']:.1f} ({fmt(o, 'heldout_psnr', '.1f')}) | {'yes' if r['watertight'] else 'no'} "
+                     f"({r['components']}) | {r['seconds']:.0f} | {r['load_avg'][0]:.1f} | {', '.join(r['misses']) or '-'} | "
+                     f"{', '.join(regressed(r, o)) or '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="reconstruction benchmark")
     ap.add_argument("--data", default="bench_data")
@@ -182,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where GLBs go (default: DATA/<shape>/recon_<shape>_<preset>_<noise>.glb)")
     ap.add_argument("--out", default=None, help="JSON results file (rewritten after every shape)")
     ap.add_argument("--merge", default=None, help="comma list of result files: print their rows as one table and exit")
+    ap.add_argument("--beside", default=None, help="with --merge: comma list of earlier result files; print each row "
+                    "with the earlier row of the same shape and noise, and what got worse by more than 10%%")
     ap.add_argument("--ceiling", action="store_true", help="also score the ground-truth mesh baked by our code")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a reconstruction setting (recon/config.py), e.g. lift.contact_px=1.0; repeatable")
@@ -198,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         order = {n: i for i, n in enumerate(["none", "mild", "strong"])}
         sets = {"tuning": 0, "heldout": 1, "fresh": 2}
         rows.sort(key=lambda r: (r["preset"], order.get(r["noise"], 9), sets.get(r["set"], 3), r["shape"]))
-        print_table(rows)
+        if args.beside:
+            print(beside_table(rows, earlier_rows(args.beside.split(","))))
+        else:
+            print_table(rows)
         if args.out:
             _write_json(Path(args.out), {"meta": [d["meta"] for d in docs], "rows": rows,
                                          "ceiling": {k: v for d in docs for k, v in d.get("ceiling", {}).items()}})
