@@ -37,3 +37,29 @@ def test_beside_table_flags_only_what_got_more_than_ten_percent_worse():
     assert lines[2].endswith("| - |") and "0.0043 (0.0040)" in lines[2]
     assert lines[3].endswith("| Chamfer, F, IoU, PSNR |")
     assert "0.0038 (-)" in lines[4] and lines[4].endswith("| - |")
+
+
+def _ortho_camera(size: int = 64, scale: float = 24.0):
+    import torch
+
+    from make_your_3d.recon.camera import Cameras
+
+    K = torch.tensor([[scale, 0, size / 2], [0, scale, size / 2], [0, 0, 1.0]])
+    return Cameras(torch.eye(4)[None], K[None], size, size, "ortho")  # looks along +z (OpenCV axes)
+
+
+def test_interior_depth_scores_a_step_the_convex_hull_hides():
+    import trimesh
+
+    ide = load_script("interior_depth")
+    # a step seen head-on: the left block's face at z = 0, the right block's tread 0.5 behind it
+    left = trimesh.creation.box(bounds=[[-1, -0.5, 0], [0, 0.5, 1]])
+    right = trimesh.creation.box(bounds=[[0, -0.5, 0.5], [1, 0.5, 1]])
+    step = trimesh.util.concatenate([left, right])
+    cams = [_ortho_camera()]
+    exact = ide.interior_errors(step, step, cams, margin_px=2.0)
+    assert exact["interior_pixels"] > 100 and exact["interior_px"] == 0 and exact["interior_missed"] == 0
+    lidded = ide.interior_errors(step.convex_hull, step, cams, margin_px=2.0)  # the step filled to its hull
+    assert lidded["interior_px"] > 2.0  # the tread is up to 0.25 x 24 = 6 px behind the hull's slope
+    box = trimesh.creation.box(bounds=[[-1, -0.5, 0], [1, 0.5, 1]])
+    assert ide.interior_errors(box, box, cams, margin_px=2.0)["interior_pixels"] == 0  # convex: nothing interior
