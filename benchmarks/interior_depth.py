@@ -51,7 +51,7 @@ def interior_errors(glb: trimesh.Trimesh, gt: trimesh.Trimesh, cams: list[Camera
         px = float(cam.Ks[0, 0, 0])
         d_true, d_hull, d_glb = depth_map(gt, cam), depth_map(hull, cam), depth_map(glb, cam)
         seen = np.isfinite(d_true)  # the hull covers every pixel the true mesh covers
-        cavity = seen & (np.where(seen, d_true - d_hull, 0.0) * px > margin_px)
+        cavity = seen & ((np.where(seen, d_true, 0.0) - np.where(seen, d_hull, 0.0)) * px > margin_px)
         both = seen & np.isfinite(d_glb)
         err = np.where(both, np.abs(np.where(both, d_glb, 0.0) - np.where(both, d_true, 0.0)), 0.0) * px
         inner.append(err[cavity & both])
