@@ -253,7 +253,47 @@ def report(rows: list[dict]) -> str:
             got = tuple(s for s in stages if (PRECISIONS[dtype], preset, s) not in after)
             if got:
                 in_chain.setdefault((kind, dtype), {})[preset] = got
-    return "\n".join(lines) + "\n\n" + row_list(rows) + "\n\nMEASURED_PEAK_GB = " + repr(table) + "\nIN_CHAIN = " + repr(in_chain)
+    return ("\n".join(lines) + "\n\n" + backend_view(table, in_chain) + "\n\n" + row_list(rows) + "\n\nMEASURED_PEAK_GB = "
+            + repr(table) + "\nIN_CHAIN = " + repr(in_chain))
+
+
+def backend_view(table: dict, in_chain: dict) -> str:
+    """Every preset (fast included) x precision: the figure the backend uses for each stage with that table,
+    and where it comes from: the preset's own row, another preset's (`memory.SAME_SHAPES`), an in-chain peak,
+    or the reconstruction's per-request figure (`memory.recon_peak_gb`); then the job's need (`job_need`)."""
+    from make_your_3d.pipeline import memory
+    from make_your_3d.pipeline.presets import PRESETS
+
+    saved = memory.MEASURED_PEAK_GB, memory.IN_CHAIN
+    memory.MEASURED_PEAK_GB, memory.IN_CHAIN = table, in_chain  # this report's rows, not the module's copy
+    try:
+        combos = [(p, q) for q in ("bfloat16", "float32") for p in PRESETS]
+        lines = ["| stage (backend's figure, GB) | " + " | ".join(f"{p} {PRECISIONS[q]}" for p, q in combos) + " |",
+                 "|---" * (len(combos) + 1) + "|"]
+        for stage in STAGE_ORDER:
+            cells = []
+            for p, q in combos:
+                peaks = memory.stage_peaks("cpu", q, p) or {}
+                own = table.get(("cpu", q), {}).get(p, {})
+                if stage == "reconstruct" and stage not in peaks:
+                    got = memory.recon_peak_gb(PRESETS[p].recon_preset)
+                    cells.append(f"{got[0]:.2f} (per request)" if got else "none")
+                elif stage not in peaks:
+                    cells.append("none")
+                else:
+                    like = "" if stage in own else next(
+                        (f" = {like}" for like, stages in memory.SAME_SHAPES.get(p, ()) if stage in stages), "")
+                    chain = " in-chain" if stage in in_chain.get(("cpu", q), {}).get(p if not like else like[3:], ()) else ""
+                    cells.append(f"{peaks[stage]:.2f}{like}{chain}")
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        needs = []
+        for p, q in combos:
+            need = memory.job_need("cpu", q, p)
+            needs.append(f"{need.gb:.2f} ({need.stage})" if need else "not measured")
+        lines.append("| **job's need (`job_need`: its largest stage)** | " + " | ".join(needs) + " |")
+        return "\n".join(lines)
+    finally:
+        memory.MEASURED_PEAK_GB, memory.IN_CHAIN = saved
 
 
 def row_list(rows: list[dict]) -> str:

@@ -521,3 +521,23 @@ def test_quality_is_admission_checked_from_its_measured_stages():
     with pytest.raises(TooHeavy, match="Pick the lowvram preset"):
         check_fits("cpu", "bfloat16", "quality", int((default.gb - 0.05) * GB))
     assert pick_preset("cpu", "bfloat16", int((need.gb - 0.05) * GB)) == "default"
+
+
+def test_the_report_shows_every_preset_with_where_each_figure_comes_from():
+    """memory_bench's report has a column for every preset (fast too, which has no rows of its own): each
+    stage's figure the backend uses and its source. Fails if fast's stages are not default's figures or its
+    reconstruction not lowvram's, or if the report leaves the module's table changed."""
+    bench = load_script("memory_bench")
+    before = memory.MEASURED_PEAK_GB
+    table = {("cpu", "bfloat16"): {"default": {s: 4.0 for s in memory.MODEL_STAGES} | {"reconstruct": 9.0},
+                                   "lowvram": {"identity": 3.0, "edited_views": 3.5, "reconstruct": 2.0}}}
+    lines = bench.backend_view(table, {}).splitlines()
+    assert memory.MEASURED_PEAK_GB is before
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    fast = head.index("fast bf16") - 1
+    assert cells["identity"][fast] == "4.00 = default" and cells["reconstruct"][fast] == "2.00 = lowvram"
+    lowvram = head.index("lowvram bf16") - 1
+    assert cells["identity"][lowvram] == "3.00" and cells["multiview"][lowvram] == "4.00 = default"
+    assert cells["**job's need (`job_need`: its largest stage)**"][head.index("default bf16") - 1] == "9.00 (reconstruct)"
+    assert cells["subject"][head.index("default fp32") - 1] == "none"
