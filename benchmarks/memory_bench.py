@@ -281,7 +281,7 @@ def backend_view(table: dict, in_chain: dict) -> str:
                 elif stage not in peaks:
                     cells.append("none")
                 else:
-                    like = "" if stage in own else next(
+                    like = "" if own.get(stage) == peaks[stage] else next(
                         (f" = {like}" for like, stages in memory.SAME_SHAPES.get(p, ()) if stage in stages), "")
                     chain = " in-chain" if stage in in_chain.get(("cpu", q), {}).get(p if not like else like[3:], ()) else ""
                     cells.append(f"{peaks[stage]:.2f}{like}{chain}")

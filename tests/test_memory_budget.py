@@ -541,3 +541,20 @@ def test_the_report_shows_every_preset_with_where_each_figure_comes_from():
     assert cells["identity"][lowvram] == "3.00" and cells["multiview"][lowvram] == "4.00 = default"
     assert cells["**job's need (`job_need`: its largest stage)**"][head.index("default bf16") - 1] == "9.00 (reconstruct)"
     assert cells["subject"][head.index("default fp32") - 1] == "none"
+
+
+def test_a_shared_in_chain_figure_is_not_undercut_by_a_per_stage_one(monkeypatch):
+    """quality in fp32 has per-stage rows of its own (identity 11.6 GB: only its model) for stages it shares
+    with default, whose fp32 figures are in-chain (16.9 GB: what a job also holds from earlier stages).
+    quality releases models as default does, so a quality job holds the in-chain amount: the larger
+    stands. Where the shared figure is per-stage, the preset's own row stands even when smaller. Fails on
+    the variant where the own row always wins (quality fp32 admitted 0.9 GB short)."""
+    table = {("cpu", "float32"): {"default": {**{s: 6.0 for s in memory.MODEL_STAGES}, "identity": 16.9},
+                                  "quality": {**{s: 7.0 for s in memory.MODEL_STAGES}, "identity": 11.6, "front_view": 5.0}}}
+    monkeypatch.setattr(memory, "MEASURED_PEAK_GB", table)
+    monkeypatch.setattr(memory, "IN_CHAIN", {("cpu", "float32"): {"default": ("identity",)}})
+    peaks = memory.stage_peaks("cpu", "float32", "quality")
+    assert peaks["identity"] == 16.9 and peaks["front_view"] == 5.0 and peaks["multiview"] == 7.0
+    assert job_need("cpu", "float32", "quality") == memory.Need(16.9, "identity")
+    monkeypatch.setattr(memory, "IN_CHAIN", {})
+    assert memory.stage_peaks("cpu", "float32", "quality")["identity"] == 11.6

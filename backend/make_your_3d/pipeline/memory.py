@@ -4,7 +4,7 @@ fits the device, which preset `auto` picks, and how many images one batched call
 The figures are peak resident memory at the published model sizes, each preset as configured (default:
 both edited-views models resident, batches of 6): of one process running one stage
 (`benchmarks/memory_bench.py`, rows in `benchmarks/results/memory_2026-12-05.json` and
-`memory_2026-12-06.json`), or, for fp32's
+`memory_2026-12-06.json`, `memory_2026-12-06b.json`), or, for fp32's
 later stages, the peak within the stage of one process running the whole chain as a service job does
 (`benchmarks/gpu_chain_bench.py --one-step --scenarios 1`, `benchmarks/results/memory_chain_fp32_2026-12-05.json`;
 IN_CHAIN names them: they include what earlier stages left loaded). Table in BENCHMARKS.md "Peak memory per stage". They were measured on the CPU, where they are RAM; for Apple's GPU (unified
@@ -32,16 +32,18 @@ GB = 1e9
 
 # (device kind the figures were measured on, dtype) -> preset -> stage -> peak GB (decimal).
 # Filled by `benchmarks/memory_bench.py --report benchmarks/results/memory_2026-12-05.json
-# benchmarks/results/memory_2026-12-06.json --chain benchmarks/results/memory_chain_fp32_2026-12-05.json`:
+# benchmarks/results/memory_2026-12-06.json benchmarks/results/memory_2026-12-06b.json
+# --chain benchmarks/results/memory_chain_fp32_2026-12-05.json`:
 # its "after" rows measured as configured (the first row of a cell), then the whole fp32 chain's in-chain
-# peaks for the stages with no row of their own (IN_CHAIN). lowvram's other model stages are default's,
-# fast's all default's but its reconstruction, quality's step-only stages default's where it has no row
-# (SAME_SHAPES). quality bf16 ran its whole chain stage by stage, so it has a row for each stage.
+# peaks for the stages with no row of their own (IN_CHAIN). fast's stages are all default's but its
+# reconstruction (SAME_SHAPES). lowvram (bf16), quality (bf16 and fp32) and lowvram (fp32) ran their model
+# stages stage by stage, so they have a row for each (the reconstruction: per request where none).
 MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
     ("cpu", "bfloat16"): {
         "default": {"subject": 0.473, "subject_views": 4.122, "identity": 6.109, "edited_views": 9.624, "subject_prior": 7.292,
                     "front_view": 5.471, "multiview": 4.126, "reconstruct": 9.713},
-        "lowvram": {"identity": 5.197, "edited_views": 6.07, "reconstruct": 3.871},
+        "lowvram": {"subject": 0.476, "subject_views": 4.124, "identity": 5.197, "edited_views": 6.07, "subject_prior": 7.295,
+                    "front_view": 5.614, "multiview": 4.127, "reconstruct": 3.871},
         "quality": {"subject": 0.473, "subject_views": 4.157, "identity": 6.094, "edited_views": 9.538, "subject_prior": 7.245,
                     "front_view": 5.62, "multiview": 4.165, "reconstruct": 12.693},
     },
@@ -50,7 +52,8 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
                     "subject_prior": 14.066, "front_view": 16.128, "multiview": 15.781, "reconstruct": 15.706},
         "lowvram": {"subject": 0.475, "subject_views": 6.544, "identity": 9.597, "edited_views": 9.444, "subject_prior": 13.976,
                     "front_view": 9.009, "multiview": 6.523},
-        "quality": {"subject": 0.474, "subject_views": 7.011},
+        "quality": {"subject": 0.474, "subject_views": 7.011, "identity": 11.629, "edited_views": 16.049, "subject_prior": 14.056,
+                    "front_view": 9.008, "multiview": 7.095},
     },
 }
 
@@ -60,8 +63,9 @@ MEASURED_PEAK_GB: dict[tuple[str, str], dict[str, dict[str, float]]] = {
 # stage in a process of its own (only its models). An in-chain figure is the larger of the two kinds, and
 # default's fp32 cells keep it: it is what a service job of default holds (measured, third session: the same
 # subject_prior, front_view and multiview computations in processes of their own, lowvram's fp32 rows, peak
-# at 13.98, 9.01 and 6.52 GB against 14.07, 16.13 and 15.78 in the chain). default's fp32 identity and
-# edited views have no per-stage row (not run: time). The reconstruction computes in float32 whatever the
+# at 13.98, 9.01 and 6.52 GB against 14.07, 16.13 and 15.78 in the chain; fourth session: quality's fp32
+# identity and edited views, default's computations, at 11.63 and 16.05 against 16.92 and 16.32). A preset
+# that shares a stage with an in-chain figure and releases alike keeps the larger (`stage_peaks`). The reconstruction computes in float32 whatever the
 # job's precision, so its fp32 per-stage figure is the bf16 process's on the same views (11.46 GB on the
 # fp32 chain's, code "views-of-fp32-chain" in memory_2026-12-05.json): no run of its own needed, and the
 # in-chain 15.71 GB stays.
@@ -130,15 +134,19 @@ def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] |
         return stage not in in_chain.get(like, ()) or (preset in PRESETS and like in PRESETS and PRESETS[preset].offload == PRESETS[like].offload)
 
     peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if shared(like, s)}
-    peaks.update(table.get(preset, {}))
+    chained = {s for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in peaks and s in in_chain.get(like, ())}
+    for stage, gb in table.get(preset, {}).items():
+        # A preset's own per-stage figure holds only the stage's models; where it shares a stage with a
+        # preset whose figure is in-chain (and releases alike), a job holds that much too: the larger stands.
+        peaks[stage] = max(gb, peaks[stage]) if stage in chained else gb
     return peaks or None
 
 
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
     """The largest stage of a job of `preset` (None: not measured for this device and precision).
     Figures that miss a model stage are incomplete and count as not measured (their largest would
-    be a floor, not the job's need: quality in fp32 shares default's identity and edited views
-    by SAME_SHAPES but its guided multi-view stages are not measured), with one exception: where
+    be a floor, not the job's need: a preset whose own multi-view shapes were never measured would borrow
+    nothing for them), with one exception: where
     the preset's own two-model edited views are missing but every other model stage was measured,
     the memory planner runs them one model at a time when both do not fit (`batches_for`), so the
     least it needs there is lowvram's measured one-model figure. The reconstruction may be missing
