@@ -6,9 +6,9 @@ within 1.5 px mean).
 this scores what the artist gets: the GLB written by `recon_bench.py`. A pixel is *interior* when the true
 surface there lies more than `--margin` px behind the true mesh's convex hull (the view looks into an opening,
 onto a step's tread or a cavity's floor: what no silhouette shows). Per view: depth maps of the GLB, the true
-mesh and its convex hull rasterized into the view's camera (`recon/camera.py`, the contract's orthographic
-views); error = |GLB depth - true depth| in pixels of the view. Pixels the GLB misses count as `missed`, not
-in the mean.
+mesh and its convex hull rasterized into the view's camera (`texture.mesh_depth`; the contract's orthographic
+views); error = |GLB depth - true depth| in pixels of the view. Pixels the GLB misses count as `missed`, not in
+the mean.
 
 Run: python benchmarks/interior_depth.py --data bench_data --shapes crate,mug,bowl --noise none,mild,strong
      [--json OUT]   (GLBs: DATA/<shape>/recon_<shape>_<preset>_<noise>.glb, as recon_bench writes them)
@@ -26,21 +26,16 @@ import torch
 import trimesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-from make_your_3d.recon.camera import Cameras, to_camera  # noqa: E402
+from make_your_3d.recon.camera import Cameras  # noqa: E402
 from make_your_3d.recon.scene import targets_for  # noqa: E402
-from make_your_3d.recon.texture import raster_triangles  # noqa: E402
+from make_your_3d.recon.texture import mesh_depth  # noqa: E402
 from make_your_3d.views import load_views  # noqa: E402
 
 
 def depth_map(mesh: trimesh.Trimesh, cam: Cameras) -> np.ndarray:
-    """(H,W) depth along the view's axis (inf where the rays miss); orthographic views only."""
-    if cam.model != "ortho":
-        raise ValueError("interior_depth scores the contract's orthographic views only")
-    vm, K = cam.viewmats[0].double().numpy(), cam.Ks[0].double().numpy()
-    c = to_camera(np.asarray(mesh.vertices, dtype=np.float64), vm)
-    xy = np.stack([c[:, 0] * K[0, 0] + K[0, 2], c[:, 1] * K[1, 1] + K[1, 2]], -1)
-    f = torch.tensor(np.asarray(mesh.faces))
-    return raster_triangles(torch.tensor(xy)[f], torch.tensor(c[:, 2])[f], cam.width, cam.height)[2].numpy()
+    """(H,W) camera depth of `mesh` in one view (inf where the rays miss): the bake's own z-buffer."""
+    v = torch.tensor(np.asarray(mesh.vertices), dtype=cam.viewmats.dtype)
+    return mesh_depth(v, torch.tensor(np.asarray(mesh.faces)), cam).numpy()
 
 
 def interior_errors(glb: trimesh.Trimesh, gt: trimesh.Trimesh, cams: list[Cameras], margin_px: float) -> dict:
@@ -48,12 +43,17 @@ def interior_errors(glb: trimesh.Trimesh, gt: trimesh.Trimesh, cams: list[Camera
     hull = gt.convex_hull
     inner, every, missed, n_inner = [], [], 0, 0
     for cam in cams:
+        if cam.model != "ortho":  # K[0,0] is pixels per world unit of depth only in an orthographic view
+            raise ValueError("interior_depth scores the contract's orthographic views only")
         px = float(cam.Ks[0, 0, 0])
         d_true, d_hull, d_glb = depth_map(gt, cam), depth_map(hull, cam), depth_map(glb, cam)
         seen = np.isfinite(d_true)  # the hull covers every pixel the true mesh covers
-        cavity = seen & ((np.where(seen, d_true, 0.0) - np.where(seen, d_hull, 0.0)) * px > margin_px)
+        behind = np.zeros_like(d_true)
+        behind[seen] = (d_true[seen] - d_hull[seen]) * px
+        cavity = behind > margin_px
         both = seen & np.isfinite(d_glb)
-        err = np.where(both, np.abs(np.where(both, d_glb, 0.0) - np.where(both, d_true, 0.0)), 0.0) * px
+        err = np.zeros_like(d_true)
+        err[both] = np.abs(d_glb[both] - d_true[both]) * px
         inner.append(err[cavity & both])
         every.append(err[both])
         missed += int((cavity & ~both).sum())
