@@ -100,7 +100,8 @@ def test_overrides_by_dotted_or_flat_name_and_json_round_trip():
     ({"lift.contact_px": float("nan")}, "lift.contact_px"),
     ({"fit.iterations": 2.5}, "fit.iterations"),
     ({"grid_res": 4}, "grid_res"),
-    ({"fuse.extra_views": 1}, "fuse.extra_views"),
+    ({"surf.visibility": 1}, "surf.visibility"),
+    ({"fuse.extra_views": True}, "fuse.extra_views"),  # deleted 2026-12-06 (measured not to pay)
     ({"mesh.decimate_tries": 3}, "mesh.decimate_tries"),
 ])
 def test_bad_overrides_are_a_bad_request_naming_the_key(overrides, needle):
@@ -118,8 +119,8 @@ def test_recon_options_front():
     assert json.loads(json.dumps(r)) == r
     with pytest.raises(BadRequest, match="lift.contactpx"):
         ReconOptions(**{"lift.contactpx": 1.0}).resolved()
-    assert parse_settings(["lift.contact_px=1.0", "fuse.extra_views=true", "x=wide"]) == {
-        "lift.contact_px": 1.0, "fuse.extra_views": True, "x": "wide"}
+    assert parse_settings(["lift.contact_px=1.0", "surf.visibility=true", "x=wide"]) == {
+        "lift.contact_px": 1.0, "surf.visibility": True, "x": "wide"}
     with pytest.raises(BadRequest, match="name=value"):
         parse_settings(["lift.contact_px"])
 

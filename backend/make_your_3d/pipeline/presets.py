@@ -113,7 +113,7 @@ TEST_OVERRIDES: dict = {
     "normal_steps": 1,
     "normal_resolution": 0,  # native: the tiny views are small, and the CPU has no half-precision antialiased resize
     "recon_preset": "fast",
-    "recon": {"iterations": 8, "render_size": 32, "num_gaussians": 500, "grid_res": 24, "fuse_size": 32, "extra_views": False},
+    "recon": {"iterations": 8, "render_size": 32, "num_gaussians": 500, "grid_res": 24, "fuse_size": 32},
     "faces": 600,
     "texture_size": 256,
 }

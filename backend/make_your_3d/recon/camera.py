@@ -124,26 +124,6 @@ def projection_matrix(view) -> np.ndarray:
     return K @ w2c
 
 
-def orbit_cameras(centre: np.ndarray, radius: float, size: int, elevations: tuple[float, ...], n_azimuth: int,
-                  device: torch.device) -> Cameras:
-    """Orthographic cameras framing a sphere (centre, radius) from rings of `n_azimuth` azimuths at each
-    elevation (rings off the equator turned by half a step), plus one from straight above and below."""
-    vms = []
-    for el in elevations:
-        for k in range(n_azimuth):
-            az = np.radians(360.0 * k / n_azimuth + (0.5 * 360.0 / n_azimuth if el else 0.0))
-            e = np.radians(el)
-            eye = centre + 3.0 * radius * np.array([np.cos(e) * np.sin(az), np.sin(e), np.cos(e) * np.cos(az)])
-            vms.append(np.linalg.inv(look_at(eye, centre)))
-    for el in (90.0, -90.0):
-        eye = centre + 3.0 * radius * np.array([0.0, np.sign(el), 0.0])
-        vms.append(np.linalg.inv(look_at(eye, centre)))
-    span = 2.0 * radius
-    K = view_K("orthographic", size, size, (span, span), None)
-    return Cameras(torch.tensor(np.stack(vms), dtype=torch.float32, device=device),
-                   torch.tensor(K, dtype=torch.float32, device=device)[None].repeat(len(vms), 1, 1), size, size, "ortho")
-
-
 # --------------------------------------------------------------------- projection / unprojection
 
 def to_camera(points, w2c):

@@ -86,12 +86,6 @@ class LiftConfig:
     contact_px: float = knob(1.5, "contacts count only within this of the quantile placement", "px",
                              "641f3e5 / BENCHMARKS change 12 (dish floor lifted 18 px without it; within 0.05 dB)",
                              lo=0)
-    contacts_own_median: bool = knob(False, "when too few contacts agree with a piece's quantile placement, those "
-                                     "within contact_px of the contacts' own median place it", "",
-                                     "issue 17, BENCHMARKS 'closing analysis': with contact_slope_px 0.5 it places the "
-                                     "figurine's torso right (depth step 2.66 -> 0.94 px) and helps every degraded "
-                                     "tuning row, but the fish's tail gets worse (4.43 -> 6.01 px) and the figurine "
-                                     "is held-out: not the default until a fresh held-out set says so")
     min_contacts: int = knob(8, "fewest contact pixels for a piece to be anchored on their median gap", "pixels",
                              "4e79384; untuned", lo=0)
     contact_fraction: float = knob(0.02, "... and at least this fraction of the piece's pixels", "fraction",
@@ -99,10 +93,6 @@ class LiftConfig:
     contact_max_cos: float = knob(0.05, "a contact's normal is this close to perpendicular to the other view's rays",
                                   "cosine", "4e79384: a gap of at most 0.0013 on a unit sphere (1/6 px at the "
                                   "benchmark's scale)", lo=0)
-    contact_slope_px: float = knob(0.0, "a contact's hull front must have the normals' slope to within this (the "
-                                   "surface is tangent to the hull where it touches it); 0: not tested", "px per px",
-                                   "issue 17, BENCHMARKS 'closing analysis': 0.5 changes nothing with contacts_own_median "
-                                   "off; it is what makes contacts_own_median help the tuning set", lo=0)
     contact_ramp: float = knob(0.45, "|mask - 1/2| below this counts as on the other view's contour (the sub-pixel "
                                "mask ramps only across its own edge)", "mask value", "4e79384; untuned", lo=0)
     area_min_cos: float = knob(0.2, "cosine floor when weighting a lifted pixel by the surface area it stands for "
@@ -191,22 +181,7 @@ class FuseConfig:
                               "lifted (below it expected depth mixes surfaces)", "alpha", lo=0)
     edge_px: float = knob(1.0, "depth within this of a view's contour is not fused", "px",
                           "a85efa3 / BENCHMARKS earlier change 1", lo=0)
-    edge_carves: bool = knob(False, "depth within edge_px of a contour still votes for the empty space well in "
-                             "front of it (never for a surface)", "",
-                             "issue 17, BENCHMARKS 'closing analysis': held-out fish 0.0086 -> 0.0049, vase -> "
-                             "0.0075, but every degraded tuning row but one a little worse; not the default")
     chunk: int = knob(2_000_000, "voxels fused at once (memory only, not the result)", "voxels", "memory", lo=1)
-    extra_views: bool = knob(False, "render the Gaussians from extra orbit cameras; their colour fills texels no "
-                             "view sees", "flag", "BENCHMARKS: chair 14.0 vs 21.7 dB without (unsupervised colour)")
-    extra_depth: bool = knob(False, "also fuse the extra views' depth (expected depth mixes front and back surfels)",
-                             "flag", "untuned; off")
-    extra_depth_weight: float = knob(0.2, "fusion weight of an extra view's depth", "weight", lo=0)
-    extra_colour_weight: float = knob(1e-3, "bake weight of an extra view's colour (below 1: fill only)", "weight",
-                                      lo=0)
-    extra_elevations: tuple = knob((35.0, -35.0), "elevations of the extra orbit rings", "degrees")
-    extra_azimuths: int = knob(6, "cameras per extra ring (plus one above and one below)", "cameras", lo=1)
-    extra_max_size: int = knob(256, "largest image side of an extra view", "px", lo=8)
-    extra_margin: float = knob(1.05, "extra views frame the bounds' half diagonal times this", "ratio", lo=1e-6)
 
 
 @dataclass(frozen=True)
@@ -367,9 +342,8 @@ SECTIONS = ("hull", "lift", "joint", "fit", "fuse", "surf", "mesh", "bake")
 FLAT_ALIASES = {
     "iterations": "fit.iterations", "render_size": "fit.render_size", "num_gaussians": "fit.num_gaussians",
     "views_per_step": "fit.views_per_step", "grid_res": "fuse.grid_res", "fuse_size": "fuse.view_size",
-    "faces": "mesh.faces", "texture_size": "bake.texture_size", "extra_views": "fuse.extra_views",
-    "fuse_extra": "fuse.extra_depth", "base_color_map": "bake.base_color_map", "normal_map": "bake.normal_map",
-    "occlusion_map": "bake.occlusion_map",
+    "faces": "mesh.faces", "texture_size": "bake.texture_size", "base_color_map": "bake.base_color_map",
+    "normal_map": "bake.normal_map", "occlusion_map": "bake.occlusion_map",
 }
 
 
@@ -534,7 +508,7 @@ def preset_config(name: str) -> ReconConfig:
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
-    """`["lift.contact_px=1.0", "fuse.extra_views=true"]` -> overrides (values read as JSON, else kept as
+    """`["lift.contact_px=1.0", "mesh.faces=20000"]` -> overrides (values read as JSON, else kept as
     text, so the config's validation names a bad one)."""
     out: dict[str, Any] = {}
     for item in items:

@@ -248,11 +248,6 @@ def _anchor_pieces(z: np.ndarray, grad_rows: sp.csr_matrix, m: np.ndarray, front
         cand = sel & core & on_hull
         enough = max(cfg.min_contacts, cfg.contact_fraction * sel.sum())
         touch = cand & (np.abs(gap - shift) < cfg.contact_px / fx)
-        if touch.sum() <= enough and cfg.contacts_own_median and cand.any():
-            # none of the piece's contacts agree with the quantile placement: a part of the piece without
-            # contacts set it (a figurine's arms, integrated with its torso, push the whole piece back);
-            # then the contacts that agree with each other place it
-            touch = cand & (np.abs(gap - np.median(gap[cand])) < cfg.contact_px / fx)
         if touch.sum() > enough:
             # where the surface is known to touch the hull: the typical gap there, robust to the hull's
             # sub-pixel noise and to the integral's drift between far parts of the piece (the high
@@ -284,21 +279,13 @@ def hull_contacts(viewset, masks: list[torch.Tensor], vm: np.ndarray, K: np.ndar
     vals = field.per_view(torch.tensor(pts, dtype=torch.float32, device=masks[0].device)).cpu().numpy()
     n = normals_world[v, u]
     own = c2w[:3, 2] / np.linalg.norm(c2w[:3, 2])
-    tangent = np.ones(len(v), bool)
-    if cfg.contact_slope_px > 0:
-        # where the surface touches the hull it is tangent to it: the hull's front has the normals' slope
-        gx, gy, _ = depth_slopes(normals_world @ vm[:3, :3].T, K[0, 0], K[1, 1], cfg)
-        with np.errstate(invalid="ignore"):
-            miss = np.maximum(np.abs(np.gradient(front, axis=1) - gx) * K[0, 0],
-                              np.abs(np.gradient(front, axis=0) - gy) * K[1, 1])
-        tangent = (miss < cfg.contact_slope_px)[v, u]
     for k, view in enumerate(viewset.views):
         d = view_dirs(torch.tensor(pts), view_camera(view, torch.device("cpu"), torch.float64)).numpy()
         if view.projection == "orthographic" and abs(float(d[0] @ own)) > 0.99:
             continue  # this view or its opposite: its contour is this view's rim
         on_contour = np.abs(vals[k] - 0.5) < cfg.contact_ramp  # the sub-pixel mask ramps only across its own edge
         edge_on = np.abs((n * d).sum(-1)) < cfg.contact_max_cos
-        hit = on_contour & edge_on & tangent
+        hit = on_contour & edge_on
         contact[v[hit], u[hit]] = True
     return contact
 

@@ -104,13 +104,12 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
         flat = torch.arange(i, min(i + chunk, n), device=device)
         ijk = torch.stack([flat // int(counts[1] * counts[2]), (flat // int(counts[2])) % int(counts[1]),
                            flat % int(counts[2])], -1)
-        field[i : i + chunk] = _fuse_chunk(views, sils, origin + ijk.float() * step, trunc, cfg.edge_px,
-                                           cfg.edge_carves)
+        field[i : i + chunk] = _fuse_chunk(views, sils, origin + ijk.float() * step, trunc, cfg.edge_px)
     return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
 
 
 def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tensor, trunc: float,
-                edge_px: float, edge_carves: bool = False) -> Tensor:
+                edge_px: float) -> Tensor:
     num = torch.zeros(pts.shape[0], device=pts.device)
     den = torch.zeros_like(num)
     hull = torch.full_like(num, -1.0)
@@ -129,20 +128,12 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
             d = d + g[:, 0] * (uv[:, 0] - ixc - 0.5) + g[:, 1] * (uv[:, 1] - iyc - 0.5)
         outside |= ~inside  # every view is assumed to see the whole subject
         covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
-        rim = None
         if sil is not None:
             sd_px = sil.sample(uv)
             hull = torch.maximum(hull, (sd_px * pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
-            if edge_carves:
-                rim = covered & (sd_px >= -edge_px)
             covered &= sd_px < -edge_px
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
-        if rim is not None:
-            # a contour pixel's depth mixes the surface with what lies behind the edge, so it places no
-            # surface; but the space well in front of it is empty (a thin part seen edge-on beside a
-            # notch leaves a sheet there that only this view could carve)
-            seen |= rim & (sdf >= 1.0)
         num += torch.where(seen, sdf.clamp(max=1.0) * dv.weight, torch.zeros_like(sdf))
         den += seen.to(den.dtype) * dv.weight
     fused = torch.where(den > 0, num / den.clamp_min(1e-6), torch.full_like(num, -1.0))

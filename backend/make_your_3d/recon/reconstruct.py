@@ -10,7 +10,7 @@
 5. marching cubes, largest components, vertices on a view's contour snapped onto the visual hull,
    quadric simplification to the face budget;
 6. xatlas UVs, texture baked from the views with a depth test and view-angle weights, unseen texels
-   from Gaussian renders (`fuse.extra_views`), then a smooth fill from the colours seen around them;
+   by a smooth fill from the colours seen around them;
    dilated islands (recon/texture.py); the fine surface of step 5 (before simplification) baked into a
    tangent-space normal map, ambient occlusion into an ORM texture (recon/asset_maps.py, issue 26);
 7. GLB written atomically (recon/glb.py) plus a job.json-style record.
@@ -36,7 +36,7 @@ from torch import Tensor
 from make_your_3d.device import resolve_device
 from make_your_3d.errors import BadRequest, BadViews
 from make_your_3d.progress import CancelToken, ProgressFn, Reporter
-from make_your_3d.recon.camera import Cameras, cameras_for, orbit_cameras
+from make_your_3d.recon.camera import Cameras, cameras_for
 from make_your_3d.recon.config import PRESETS, ReconConfig, parse_settings, preset_config  # noqa: F401 - parse_settings re-exported (benchmarks)
 from make_your_3d.recon.fit import Gaussians, fit_gaussians, init_from_lift, render
 from make_your_3d.recon.asset_maps import build_asset
@@ -169,7 +169,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
                                       total_steps=total, depth_targets=scene.fit_depth)
         reporter.step(cfg.fit.iterations + 1, total, "fusing depth")
         with _timed(timings, "fuse"):  # 4. depth views fused into a field
-            depth_views, extra_sources = _depth_views(g, scene, cfg, device)
+            depth_views = _depth_views(g, scene, cfg, device)
             tsdf, step, sils = _fuse(depth_views, scene, cfg, device)
         if cfg.surf.enabled:
             with _timed(timings, "surface_fit"):  # 4b. one surface fitted to every view (issue 23)
@@ -182,7 +182,7 @@ def reconstruct(views: ViewSet | str | Path, out_glb: str | Path, options: Recon
             uvm = unwrap(mesh, cfg.bake.texture_size, cfg.bake)
         with _timed(timings, "texture"):  # 6b. texture
             full, _ = _full_res_sources(viewset, device)
-            texture, tex_stats = bake(uvm, full + extra_sources, cfg.bake.texture_size,
+            texture, tex_stats = bake(uvm, full, cfg.bake.texture_size,
                                       depth_tol=cfg.bake.depth_tol_voxels * step, device=device, cfg=cfg.bake)
         with _timed(timings, "maps"):  # 6c. normal map of the fine surface, occlusion (issue 26)
             asset, maps_record = build_asset(uvm, texture, fine, cfg.bake, scene.size, cfg.seed)
@@ -233,11 +233,9 @@ def _init_scene(viewset: ViewSet, cfg: ReconConfig, gen: torch.Generator, device
 
 @torch.no_grad()
 def _depth_views(g: Gaussians, scene: _Scene, cfg: ReconConfig, device: torch.device
-                 ) -> tuple[list[DepthView], list[ColorSource]]:
+                 ) -> list[DepthView]:
     """Step 4's inputs. Input views: depth lifted from their normals where known (sharp, exact planes),
-    else the Gaussians' depth; their masks carve free space. Extra orbit views (optional): the Gaussians'
-    depth only, at a lower weight, never carving (a gap between surfels is not free space), and their
-    colour as a fill source for the bake."""
+    else the Gaussians' depth; their masks carve free space."""
     fuse, lifted, fc = scene.fuse, scene.lifted, cfg.fuse
     depth_views: list[DepthView] = []
     for cams, idx in zip(fuse.cams, fuse.groups):
@@ -252,18 +250,7 @@ def _depth_views(g: Gaussians, scene: _Scene, cfg: ReconConfig, device: torch.de
                 if fuse.normal is not None and bool(fuse.has_normal[v]) and cam.model == "ortho":
                     slope = _view_slopes(fuse.normal[v], cam, cfg.lift) * torch.isfinite(lifted[v])[..., None]
             depth_views.append(DepthView(cam, d, fuse.mask[v], fuse.mask[v], slope=slope))
-    extra_sources: list[ColorSource] = []
-    if fc.extra_views:
-        radius = 0.5 * float(np.linalg.norm(scene.hi - scene.lo)) * fc.extra_margin
-        orbit = orbit_cameras((scene.lo + scene.hi) / 2, radius, min(fc.extra_max_size, fc.view_size),
-                              fc.extra_elevations, fc.extra_azimuths, device)
-        for j in range(len(orbit)):
-            cam = orbit.subset([j])
-            rgb, _, a, d = render(g, cam)
-            if fc.extra_depth:
-                depth_views.append(DepthView(cam, d[0], a[0], None, weight=fc.extra_depth_weight, carve=False))
-            extra_sources.append(ColorSource(cam, rgb[0] / a[0, ..., None].clamp_min(1e-4), a[0], fc.extra_colour_weight))
-    return depth_views, extra_sources
+    return depth_views
 
 
 @torch.no_grad()
