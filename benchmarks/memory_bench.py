@@ -273,18 +273,15 @@ def backend_view(table: dict, in_chain: dict) -> str:
         for stage in STAGE_ORDER:
             cells = []
             for p, q in combos:
-                peaks = memory.stage_peaks("cpu", q, p) or {}
-                own = table.get(("cpu", q), {}).get(p, {})
-                if stage == "reconstruct" and stage not in peaks:
+                figures = memory.stage_figures("cpu", q, p) or {}
+                if stage == "reconstruct" and stage not in figures:
                     got = memory.recon_peak_gb(PRESETS[p].recon_preset)
                     cells.append(f"{got[0]:.2f} (per request)" if got else "none")
-                elif stage not in peaks:
+                elif stage not in figures:
                     cells.append("none")
                 else:
-                    like = "" if own.get(stage) == peaks[stage] else next(
-                        (f" = {like}" for like, stages in memory.SAME_SHAPES.get(p, ()) if stage in stages), "")
-                    chain = " in-chain" if stage in in_chain.get(("cpu", q), {}).get(p if not like else like[3:], ()) else ""
-                    cells.append(f"{peaks[stage]:.2f}{like}{chain}")
+                    f = figures[stage]
+                    cells.append(f"{f.gb:.2f}{'' if f.source == p else ' = ' + f.source}{' in-chain' if f.in_chain else ''}")
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         needs = []
         for p, q in combos:

@@ -118,8 +118,18 @@ class Need:
     stage: str
 
 
-def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
-    """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
+@dataclass(frozen=True)
+class Figure:
+    """One stage's figure for a preset: its GB, the preset whose row it is (the preset itself, or the
+    one it shares the stage with, `SAME_SHAPES`), and whether that row was measured in a whole chain."""
+    gb: float
+    source: str
+    in_chain: bool
+
+
+def stage_figures(device_kind: str, dtype: str, preset: str) -> dict[str, Figure] | None:
+    """The measured per-stage figures standing for `preset` on this device and precision, each with where
+    it comes from (`memory_bench.py --report` prints them), or None."""
     from make_your_3d.pipeline.presets import PRESETS
 
     where = PROXY.get((device_kind, dtype), ("", ""))
@@ -133,13 +143,21 @@ def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] |
             return False
         return stage not in in_chain.get(like, ()) or (preset in PRESETS and like in PRESETS and PRESETS[preset].offload == PRESETS[like].offload)
 
-    peaks = {s: table[like][s] for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if shared(like, s)}
-    chained = {s for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if s in peaks and s in in_chain.get(like, ())}
+    figures = {s: Figure(table[like][s], like, s in in_chain.get(like, ()))
+               for like, stages in SAME_SHAPES.get(preset, ()) for s in stages if shared(like, s)}
     for stage, gb in table.get(preset, {}).items():
         # A preset's own per-stage figure holds only the stage's models; where it shares a stage with a
         # preset whose figure is in-chain (and releases alike), a job holds that much too: the larger stands.
-        peaks[stage] = max(gb, peaks[stage]) if stage in chained else gb
-    return peaks or None
+        borrowed = figures.get(stage)
+        if borrowed is None or not borrowed.in_chain or gb >= borrowed.gb:
+            figures[stage] = Figure(gb, preset, stage in in_chain.get(preset, ()))
+    return figures or None
+
+
+def stage_peaks(device_kind: str, dtype: str, preset: str) -> dict[str, float] | None:
+    """The measured per-stage peaks (GB) standing for `preset` on this device and precision, or None."""
+    figures = stage_figures(device_kind, dtype, preset)
+    return {s: f.gb for s, f in figures.items()} if figures else None
 
 
 def job_need(device_kind: str, dtype: str, preset: str) -> Need | None:
