@@ -26,13 +26,12 @@ import trimesh
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-from make_your_3d.recon.camera import to_camera  # noqa: E402
 from make_your_3d.recon.config import parse_settings, preset_config  # noqa: E402
 from make_your_3d.recon.degrade import degrade, strength  # noqa: E402
 from make_your_3d.recon.joint_depth import joint_depths  # noqa: E402
 from make_your_3d.recon.lift import integrate_view, lift_points  # noqa: E402
 from make_your_3d.recon.scene import HullField, mask_tensors, scene_bounds, targets_for  # noqa: E402
-from make_your_3d.recon.texture import raster_triangles  # noqa: E402
+from make_your_3d.recon.texture import mesh_depth  # noqa: E402
 from make_your_3d.views import load_views  # noqa: E402
 
 SPLIT = Path(__file__).with_name("shape_split.json")
@@ -56,7 +55,7 @@ def lift_errors(folder: Path, noise: str, cfg, seed: int = 0) -> dict:
     joint = joint_depths(views, cfg.joint)
     secs = time.perf_counter() - t
     out = {"joint_seconds": round(secs, 2)}
-    truths = [true_depth(iv, gt) for iv in views]
+    truths = [true_depth(tg.camera(iv.index), gt) for iv in views]
     for name, depths in (("hull", [None] * len(views)), ("joint", joint)):
         d = np.concatenate([tree.query(lift_points(iv, z, cfg.lift).points)[0]
                             * iv.K[0, 0] for iv, z in zip(views, depths)])
@@ -67,13 +66,10 @@ def lift_errors(folder: Path, noise: str, cfg, seed: int = 0) -> dict:
     return out
 
 
-def true_depth(iv, gt: trimesh.Trimesh) -> np.ndarray:
+def true_depth(cam, gt: trimesh.Trimesh) -> np.ndarray:
     """(H,W) the true mesh's depth along the view's rays (z-buffer; inf where the rays miss it)."""
-    H, W = iv.pieces.mask.shape
-    c = to_camera(np.asarray(gt.vertices), iv.vm)
-    xy = np.stack([c[:, 0] * iv.K[0, 0] + iv.K[0, 2], c[:, 1] * iv.K[1, 1] + iv.K[1, 2]], -1)
-    f = torch.tensor(np.asarray(gt.faces))
-    return raster_triangles(torch.tensor(xy)[f], torch.tensor(c[:, 2])[f], W, H)[2].numpy()
+    v = torch.tensor(np.asarray(gt.vertices), dtype=cam.viewmats.dtype)
+    return mesh_depth(v, torch.tensor(np.asarray(gt.faces)), cam).numpy().astype(np.float64)
 
 
 def main() -> None:
