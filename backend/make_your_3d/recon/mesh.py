@@ -35,8 +35,6 @@ class DepthView:
     depth: Tensor
     alpha: Tensor
     mask: Tensor | None = None
-    weight: float = 1.0
-    carve: bool = True  # pixels without coverage mark free space (only for trustworthy coverage)
     slope: Tensor | None = None  # (H,W,2) depth change per pixel step in x and y (from normals), 0 unknown
 
     @property
@@ -72,15 +70,14 @@ class Silhouette:
         return sample_image(self.distance[..., None], uv * u, W * u, H * u, outside=float(max(W, H)))[:, 0]
 
 
-def silhouettes(views: list[DepthView], cfg: HullConfig = HullConfig()) -> list[Silhouette | None]:
-    """Each carving view's Silhouette (None for views that do not carve)."""
+def silhouettes(views: list[DepthView], cfg: HullConfig = HullConfig()) -> list[Silhouette]:
+    """Each view's Silhouette (its foreground's signed distance, for carving)."""
     u = cfg.mask_upsample
-    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, u, cfg.sharp_edge), u) if dv.carve else None
-            for dv in views]
+    return [Silhouette(dv.cams, silhouette_distance(dv.foreground, u, cfg.sharp_edge), u) for dv in views]
 
 
 def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int, trunc: float,
-               device: torch.device, sils: list[Silhouette | None] | None = None,
+               device: torch.device, sils: list[Silhouette] | None = None,
                cfg: FuseConfig = FuseConfig()) -> tuple[np.ndarray, float]:
     """Truncated signed distance in units of `trunc` (positive outside) on a grid over [lo, hi].
 
@@ -108,7 +105,7 @@ def tsdf_field(views: list[DepthView], lo: np.ndarray, hi: np.ndarray, res: int,
     return field.reshape(*[int(c) for c in counts]).cpu().numpy(), step
 
 
-def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tensor, trunc: float,
+def _fuse_chunk(views: list[DepthView], sils: list[Silhouette], pts: Tensor, trunc: float,
                 edge_px: float) -> Tensor:
     num = torch.zeros(pts.shape[0], device=pts.device)
     den = torch.zeros_like(num)
@@ -128,20 +125,19 @@ def _fuse_chunk(views: list[DepthView], sils: list[Silhouette | None], pts: Tens
             d = d + g[:, 0] * (uv[:, 0] - ixc - 0.5) + g[:, 1] * (uv[:, 1] - iyc - 0.5)
         outside |= ~inside  # every view is assumed to see the whole subject
         covered = inside & (dv.alpha[iyc, ixc] > 0.5) & torch.isfinite(d) & (dv.foreground[iyc, ixc] >= 0.5)
-        if sil is not None:
-            sd_px = sil.sample(uv)
-            hull = torch.maximum(hull, (sd_px * pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
-            covered &= sd_px < -edge_px
+        sd_px = sil.sample(uv)
+        hull = torch.maximum(hull, (sd_px * pixel_size(dv.cams, z) / trunc).clamp(-1.0, 1.0))
+        covered &= sd_px < -edge_px
         sdf = (d - z) / trunc
         seen = covered & (sdf > -1.0)
-        num += torch.where(seen, sdf.clamp(max=1.0) * dv.weight, torch.zeros_like(sdf))
-        den += seen.to(den.dtype) * dv.weight
+        num += torch.where(seen, sdf.clamp(max=1.0), torch.zeros_like(sdf))
+        den += seen.to(den.dtype)
     fused = torch.where(den > 0, num / den.clamp_min(1e-6), torch.full_like(num, -1.0))
     return torch.where(outside, torch.ones_like(fused), torch.maximum(fused, hull))
 
 
 def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: float,
-                        sils: list[Silhouette | None] | None = None, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
+                        sils: list[Silhouette] | None = None, cfg: MeshConfig = MeshConfig()) -> trimesh.Trimesh:
     """Move vertices on a view's contour generator onto the visual hull (same faces, new positions).
 
     Where a surface turns away from a view (its normal nearly perpendicular to the viewing direction),
@@ -152,7 +148,7 @@ def snap_to_silhouettes(mesh: trimesh.Trimesh, views: list[DepthView], step: flo
     is less than `cfg.snap_max_move` voxels and `cfg.snap_max_px` pixels away: further than that the hull is more likely
     loose than the mesh wrong (larger moves bulged the blob and ring). `sils`: the views' `silhouettes`,
     when the caller has them already."""
-    carving = [sil for sil in (silhouettes(views) if sils is None else sils) if sil is not None]
+    carving = silhouettes(views) if sils is None else sils
     if not carving or len(mesh.vertices) == 0:
         return mesh
     dev = carving[0].distance.device

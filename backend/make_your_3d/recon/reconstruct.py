@@ -255,7 +255,7 @@ def _depth_views(g: Gaussians, scene: _Scene, cfg: ReconConfig, device: torch.de
 
 @torch.no_grad()
 def _fuse(depth_views: list[DepthView], scene: _Scene, cfg: ReconConfig, device: torch.device
-          ) -> tuple[np.ndarray, float, list[Silhouette | None]]:
+          ) -> tuple[np.ndarray, float, list[Silhouette]]:
     """Step 4: the truncated signed distance on the grid, its voxel size, and the silhouettes it used."""
     res = cfg.fuse.grid_res
     trunc = cfg.fuse.trunc_voxels * scene.size / (res - 1)
@@ -313,7 +313,7 @@ def _surface_fit(tsdf: np.ndarray, step: float, scene: _Scene, cfg: ReconConfig,
 
 
 def _extract_mesh(tsdf: np.ndarray, lo: np.ndarray, step: float, depth_views: list[DepthView],
-                  sils: list[Silhouette | None], cfg: ReconConfig):
+                  sils: list[Silhouette], cfg: ReconConfig):
     """Step 5: marching cubes, the largest parts, contour snapping, simplification; also the raw face
     count, the MeshFix outcomes of the simplification and the fine surface (before it: the normal map's)."""
     try:
@@ -362,7 +362,7 @@ def _full_res_sources(viewset: ViewSet, device: torch.device) -> tuple[list[Colo
     for c, idx in zip(cams, groups):
         for j, v in enumerate(idx):
             col = torch.tensor(viewset.views[v].color, dtype=torch.float32, device=device) / 255.0
-            out.append(ColorSource(c.subset([j]), col[..., :3], col[..., 3], 1.0))
+            out.append(ColorSource(c.subset([j]), col[..., :3], col[..., 3]))
     return out, groups
 
 

@@ -33,12 +33,11 @@ class UVMesh:
 
 @dataclass
 class ColorSource:
-    """An image to bake from: one camera, straight colour (H,W,3) in [0,1], mask (H,W) and weight scale."""
+    """An image to bake from: one camera, straight colour (H,W,3) in [0,1] and mask (H,W)."""
 
     cams: Cameras
     rgb: Tensor
     mask: Tensor
-    weight: float = 1.0
 
 
 def unwrap(mesh: trimesh.Trimesh, texture_size: int, cfg: BakeConfig = BakeConfig()) -> UVMesh:
@@ -185,32 +184,24 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, depth_tol: float = 
     N = fn[fsel]
     acc = torch.zeros(P.shape[0], 3, device=device)
     wsum = torch.zeros(P.shape[0], device=device)
-    primary = torch.zeros(P.shape[0], dtype=torch.bool, device=device)
-    for src in sorted(sources, key=lambda s: -s.weight):
-        # fill-in sources (weight < 1: renders of the Gaussians) only matter where no view saw the texel
-        sub = torch.arange(P.shape[0], device=device) if src.weight >= 1.0 else (wsum == 0).nonzero().squeeze(1)
-        if sub.numel() == 0:
-            continue
-        Ps, Ns = P[sub], N[sub]
+    for src in sources:
         zbuf = mesh_depth(V, Fc, src.cams)
-        pix, z = project(Ps, src.cams)
+        pix, z = project(P, src.cams)
         H, W = src.cams.height, src.cams.width
         ix, iy = torch.floor(pix[:, 0]).long(), torch.floor(pix[:, 1]).long()
         inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
         ixc, iyc = ix.clamp(0, W - 1), iy.clamp(0, H - 1)
         # visible: nothing of the mesh lies clearly in front of the texel's point
         visible = inside & (z <= zbuf[iyc, ixc] + depth_tol) & ~silhouette_rim(zbuf, cfg.rim_px)[iyc, ixc]
-        cos = -(Ns * view_dirs(Ps, src.cams)).sum(-1)
+        cos = -(N * view_dirs(P, src.cams)).sum(-1)
         m = sample_image(src.mask[..., None], pix, outside=None)[:, 0]
         w = torch.where(visible & (cos > cfg.min_cos) & (m > 0.5), cos.clamp_min(0) ** cfg.sharpness * m, torch.zeros_like(cos))
-        w = w * src.weight
         col = sample_image(src.rgb, pix, outside=None)
-        acc.index_add_(0, sub, col * w[:, None])
-        wsum.index_add_(0, sub, w)
-        if src.weight >= 1.0:
-            primary[sub] |= w > 0
+        acc += col * w[:, None]
+        wsum += w
+    seen = wsum > 0
     # texels no source saw: a smooth fill over the surface from the colours seen around them
-    has = wsum > 0
+    has = seen
     if bool(has.any()) and not bool(has.all()):
         vcol = surface_fill(uvm, fsel.cpu().numpy(), b.cpu().numpy(), (acc[has] / wsum[has, None]).cpu().numpy(),
                             has.cpu().numpy(), cfg.fill_smoothness, cfg.fill_pull)
@@ -228,7 +219,7 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, depth_tol: float = 
     filled_np = filled.reshape(size, size).cpu().numpy()
     stats = {
         "chart_texels": int(chart.sum()),
-        "seen_by_views": float(primary.float().mean()) if P.shape[0] else 0.0,
+        "seen_by_views": float(seen.float().mean()) if P.shape[0] else 0.0,
         "filled": float(has.float().mean()) if P.shape[0] else 0.0,
     }
     img = dilate(img, filled_np)
