@@ -31,8 +31,10 @@ from make_your_3d.recon.degrade import degrade, strength  # noqa: E402
 from make_your_3d.recon.joint_depth import joint_depths  # noqa: E402
 from make_your_3d.recon.lift import integrate_view, lift_points  # noqa: E402
 from make_your_3d.recon.scene import HullField, mask_tensors, scene_bounds, targets_for  # noqa: E402
-from make_your_3d.recon.texture import mesh_depth  # noqa: E402
 from make_your_3d.views import load_views  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interior_depth import depth_map  # noqa: E402  (the true mesh's z-buffer, the bake's own)
 
 SPLIT = Path(__file__).with_name("shape_split.json")
 
@@ -55,7 +57,7 @@ def lift_errors(folder: Path, noise: str, cfg, seed: int = 0) -> dict:
     joint = joint_depths(views, cfg.joint)
     secs = time.perf_counter() - t
     out = {"joint_seconds": round(secs, 2)}
-    truths = [true_depth(tg.camera(iv.index), gt) for iv in views]
+    truths = [depth_map(gt, tg.camera(iv.index)).astype(np.float64) for iv in views]
     for name, depths in (("hull", [None] * len(views)), ("joint", joint)):
         d = np.concatenate([tree.query(lift_points(iv, z, cfg.lift).points)[0]
                             * iv.K[0, 0] for iv, z in zip(views, depths)])
@@ -64,12 +66,6 @@ def lift_errors(folder: Path, noise: str, cfg, seed: int = 0) -> dict:
         out[name] = {"mean_px": round(float(d.mean()), 3), "under_1px": round(float((d < 1).mean()), 3),
                      "depth_px": round(float(e.mean()), 3)}
     return out
-
-
-def true_depth(cam, gt: trimesh.Trimesh) -> np.ndarray:
-    """(H,W) the true mesh's depth along the view's rays (z-buffer; inf where the rays miss it)."""
-    v = torch.tensor(np.asarray(gt.vertices), dtype=cam.viewmats.dtype)
-    return mesh_depth(v, torch.tensor(np.asarray(gt.faces)), cam).numpy().astype(np.float64)
 
 
 def main() -> None:

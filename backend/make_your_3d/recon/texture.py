@@ -201,11 +201,10 @@ def bake(uvm: UVMesh, sources: list[ColorSource], size: int, depth_tol: float = 
         wsum += w
     seen = wsum > 0
     # texels no source saw: a smooth fill over the surface from the colours seen around them
-    has = seen
-    if bool(has.any()) and not bool(has.all()):
-        vcol = surface_fill(uvm, fsel.cpu().numpy(), b.cpu().numpy(), (acc[has] / wsum[has, None]).cpu().numpy(),
-                            has.cpu().numpy(), cfg.fill_smoothness, cfg.fill_pull)
-        unseen = (~has).nonzero().squeeze(1)
+    if bool(seen.any()) and not bool(seen.all()):
+        vcol = surface_fill(uvm, fsel.cpu().numpy(), b.cpu().numpy(), (acc[seen] / wsum[seen, None]).cpu().numpy(),
+                            seen.cpu().numpy(), cfg.fill_smoothness, cfg.fill_pull)
+        unseen = (~seen).nonzero().squeeze(1)
         corners = Fc[fsel[unseen]]
         acc[unseen] = (torch.as_tensor(vcol, dtype=acc.dtype, device=device)[corners] * b[unseen, :, None]).sum(1)
         wsum[unseen] = 1.0
